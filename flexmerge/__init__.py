@@ -1,0 +1,13 @@
+"""flexmerge: merge M fine-tuned models into one artifact of any size between 1x and Mx."""
+
+__version__ = "0.1.0"
+
+from flexmerge.api import discover_blocks, load_tasks, materialize, merge, merge_to_disk, plan  # noqa: E402
+from flexmerge.flexmodel import FlexModel, load, save  # noqa: E402
+from flexmerge.methods import available_methods, get_method  # noqa: E402
+from flexmerge.planning import MergePath  # noqa: E402
+
+__all__ = [
+    "__version__", "load_tasks", "discover_blocks", "plan", "materialize", "merge", "merge_to_disk",
+    "save", "load", "FlexModel", "MergePath", "get_method", "available_methods",
+]

@@ -1,0 +1,84 @@
+"""Materialize a cut of the path: run the merging method block by block, store what it returns."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+from flexmerge._progress import progress
+from flexmerge.blocks import Partition
+from flexmerge.flexmodel.model import BlockStore, FlexModel, StoredGroup, pack_masks
+from flexmerge.methods.base import MergeMethod
+from flexmerge.planning.path import Assignment
+from flexmerge.preprocess import Pipeline, fitted_pipeline
+from flexmerge.similarity import block_deltas
+from flexmerge.size import SizeModel, stored_with_masks
+from flexmerge.taskvec import Chunk, TaskSet
+
+
+def materialize_blocks(
+    tasks: TaskSet, partition: Partition, assignment: Assignment, method: MergeMethod, pipeline: Pipeline
+) -> Iterator[BlockStore]:
+    """Yield each block's storage in order; only one block's tensors are alive at a time."""
+    for b in progress(range(len(partition)), "merging blocks", unit="block"):
+        yield materialize_block(tasks, partition, b, assignment.groups[b], method, pipeline)
+
+
+def materialize_block(
+    tasks: TaskSet, partition: Partition, b: int, groups, method: MergeMethod, pipeline: Pipeline
+) -> BlockStore:
+    parts = partition.blocks[b].parts
+    chunks = [Chunk(p.key, p.rows) for p in parts]
+    numels = [p.numel(tasks.meta[p.key]) for p in parts]
+    dtypes = [tasks.meta[p.key].dtype for p in parts]
+    base: list[torch.Tensor] | None = None
+    needs_base = any(stored_with_masks(method, len(g)) for g in groups)
+    stored: list[StoredGroup] = []
+    for g in groups:
+        if len(g) == 1 or (method.uses_masks and not stored_with_masks(method, len(g))):
+            stored += [StoredGroup((t,), [tasks.read_task(t, c).contiguous() for c in chunks]) for t in g]
+            continue
+        result = method.merge(block_deltas(tasks, partition, b, pipeline, list(g)))
+        pieces = torch.split(result.delta, numels)
+        if base is None:
+            base = [tasks.read_base(c).contiguous() for c in chunks]
+        if stored_with_masks(method, len(g)):
+            masks = [pack_masks(m) for m in torch.split(result.masks, numels, dim=1)]
+            tensors = [x.view(bt.shape).to(dt) for x, bt, dt in zip(pieces, base, dtypes)]
+            scales = result.scales.float() if method.uses_scales else None
+            stored.append(StoredGroup(tuple(g), tensors, masks, scales))
+        else:
+            tensors = [(bt.float() + x.view(bt.shape)).to(dt) for x, bt, dt in zip(pieces, base, dtypes)]
+            stored.append(StoredGroup(tuple(g), tensors))
+    return BlockStore(stored, base if needs_base else None)
+
+
+def materialize(
+    tasks: TaskSet, partition: Partition, assignment: Assignment, method: MergeMethod,
+    info: dict | None = None,
+) -> FlexModel:
+    """The flex model of one assignment, in memory (see `artifact.write` to stream to disk)."""
+    pipeline = fitted_pipeline(tasks, method)
+    blocks = list(materialize_blocks(tasks, partition, assignment, method, pipeline))
+    return FlexModel(
+        tasks=list(tasks.names), partition=partition, meta=dict(tasks.meta),
+        frozen={k: tasks.base.read(k) for k in tasks.frozen}, blocks=blocks, assignment=assignment,
+        method=method.describe(), size=SizeModel.build(partition, tasks.meta, method).size(assignment.group_sizes()),
+        unit_bytes=tasks.unit_bytes(), info=dict(info or {}), hf_files=collect_hf_files(tasks),
+    )
+
+
+HF_SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                 "special_tokens_map.json", "vocab.txt", "vocab.json", "merges.txt", "spiece.model",
+                 "tokenizer.model", "added_tokens.json", "preprocessor_config.json")
+
+
+def collect_hf_files(tasks: TaskSet) -> dict[str, dict[str, bytes]]:
+    """Config and tokenizer files of Hugging Face inputs, so an export is a loadable HF directory."""
+    out: dict[str, dict[str, bytes]] = {}
+    for name, src in zip(tasks.names, tasks.sources):
+        hf_dir = src.hf_dir or tasks.base.hf_dir
+        if hf_dir is not None:
+            out[name] = {f: (hf_dir / f).read_bytes() for f in HF_SIDE_FILES if (hf_dir / f).is_file()}
+    return out

@@ -1,0 +1,142 @@
+"""FlexModel: the shared stored tensors of one point of the path, and per-task views of them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from flexmerge.blocks import Partition
+from flexmerge.errors import ConfigError
+from flexmerge.io.source import TensorMeta
+from flexmerge.planning.path import Assignment
+
+
+@dataclass
+class StoredGroup:
+    """One stored tensor set of a block, read by `members`.
+
+    Plain: `tensors` are the weights themselves (per part). Masked: `tensors` are the unified
+    task vector, `masks` the members' bit-packed masks (n, ⌈numel/8⌉) and `scales` optional
+    per-member rescalers; member i reads θ0 + scale_i · unpack(mask_i) ⊙ tensor.
+    """
+
+    members: tuple[int, ...]
+    tensors: list[torch.Tensor]
+    masks: list[torch.Tensor] | None = None
+    scales: torch.Tensor | None = None
+
+    @property
+    def masked(self) -> bool:
+        return self.masks is not None
+
+    def nbytes(self) -> int:
+        n = sum(t.nbytes for t in self.tensors)
+        n += sum(m.nbytes for m in self.masks or [])
+        return n + (self.scales.nbytes if self.scales is not None else 0)
+
+
+@dataclass
+class BlockStore:
+    groups: list[StoredGroup]
+    base: list[torch.Tensor] | None = None  # θ0 of the block's parts, kept when a group is masked
+
+    def group_for(self, task: int) -> StoredGroup:
+        for g in self.groups:
+            if task in g.members:
+                return g
+        raise KeyError(task)
+
+    def nbytes(self) -> int:
+        return sum(g.nbytes() for g in self.groups) + sum(t.nbytes for t in self.base or [])
+
+
+def pack_masks(masks: torch.Tensor) -> torch.Tensor:
+    """(n, D) bool -> (n, ⌈D/8⌉) uint8, 1 bit per entry."""
+    return torch.from_numpy(np.packbits(masks.numpy().astype(bool), axis=-1))
+
+
+def unpack_mask(packed: torch.Tensor, numel: int) -> torch.Tensor:
+    return torch.from_numpy(np.unpackbits(packed.numpy(), count=numel).astype(bool))
+
+
+@dataclass
+class FlexModel:
+    """A merged model of some size between 1× and M×: per task, a complete set of weights."""
+
+    tasks: list[str]
+    partition: Partition
+    meta: dict[str, TensorMeta]  # every key of the checkpoints, in their order
+    frozen: dict[str, torch.Tensor]
+    blocks: list[BlockStore]
+    assignment: Assignment
+    method: dict[str, Any]
+    size: float
+    unit_bytes: int
+    info: dict[str, Any] = field(default_factory=dict)  # plan options, provenance, version
+    hf_files: dict[str, dict[str, bytes]] = field(default_factory=dict)  # task -> config/tokenizer files
+
+    def stored_bytes(self) -> int:
+        """Bytes of everything stored for the mergeable parameters (what `size` accounts)."""
+        return sum(b.nbytes() for b in self.blocks)
+
+    def groups_of(self, task: str) -> list[tuple[str, ...]]:
+        t = self._index(task)
+        return [tuple(self.tasks[i] for i in b.group_for(t).members) for b in self.blocks]
+
+    def state_dict(self, task: str) -> dict[str, torch.Tensor]:
+        """The task's full weights. Unsplit plain blocks return the stored tensors themselves."""
+        t = self._index(task)
+        pieces: dict[str, list[tuple[int, torch.Tensor]]] = {}
+        for block, store in zip(self.partition.blocks, self.blocks):
+            group = store.group_for(t)
+            for p, part in enumerate(block.parts):
+                tensor = self._read_part(store, group, t, p, part.key)
+                pieces.setdefault(part.key, []).append((part.rows[0] if part.rows else 0, tensor))
+        out: dict[str, torch.Tensor] = {}
+        for key in self.meta:
+            if key in self.frozen:
+                out[key] = self.frozen[key]
+            else:
+                ordered = [x for _, x in sorted(pieces[key], key=lambda r: r[0])]
+                out[key] = ordered[0] if len(ordered) == 1 else torch.cat(ordered)
+        return out
+
+    def module(self, task: str, model: torch.nn.Module, strict: bool = True) -> torch.nn.Module:
+        """Load the task's weights into `model` without copying: shared blocks share memory."""
+        model.load_state_dict(self.state_dict(task), strict=strict, assign=True)
+        return model
+
+    def save(self, path, overwrite: bool = False) -> None:
+        from flexmerge.flexmodel.artifact import save
+
+        save(self, path, overwrite=overwrite)
+
+    @classmethod
+    def load(cls, path, verify: bool = True) -> "FlexModel":
+        from flexmerge.flexmodel.artifact import load
+
+        return load(path, verify=verify)
+
+    def export(self, task: str, out, overwrite: bool = False):
+        from flexmerge.flexmodel.export import export
+
+        return export(self, task, out, overwrite=overwrite)
+
+    def _index(self, task: str) -> int:
+        if task not in self.tasks:
+            raise ConfigError(f"unknown task {task!r}; this model serves: {', '.join(self.tasks)}")
+        return self.tasks.index(task)
+
+    def _read_part(self, store: BlockStore, group: StoredGroup, task: int, p: int, key: str) -> torch.Tensor:
+        stored = group.tensors[p]
+        if not group.masked:
+            return stored
+        i = group.members.index(task)
+        mask = unpack_mask(group.masks[p][i], stored.numel()).view(stored.shape)
+        delta = stored.float() * mask
+        if group.scales is not None:
+            delta = delta * group.scales[i]
+        return (store.base[p].float() + delta).to(self.meta[key].dtype)

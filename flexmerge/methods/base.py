@@ -1,0 +1,108 @@
+"""The merging-method interface and its registry.
+
+A method sees the task vectors of one group's members on one block, flattened to (n, D) fp32,
+and returns what is stored for the group. Global per-task preprocessing (TIES trimming, DARE)
+is declared by `transforms()` and applied before planning and merging.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from flexmerge.errors import ConfigError, UnknownNameError
+from flexmerge.preprocess import DareDrop, Pipeline, Transform
+
+
+@dataclass
+class GroupResult:
+    """What one group stores: a merged task vector, and for mask methods per-member masks/scales."""
+
+    delta: torch.Tensor  # (D,) fp32
+    masks: torch.Tensor | None = None  # (n, D) bool
+    scales: torch.Tensor | None = None  # (n,) fp32
+
+    def task_delta(self, i: int) -> torch.Tensor:
+        """The task vector that member i of the group reads."""
+        if self.masks is None:
+            return self.delta
+        d = self.delta * self.masks[i]
+        return d * self.scales[i] if self.scales is not None else d
+
+
+class MethodParams(BaseModel):
+    """Options every method takes: DARE as an optional preprocessing of the task vectors."""
+
+    model_config = ConfigDict(extra="forbid")
+    dare: float = Field(0.0, ge=0.0, lt=1.0, description="DARE drop rate p applied first (0 = off)")
+    seed: int = Field(0, description="seed of DARE's drops")
+
+
+class MergeMethod:
+    """Base class: subclasses set `name`, `Params`, and implement `merge`."""
+
+    name: ClassVar[str]
+    summary: ClassVar[str]
+    reference: ClassVar[str] = ""
+    Params: ClassVar[type[MethodParams]] = MethodParams
+    uses_masks: ClassVar[bool] = False  # stores θ0 + unified vector + 1-bit mask per member
+    uses_scales: ClassVar[bool] = False  # and one fp32 rescaler per member
+
+    def __init__(self, **params: object):
+        try:
+            self.p = self.Params(**params)
+        except ValidationError as e:
+            raise ConfigError(f"invalid parameters for method {self.name!r}: {_short(e)}") from None
+
+    def params(self) -> dict[str, object]:
+        return self.p.model_dump()
+
+    def transforms(self) -> list[Transform]:
+        """Global preprocessing, in order. DARE (when on) always comes first."""
+        return [DareDrop(self.p.dare, self.p.seed)] if self.p.dare > 0 else []
+
+    def pipeline(self) -> Pipeline:
+        return Pipeline(self.transforms())
+
+    def merge(self, deltas: torch.Tensor) -> GroupResult:
+        """Merge the (n, D) task vectors of a group with n >= 2 members."""
+        raise NotImplementedError
+
+    def linear_weights(self, n: int) -> torch.Tensor | None:
+        """w with merged = Σ w_i τ_i when the method is linear (lets planning use Gram matrices)."""
+        return None
+
+    def describe(self) -> dict[str, object]:
+        return {"name": self.name, **self.params()}
+
+
+_REGISTRY: dict[str, type[MergeMethod]] = {}
+
+
+def register(cls: type[MergeMethod]) -> type[MergeMethod]:
+    if cls.name in _REGISTRY:
+        raise RuntimeError(f"method {cls.name!r} registered twice")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def get_method(name: str | MergeMethod, **params: object) -> MergeMethod:
+    """A configured method instance by registered name (an instance passes through)."""
+    if isinstance(name, MergeMethod):
+        return name
+    try:
+        cls = _REGISTRY[name]
+    except KeyError:
+        raise UnknownNameError("merging method", name, _REGISTRY) from None
+    return cls(**params)
+
+
+def available_methods() -> dict[str, type[MergeMethod]]:
+    return dict(sorted(_REGISTRY.items()))
+
+
+def _short(e: ValidationError) -> str:
+    return "; ".join(f"{'.'.join(map(str, err['loc'])) or 'params'}: {err['msg']}" for err in e.errors())

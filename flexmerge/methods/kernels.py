@@ -1,0 +1,45 @@
+"""Small pure tensor operations the merging methods are built from. All act on (n, D) fp32."""
+
+from __future__ import annotations
+
+import torch
+
+
+def elect_sign(deltas: torch.Tensor) -> torch.Tensor:
+    """Per entry, the sign of the summed values; ties (sum 0) take the overall majority sign."""
+    total = deltas.sum(0)
+    sign = torch.sign(total)
+    majority = torch.sign(sign.sum()) if bool(sign.sum() != 0) else torch.tensor(1.0)
+    return torch.where(sign == 0, majority, sign)
+
+
+def agrees(deltas: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
+    """Entries whose value is non-zero and has the elected sign."""
+    return torch.where(sign > 0, deltas > 0, deltas < 0)
+
+
+def disjoint_mean(deltas: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
+    """Mean over the members that agree with the elected sign (TIES' disjoint merge)."""
+    keep = agrees(deltas, sign)
+    return (deltas * keep).sum(0) / keep.sum(0).clamp_min(1)
+
+
+def minmax_normalize(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    lo = x.amin(dim, keepdim=True)
+    hi = x.amax(dim, keepdim=True)
+    return (x - lo) / (hi - lo).clamp_min(1e-12)
+
+
+def clamp_rows(x: torch.Tensor, low_ratio: float, high_ratio: float) -> torch.Tensor:
+    """Clamp each row to its own rank quantiles: below index ⌊D·low⌋ and above ⌊D·(1−high)⌋−1."""
+    d = x.shape[-1]
+    lo_idx = min(d - 1, int(d * low_ratio))
+    hi_idx = min(d - 1, max(lo_idx, int(d * (1 - high_ratio)) - 1))
+    lo = x.kthvalue(lo_idx + 1, dim=-1, keepdim=True).values
+    hi = x.kthvalue(hi_idx + 1, dim=-1, keepdim=True).values
+    return torch.maximum(torch.minimum(x, hi), lo)
+
+
+def sign_masks(deltas: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
+    """Per member, the entries whose sign agrees with `sign` (EMR's task masks)."""
+    return deltas * sign > 0

@@ -1,0 +1,34 @@
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field
+
+from flexmerge.methods.base import GroupResult, MergeMethod, MethodParams, register
+
+
+class TaskArithmeticParams(MethodParams):
+    lam: float = Field(1.5, description="scaling λ (1.5 with 'mean' is FlexMerge's vision setting)")
+    convention: Literal["mean", "sum"] = Field(
+        "mean", description="'mean': λ·mean(τ_i), as FlexMerge's code; 'sum': λ·Σ τ_i, as Ilharco et al."
+    )
+
+
+@register
+class TaskArithmetic(MergeMethod):
+    """Task Arithmetic (Ilharco et al., 2023)."""
+
+    name = "task_arithmetic"
+    summary = "scaled mean (FlexMerge's convention) or scaled sum (the original paper's) of task vectors"
+    reference = "https://arxiv.org/abs/2212.04089"
+    Params = TaskArithmeticParams
+
+    def merge(self, deltas: torch.Tensor) -> GroupResult:
+        return GroupResult(self.linear_weights(deltas.shape[0]).to(deltas.dtype) @ deltas)
+
+    def linear_weights(self, n: int) -> torch.Tensor:
+        if n == 1:
+            return torch.ones(1, dtype=torch.float64)
+        w = self.p.lam / n if self.p.convention == "mean" else self.p.lam
+        return torch.full((n,), w, dtype=torch.float64)

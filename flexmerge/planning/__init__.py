@@ -1,0 +1,108 @@
+"""Planning: from per-block similarity matrices to a merge path. Independent of materializing."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+
+from flexmerge.blocks import Partition
+from flexmerge.errors import ConfigError, UnknownNameError
+from flexmerge.methods.base import MergeMethod
+from flexmerge.planning.baselines import channel_assignments, cluster_assignments
+from flexmerge.planning.greedy import LINKAGES, ORDERS, ConstituentLinkage, Rescorer, run_greedy
+from flexmerge.planning.merged import MEASURES, GramMerged, VectorMerged
+from flexmerge.planning.path import Assignment, MergePath, MergeStep
+from flexmerge.similarity import block_deltas, block_grams, cosine_from_gram
+from flexmerge.size import SizeModel
+from flexmerge.taskvec import TaskSet
+
+PLANNERS = (*ORDERS, "channel", "cluster")
+MODES = ("constituent", "merged")
+
+__all__ = ["PLANNERS", "MODES", "LINKAGES", "MEASURES", "Assignment", "MergePath", "MergeStep", "build_path"]
+
+
+def build_path(
+    tasks: TaskSet,
+    partition: Partition,
+    method: MergeMethod,
+    *,
+    planner: str = "greedy",
+    linkage: str = "min",
+    mode: str = "constituent",
+    measure: str = "cosine",
+    seed: int = 0,
+) -> MergePath:
+    """Plan the whole path from M× to the method's smallest size, with exact sizes per point."""
+    if planner not in PLANNERS:
+        raise UnknownNameError("planner", planner, PLANNERS)
+    if mode not in MODES:
+        raise UnknownNameError("similarity mode", mode, MODES)
+    if linkage not in LINKAGES:
+        raise UnknownNameError("linkage", linkage, LINKAGES)
+    if mode == "merged" and planner in ("channel", "cluster"):
+        raise ConfigError(f"planner {planner!r} clusters task vectors; merged-vector mode applies to greedy orders")
+    from flexmerge.preprocess import fitted_pipeline
+
+    t0 = time.perf_counter()
+    pipeline = fitted_pipeline(tasks, method)
+    t1 = time.perf_counter()
+    grams = block_grams(tasks, partition, pipeline).numpy()
+    t2 = time.perf_counter()
+    sizer = SizeModel.build(partition, tasks.meta, method)
+    options: dict[str, Any] = {"linkage": linkage, "mode": mode, "measure": measure, "seed": seed,
+                               "granularity": partition.granularity}
+    common = dict(planner=planner, options=options, method=method.describe(),
+                  task_names=list(tasks.names), block_names=partition.names())
+    if planner in ORDERS:
+        rescorer = _rescorer(tasks, partition, method, pipeline, grams, mode, measure, linkage)
+        raw = run_greedy(rescorer, order=planner, seed=seed)
+        steps, sizes = _sized_steps(raw, len(partition), tasks.num_tasks, sizer)
+        path = MergePath(sizes=sizes, steps=steps, **common)
+    else:
+        cos = cosine_from_gram(torch_tensor(grams)).numpy()
+        if planner == "channel":
+            assignments = channel_assignments(cos, seed=seed)
+        else:
+            total = cosine_from_gram(torch_tensor(grams.sum(0))).numpy()
+            assignments = cluster_assignments(total, len(partition), linkage)
+        sizes = [sizer.size(a.group_sizes()) for a in assignments]
+        path = MergePath(sizes=sizes, assignments=assignments, **common)
+    path.timings = {"preprocess": t1 - t0, "similarity_pass": t2 - t1, "path": time.perf_counter() - t2}
+    return path
+
+
+def torch_tensor(a: np.ndarray):
+    import torch
+
+    return torch.from_numpy(np.ascontiguousarray(a))
+
+
+def _rescorer(tasks, partition, method, pipeline, grams, mode, measure, linkage) -> Rescorer:
+    if mode == "constituent":
+        return ConstituentLinkage(cosine_from_gram(torch_tensor(grams)).numpy(), linkage)
+    if measure != "sign" and method.linear_weights(2) is not None:
+        return GramMerged(grams, method, measure)
+    vectors = [block_deltas(tasks, partition, b, pipeline) for b in range(len(partition))]
+    return VectorMerged(vectors, method, measure)
+
+
+def _sized_steps(raw, num_blocks: int, num_tasks: int, sizer: SizeModel) -> tuple[list[MergeStep], list[float]]:
+    group_sizes = [[1] * num_tasks for _ in range(num_blocks)]
+    block_bytes = [sizer.block_total(b, g) for b, g in enumerate(group_sizes)]
+    total = sum(block_bytes)
+    sizes = [total / sizer.unit_bytes]
+    steps = []
+    for b, left, right, sim in raw:
+        g = group_sizes[b]
+        g.remove(len(left))
+        g.remove(len(right))
+        g.append(len(left) + len(right))
+        new = sizer.block_total(b, g)
+        total += new - block_bytes[b]
+        block_bytes[b] = new
+        sizes.append(total / sizer.unit_bytes)
+        steps.append(MergeStep(b, left, right, sim, sizes[-1]))
+    return steps, sizes

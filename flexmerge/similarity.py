@@ -1,0 +1,46 @@
+"""Per-block Gram matrices of the task vectors, computed once in one streaming pass.
+
+The whole constituent-similarity merge path depends only on these small (M, M) matrices.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from flexmerge._progress import progress
+from flexmerge.blocks import Partition
+from flexmerge.preprocess import Pipeline
+from flexmerge.taskvec import TaskSet
+
+
+def block_grams(tasks: TaskSet, partition: Partition, pipeline: Pipeline | None = None) -> torch.Tensor:
+    """(B, M, M) float64 Gram matrices: G[b, i, j] = <τ_i, τ_j> restricted to block b."""
+    pipeline = pipeline or Pipeline()
+    m = tasks.num_tasks
+    grams = torch.zeros(len(partition), m, m, dtype=torch.float64)
+    work = [(b, c) for b, block in enumerate(partition.blocks) for p in block.parts
+            for c in tasks.chunks(p.key, p.rows)]
+    for b, chunk in progress(work, "similarity pass", unit="chunk"):
+        d = pipeline.deltas(tasks, chunk).reshape(m, -1)
+        grams[b] += (d @ d.T).double()
+    return grams
+
+
+def cosine_from_gram(gram: torch.Tensor) -> torch.Tensor:
+    """Cosine matrices from Gram matrices (..., M, M); two all-zero vectors count as identical."""
+    norms = gram.diagonal(dim1=-2, dim2=-1).clamp_min(0).sqrt()
+    denom = norms.unsqueeze(-1) * norms.unsqueeze(-2)
+    cos = torch.where(denom > 0, gram / denom.clamp_min(1e-300), torch.zeros((), dtype=gram.dtype))
+    both_zero = (norms.unsqueeze(-1) == 0) & (norms.unsqueeze(-2) == 0)
+    return torch.where(both_zero, torch.ones((), dtype=gram.dtype), cos).clamp(-1.0, 1.0)
+
+
+def block_deltas(
+    tasks: TaskSet, partition: Partition, block: int, pipeline: Pipeline | None = None,
+    members: list[int] | None = None,
+) -> torch.Tensor:
+    """Task vectors of `members` (default all) on one block, flattened: (n, D_block) fp32."""
+    pipeline = pipeline or Pipeline()
+    pieces = [pipeline.deltas(tasks, c, members).flatten(1)
+              for p in partition.blocks[block].parts for c in tasks.chunks(p.key, p.rows)]
+    return torch.cat(pieces, dim=1)

@@ -1,0 +1,59 @@
+"""Exact storage accounting: the only place sizes are computed.
+
+size = stored bytes of the mergeable parameters / bytes of one model's mergeable parameters.
+Per (block, group) what is stored is, for plain methods, one copy of the block's weights; for
+mask methods, a group of n >= 3 members stores the unified vector, n bit-packed masks (one byte
+per 8 entries, per tensor part) and, for methods with rescalers, n fp32 scalars, and the block
+then needs θ0 once. A mask group of 1 or 2 members gains nothing from masks, so its members are
+stored as plain copies (FlexMerge's rule). The artifact writer stores exactly this.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from flexmerge.blocks import Partition
+from flexmerge.io.source import TensorMeta
+from flexmerge.methods.base import MergeMethod
+
+MIN_MASKED_MEMBERS = 3
+SCALE_BYTES = 4
+
+
+def stored_with_masks(method: MergeMethod, members: int) -> bool:
+    return method.uses_masks and members >= MIN_MASKED_MEMBERS
+
+
+@dataclass(frozen=True)
+class SizeModel:
+    """Per-block byte counts of one partition, and the method whose storage they follow."""
+
+    block_bytes: tuple[int, ...]  # one copy of the block's weights
+    mask_bytes: tuple[int, ...]  # one member's bit-packed masks (parts padded to whole bytes)
+    unit_bytes: int
+    method: MergeMethod
+
+    @classmethod
+    def build(cls, partition: Partition, meta: Mapping[str, TensorMeta], method: MergeMethod) -> "SizeModel":
+        nbytes = partition.nbytes(meta)
+        masks = [sum(-(-p.numel(meta[p.key]) // 8) for p in b.parts) for b in partition.blocks]
+        return cls(tuple(nbytes), tuple(masks), sum(nbytes), method)
+
+    def group_bytes(self, block: int, members: int) -> int:
+        if stored_with_masks(self.method, members):
+            scales = SCALE_BYTES * members if self.method.uses_scales else 0
+            return self.block_bytes[block] + members * self.mask_bytes[block] + scales
+        copies = members if self.method.uses_masks else 1
+        return copies * self.block_bytes[block]
+
+    def block_total(self, block: int, group_sizes: Sequence[int]) -> int:
+        base = self.block_bytes[block] if any(stored_with_masks(self.method, n) for n in group_sizes) else 0
+        return base + sum(self.group_bytes(block, n) for n in group_sizes)
+
+    def total_bytes(self, groups_per_block: Sequence[Sequence[int]]) -> int:
+        return sum(self.block_total(b, sizes) for b, sizes in enumerate(groups_per_block))
+
+    def size(self, groups_per_block: Sequence[Sequence[int]]) -> float:
+        """Size in model units of an assignment given as group sizes per block."""
+        return self.total_bytes(groups_per_block) / self.unit_bytes

@@ -1,0 +1,206 @@
+"""Task vectors: a base model and M fine-tuned models, validated, read one tensor chunk at a time.
+
+`load_tasks` opens every checkpoint lazily and makes one streaming pass that validates the inputs
+(keys, shapes, dtypes, finite values, no fine-tune equal to the base) and finds the parameters
+that are identical in all models (frozen: stored once, never merged, not part of the size unit).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from flexmerge._progress import progress
+from flexmerge.errors import CheckpointError, ConfigError
+from flexmerge.io.source import CheckpointSource, TensorMeta, fingerprint, open_checkpoint, read_rows
+
+CHUNK_ELEMENTS = 4 * 1024 * 1024  # per model; bounds the memory of every streaming pass
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Rows [start, stop) of one tensor (rows=None: the whole tensor)."""
+
+    key: str
+    rows: tuple[int, int] | None
+
+
+@dataclass
+class TaskSet:
+    """The base model, the named task models, and what the validation pass learned about them."""
+
+    names: list[str]
+    base: CheckpointSource
+    sources: list[CheckpointSource]
+    meta: dict[str, TensorMeta]
+    mergeable: list[str]
+    frozen: list[str]
+    provenance: dict[str, list[dict[str, object]]] = field(default_factory=dict)
+    compute_dtype: torch.dtype = torch.float32
+    fitted: dict[str, object] = field(default_factory=dict, repr=False)  # preprocessing fitted on this set
+
+    @property
+    def num_tasks(self) -> int:
+        return len(self.names)
+
+    def index(self, task: str) -> int:
+        try:
+            return self.names.index(task)
+        except ValueError:
+            raise ConfigError(f"unknown task {task!r}; tasks are: {', '.join(self.names)}") from None
+
+    def unit_bytes(self) -> int:
+        """Bytes of the mergeable parameters of one model: the unit of every size."""
+        return sum(self.meta[k].numel * self.meta[k].dtype.itemsize for k in self.mergeable)
+
+    def frozen_bytes(self) -> int:
+        return sum(self.meta[k].numel * self.meta[k].dtype.itemsize for k in self.frozen)
+
+    def read_base(self, chunk: Chunk) -> torch.Tensor:
+        return read_rows(self.base, chunk.key, chunk.rows)
+
+    def read_task(self, task: int, chunk: Chunk) -> torch.Tensor:
+        return read_rows(self.sources[task], chunk.key, chunk.rows)
+
+    def deltas(self, chunk: Chunk, tasks: Sequence[int] | None = None) -> torch.Tensor:
+        """Task vectors of `tasks` (default: all) on `chunk`, stacked as (n, *shape) in fp32."""
+        idx = range(self.num_tasks) if tasks is None else tasks
+        base = self.read_base(chunk).to(self.compute_dtype)
+        return torch.stack([self.read_task(t, chunk).to(self.compute_dtype) - base for t in idx])
+
+    def chunks(self, key: str, rows: tuple[int, int] | None = None) -> Iterator[Chunk]:
+        """Split rows [start, stop) of `key` into chunks of at most CHUNK_ELEMENTS elements."""
+        shape = self.meta[key].shape
+        if len(shape) == 0 or (rows is None and self.meta[key].numel <= CHUNK_ELEMENTS):
+            yield Chunk(key, rows)
+            return
+        start, stop = rows if rows is not None else (0, shape[0])
+        row_numel = max(1, self.meta[key].numel // max(shape[0], 1))
+        step = max(1, CHUNK_ELEMENTS // row_numel)
+        for a in range(start, stop, step):
+            yield Chunk(key, (a, min(stop, a + step)))
+
+
+def parse_task_specs(specs: Sequence[str] | Mapping[str, str | Path]) -> dict[str, Path]:
+    """`["name=path", ...]` or a mapping -> ordered {name: path}; duplicate names are an error."""
+    if isinstance(specs, Mapping):
+        return {str(k): Path(v) for k, v in specs.items()}
+    out: dict[str, Path] = {}
+    for spec in specs:
+        name, sep, path = str(spec).partition("=")
+        if not sep or not name or not path:
+            raise ConfigError(f"model spec {spec!r} must be NAME=PATH")
+        if name in out:
+            raise ConfigError(f"duplicate task name {name!r} (given for {out[name]} and {path})")
+        out[name] = Path(path)
+    return out
+
+
+def load_tasks(
+    base: str | Path,
+    models: Sequence[str] | Mapping[str, str | Path],
+    *,
+    allow_mixed_dtypes: bool = False,
+    max_relative_change: float = 0.5,
+) -> TaskSet:
+    """Open and validate the base and the task models; find the frozen parameters."""
+    named = parse_task_specs(models)
+    if len(named) < 2:
+        raise ConfigError(f"merging needs at least 2 task models, got {len(named)}")
+    base_src = open_checkpoint(base)
+    sources = [open_checkpoint(p) for p in named.values()]
+    meta = _check_structure(base_src, sources, allow_mixed_dtypes)
+    mergeable, frozen = _scan_values(base_src, sources, list(named), meta, max_relative_change)
+    provenance = {
+        "base": [fingerprint(f) for f in base_src.files()],
+        **{name: [fingerprint(f) for f in src.files()] for name, src in zip(named, sources)},
+    }
+    return TaskSet(list(named), base_src, sources, meta, mergeable, frozen, provenance)
+
+
+def _check_structure(
+    base: CheckpointSource, sources: list[CheckpointSource], allow_mixed_dtypes: bool
+) -> dict[str, TensorMeta]:
+    base_keys = base.keys()
+    meta = {k: base.meta(k) for k in base_keys}
+    for src in sources:
+        keys = set(src.keys())
+        missing = [k for k in base_keys if k not in keys]
+        extra = sorted(keys - set(base_keys))
+        if missing or extra:
+            raise CheckpointError(
+                f"{src.path}: keys differ from the base {base.path}: "
+                f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+                f"extra {extra[:5]}{'...' if len(extra) > 5 else ''}"
+            )
+        for k in base_keys:
+            m = src.meta(k)
+            if m.shape != meta[k].shape:
+                raise CheckpointError(
+                    f"{src.path}: key {k!r} has shape {list(m.shape)}, the base has {list(meta[k].shape)}"
+                )
+            if m.dtype != meta[k].dtype and not (allow_mixed_dtypes and m.dtype.is_floating_point):
+                raise CheckpointError(
+                    f"{src.path}: key {k!r} has dtype {m.dtype}, the base has {meta[k].dtype} "
+                    "(pass allow_mixed_dtypes=True / --allow-mixed-dtypes to merge them in fp32)"
+                )
+    return meta
+
+
+def _scan_values(
+    base: CheckpointSource,
+    sources: list[CheckpointSource],
+    names: list[str],
+    meta: dict[str, TensorMeta],
+    max_relative_change: float,
+) -> tuple[list[str], list[str]]:
+    """One streaming pass: finite values, frozen keys, no task equal to the base, a plausible base."""
+    differs = {k: False for k in meta}
+    task_differs = [False] * len(sources)
+    base_sq = 0.0
+    delta_sq = [0.0] * len(sources)
+    probe = TaskSet(names, base, sources, meta, list(meta), [])
+    all_chunks = [c for k in meta for c in probe.chunks(k)]
+    for chunk in progress(all_chunks, "validating checkpoints", unit="chunk"):
+        b = probe.read_base(chunk)
+        _check_finite(b, base, chunk.key)
+        floating = b.dtype.is_floating_point
+        if floating:
+            base_sq += float(b.double().square().sum())
+        for t, src in enumerate(sources):
+            x = probe.read_task(t, chunk)
+            _check_finite(x, src, chunk.key)
+            if x.dtype != b.dtype or not torch.equal(x, b):
+                differs[chunk.key] = True
+                task_differs[t] = True
+                if floating:
+                    delta_sq[t] += float((x.double() - b.double()).square().sum())
+    for t, d in enumerate(task_differs):
+        if not d:
+            raise CheckpointError(
+                f"task {names[t]!r} ({sources[t].path}) is identical to the base {base.path}: "
+                "nothing was fine-tuned, or the wrong file was given"
+            )
+    for t, sq in enumerate(delta_sq):
+        ratio = (sq / base_sq) ** 0.5 if base_sq > 0 else float("inf")
+        if ratio > max_relative_change:
+            raise CheckpointError(
+                f"task {names[t]!r} ({sources[t].path}) differs from the base {base.path} by "
+                f"{ratio:.0%} of the base's norm (limit {max_relative_change:.0%}): the base does not "
+                "look like the model it was fine-tuned from (raise max_relative_change / "
+                "--max-relative-change if this is intended)"
+            )
+    for k in meta:
+        if differs[k] and not meta[k].dtype.is_floating_point:
+            raise CheckpointError(f"key {k!r} ({meta[k].dtype}) differs between models but is not floating point")
+    mergeable = [k for k in meta if differs[k]]
+    frozen = [k for k in meta if not differs[k]]
+    return mergeable, frozen
+
+
+def _check_finite(t: torch.Tensor, src: CheckpointSource, key: str) -> None:
+    if t.dtype.is_floating_point and not bool(torch.isfinite(t).all()):
+        raise CheckpointError(f"{src.path}: key {key!r} holds NaN or Inf values")

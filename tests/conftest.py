@@ -1,0 +1,72 @@
+"""Tiny real checkpoints on disk: a 3-layer transformer-shaped base and M fine-tunes of it."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+os.environ.setdefault("FLEXMERGE_NO_PROGRESS", "1")
+
+LAYERS = 3
+HIDDEN = 16
+
+
+def tiny_state_dict(seed: int = 0, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    sd: dict[str, torch.Tensor] = {"embed.weight": torch.randn(20, HIDDEN, generator=g)}
+    for i in range(LAYERS):
+        p = f"layers.{i}"
+        sd[f"{p}.attn.qkv.weight"] = torch.randn(3 * HIDDEN, HIDDEN, generator=g)
+        sd[f"{p}.attn.qkv.bias"] = torch.randn(3 * HIDDEN, generator=g)
+        sd[f"{p}.norm1.weight"] = torch.ones(HIDDEN) + 0.1 * torch.randn(HIDDEN, generator=g)
+        sd[f"{p}.mlp.fc1.weight"] = torch.randn(2 * HIDDEN, HIDDEN, generator=g)
+        sd[f"{p}.mlp.fc2.weight"] = torch.randn(HIDDEN, 2 * HIDDEN, generator=g)
+        sd[f"{p}.norm2.weight"] = torch.ones(HIDDEN) + 0.1 * torch.randn(HIDDEN, generator=g)
+    sd["final_norm.weight"] = torch.ones(HIDDEN)
+    return {k: v.to(dtype) for k, v in sd.items()}
+
+
+def fine_tune(base: dict[str, torch.Tensor], task: int, scale: float = 0.05,
+              frozen: tuple[str, ...] = ("embed.weight",)) -> dict[str, torch.Tensor]:
+    """A synthetic fine-tune: a shared drift (tasks are similar) plus a task-specific part."""
+    g = torch.Generator().manual_seed(1000 + task)
+    shared = torch.Generator().manual_seed(7)
+    out = {}
+    for k, v in base.items():
+        if k in frozen:
+            out[k] = v.clone()
+            continue
+        common = torch.randn(v.shape, generator=shared)
+        own = torch.randn(v.shape, generator=g)
+        mix = 0.3 + 0.15 * (task % 3)  # tasks 0,3 / 1,4 / 2,5 resemble each other more
+        out[k] = (v.float() + scale * ((1 - mix) * common + mix * own)).to(v.dtype)
+    return out
+
+
+def write_zoo(root: Path, num_tasks: int = 4, dtype: torch.dtype = torch.float32) -> tuple[Path, dict[str, Path]]:
+    base = tiny_state_dict(dtype=dtype)
+    root.mkdir(parents=True, exist_ok=True)
+    save_file(base, str(root / "base.safetensors"))
+    models = {}
+    for t in range(num_tasks):
+        path = root / f"task{t}.safetensors"
+        save_file(fine_tune(base, t), str(path))
+        models[f"task{t}"] = path
+    return root / "base.safetensors", models
+
+
+@pytest.fixture
+def zoo(tmp_path: Path) -> tuple[Path, dict[str, Path]]:
+    return write_zoo(tmp_path / "zoo")
+
+
+@pytest.fixture
+def tasks(zoo):
+    import flexmerge
+
+    base, models = zoo
+    return flexmerge.load_tasks(base, models)
