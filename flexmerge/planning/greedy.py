@@ -28,7 +28,8 @@ class Rescorer(Protocol):
     """New similarities of the fused group i (of block b) with every representative k."""
 
     def initial(self) -> np.ndarray: ...  # (B, M, M) similarities of singletons
-    def rescore(self, b: int, i: int, j: int, members: list[list[int]], rows: np.ndarray) -> np.ndarray: ...
+    def rescore(self, b: int, i: int, members: list[list[int]], rows: np.ndarray,
+                fused_sizes: tuple[int, int]) -> np.ndarray: ...
 
 
 class ConstituentLinkage:
@@ -42,13 +43,14 @@ class ConstituentLinkage:
     def initial(self) -> np.ndarray:
         return self.cos.astype(np.float64, copy=True)
 
-    def rescore(self, b: int, i: int, j: int, members: list[list[int]], rows: np.ndarray) -> np.ndarray:
+    def rescore(self, b: int, i: int, members: list[list[int]], rows: np.ndarray,
+                fused_sizes: tuple[int, int]) -> np.ndarray:
         ri, rj = rows
         if self.linkage == "min":
             return np.minimum(ri, rj)
         if self.linkage == "max":
             return np.maximum(ri, rj)
-        ni, nj = len(members[i]), len(members[j])
+        ni, nj = fused_sizes
         return (ni * ri + nj * rj) / (ni + nj)
 
 
@@ -75,9 +77,10 @@ def run_greedy(rescorer: Rescorer, order: str = "greedy", seed: int = 0) -> list
         i, j = divmod(rest, m)
         steps.append((b, tuple(members[b][i]), tuple(members[b][j]), float(sim[b, i, j])))
         rows = np.stack([_row(sim[b], i), _row(sim[b], j)])
+        fused_sizes = (len(members[b][i]), len(members[b][j]))
         members[b][i] = sorted(members[b][i] + members[b][j])
         members[b][j] = []
-        new = rescorer.rescore(b, i, j, members[b], rows)
+        new = rescorer.rescore(b, i, members[b], rows, fused_sizes)
         sim[b, j, :] = NEG
         sim[b, :, j] = NEG
         for k in range(m):

@@ -53,7 +53,8 @@ class _PairwiseRescorer:
                     sim[b, i, j] = self.score(b, [i], [j])
         return sim
 
-    def rescore(self, b: int, i: int, j: int, members: list[list[int]], rows: np.ndarray) -> np.ndarray:
+    def rescore(self, b: int, i: int, members: list[list[int]], rows: np.ndarray,
+                fused_sizes: tuple[int, int]) -> np.ndarray:
         new = np.full(self.num_tasks, -np.inf)
         for k, mem in enumerate(members):
             if mem and k != i:

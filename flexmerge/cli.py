@@ -1,0 +1,197 @@
+"""The `flexmerge` command line. Each command calls one public function of the library."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from flexmerge.errors import FlexMergeError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Merge M fine-tuned models into one artifact of any size between 1x and Mx.")
+console = Console()
+err = Console(stderr=True)
+
+BaseOpt = typer.Option(None, "--base", help="base checkpoint: .safetensors, sharded index.json, .pt/.bin or HF dir")
+ModelOpt = typer.Option(None, "--model", help="a fine-tuned model as NAME=PATH (repeat for each task)")
+MethodOpt = typer.Option(None, "--method", help="merging method (see `flexmerge methods`) [default: task_arithmetic]")
+ParamOpt = typer.Option(None, "--param", help="method hyperparameter KEY=VALUE, e.g. lam=1.0 (repeatable)")
+GranOpt = typer.Option(None, "--granularity", help="layer | sublayer | tensor | split:K [default: sublayer]")
+PlannerOpt = typer.Option(None, "--planner", help="greedy | left-right | right-left | random | channel | cluster")
+LinkageOpt = typer.Option(None, "--linkage", help="constituent linkage: min (default) | avg | max")
+ModeOpt = typer.Option(None, "--mode", help="similarity: constituent (default) | merged")
+MeasureOpt = typer.Option(None, "--measure", help="merged-vector measure: cosine | euclidean | sign")
+SeedOpt = typer.Option(None, "--seed", help="seed of the random order, k-means and DARE")
+ConfigOpt = typer.Option(None, "--config", help="YAML file with the same fields; flags override it")
+MixedOpt = typer.Option(None, "--allow-mixed-dtypes/--no-allow-mixed-dtypes", help="merge inputs of different float dtypes")
+
+
+def _fail(e: Exception) -> None:
+    err.print(f"[bold red]error:[/] {e}")
+    raise typer.Exit(2)
+
+
+def _parse_params(items: list[str] | None) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise FlexMergeError(f"--param {item!r} must be KEY=VALUE")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def _config(config, base, model, method, param, granularity, planner, linkage, mode, measure, seed, mixed,
+            size=None):
+    from flexmerge.config import build_config
+    from flexmerge.taskvec import parse_task_specs
+
+    models = parse_task_specs(model) if model else None
+    return build_config(config, {
+        "base": base, "models": models, "method": method, "params": _parse_params(param),
+        "granularity": granularity, "planner": planner, "linkage": linkage, "mode": mode,
+        "measure": measure, "seed": seed, "allow_mixed_dtypes": mixed, "size": size,
+    })
+
+
+def _load(cfg):
+    from flexmerge.taskvec import load_tasks
+
+    return load_tasks(cfg.base, cfg.models, allow_mixed_dtypes=cfg.allow_mixed_dtypes,
+                      max_relative_change=cfg.max_relative_change)
+
+
+@app.command()
+def plan(
+    out: Path = typer.Option(..., "--out", help="where to write the merge path (JSON)"),
+    base: Optional[Path] = BaseOpt, model: Optional[list[str]] = ModelOpt, method: Optional[str] = MethodOpt,
+    param: Optional[list[str]] = ParamOpt, granularity: Optional[str] = GranOpt, planner: Optional[str] = PlannerOpt,
+    linkage: Optional[str] = LinkageOpt, mode: Optional[str] = ModeOpt, measure: Optional[str] = MeasureOpt,
+    seed: Optional[int] = SeedOpt, config: Optional[Path] = ConfigOpt, allow_mixed_dtypes: Optional[bool] = MixedOpt,
+) -> None:
+    """Compute the whole merge path (Mx down to the smallest size) and write it as JSON.
+
+    Example: flexmerge plan --base base.safetensors --model a=a.safetensors --model b=b.safetensors
+    --method ties --out path.json
+    """
+    from flexmerge.api import plan as plan_fn
+
+    try:
+        cfg = _config(config, base, model, method, param, granularity, planner, linkage, mode, measure, seed,
+                      allow_mixed_dtypes)
+        path = plan_fn(_load(cfg), method=cfg.method, params=cfg.params, **cfg.plan_options())
+        path.save(out)
+    except FlexMergeError as e:
+        _fail(e)
+    console.print(f"{len(path.block_names)} blocks, {path.num_points} points, sizes {path.sizes[0]:.3f}x -> "
+                  f"{path.min_size:.3f}x; similarity pass {path.timings['similarity_pass']:.2f}s, "
+                  f"path {path.timings['path']:.4f}s")
+    console.print(f"wrote {out}")
+
+
+@app.command()
+def merge(
+    out: Path = typer.Option(..., "--out", help="artifact directory to write"),
+    size: Optional[float] = typer.Option(None, "--size", help="target size in model units, 1 <= size <= M"),
+    base: Optional[Path] = BaseOpt, model: Optional[list[str]] = ModelOpt, method: Optional[str] = MethodOpt,
+    param: Optional[list[str]] = ParamOpt, granularity: Optional[str] = GranOpt, planner: Optional[str] = PlannerOpt,
+    linkage: Optional[str] = LinkageOpt, mode: Optional[str] = ModeOpt, measure: Optional[str] = MeasureOpt,
+    seed: Optional[int] = SeedOpt, config: Optional[Path] = ConfigOpt, allow_mixed_dtypes: Optional[bool] = MixedOpt,
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing artifact at --out"),
+) -> None:
+    """Merge to a target size and write the flex-model artifact (safetensors + manifest.json).
+
+    Example: flexmerge merge --base base.safetensors --model a=a.safetensors --model b=b.safetensors
+    --model c=c.safetensors --method ties --size 2 --out flex-2x
+    """
+    from flexmerge.api import merge_to_disk
+
+    try:
+        cfg = _config(config, base, model, method, param, granularity, planner, linkage, mode, measure, seed,
+                      allow_mixed_dtypes, size)
+        if cfg.size is None:
+            raise FlexMergeError("--size (or `size:` in --config) is required")
+        manifest = merge_to_disk(_load(cfg), out, size=cfg.size, method=cfg.method, params=cfg.params,
+                                 overwrite=overwrite, **cfg.plan_options())
+    except FlexMergeError as e:
+        _fail(e)
+    console.print(f"wrote {out}: {len(manifest['tasks'])} tasks, method {manifest['method']['name']}, "
+                  f"size {manifest['size']:.4f}x (asked {cfg.size:g}x)")
+
+
+@app.command()
+def inspect(
+    artifact: Path = typer.Argument(..., help="flex-model directory"),
+    as_json: bool = typer.Option(False, "--json", help="print the manifest summary as JSON"),
+) -> None:
+    """Show a flex model's tasks, method, size, blocks and groups.
+
+    Example: flexmerge inspect flex-2x --json
+    """
+    from flexmerge.flexmodel.artifact import read_manifest
+
+    try:
+        m = read_manifest(artifact)
+    except FlexMergeError as e:
+        _fail(e)
+    tasks = m["tasks"]
+    blocks = [{"name": b["name"], "groups": [[tasks[t] for t in g] for g in b["groups"]]} for b in m["blocks"]]
+    summary = {"tasks": tasks, "method": m["method"], "size": m["size"], "unit_bytes": m["unit_bytes"],
+               "stored_bytes": m["stored_bytes"], "frozen_bytes": m["frozen_bytes"],
+               "granularity": m["granularity"], "flexmerge_version": m["flexmerge_version"], "blocks": blocks}
+    if as_json:
+        sys.stdout.write(json.dumps(summary, indent=1) + "\n")
+        return
+    console.print(f"tasks: {', '.join(tasks)}")
+    console.print(f"method: {m['method']}")
+    console.print(f"size: {m['size']:.4f}x ({m['stored_bytes']} bytes stored; one model = {m['unit_bytes']} bytes; "
+                  f"frozen shared parameters: {m['frozen_bytes']} bytes)")
+    table = Table("block", "groups")
+    for b in blocks:
+        table.add_row(b["name"], "  ".join("{" + ",".join(g) + "}" for g in b["groups"]))
+    console.print(table)
+
+
+@app.command()
+def export(
+    artifact: Path = typer.Argument(..., help="flex-model directory"),
+    task: str = typer.Option(..., "--task", help="which task's model to export"),
+    out: Path = typer.Option(..., "--out", help="a .safetensors file, or a directory (HF layout when inputs were HF)"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing file or directory"),
+) -> None:
+    """Write one task's full checkpoint.
+
+    Example: flexmerge export flex-2x --task sst2 --out sst2-model/
+    """
+    from flexmerge.flexmodel.artifact import load
+
+    try:
+        written = load(artifact).export(task, out, overwrite=overwrite)
+    except FlexMergeError as e:
+        _fail(e)
+    console.print(f"wrote {written}")
+
+
+@app.command()
+def methods() -> None:
+    """List the merging methods and their hyperparameters (with defaults)."""
+    from flexmerge.methods import available_methods
+
+    table = Table("method", "what it stores", "hyperparameters (default)")
+    for name, cls in available_methods().items():
+        params = ", ".join(f"{k}={f.default!r}" for k, f in cls.Params.model_fields.items())
+        table.add_row(name, cls.summary, params)
+    console.print(table)
+
+
+def main() -> None:  # pragma: no cover - entry point
+    app()
