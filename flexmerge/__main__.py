@@ -1,0 +1,3 @@
+from flexmerge.cli import app
+
+app(prog_name="flexmerge")

@@ -1,0 +1,189 @@
+"""The artifact: Mx is exact, sizes equal stored bytes, round trips, corruption, atomic writes."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+import flexmerge
+from flexmerge.errors import ArtifactError, FlexMergeError
+from tests.conftest import HIDDEN, LAYERS, write_zoo
+
+METHODS = ["average", "task_arithmetic", "ties", "dare", "pcb", "consensus", "emr"]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_at_Mx_every_export_equals_its_fine_tune_bit_for_bit(zoo, tasks, tmp_path, method):
+    base, models = zoo
+    flex = flexmerge.merge(tasks, size=float(tasks.num_tasks), method=method)
+    flex.save(tmp_path / "flex")
+    loaded = flexmerge.load(tmp_path / "flex")
+    for name, path in models.items():
+        out = loaded.export(name, tmp_path / f"{name}.safetensors")
+        exported, original = load_file(out), load_file(path)
+        assert exported.keys() == original.keys()
+        for k in original:
+            assert exported[k].dtype == original[k].dtype
+            assert torch.equal(exported[k], original[k]), (name, k)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_inputs_stay_exact_and_in_dtype(tmp_path, dtype):
+    base, models = write_zoo(tmp_path / "zoo", num_tasks=3, dtype=dtype)
+    tasks = flexmerge.load_tasks(base, models)
+    flex = flexmerge.merge(tasks, size=3.0, method="ties")
+    for name, path in models.items():
+        ref = load_file(path)
+        assert all(torch.equal(flex.state_dict(name)[k], ref[k]) for k in ref)
+    merged = flexmerge.merge(tasks, size=1.0, method="ties").state_dict("task0")
+    assert all(v.dtype == dtype for v in merged.values())
+
+
+def _stored_bytes_on_disk(directory) -> int:
+    total = 0
+    for f in sorted(directory.glob("shard-*.safetensors")):
+        with safe_open(str(f), framework="pt") as h:
+            total += sum(h.get_tensor(k).nbytes for k in h.keys() if not k.startswith("frozen."))
+    return total
+
+
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties", "emr", "consensus"])
+@pytest.mark.parametrize("granularity", ["sublayer", "split:3"])
+def test_reported_size_equals_bytes_stored(tasks, tmp_path, method, granularity):
+    path = flexmerge.plan(tasks, method=method, granularity=granularity)
+    for size in sorted({path.min_size, 2.3, 3.0, float(tasks.num_tasks)}):
+        flex = flexmerge.materialize(tasks, path, size)
+        out = tmp_path / f"{method}-{size}"
+        flex.save(out)
+        manifest = json.loads((out / "manifest.json").read_text())
+        on_disk = _stored_bytes_on_disk(out)
+        assert on_disk == manifest["stored_bytes"] == flex.stored_bytes()
+        assert manifest["size"] == pytest.approx(on_disk / tasks.unit_bytes(), rel=1e-12)
+        assert manifest["size"] <= size + 1e-9
+
+
+def test_round_trip_is_exact_and_streaming_write_matches(tasks, tmp_path):
+    flex = flexmerge.merge(tasks, size=2.5, method="emr", granularity="split:2")
+    flex.save(tmp_path / "a")
+    flexmerge.merge_to_disk(tasks, tmp_path / "b", size=2.5, method="emr", granularity="split:2")
+    a, b = flexmerge.load(tmp_path / "a"), flexmerge.load(tmp_path / "b")
+    for t in tasks.names:
+        want = flex.state_dict(t)
+        for other in (a, b):
+            got = other.state_dict(t)
+            assert all(torch.equal(want[k], got[k]) for k in want)
+    assert a.groups_of("task0") == flex.groups_of("task0")
+
+
+def test_corrupted_or_truncated_artifacts_fail_clearly(tasks, tmp_path):
+    out = tmp_path / "flex"
+    flexmerge.merge(tasks, size=2.0).save(out)
+    shard = next(out.glob("shard-*.safetensors"))
+    data = bytearray(shard.read_bytes())
+    data[-10] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match="checksum mismatch"):
+        flexmerge.load(out)
+    shard.write_bytes(bytes(data[: len(data) // 2]))
+    with pytest.raises(ArtifactError, match="truncated"):
+        flexmerge.load(out)
+    shard.unlink()
+    with pytest.raises(ArtifactError, match="is missing"):
+        flexmerge.load(out)
+    (out / "manifest.json").write_text("{not json")
+    with pytest.raises(ArtifactError, match="corrupted manifest"):
+        flexmerge.load(out)
+    (out / "manifest.json").unlink()
+    with pytest.raises(ArtifactError, match="no manifest.json"):
+        flexmerge.load(out)
+    with pytest.raises(ArtifactError, match="not a flex-model directory"):
+        flexmerge.load(tmp_path / "nowhere")
+
+
+def test_a_crash_mid_write_leaves_nothing_that_loads(tasks, tmp_path, monkeypatch):
+    import flexmerge.flexmodel.materialize as mat
+
+    real = mat.materialize_block
+    calls = {"n": 0}
+
+    def dying(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt("simulated crash")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(mat, "materialize_block", dying)
+    out = tmp_path / "artifacts" / "out"
+    with pytest.raises(KeyboardInterrupt):
+        flexmerge.merge_to_disk(tasks, out, size=2.0)
+    assert os.listdir(out.parent) == []  # neither the artifact nor a partial directory
+    monkeypatch.setattr(mat, "materialize_block", real)
+    flexmerge.merge_to_disk(tasks, out, size=2.0)
+    with pytest.raises(FlexMergeError, match="already exists"):
+        flexmerge.merge_to_disk(tasks, out, size=2.0)
+    flexmerge.merge_to_disk(tasks, out, size=1.0, overwrite=True)
+    assert flexmerge.load(out).size == pytest.approx(1.0)
+    assert os.listdir(out.parent) == ["out"]
+
+
+class TinyNet(torch.nn.Module):
+    """A module whose parameter names match the test checkpoints."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(20, HIDDEN)
+        self.layers = torch.nn.ModuleList()
+        for _ in range(LAYERS):
+            layer = torch.nn.Module()
+            layer.attn = torch.nn.Module()
+            layer.attn.qkv = torch.nn.Linear(HIDDEN, 3 * HIDDEN)
+            layer.norm1 = torch.nn.LayerNorm(HIDDEN, bias=False)
+            layer.mlp = torch.nn.Module()
+            layer.mlp.fc1 = torch.nn.Linear(HIDDEN, 2 * HIDDEN, bias=False)
+            layer.mlp.fc2 = torch.nn.Linear(2 * HIDDEN, HIDDEN, bias=False)
+            layer.norm2 = torch.nn.LayerNorm(HIDDEN, bias=False)
+            self.layers.append(layer)
+        self.final_norm = torch.nn.LayerNorm(HIDDEN, bias=False)
+
+
+def test_modules_share_the_stored_tensors(tasks):
+    flex = flexmerge.merge(tasks, size=2.0)
+    nets = {t: flex.module(t, TinyNet()) for t in tasks.names}
+    for b, block in enumerate(flex.partition.blocks):
+        for group in flex.assignment.groups[b]:
+            ptrs = {nets[tasks.names[t]].get_parameter(block.parts[0].key).data_ptr() for t in group}
+            assert len(ptrs) == 1, block.name
+    assert nets["task0"].embed.weight.data_ptr() == nets["task3"].embed.weight.data_ptr()  # frozen: stored once
+
+
+def test_export_hugging_face_directory(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                  intermediate_size=64, vocab_size=100)
+    torch.manual_seed(0)
+    base = transformers.BertModel(cfg)
+    base.save_pretrained(tmp_path / "base")
+    models = {}
+    for t in range(3):
+        ft = transformers.BertModel(cfg)
+        ft.load_state_dict(base.state_dict())
+        with torch.no_grad():
+            for p in ft.encoder.parameters():
+                p.add_(0.01 * torch.randn_like(p))
+        ft.save_pretrained(tmp_path / f"ft{t}")
+        models[f"t{t}"] = tmp_path / f"ft{t}"
+    tasks = flexmerge.load_tasks(tmp_path / "base", models)
+    assert any(k.startswith("embeddings.") for k in tasks.frozen)
+    flexmerge.merge_to_disk(tasks, tmp_path / "flex", size=1.5, method="ties")
+    out = flexmerge.load(tmp_path / "flex").export("t1", tmp_path / "t1-export")
+    assert (out / "config.json").is_file()
+    reloaded = transformers.BertModel.from_pretrained(out)
+    want = flexmerge.load(tmp_path / "flex").state_dict("t1")
+    for k, v in reloaded.state_dict().items():
+        if k in want:
+            assert torch.equal(v, want[k]), k
