@@ -18,6 +18,12 @@ def block_grams(tasks: TaskSet, partition: Partition, pipeline: Pipeline | None 
     pipeline = pipeline or Pipeline()
     m = tasks.num_tasks
     grams = torch.zeros(len(partition), m, m, dtype=torch.float64)
+    whole_tensors = all(p.rows is None for block in partition.blocks for p in block.parts)
+    if not pipeline.transforms and whole_tensors and tasks.key_grams:
+        for b, block in enumerate(partition.blocks):  # accumulated by the validation pass
+            for p in block.parts:
+                grams[b] += tasks.key_grams[p.key]
+        return grams
     work = [(b, c) for b, block in enumerate(partition.blocks) for p in block.parts
             for c in tasks.chunks(p.key, p.rows)]
     for b, chunk in progress(work, "similarity pass", unit="chunk"):

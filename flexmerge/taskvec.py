@@ -39,6 +39,7 @@ class TaskSet:
     mergeable: list[str]
     frozen: list[str]
     provenance: dict[str, list[dict[str, object]]] = field(default_factory=dict)
+    key_grams: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)  # raw (M, M) per key
     compute_dtype: torch.dtype = torch.float32
     fitted: dict[str, object] = field(default_factory=dict, repr=False)  # preprocessing fitted on this set
 
@@ -113,12 +114,12 @@ def load_tasks(
     base_src = open_checkpoint(base)
     sources = [open_checkpoint(p) for p in named.values()]
     meta = _check_structure(base_src, sources, allow_mixed_dtypes)
-    mergeable, frozen = _scan_values(base_src, sources, list(named), meta, max_relative_change)
+    mergeable, frozen, key_grams = _scan_values(base_src, sources, list(named), meta, max_relative_change)
     provenance = {
         "base": [fingerprint(f) for f in base_src.files()],
         **{name: [fingerprint(f) for f in src.files()] for name, src in zip(named, sources)},
     }
-    return TaskSet(list(named), base_src, sources, meta, mergeable, frozen, provenance)
+    return TaskSet(list(named), base_src, sources, meta, mergeable, frozen, provenance, key_grams=key_grams)
 
 
 def _check_structure(
@@ -156,36 +157,45 @@ def _scan_values(
     names: list[str],
     meta: dict[str, TensorMeta],
     max_relative_change: float,
-) -> tuple[list[str], list[str]]:
-    """One streaming pass: finite values, frozen keys, no task equal to the base, a plausible base."""
+) -> tuple[list[str], list[str], dict[str, torch.Tensor]]:
+    """One streaming pass: finite values, frozen keys, no task equal to the base, a plausible base.
+
+    The same pass accumulates each key's (M, M) Gram matrix of raw task vectors, so planning
+    without preprocessing needs no second read of the inputs.
+    """
+    m = len(sources)
+    key_grams = {k: torch.zeros(m, m, dtype=torch.float64) for k in meta if meta[k].dtype.is_floating_point}
     differs = {k: False for k in meta}
-    task_differs = [False] * len(sources)
     base_sq = 0.0
-    delta_sq = [0.0] * len(sources)
     probe = TaskSet(names, base, sources, meta, list(meta), [])
     all_chunks = [c for k in meta for c in probe.chunks(k)]
     for chunk in progress(all_chunks, "validating checkpoints", unit="chunk"):
         b = probe.read_base(chunk)
         _check_finite(b, base, chunk.key)
-        floating = b.dtype.is_floating_point
-        if floating:
-            base_sq += float(b.double().square().sum())
-        for t, src in enumerate(sources):
-            x = probe.read_task(t, chunk)
-            _check_finite(x, src, chunk.key)
-            if x.dtype != b.dtype or not torch.equal(x, b):
-                differs[chunk.key] = True
-                task_differs[t] = True
-                if floating:
-                    delta_sq[t] += float((x.double() - b.double()).square().sum())
-    for t, d in enumerate(task_differs):
-        if not d:
+        if not b.dtype.is_floating_point:
+            differs[chunk.key] |= any(not torch.equal(probe.read_task(t, chunk), b) for t in range(m))
+            continue
+        bf = b.float().flatten()
+        base_sq += float(bf @ bf)
+        d = torch.stack([probe.read_task(t, chunk).float().flatten() for t in range(m)]) - bf
+        gram = d @ d.T
+        if not bool(torch.isfinite(gram.diagonal()).all()):  # rare: find the culprit exactly
+            for t, src in enumerate(sources):
+                _check_finite(probe.read_task(t, chunk), src, chunk.key)
+        key_grams[chunk.key] += gram.double()
+        if not differs[chunk.key]:
+            differs[chunk.key] = bool((gram.diagonal() > 0).any()) or any(
+                not torch.equal(probe.read_task(t, chunk), b) for t in range(m))
+    delta_sq = [sum(float(g[t, t]) for g in key_grams.values()) for t in range(m)]
+    for t in range(m):
+        identical = delta_sq[t] == 0 and all(
+            torch.equal(probe.read_task(t, c), probe.read_base(c)) for c in all_chunks)
+        if identical:
             raise CheckpointError(
                 f"task {names[t]!r} ({sources[t].path}) is identical to the base {base.path}: "
                 "nothing was fine-tuned, or the wrong file was given"
             )
-    for t, sq in enumerate(delta_sq):
-        ratio = (sq / base_sq) ** 0.5 if base_sq > 0 else float("inf")
+        ratio = (delta_sq[t] / base_sq) ** 0.5 if base_sq > 0 else float("inf")
         if ratio > max_relative_change:
             raise CheckpointError(
                 f"task {names[t]!r} ({sources[t].path}) differs from the base {base.path} by "
@@ -198,7 +208,7 @@ def _scan_values(
             raise CheckpointError(f"key {k!r} ({meta[k].dtype}) differs between models but is not floating point")
     mergeable = [k for k in meta if differs[k]]
     frozen = [k for k in meta if not differs[k]]
-    return mergeable, frozen
+    return mergeable, frozen, {k: key_grams[k] for k in mergeable}
 
 
 def _check_finite(t: torch.Tensor, src: CheckpointSource, key: str) -> None:

@@ -164,3 +164,15 @@ def test_planner_option_errors(tasks):
         flexmerge.plan(tasks, planner="best")
     with pytest.raises(UnknownNameError, match="unknown linkage 'single'"):
         flexmerge.plan(tasks, linkage="single")
+
+
+def test_grams_from_the_validation_pass_equal_a_fresh_streaming_pass(tasks, monkeypatch):
+    from flexmerge import taskvec
+    from flexmerge.similarity import block_grams
+
+    part = flexmerge.discover_blocks(tasks)
+    from_scan = block_grams(tasks, part)
+    monkeypatch.setattr(tasks, "key_grams", {})
+    monkeypatch.setattr(taskvec, "CHUNK_ELEMENTS", 64)
+    streamed = block_grams(tasks, part)
+    torch.testing.assert_close(from_scan, streamed, rtol=1e-5, atol=1e-9)
