@@ -193,5 +193,100 @@ def methods() -> None:
     console.print(table)
 
 
+DEFAULT_METHODS = "task_arithmetic,ties,emr,consensus"
+DEFAULT_SIZES = "1,1.5,2,3,4,8"
+
+
+def _floats(text: str, what: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise FlexMergeError(f"{what} must be comma-separated numbers, got {text!r}") from None
+
+
+def _names(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def _run_suite(suite_name: str, out: Path, methods: str, sizes: str, planners: str, granularity: str,
+               cache_dir: Optional[Path], rebuild: bool) -> None:
+    from flexmerge.methods import get_method
+    from flexmerge.planning import PLANNERS
+    from flexmerge.report import summary_rows
+    from flexmerge.suites import get_suite, run_sweep
+
+    for m in _names(methods):
+        get_method(m)  # fail fast on a typo, before any training
+    for p in _names(planners):
+        if p not in PLANNERS:
+            from flexmerge.errors import UnknownNameError
+
+            raise UnknownNameError("planner", p, PLANNERS)
+    suite = get_suite(suite_name)
+    result, paths = run_sweep(suite, out, methods=_names(methods), sizes=_floats(sizes, "--sizes"),
+                              planners=_names(planners), granularity=granularity, cache_dir=cache_dir,
+                              rebuild=rebuild, log=lambda msg: err.print(f"[dim]{msg}[/]"))
+    header, rows = summary_rows(result)
+    table = Table(*header, title=f"{suite.name}: mean normalized accuracy (merged / fine-tuned)")
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
+    ft = sum(result.finetuned.values()) / len(result.finetuned)
+    line = f"fine-tuned mean accuracy {ft:.3f}"
+    if result.base:
+        line += f"; base encoder + trained head {sum(result.base.values()) / len(result.base):.3f}"
+    console.print(line)
+    console.print("time: " + ", ".join(f"{k} {v:.1f}s" for k, v in result.timings.items()))
+    console.print(f"plots: {paths['normalized_plot']}  {paths['accuracy_plot']}")
+    console.print(f"tables: {paths['csv']}  {paths['json']}  {paths['ranking']}")
+
+
+SuiteOpt = typer.Option("wordnet", "--suite", help="benchmark suite: wordnet (default) | wordnet20 | digits")
+CacheOpt = typer.Option(None, "--cache-dir", help="where fine-tuned zoos are cached [default: ~/.cache/flexmerge]")
+RebuildOpt = typer.Option(False, "--rebuild", help="retrain the zoo even if a verified cached one exists")
+
+
+@app.command()
+def sweep(
+    suite: str = SuiteOpt,
+    methods: str = typer.Option(DEFAULT_METHODS, "--methods", help="comma-separated merging methods"),
+    sizes: str = typer.Option(DEFAULT_SIZES, "--sizes", help="comma-separated sizes (sizes above M are dropped)"),
+    planners: str = typer.Option("greedy", "--planners",
+                                 help="comma-separated: greedy, left-right, right-left, random, channel, cluster"),
+    granularity: str = typer.Option("sublayer", "--granularity", help="layer | sublayer | tensor | split:K"),
+    out: Path = typer.Option(Path("results"), "--out", help="directory for results.csv/json, ranking.md, plots"),
+    cache_dir: Optional[Path] = CacheOpt,
+    rebuild: bool = RebuildOpt,
+) -> None:
+    """Sweep sizes and methods on a benchmark suite: the accuracy-size curves.
+
+    Example: flexmerge sweep --suite wordnet --methods task_arithmetic,ties,emr,consensus
+    --sizes 1,1.5,2,3,4,8 --out results/
+    """
+    try:
+        _run_suite(suite, out, methods, sizes, planners, granularity, cache_dir, rebuild)
+    except FlexMergeError as e:
+        _fail(e)
+
+
+@app.command()
+def demo(
+    suite: str = SuiteOpt,
+    out: Optional[Path] = typer.Option(None, "--out", help="results directory [default: results/demo-<suite>]"),
+    cache_dir: Optional[Path] = CacheOpt,
+    rebuild: bool = RebuildOpt,
+) -> None:
+    """Build (or reuse) a suite's model zoo and run the default sweep; print the table and plots.
+
+    Example: flexmerge demo            (wordnet: ~10 min the first time, then minutes)
+             flexmerge demo --suite digits   (seconds)
+    """
+    try:
+        _run_suite(suite, out or Path("results") / f"demo-{suite}", DEFAULT_METHODS, DEFAULT_SIZES, "greedy",
+                   "sublayer", cache_dir, rebuild)
+    except FlexMergeError as e:
+        _fail(e)
+
+
 def main() -> None:  # pragma: no cover - entry point
     app()

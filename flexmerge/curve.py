@@ -1,0 +1,126 @@
+"""The accuracy-size curve: evaluate sizes along one path per (method, planner).
+
+Each path is planned once; every requested size is a cut of it, materialized in memory and
+evaluated task by task with a user-supplied evaluator `(task, state_dict) -> accuracy`.
+Fine-tuned accuracies come from evaluating the input checkpoints themselves.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from flexmerge._progress import progress
+from flexmerge.api import discover_blocks
+from flexmerge.errors import SizeError
+from flexmerge.flexmodel.materialize import materialize
+from flexmerge.methods.base import get_method
+from flexmerge.planning import build_path
+from flexmerge.taskvec import Chunk, TaskSet
+
+Evaluator = Callable[[str, dict[str, torch.Tensor]], float]
+
+
+@dataclass
+class SweepRecord:
+    """One task's accuracy at one point of one curve (accuracy None: size below the method's minimum)."""
+
+    method: str
+    planner: str
+    requested_size: float
+    size: float | None
+    task: str
+    accuracy: float | None
+    finetuned: float
+    normalized: float | None
+    note: str = ""
+
+    @property
+    def curve(self) -> str:
+        return self.method if self.planner == "greedy" else f"{self.method}/{self.planner}"
+
+
+@dataclass
+class SweepResult:
+    records: list[SweepRecord]
+    finetuned: dict[str, float]
+    base: dict[str, float] | None = None  # base encoder + trained head, when the caller knows it
+    timings: dict[str, float] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def curves(self) -> dict[str, list[dict[str, float]]]:
+        """Per curve, per evaluated size: mean normalized and mean absolute accuracy over tasks."""
+        out: dict[str, list[dict[str, float]]] = {}
+        keys = sorted({(r.curve, r.requested_size) for r in self.records}, key=lambda k: (k[0], k[1]))
+        for curve, req in keys:
+            rows = [r for r in self.records if r.curve == curve and r.requested_size == req and r.accuracy is not None]
+            if not rows:
+                continue
+            out.setdefault(curve, []).append({
+                "requested_size": req, "size": rows[0].size,
+                "normalized": sum(r.normalized for r in rows) / len(rows),
+                "accuracy": sum(r.accuracy for r in rows) / len(rows),
+            })
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"records": [asdict(r) for r in self.records], "finetuned": self.finetuned, "base": self.base,
+                "curves": self.curves(), "timings_s": self.timings, "meta": self.meta}
+
+
+def finetuned_state_dict(tasks: TaskSet, task: int) -> dict[str, torch.Tensor]:
+    return {k: tasks.read_task(task, Chunk(k, None)) for k in tasks.meta}
+
+
+def sweep(
+    tasks: TaskSet,
+    evaluator: Evaluator,
+    *,
+    methods: Sequence[str],
+    sizes: Sequence[float],
+    planners: Sequence[str] = ("greedy",),
+    params: dict[str, dict[str, Any]] | None = None,
+    granularity: str = "sublayer",
+    linkage: str = "min",
+    seed: int = 0,
+    base_accuracy: dict[str, float] | None = None,
+    log: Callable[[str], None] = lambda s: None,
+) -> SweepResult:
+    """Evaluate every (method, planner) at every size; sizes below a method's minimum are noted."""
+    timings: dict[str, float] = {"plan": 0.0, "materialize": 0.0, "evaluate": 0.0}
+    t0 = time.perf_counter()
+    finetuned = {t: evaluator(t, finetuned_state_dict(tasks, i))
+                 for i, t in enumerate(progress(tasks.names, "evaluating fine-tuned models"))}
+    timings["evaluate"] += time.perf_counter() - t0
+    partition = discover_blocks(tasks, granularity)
+    records: list[SweepRecord] = []
+    for planner in planners:
+        for name in methods:
+            method = get_method(name, **(params or {}).get(name, {}))
+            t0 = time.perf_counter()
+            path = build_path(tasks, partition, method, planner=planner, linkage=linkage, seed=seed)
+            timings["plan"] += time.perf_counter() - t0
+            log(f"{name}/{planner}: path of {path.num_points} points, {path.sizes[0]:.2f}x -> {path.min_size:.3f}x")
+            for size in sizes:
+                try:
+                    assignment = path.cut(size)
+                except SizeError:
+                    records += [SweepRecord(name, planner, size, None, t, None, finetuned[t], None,
+                                            f"below the minimum size {path.min_size:.3f}x") for t in tasks.names]
+                    continue
+                t1 = time.perf_counter()
+                flex = materialize(tasks, partition, assignment, method)
+                t2 = time.perf_counter()
+                for t in progress(tasks.names, f"evaluating {name} at {size:g}x"):
+                    acc = evaluator(t, flex.state_dict(t))
+                    records.append(SweepRecord(name, planner, size, flex.size, t, acc, finetuned[t],
+                                               acc / finetuned[t] if finetuned[t] else None))
+                timings["materialize"] += t2 - t1
+                timings["evaluate"] += time.perf_counter() - t2
+    meta = {"methods": list(methods), "planners": list(planners), "sizes": list(sizes), "tasks": list(tasks.names),
+            "granularity": granularity, "linkage": linkage, "seed": seed}
+    return SweepResult(records, finetuned, base_accuracy, timings, meta)

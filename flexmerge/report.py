@@ -1,0 +1,102 @@
+"""Sweep results out: CSV, JSON, accuracy-size plots and the ranking of methods at each size."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from dataclasses import asdict, fields
+from pathlib import Path
+
+from flexmerge._atomic import write_bytes_atomic, write_text_atomic
+from flexmerge.curve import SweepRecord, SweepResult
+
+
+def ranking(result: SweepResult) -> list[tuple[float, list[tuple[str, float]]]]:
+    """For each requested size, the curves ordered by mean normalized accuracy (best first)."""
+    by_size: dict[float, list[tuple[str, float]]] = {}
+    for curve, points in result.curves().items():
+        for p in points:
+            by_size.setdefault(p["requested_size"], []).append((curve, p["normalized"]))
+    return [(s, sorted(v, key=lambda x: -x[1])) for s, v in sorted(by_size.items())]
+
+
+def summary_rows(result: SweepResult) -> tuple[list[str], list[list[str]]]:
+    """A table: one row per curve, one column per requested size (mean normalized accuracy)."""
+    sizes = result.meta.get("sizes") or sorted({r.requested_size for r in result.records})
+    curves = result.curves()
+    header = ["curve", *[f"{s:g}x" for s in sizes]]
+    rows = []
+    for curve in sorted(curves):
+        at = {p["requested_size"]: p for p in curves[curve]}
+        rows.append([curve, *[f"{at[s]['normalized']:.3f}" if s in at else "-" for s in sizes]])
+    return header, rows
+
+
+def write_results(result: SweepResult, out: str | Path) -> dict[str, Path]:
+    """results.csv, results.json, ranking.md and the two PNG plots under `out`."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    cols = [f.name for f in fields(SweepRecord)]
+    writer.writerow(cols)
+    for r in result.records:
+        writer.writerow([asdict(r)[c] for c in cols])
+    write_text_atomic(out / "results.csv", buf.getvalue())
+    write_text_atomic(out / "results.json", json.dumps(result.to_dict(), indent=1))
+    write_text_atomic(out / "ranking.md", ranking_markdown(result))
+    paths = {"csv": out / "results.csv", "json": out / "results.json", "ranking": out / "ranking.md"}
+    paths.update(plot_curves(result, out))
+    return paths
+
+
+def ranking_markdown(result: SweepResult) -> str:
+    header, rows = summary_rows(result)
+    lines = ["## Mean normalized accuracy (merged / fine-tuned, per task, averaged)", "",
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    lines += ["", "## Ranking at each size", "", "| size | ranking (best first) |", "|---|---|"]
+    for size, order in ranking(result):
+        lines.append(f"| {size:g}x | " + " > ".join(f"{c} ({v:.3f})" for c, v in order) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_curves(result: SweepResult, out: str | Path) -> dict[str, Path]:
+    """normalized_accuracy.png and absolute_accuracy.png: one curve per method, reference levels."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(out)
+    curves = result.curves()
+    ft_mean = sum(result.finetuned.values()) / len(result.finetuned)
+    base_mean = sum(result.base.values()) / len(result.base) if result.base else None
+    base_norm = (sum(result.base[t] / result.finetuned[t] for t in result.finetuned) / len(result.finetuned)
+                 if result.base else None)
+    paths = {}
+    for key, ylabel, ft_level, base_level in [
+        ("normalized", "mean normalized accuracy (merged / fine-tuned)", 1.0, base_norm),
+        ("accuracy", "mean accuracy", ft_mean, base_mean),
+    ]:
+        fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
+        for curve, points in sorted(curves.items()):
+            ax.plot([p["size"] for p in points], [p[key] for p in points], marker="o", label=curve)
+        ax.axhline(ft_level, color="black", linestyle="--", linewidth=1, label="fine-tuned (Mx)")
+        if base_level is not None:
+            ax.axhline(base_level, color="gray", linestyle=":", linewidth=1, label="base + trained head")
+        ax.set_xlabel("deployed size (x one model, exact bytes)")
+        ax.set_ylabel(ylabel)
+        tasks = len(result.finetuned)
+        ax.set_title(f"accuracy-size trade-off, {tasks} tasks")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png")
+        plt.close(fig)
+        name = "normalized_accuracy.png" if key == "normalized" else "absolute_accuracy.png"
+        write_bytes_atomic(out / name, buf.getvalue(), overwrite=True)
+        paths[key + "_plot"] = out / name
+    return paths

@@ -1,0 +1,53 @@
+"""Offline benchmark suites: recipes on top of the library (never imported by its core)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from flexmerge.errors import UnknownNameError
+from flexmerge.suites.base import Suite, Zoo, default_cache_dir, get_zoo
+
+SUITES: dict[str, Callable[[], Suite]] = {}
+
+
+def _register() -> None:
+    from flexmerge.suites.digits import DigitsSuite
+    from flexmerge.suites.wordnet import WordNetSuite
+
+    SUITES.update({"wordnet": WordNetSuite, "wordnet20": lambda: WordNetSuite(num_tasks=20), "digits": DigitsSuite})
+
+
+def get_suite(name: str) -> Suite:
+    if not SUITES:
+        _register()
+    if name not in SUITES:
+        raise UnknownNameError("suite", name, SUITES)
+    return SUITES[name]()
+
+
+def run_sweep(suite: Suite, out: str | Path, *, methods, sizes, planners=("greedy",), granularity="sublayer",
+              cache_dir: Path | None = None, rebuild: bool = False, log=print, **sweep_options: Any):
+    """Build or reuse the suite's zoo, sweep it, and write the results; returns (result, paths)."""
+    import time
+
+    from flexmerge.curve import sweep
+    from flexmerge.report import write_results
+    from flexmerge.taskvec import load_tasks
+
+    t0 = time.perf_counter()
+    zoo = get_zoo(suite, cache_dir, rebuild=rebuild, log=log)
+    t1 = time.perf_counter()
+    tasks = load_tasks(zoo.base, zoo.models, **suite.load_options())
+    m = tasks.num_tasks
+    usable = [s for s in sizes if s <= m]
+    result = sweep(tasks, suite.evaluator(zoo), methods=methods, sizes=usable, planners=planners,
+                   granularity=granularity, base_accuracy=zoo.info.get("base_with_head"), log=log, **sweep_options)
+    result.timings = {"zoo (build or verify)": t1 - t0, **result.timings, "total": time.perf_counter() - t0}
+    result.meta.update({"suite": suite.name, "zoo": str(zoo.directory), "zoo_build_seconds": zoo.info.get("build_seconds"),
+                        "zoo_finetuned_accuracy": zoo.info.get("finetuned")})
+    return result, write_results(result, out)
+
+
+__all__ = ["SUITES", "Suite", "Zoo", "default_cache_dir", "get_suite", "get_zoo", "run_sweep"]

@@ -1,0 +1,144 @@
+"""What a benchmark suite is, and the on-disk cache of the model zoos suites build.
+
+A suite is a recipe on top of the library: it owns a base model, M tasks with train/val/test
+splits, the fine-tuning that produces one checkpoint (+ head) per task, and an evaluator.
+Its zoo is cached under `cache_dir/<suite>-<config hash>/`, written atomically and verified
+by checksum before reuse; an entry that fails verification is rebuilt, never reused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from flexmerge._atomic import atomic_directory
+from flexmerge.errors import FlexMergeError
+
+Evaluator = Callable[[str, dict[str, torch.Tensor]], float]
+ZOO_MANIFEST = "zoo.json"
+
+
+def default_cache_dir() -> Path:
+    import os
+
+    if os.environ.get("FLEXMERGE_CACHE"):
+        return Path(os.environ["FLEXMERGE_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "flexmerge"
+
+
+@dataclass
+class Zoo:
+    """A built suite: base checkpoint, one checkpoint and one head per task, and build facts."""
+
+    suite: str
+    directory: Path
+    tasks: list[str]
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def base(self) -> Path:
+        return self.directory / "base.safetensors"
+
+    @property
+    def models(self) -> dict[str, Path]:
+        return {t: self.directory / "models" / f"{t}.safetensors" for t in self.tasks}
+
+    def head(self, task: str) -> Path:
+        return self.directory / "heads" / f"{task}.safetensors"
+
+
+class Suite(ABC):
+    name: str
+    description: str
+
+    @abstractmethod
+    def task_names(self) -> list[str]: ...
+
+    @abstractmethod
+    def config(self) -> dict[str, Any]:
+        """Everything that determines the zoo; its hash names the cache entry."""
+
+    @abstractmethod
+    def build(self, directory: Path) -> dict[str, Any]:
+        """Write base.safetensors, models/<task>.safetensors and heads/<task>.safetensors; return facts
+        (per-task fine-tuned and base-with-head test accuracy, timings)."""
+
+    @abstractmethod
+    def evaluator(self, zoo: Zoo) -> Evaluator:
+        """(task, full state dict of the encoder) -> accuracy on the task's test split."""
+
+    def unavailable_reason(self) -> str | None:
+        """None when the suite can run here, else why not (missing data or weights)."""
+        return None
+
+    def load_options(self) -> dict[str, Any]:
+        """Options for `flexmerge.load_tasks` on this suite's zoo."""
+        return {}
+
+
+def config_hash(suite: Suite) -> str:
+    blob = json.dumps({"suite": suite.name, **suite.config()}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def get_zoo(suite: Suite, cache_dir: Path | None = None, rebuild: bool = False, log=print) -> Zoo:
+    """The suite's zoo from the cache if it verifies, else built (atomically) and cached."""
+    reason = suite.unavailable_reason()
+    if reason:
+        raise FlexMergeError(f"suite {suite.name!r} cannot run here: {reason}")
+    directory = Path(cache_dir or default_cache_dir()) / f"{suite.name}-{config_hash(suite)}"
+    if directory.exists() and not rebuild:
+        problem = verify_zoo(directory)
+        if problem is None:
+            return _read_zoo(directory)
+        log(f"cached zoo {directory} is unusable ({problem}); rebuilding it")
+    log(f"building the {suite.name!r} zoo in {directory} (cached for later runs)")
+    with atomic_directory(directory, overwrite=True) as tmp:
+        for sub in ("models", "heads"):
+            (tmp / sub).mkdir()
+        t0 = time.perf_counter()
+        info = suite.build(tmp)
+        info["build_seconds"] = time.perf_counter() - t0
+        files = sorted(p for p in tmp.rglob("*.safetensors"))
+        manifest = {
+            "suite": suite.name, "tasks": suite.task_names(), "config": suite.config(), "info": info,
+            "files": {str(p.relative_to(tmp)): _sha256(p) for p in files},
+        }
+        (tmp / ZOO_MANIFEST).write_text(json.dumps(manifest, indent=1, default=str))
+    return _read_zoo(directory)
+
+
+def verify_zoo(directory: Path) -> str | None:
+    mf = directory / ZOO_MANIFEST
+    if not mf.is_file():
+        return "no zoo.json"
+    try:
+        manifest = json.loads(mf.read_text())
+    except json.JSONDecodeError:
+        return "zoo.json is corrupted"
+    for rel, digest in manifest.get("files", {}).items():
+        f = directory / rel
+        if not f.is_file():
+            return f"{rel} is missing"
+        if _sha256(f) != digest:
+            return f"{rel} fails its checksum"
+    return None
+
+
+def _read_zoo(directory: Path) -> Zoo:
+    manifest = json.loads((directory / ZOO_MANIFEST).read_text())
+    return Zoo(manifest["suite"], directory, manifest["tasks"], manifest["info"])
+
+
+def _sha256(path: Path) -> str:
+    from flexmerge.flexmodel.artifact import sha256_file
+
+    return sha256_file(path)

@@ -1,0 +1,49 @@
+"""Minimal, seeded supervised training and accuracy loops shared by the suites."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+
+import torch
+
+from flexmerge._progress import progress
+
+Batch = tuple[object, torch.Tensor]
+
+
+def minibatches(n: int, batch_size: int, generator: torch.Generator | None = None) -> list[torch.Tensor]:
+    order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
+    return list(order.split(batch_size))
+
+
+def train(
+    logits_fn: Callable[[torch.Tensor], torch.Tensor],
+    params: Sequence[torch.nn.Parameter] | Iterable[dict],
+    labels: torch.Tensor,
+    *,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    desc: str,
+    weight_decay: float = 0.0,
+    max_steps: int | None = None,
+) -> int:
+    """Cross-entropy training; `logits_fn(indices)` gives those examples' logits. Returns the step count."""
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    steps = [idx for _ in range(epochs) for idx in minibatches(len(labels), batch_size, gen)][:max_steps]
+    for idx in progress(steps, desc, unit="step"):
+        loss = torch.nn.functional.cross_entropy(logits_fn(idx), labels[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return len(steps)
+
+
+@torch.no_grad()
+def accuracy(logits_fn: Callable[[torch.Tensor], torch.Tensor], labels: torch.Tensor, batch_size: int = 256) -> float:
+    correct = 0
+    for idx in minibatches(len(labels), batch_size):
+        correct += int((logits_fn(idx).argmax(-1) == labels[idx]).sum())
+    return correct / len(labels)
