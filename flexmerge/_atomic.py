@@ -24,10 +24,12 @@ def atomic_directory(final: Path, overwrite: bool = False) -> Iterator[Path]:
         raise FlexMergeError(f"{final} already exists (pass overwrite=True / --overwrite to replace it)")
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".partial"))
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; the result should not be
     try:
         yield tmp
-        for f in tmp.iterdir():
-            if f.is_file():
+        for f in tmp.rglob("*"):
+            if f.is_file():  # durable, and readable as the umask allows (some writers use 0600)
+                os.chmod(f, 0o666 & ~_umask())
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
         if final.exists():
@@ -43,12 +45,19 @@ def atomic_directory(final: Path, overwrite: bool = False) -> Iterator[Path]:
         raise
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def write_bytes_atomic(path: Path, data: bytes, overwrite: bool = False) -> None:
     if path.exists() and not overwrite:
         raise FlexMergeError(f"{path} already exists (pass overwrite=True / --overwrite to replace it)")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

@@ -33,7 +33,9 @@ MixedOpt = typer.Option(None, "--allow-mixed-dtypes/--no-allow-mixed-dtypes", he
 
 
 def _fail(e: Exception) -> None:
-    err.print(f"[bold red]error:[/] {e}")
+    from rich.markup import escape
+
+    err.print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True, highlight=False)
     raise typer.Exit(2)
 
 
@@ -95,7 +97,7 @@ def plan(
     console.print(f"{len(path.block_names)} blocks, {path.num_points} points, sizes {path.sizes[0]:.3f}x -> "
                   f"{path.min_size:.3f}x; similarity pass {path.timings['similarity_pass']:.2f}s, "
                   f"path {path.timings['path']:.4f}s")
-    console.print(f"wrote {out}")
+    console.print(f"wrote {out}", soft_wrap=True)
 
 
 @app.command()
@@ -125,7 +127,7 @@ def merge(
     except FlexMergeError as e:
         _fail(e)
     console.print(f"wrote {out}: {len(manifest['tasks'])} tasks, method {manifest['method']['name']}, "
-                  f"size {manifest['size']:.4f}x (asked {cfg.size:g}x)")
+                  f"size {manifest['size']:.4f}x (asked {cfg.size:g}x)", soft_wrap=True)
 
 
 @app.command()
@@ -178,7 +180,7 @@ def export(
         written = load(artifact).export(task, out, overwrite=overwrite)
     except FlexMergeError as e:
         _fail(e)
-    console.print(f"wrote {written}")
+    console.print(f"wrote {written}", soft_wrap=True)
 
 
 @app.command()
@@ -235,10 +237,10 @@ def _run_suite(suite_name: str, out: Path, methods: str, sizes: str, planners: s
     line = f"fine-tuned mean accuracy {ft:.3f}"
     if result.base:
         line += f"; base encoder + trained head {sum(result.base.values()) / len(result.base):.3f}"
-    console.print(line)
-    console.print("time: " + ", ".join(f"{k} {v:.1f}s" for k, v in result.timings.items()))
-    console.print(f"plots: {paths['normalized_plot']}  {paths['accuracy_plot']}")
-    console.print(f"tables: {paths['csv']}  {paths['json']}  {paths['ranking']}")
+    console.print(line, soft_wrap=True)
+    console.print("time: " + ", ".join(f"{k} {v:.1f}s" for k, v in result.timings.items()), soft_wrap=True)
+    console.print(f"plots: {paths['normalized_plot']}  {paths['accuracy_plot']}", soft_wrap=True)
+    console.print(f"tables: {paths['csv']}  {paths['json']}  {paths['ranking']}", soft_wrap=True)
 
 
 SuiteOpt = typer.Option("wordnet", "--suite", help="benchmark suite: wordnet (default) | wordnet20 | digits")

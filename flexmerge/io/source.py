@@ -1,19 +1,19 @@
 """Lazy checkpoint sources: keys and shapes up front, tensors only when asked for.
 
-safetensors files are memory-mapped by `safe_open`, so reading one tensor touches only its
-bytes; torch files are loaded with `weights_only=True` and `mmap=True` where the format allows.
+safetensors files are read tensor by tensor (or row range by row range) with `pread`, so a
+streaming pass holds only what it works on; torch files are loaded with `weights_only=True`
+and `mmap=True` where the format allows (pickle-based files cannot be read partially).
 """
 
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 import torch
-from safetensors import safe_open
-
 from flexmerge.errors import CheckpointError
 
 SAFETENSORS_DTYPES = {
@@ -51,39 +51,124 @@ class CheckpointSource(Protocol):
 
 
 class SafetensorsSource:
-    """One safetensors file, or a sharded set described by `model.safetensors.index.json`."""
+    """One safetensors file, or a sharded set described by `model.safetensors.index.json`.
+
+    The header is parsed once; each tensor (or row range) is then read with `pread` into a fresh
+    buffer. Unlike a memory map, nothing read stays resident in the process after the tensor is
+    released, so the peak RSS of a streaming pass is bounded by what the pass holds, whatever
+    the size of the files. `bytes_read` counts what was read.
+    """
 
     def __init__(self, path: Path, hf_dir: Path | None = None):
         self.path, self.hf_dir = path, hf_dir
+        self.bytes_read = 0
         if path.name.endswith(".index.json"):
             weight_map = _read_index(path)
-            shard_names = sorted(set(weight_map.values()))
-            self._handles = {name: _safe_open(path.parent / name) for name in shard_names}
-            self._where = {key: self._handles[name] for key, name in weight_map.items()}
+            self._shard_paths = [path.parent / n for n in sorted(set(weight_map.values()))]
         else:
-            handle = _safe_open(path)
-            self._handles = {path.name: handle}
-            self._where = {key: handle for key in handle.keys()}
-        self._shard_paths = [path.parent / n for n in self._handles] if path.name.endswith(".json") else [path]
+            weight_map = None
+            self._shard_paths = [path]
+        self._fds: list[int] = []
+        self._entries: dict[str, _Entry] = {}
+        for shard in self._shard_paths:
+            fd, entries = _open_safetensors(shard)
+            self._fds.append(fd)
+            for key, e in entries.items():
+                if weight_map is None or weight_map.get(key) == shard.name:
+                    self._entries[key] = _Entry(len(self._fds) - 1, *e)
+        if weight_map is not None:
+            missing = [k for k in weight_map if k not in self._entries]
+            if missing:
+                raise CheckpointError(f"{path}: keys {missing[:5]} are listed in the index but not in their shards")
 
     def keys(self) -> list[str]:
-        return list(self._where)
+        return list(self._entries)
 
     def meta(self, key: str) -> TensorMeta:
-        sl = self._handle(key).get_slice(key)
-        return TensorMeta(tuple(sl.get_shape()), SAFETENSORS_DTYPES[sl.get_dtype()])
+        e = self._entry(key)
+        return TensorMeta(e.shape, e.dtype)
 
     def read(self, key: str) -> torch.Tensor:
-        return self._handle(key).get_tensor(key)
+        e = self._entry(key)
+        return self._pread(e, e.begin, e.end - e.begin, e.shape)
+
+    def read_rows(self, key: str, start: int, stop: int) -> torch.Tensor:
+        e = self._entry(key)
+        row_bytes = (e.end - e.begin) // max(e.shape[0], 1)
+        return self._pread(e, e.begin + start * row_bytes, (stop - start) * row_bytes, (stop - start, *e.shape[1:]))
 
     def files(self) -> list[Path]:
         return list(self._shard_paths)
 
-    def _handle(self, key: str):
+    def close(self) -> None:
+        for fd in self._fds:
+            os.close(fd)
+        self._fds = []
+
+    def __del__(self) -> None:
         try:
-            return self._where[key]
+            self.close()
+        except Exception:
+            pass
+
+    def _entry(self, key: str) -> "_Entry":
+        try:
+            return self._entries[key]
         except KeyError:
             raise CheckpointError(f"{self.path}: no tensor named {key!r}") from None
+
+    def _pread(self, e: "_Entry", offset: int, nbytes: int, shape: tuple[int, ...]) -> torch.Tensor:
+        if nbytes == 0:
+            return torch.empty(shape, dtype=e.dtype)
+        buf = bytearray(nbytes)
+        view, got = memoryview(buf), 0
+        while got < nbytes:
+            n = os.preadv(self._fds[e.file], [view[got:]], offset + got)
+            if n == 0:
+                raise CheckpointError(f"{self._shard_paths[e.file]}: file ends early (truncated?)")
+            got += n
+        self.bytes_read += nbytes
+        return torch.frombuffer(buf, dtype=e.dtype).view(shape)
+
+
+@dataclass(frozen=True)
+class _Entry:
+    file: int
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    begin: int  # absolute byte offsets in the file
+    end: int
+
+
+def _open_safetensors(p: Path) -> tuple[int, dict[str, tuple[torch.dtype, tuple[int, ...], int, int]]]:
+    """Parse a safetensors header (u64 length + JSON, offsets relative to the data section)."""
+    if not p.exists():
+        raise CheckpointError(f"shard not found: {p}")
+    fd = os.open(p, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        head = os.pread(fd, 8, 0)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if n <= 0 or 8 + n > size:
+            raise ValueError("bad header length")
+        header = json.loads(os.pread(fd, n, 8))
+        entries = {}
+        for key, v in header.items():
+            if key == "__metadata__":
+                continue
+            dtype = SAFETENSORS_DTYPES[v["dtype"]]
+            shape = tuple(int(x) for x in v["shape"])
+            begin, end = (8 + n + int(x) for x in v["data_offsets"])
+            numel = 1
+            for d in shape:
+                numel *= d
+            if end - begin != numel * dtype.itemsize or end > size:
+                raise ValueError(f"tensor {key!r}: offsets do not match its shape/dtype or the file size")
+            entries[key] = (dtype, shape, begin, end)
+        return fd, entries
+    except (ValueError, KeyError, TypeError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        os.close(fd)
+        raise CheckpointError(f"{p}: not a readable safetensors file ({e})") from e
 
 
 class TorchFileSource:
@@ -148,15 +233,6 @@ def _open_file(p: Path, hf_dir: Path | None) -> CheckpointSource:
     )
 
 
-def _safe_open(p: Path):
-    if not p.exists():
-        raise CheckpointError(f"shard not found: {p}")
-    try:
-        return safe_open(str(p), framework="pt")
-    except Exception as e:  # safetensors raises its own error types for bad headers
-        raise CheckpointError(f"{p}: not a readable safetensors file ({e})") from e
-
-
 def _read_index(p: Path) -> dict[str, str]:
     try:
         weight_map = json.loads(p.read_text())["weight_map"]
@@ -195,7 +271,7 @@ def read_rows(source: CheckpointSource, key: str, rows: tuple[int, int] | None) 
         return source.read(key)
     start, stop = rows
     if isinstance(source, SafetensorsSource):
-        return source._handle(key).get_slice(key)[start:stop]
+        return source.read_rows(key, start, stop)
     return source.read(key)[start:stop]
 
 

@@ -107,7 +107,8 @@ class DigitsSuite(Suite):
             for task in TASKS:
                 tasks[task.name] = {split: (task.view(images[idx]).reshape(-1, 64), task.label(labels[idx]))
                                     for split, idx in cut.items()}
-            self._data = {"pretrain": (images[pre].reshape(-1, 64), labels[pre]), "tasks": tasks}
+            self._data = {"pretrain": (images[pre].reshape(-1, 64), labels[pre]), "tasks": tasks,
+                          "indices": {"pretrain": pre, **cut}}
         return self._data
 
     def build(self, directory: Path) -> dict[str, Any]:

@@ -170,8 +170,11 @@ class WordNetSuite(Suite):
     @staticmethod
     def encoder():
         from transformers import AutoModel
+        from transformers.utils import logging as hf_logging
 
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
         return AutoModel.from_pretrained(minilm_dir())
 
     @staticmethod

