@@ -17,14 +17,23 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 
 @contextmanager
-def atomic_directory(final: Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary sibling directory; on success it replaces `final` in one rename."""
+def atomic_directory(final: Path, overwrite: bool = False, partial: Path | None = None) -> Iterator[Path]:
+    """Yield a sibling work directory; on success it replaces `final` in one rename.
+
+    Without `partial`, the work directory is fresh and removed on failure. With `partial` (a
+    resumable job), that directory is reused and kept on failure, so a rerun can continue; it
+    is hidden and holds no manifest, so it never loads as an artifact.
+    """
     final = Path(final)
     if final.exists() and not overwrite:
         raise FlexMergeError(f"{final} already exists (pass overwrite=True / --overwrite to replace it)")
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".partial"))
-    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; the result should not be
+    if partial is None:
+        tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".partial"))
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; the result should not be
+    else:
+        tmp = partial
+        tmp.mkdir(exist_ok=True)
     try:
         yield tmp
         for f in tmp.rglob("*"):
@@ -41,7 +50,8 @@ def atomic_directory(final: Path, overwrite: bool = False) -> Iterator[Path]:
         else:
             os.replace(tmp, final)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if partial is None:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 

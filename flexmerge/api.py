@@ -8,7 +8,7 @@ from typing import Any
 
 from flexmerge import blocks as _blocks
 from flexmerge.blocks import Partition
-from flexmerge.flexmodel.artifact import write_artifact
+from flexmerge.flexmodel.artifact import SHARD_BYTES, ArtifactHeader, write_artifact
 from flexmerge.flexmodel.materialize import collect_hf_files, materialize as _materialize, materialize_blocks
 from flexmerge.flexmodel.model import FlexModel
 from flexmerge.methods.base import MergeMethod, get_method
@@ -44,11 +44,12 @@ def plan(
     mode: str = "constituent",
     measure: str = "cosine",
     seed: int = 0,
+    executor=None,
 ) -> MergePath:
     """The merge path from M× to the method's smallest size; cut it with `path.cut(size)`."""
     partition = partition or discover_blocks(tasks, granularity, patterns)
     return build_path(tasks, partition, _method(method, params), planner=planner, linkage=linkage,
-                      mode=mode, measure=measure, seed=seed)
+                      mode=mode, measure=measure, seed=seed, executor=executor)
 
 
 def materialize(
@@ -72,21 +73,26 @@ def merge(tasks: TaskSet, *, size: float, method: str | MergeMethod = "task_arit
 
 
 def merge_to_disk(tasks: TaskSet, out: str | Path, *, size: float, method: str | MergeMethod = "task_arithmetic",
-                  params: Mapping[str, Any] | None = None, overwrite: bool = False,
-                  **plan_options: Any) -> dict[str, Any]:
-    """Plan, then materialize block by block straight into an artifact; returns its manifest."""
+                  params: Mapping[str, Any] | None = None, overwrite: bool = False, executor=None,
+                  resume: bool = True, shard_bytes: int = SHARD_BYTES, **plan_options: Any) -> dict[str, Any]:
+    """Plan, then materialize block by block straight into an artifact; returns its manifest.
+
+    Memory holds one block's merge and one shard's buffer, not the model. With `resume`, an
+    interrupted run of the same job continues where its last written shard ended.
+    """
     m = _method(method, params)
     partition = discover_blocks(tasks, plan_options.pop("granularity", "sublayer"), plan_options.pop("patterns", None))
-    path = plan(tasks, partition, method=m, **plan_options)
+    path = plan(tasks, partition, method=m, executor=executor, **plan_options)
     assignment = path.cut(size)
-    blocks = materialize_blocks(tasks, partition, assignment, m, fitted_pipeline(tasks, m))
+    pipeline = fitted_pipeline(tasks, m)
+    header = ArtifactHeader(
+        list(tasks.names), partition, dict(tasks.meta), assignment, m.describe(),
+        SizeModel.build(partition, tasks.meta, m).size(assignment.group_sizes()), tasks.unit_bytes(),
+        _info(path, size, tasks), collect_hf_files(tasks))
     return write_artifact(
-        out, tasks=list(tasks.names), partition=partition, meta=dict(tasks.meta),
-        frozen={k: tasks.base.read(k) for k in tasks.frozen}, blocks=blocks, assignment=assignment,
-        method=m.describe(), size=SizeModel.build(partition, tasks.meta, m).size(assignment.group_sizes()),
-        unit_bytes=tasks.unit_bytes(), info=_info(path, size, tasks), hf_files=collect_hf_files(tasks),
-        overwrite=overwrite,
-    )
+        out, header, {k: tasks.base.read(k) for k in tasks.frozen},
+        lambda done: materialize_blocks(tasks, partition, assignment, m, pipeline, executor, skip=done),
+        overwrite=overwrite, shard_bytes=shard_bytes, resumable=resume)
 
 
 def _path_params(path: MergePath) -> dict[str, Any]:

@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import torch
 
-from flexmerge._progress import progress
 from flexmerge.blocks import Partition
+from flexmerge.executors import get_executor
 from flexmerge.preprocess import Pipeline
-from flexmerge.taskvec import TaskSet
+from flexmerge.taskvec import TaskSet, as_taskset, for_executor
 
 
-def block_grams(tasks: TaskSet, partition: Partition, pipeline: Pipeline | None = None) -> torch.Tensor:
+def block_grams(tasks: TaskSet, partition: Partition, pipeline: Pipeline | None = None, executor=None) -> torch.Tensor:
     """(B, M, M) float64 Gram matrices: G[b, i, j] = <τ_i, τ_j> restricted to block b."""
     pipeline = pipeline or Pipeline()
     m = tasks.num_tasks
@@ -24,12 +24,23 @@ def block_grams(tasks: TaskSet, partition: Partition, pipeline: Pipeline | None 
             for p in block.parts:
                 grams[b] += tasks.key_grams[p.key]
         return grams
-    work = [(b, c) for b, block in enumerate(partition.blocks) for p in block.parts
-            for c in tasks.chunks(p.key, p.rows)]
-    for b, chunk in progress(work, "similarity pass", unit="chunk"):
-        d = pipeline.deltas(tasks, chunk).reshape(m, -1)
-        grams[b] += (d @ d.T).double()
+    ex = get_executor(executor)
+    for b, g in enumerate(ex.map(block_gram, range(len(partition)), for_executor(tasks, ex), partition, pipeline,
+                                 desc="similarity pass")):
+        grams[b] = g
     return grams
+
+
+def block_gram(tasks, partition: Partition, pipeline: Pipeline, b: int) -> torch.Tensor:
+    """One block's (M, M) Gram matrix, chunk by chunk (runs in a worker too)."""
+    ts = as_taskset(tasks)
+    m = ts.num_tasks
+    gram = torch.zeros(m, m, dtype=torch.float64)
+    for p in partition.blocks[b].parts:
+        for chunk in ts.chunks(p.key, p.rows):
+            d = pipeline.deltas(ts, chunk).reshape(m, -1)
+            gram += (d @ d.T).double()
+    return gram
 
 
 def cosine_from_gram(gram: torch.Tensor) -> torch.Tensor:

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from flexmerge._progress import progress
 from flexmerge.errors import CheckpointError, ConfigError
+from flexmerge.executors import get_executor
 from flexmerge.io.source import CheckpointSource, TensorMeta, fingerprint, open_checkpoint, read_rows
 
 CHUNK_ELEMENTS = 4 * 1024 * 1024  # per model; bounds the memory of every streaming pass
@@ -85,6 +85,41 @@ class TaskSet:
             yield Chunk(key, (a, min(stop, a + step)))
 
 
+@dataclass(frozen=True)
+class TaskSetSpec:
+    """What a worker process needs to reopen a task set: paths and what validation learned."""
+
+    names: tuple[str, ...]
+    base: str
+    models: tuple[str, ...]
+    meta: tuple[tuple[str, TensorMeta], ...]
+    mergeable: tuple[str, ...]
+    frozen: tuple[str, ...]
+
+
+def spec_of(tasks: TaskSet) -> TaskSetSpec:
+    return TaskSetSpec(tuple(tasks.names), str(tasks.base.path), tuple(str(s.path) for s in tasks.sources),
+                       tuple(tasks.meta.items()), tuple(tasks.mergeable), tuple(tasks.frozen))
+
+
+def for_executor(tasks: TaskSet, executor) -> TaskSet | TaskSetSpec:
+    """What to hand an executor's work functions: the task set itself in-process, else its spec."""
+    return tasks if executor.name == "local" else spec_of(tasks)
+
+
+_OPENED: dict[TaskSetSpec, TaskSet] = {}
+
+
+def as_taskset(tasks: TaskSet | TaskSetSpec) -> TaskSet:
+    """A task set itself, or one reopened (once per process) from its spec, without re-validation."""
+    if isinstance(tasks, TaskSet):
+        return tasks
+    if tasks not in _OPENED:
+        _OPENED[tasks] = TaskSet(list(tasks.names), open_checkpoint(tasks.base), [open_checkpoint(p) for p in tasks.models],
+                                 dict(tasks.meta), list(tasks.mergeable), list(tasks.frozen))
+    return _OPENED[tasks]
+
+
 def parse_task_specs(specs: Sequence[str] | Mapping[str, str | Path]) -> dict[str, Path]:
     """`["name=path", ...]` or a mapping -> ordered {name: path}; duplicate names are an error."""
     if isinstance(specs, Mapping):
@@ -106,15 +141,18 @@ def load_tasks(
     *,
     allow_mixed_dtypes: bool = False,
     max_relative_change: float = 0.5,
+    executor=None,
 ) -> TaskSet:
-    """Open and validate the base and the task models; find the frozen parameters."""
+    """Open and validate the base and the task models; find the frozen parameters.
+
+    `executor` ("local", "ray" or an Executor) runs the validation pass key by key."""
     named = parse_task_specs(models)
     if len(named) < 2:
         raise ConfigError(f"merging needs at least 2 task models, got {len(named)}")
     base_src = open_checkpoint(base)
     sources = [open_checkpoint(p) for p in named.values()]
     meta = _check_structure(base_src, sources, allow_mixed_dtypes)
-    mergeable, frozen, key_grams = _scan_values(base_src, sources, list(named), meta, max_relative_change)
+    mergeable, frozen, key_grams = _scan_values(base_src, sources, list(named), meta, max_relative_change, executor)
     provenance = {
         "base": [fingerprint(f) for f in base_src.files()],
         **{name: [fingerprint(f) for f in src.files()] for name, src in zip(named, sources)},
@@ -151,45 +189,67 @@ def _check_structure(
     return meta
 
 
+@dataclass
+class KeyScan:
+    """What the validation pass learns from one tensor of all models."""
+
+    key: str
+    differs: bool
+    base_sq: float = 0.0
+    gram: torch.Tensor | None = None  # (M, M) float64 of the raw task vectors
+
+
+def scan_key(tasks: TaskSet | TaskSetSpec, key: str) -> KeyScan:
+    """Finite values, whether any model differs from the base, and the key's Gram matrix."""
+    ts = as_taskset(tasks)
+    m = ts.num_tasks
+    if not ts.meta[key].dtype.is_floating_point:
+        differs = False
+        for chunk in ts.chunks(key):
+            b = ts.read_base(chunk)
+            differs |= any(not torch.equal(ts.read_task(t, chunk), b) for t in range(m))
+        return KeyScan(key, differs)
+    gram = torch.zeros(m, m, dtype=torch.float64)
+    base_sq, differs = 0.0, False
+    for chunk in ts.chunks(key):
+        b = ts.read_base(chunk)
+        _check_finite(b, ts.base, key)
+        bf = b.float().flatten()
+        base_sq += float(bf @ bf)
+        d = torch.stack([ts.read_task(t, chunk).float().flatten() for t in range(m)]) - bf
+        g = d @ d.T
+        if not bool(torch.isfinite(g.diagonal()).all()):  # rare: find the culprit exactly
+            for t, src in enumerate(ts.sources):
+                _check_finite(ts.read_task(t, chunk), src, key)
+        gram += g.double()
+        if not differs:  # a zero norm can hide tiny differences (fp32 underflow): compare exactly
+            differs = bool((g.diagonal() > 0).any()) or any(
+                not torch.equal(ts.read_task(t, chunk), b) for t in range(m))
+    return KeyScan(key, differs, base_sq, gram)
+
+
 def _scan_values(
     base: CheckpointSource,
     sources: list[CheckpointSource],
     names: list[str],
     meta: dict[str, TensorMeta],
     max_relative_change: float,
+    executor=None,
 ) -> tuple[list[str], list[str], dict[str, torch.Tensor]]:
     """One streaming pass: finite values, frozen keys, no task equal to the base, a plausible base.
 
     The same pass accumulates each key's (M, M) Gram matrix of raw task vectors, so planning
     without preprocessing needs no second read of the inputs.
     """
-    m = len(sources)
-    key_grams = {k: torch.zeros(m, m, dtype=torch.float64) for k in meta if meta[k].dtype.is_floating_point}
-    differs = {k: False for k in meta}
-    base_sq = 0.0
     probe = TaskSet(names, base, sources, meta, list(meta), [])
-    all_chunks = [c for k in meta for c in probe.chunks(k)]
-    for chunk in progress(all_chunks, "validating checkpoints", unit="chunk"):
-        b = probe.read_base(chunk)
-        _check_finite(b, base, chunk.key)
-        if not b.dtype.is_floating_point:
-            differs[chunk.key] |= any(not torch.equal(probe.read_task(t, chunk), b) for t in range(m))
-            continue
-        bf = b.float().flatten()
-        base_sq += float(bf @ bf)
-        d = torch.stack([probe.read_task(t, chunk).float().flatten() for t in range(m)]) - bf
-        gram = d @ d.T
-        if not bool(torch.isfinite(gram.diagonal()).all()):  # rare: find the culprit exactly
-            for t, src in enumerate(sources):
-                _check_finite(probe.read_task(t, chunk), src, chunk.key)
-        key_grams[chunk.key] += gram.double()
-        if not differs[chunk.key]:
-            differs[chunk.key] = bool((gram.diagonal() > 0).any()) or any(
-                not torch.equal(probe.read_task(t, chunk), b) for t in range(m))
-    delta_sq = [sum(float(g[t, t]) for g in key_grams.values()) for t in range(m)]
+    ex = get_executor(executor)
+    scans = {s.key: s for s in ex.map(scan_key, list(meta), for_executor(probe, ex), desc="validating checkpoints")}
+    m = len(sources)
+    base_sq = sum(s.base_sq for s in scans.values())
+    delta_sq = [sum(float(s.gram[t, t]) for s in scans.values() if s.gram is not None) for t in range(m)]
     for t in range(m):
         identical = delta_sq[t] == 0 and all(
-            torch.equal(probe.read_task(t, c), probe.read_base(c)) for c in all_chunks)
+            torch.equal(probe.read_task(t, c), probe.read_base(c)) for k in meta for c in probe.chunks(k))
         if identical:
             raise CheckpointError(
                 f"task {names[t]!r} ({sources[t].path}) is identical to the base {base.path}: "
@@ -204,11 +264,11 @@ def _scan_values(
                 "--max-relative-change if this is intended)"
             )
     for k in meta:
-        if differs[k] and not meta[k].dtype.is_floating_point:
+        if scans[k].differs and not meta[k].dtype.is_floating_point:
             raise CheckpointError(f"key {k!r} ({meta[k].dtype}) differs between models but is not floating point")
-    mergeable = [k for k in meta if differs[k]]
-    frozen = [k for k in meta if not differs[k]]
-    return mergeable, frozen, {k: key_grams[k] for k in mergeable}
+    mergeable = [k for k in meta if scans[k].differs]
+    frozen = [k for k in meta if not scans[k].differs]
+    return mergeable, frozen, {k: scans[k].gram for k in mergeable}
 
 
 def _check_finite(t: torch.Tensor, src: CheckpointSource, key: str) -> None:

@@ -105,23 +105,53 @@ def test_corrupted_or_truncated_artifacts_fail_clearly(tasks, tmp_path):
         flexmerge.load(tmp_path / "nowhere")
 
 
-def test_a_crash_mid_write_leaves_nothing_that_loads(tasks, tmp_path, monkeypatch):
-    import flexmerge.flexmodel.materialize as mat
-
+def _dying_after(mat, monkeypatch, blocks_done: int, calls: list):
     real = mat.materialize_block
-    calls = {"n": 0}
 
-    def dying(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 5:
+    def dying(tasks, partition, b, *args, **kwargs):
+        calls.append(b)
+        if len(calls) == blocks_done + 1:
             raise KeyboardInterrupt("simulated crash")
-        return real(*args, **kwargs)
+        return real(tasks, partition, b, *args, **kwargs)
 
     monkeypatch.setattr(mat, "materialize_block", dying)
+    return real
+
+
+def test_a_crash_leaves_nothing_that_loads_and_the_rerun_resumes(tasks, tmp_path, monkeypatch):
+    import flexmerge.flexmodel.materialize as mat
+
     out = tmp_path / "artifacts" / "out"
+    calls: list[int] = []
+    real = _dying_after(mat, monkeypatch, 5, calls)
     with pytest.raises(KeyboardInterrupt):
-        flexmerge.merge_to_disk(tasks, out, size=2.0)
-    assert os.listdir(out.parent) == []  # neither the artifact nor a partial directory
+        flexmerge.merge_to_disk(tasks, out, size=2.0, method="ties", shard_bytes=1)  # a shard per block
+    assert not out.exists()
+    (partial,) = out.parent.iterdir()
+    assert partial.name.startswith(".out.partial-")
+    with pytest.raises(ArtifactError, match="no manifest.json"):
+        flexmerge.load(partial)
+    monkeypatch.setattr(mat, "materialize_block", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
+    calls.clear()
+    flexmerge.merge_to_disk(tasks, out, size=2.0, method="ties", shard_bytes=1)
+    num_blocks = len(flexmerge.discover_blocks(tasks))
+    assert calls == list(range(5, num_blocks))  # the 5 finished blocks were not merged again
+    assert os.listdir(out.parent) == ["out"]
+    resumed = flexmerge.load(out)
+    fresh = flexmerge.merge(tasks, size=2.0, method="ties")
+    for t in tasks.names:
+        a, b = resumed.state_dict(t), fresh.state_dict(t)
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_without_resume_a_crash_leaves_no_directory_and_overwrite_is_explicit(tasks, tmp_path, monkeypatch):
+    import flexmerge.flexmodel.materialize as mat
+
+    out = tmp_path / "artifacts" / "out"
+    real = _dying_after(mat, monkeypatch, 3, [])
+    with pytest.raises(KeyboardInterrupt):
+        flexmerge.merge_to_disk(tasks, out, size=2.0, resume=False)
+    assert os.listdir(out.parent) == []
     monkeypatch.setattr(mat, "materialize_block", real)
     flexmerge.merge_to_disk(tasks, out, size=2.0)
     with pytest.raises(FlexMergeError, match="already exists"):
@@ -129,6 +159,20 @@ def test_a_crash_mid_write_leaves_nothing_that_loads(tasks, tmp_path, monkeypatc
     flexmerge.merge_to_disk(tasks, out, size=1.0, overwrite=True)
     assert flexmerge.load(out).size == pytest.approx(1.0)
     assert os.listdir(out.parent) == ["out"]
+
+
+def test_a_stale_partial_of_another_job_is_not_reused(tasks, tmp_path, monkeypatch):
+    import flexmerge.flexmodel.materialize as mat
+
+    out = tmp_path / "out"
+    real = _dying_after(mat, monkeypatch, 4, [])
+    with pytest.raises(KeyboardInterrupt):
+        flexmerge.merge_to_disk(tasks, out, size=2.0, shard_bytes=1)
+    monkeypatch.setattr(mat, "materialize_block", real)
+    assert len(list(tmp_path.glob(".out.partial-*"))) == 1
+    flexmerge.merge_to_disk(tasks, out, size=3.0, shard_bytes=1)  # another job: another partial
+    assert flexmerge.load(out).size <= 3.0
+    assert list(tmp_path.glob(".out.partial-*")) == []  # the stale one is cleaned up on success
 
 
 class TinyNet(torch.nn.Module):

@@ -133,3 +133,16 @@ def test_dare_is_chunking_independent_and_drops_at_rate(tasks, monkeypatch):
     torch.testing.assert_close(whole[kept], raw[kept] / 0.3)
     other = torch.cat([Pipeline([DareDrop(0.7, seed=4)]).deltas(tasks, c) for c in tasks.chunks(key)], 1)
     assert not torch.equal(other != 0, kept)
+
+
+@pytest.mark.parametrize("name", sorted(available_methods()))
+def test_chunked_merge_equals_whole_block_merge(name):
+    d = torch.randn(4, 1000, generator=torch.Generator().manual_seed(1))
+    method = get_method(name)
+    whole = method.merge(d)
+    chunked = method.merge_chunks(list(d.split([100, 250, 650], dim=1)))
+    torch.testing.assert_close(chunked.delta, whole.delta, rtol=0, atol=0)
+    if whole.masks is not None:
+        assert torch.equal(chunked.masks, whole.masks)
+    if whole.scales is not None:
+        torch.testing.assert_close(chunked.scales, whole.scales)

@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable
+import shutil
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +29,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from flexmerge import __version__
-from flexmerge._atomic import atomic_directory
+from flexmerge._atomic import atomic_directory, write_text_atomic
 from flexmerge.blocks import Block, Part, Partition
 from flexmerge.errors import ArtifactError
 from flexmerge.flexmodel.model import BlockStore, FlexModel, StoredGroup
@@ -36,60 +38,103 @@ from flexmerge.planning.path import Assignment
 
 FORMAT = "flexmerge-artifact/1"
 MANIFEST = "manifest.json"
+JOURNAL = "journal.json"
 SHARD_BYTES = 1 << 30
 _DTYPES = {str(d): d for d in (torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64,
                                torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool)}
 
 
 class ShardWriter:
-    """Collects tensors and writes a safetensors shard each time `shard_bytes` are buffered."""
+    """Collects tensors and writes a safetensors shard each time `shard_bytes` are buffered.
 
-    def __init__(self, directory: Path, shard_bytes: int = SHARD_BYTES):
-        self.directory, self.shard_bytes = directory, shard_bytes
+    Blocks are closed with `end_block`; once a shard holding a block's last tensor is on disk,
+    `on_flush` receives the blocks completed by that flush (for the resume journal).
+    """
+
+    def __init__(self, directory: Path, shard_bytes: int = SHARD_BYTES, shards: list | None = None,
+                 on_flush=None):
+        self.directory, self.shard_bytes, self.on_flush = directory, shard_bytes, on_flush
         self.buffer: dict[str, torch.Tensor] = {}
         self.buffered = 0
-        self.shards: list[dict[str, Any]] = []
+        self.shards: list[dict[str, Any]] = list(shards or [])
+        self.open_blocks: dict[int, dict[str, Any]] = {}
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         self.buffer[name] = tensor.contiguous()
         self.buffered += tensor.nbytes
+
+    def end_block(self, b: int, entry: dict[str, Any]) -> None:
+        self.open_blocks[b] = entry
         if self.buffered >= self.shard_bytes:
             self.flush()
 
     def flush(self) -> None:
-        if not self.buffer:
-            return
-        name = f"shard-{len(self.shards):05d}.safetensors"
-        path = self.directory / name
-        save_file(_unshare(self.buffer), str(path))
-        self.shards.append({"file": name, "bytes": path.stat().st_size, "sha256": sha256_file(path)})
-        self.buffer, self.buffered = {}, 0
+        if self.buffer:
+            name = f"shard-{len(self.shards):05d}.safetensors"
+            path = self.directory / name
+            save_file(_unshare(self.buffer), str(path))
+            self.shards.append({"file": name, "bytes": path.stat().st_size, "sha256": sha256_file(path)})
+            self.buffer, self.buffered = {}, 0
+        if self.on_flush is not None:
+            self.on_flush(self.open_blocks)
+        self.open_blocks = {}
+
+
+@dataclass
+class ArtifactHeader:
+    """Everything of a manifest that is known before the blocks are merged."""
+
+    tasks: list[str]
+    partition: Partition
+    meta: dict[str, TensorMeta]
+    assignment: Assignment
+    method: dict[str, Any]
+    size: float
+    unit_bytes: int
+    info: dict[str, Any]
+    hf_files: dict[str, dict[str, bytes]]
+
+    def job_key(self, frozen_keys: list[str]) -> str:
+        """Identifies a merge job, so that only the same job resumes from a partial directory."""
+        blob = json.dumps({"tasks": self.tasks, "method": self.method, "blocks": self.partition.names(),
+                           "groups": [list(map(list, g)) for g in self.assignment.groups], "frozen": frozen_keys,
+                           "inputs": self.info.get("inputs"), "version": __version__}, sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+BlockProducer = Callable[[set[int]], Iterable[tuple[int, BlockStore]]]
 
 
 def write_artifact(
     path: str | Path,
-    *,
-    tasks: list[str],
-    partition: Partition,
-    meta: dict[str, TensorMeta],
+    header: ArtifactHeader,
     frozen: dict[str, torch.Tensor],
-    blocks: Iterable[BlockStore],
-    assignment: Assignment,
-    method: dict[str, Any],
-    size: float,
-    unit_bytes: int,
-    info: dict[str, Any],
-    hf_files: dict[str, dict[str, bytes]],
+    produce: BlockProducer,
+    *,
     overwrite: bool = False,
     shard_bytes: int = SHARD_BYTES,
+    resumable: bool = False,
 ) -> dict[str, Any]:
-    """Write an artifact from blocks as they come (a generator streams); returns the manifest."""
-    with atomic_directory(Path(path), overwrite=overwrite) as tmp:
-        writer = ShardWriter(tmp, shard_bytes)
-        block_entries, stored_bytes = [], 0
-        for b, store in enumerate(blocks):
-            block_entries.append(_block_entry(partition.blocks[b], store, assignment.groups[b]))
-            stored_bytes += store.nbytes()
+    """Write an artifact from blocks as they are produced; returns the manifest.
+
+    `produce(done)` yields (block index, storage) for the blocks not in `done`. With
+    `resumable`, the work directory is `.<name>.partial-<job>` beside the target and a journal
+    records the blocks whose shards are on disk: rerunning the same job after a crash skips them.
+    """
+    path = Path(path)
+    job = header.job_key(list(frozen))
+    partial = path.with_name(f".{path.name}.partial-{job}") if resumable else None
+    with atomic_directory(path, overwrite=overwrite, partial=partial) as tmp:
+        shards, entries = _resume_state(tmp, job) if resumable else ([], {})
+
+        def journal(completed: dict[int, dict[str, Any]]) -> None:
+            entries.update(completed)
+            if resumable:
+                write_text_atomic(tmp / JOURNAL, json.dumps({"job": job, "shards": writer.shards,
+                                                             "blocks": {str(b): e for b, e in entries.items()}}))
+
+        writer = ShardWriter(tmp, shard_bytes, shards, on_flush=journal)
+        for b, store in produce(set(entries)):
             for p, t in enumerate(store.base or []):
                 writer.add(f"blocks.{b}.base.{p}", t)
             for g, group in enumerate(store.groups):
@@ -99,40 +144,66 @@ def write_artifact(
                     writer.add(f"blocks.{b}.groups.{g}.masks.{p}", m)
                 if group.scales is not None:
                     writer.add(f"blocks.{b}.groups.{g}.scales", group.scales)
+            writer.end_block(b, _block_entry(header.partition.blocks[b], store, header.assignment.groups[b]))
         for key, t in frozen.items():
             writer.add(f"frozen.{key}", t)
         writer.flush()
-        for task, files in hf_files.items():
+        for task, files in header.hf_files.items():
             (tmp / "hf" / task).mkdir(parents=True, exist_ok=True)
             for name, data in files.items():
                 (tmp / "hf" / task / name).write_bytes(data)
         manifest = {
             "format": FORMAT,
             "flexmerge_version": __version__,
-            "tasks": tasks,
-            "method": method,
-            "size": size,
-            "unit_bytes": unit_bytes,
-            "stored_bytes": stored_bytes,
+            "tasks": header.tasks,
+            "method": header.method,
+            "size": header.size,
+            "unit_bytes": header.unit_bytes,
+            "stored_bytes": sum(entries[b]["stored_bytes"] for b in entries),
             "frozen_bytes": sum(t.nbytes for t in frozen.values()),
-            "granularity": partition.granularity,
-            "keys": {k: {"shape": list(m.shape), "dtype": str(m.dtype)} for k, m in meta.items()},
+            "granularity": header.partition.granularity,
+            "keys": {k: {"shape": list(m.shape), "dtype": str(m.dtype)} for k, m in header.meta.items()},
             "frozen": list(frozen),
-            "blocks": block_entries,
+            "blocks": [entries[b] for b in range(len(header.partition))],
             "shards": writer.shards,
-            "hf_tasks": sorted(hf_files),
-            "info": info,
+            "hf_tasks": sorted(header.hf_files),
+            "info": header.info,
         }
+        (tmp / JOURNAL).unlink(missing_ok=True)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    for stale in path.parent.glob(f".{path.name}.partial-*"):  # interrupted runs of other jobs
+        shutil.rmtree(stale, ignore_errors=True)
     return manifest
 
 
+def _resume_state(tmp: Path, job: str) -> tuple[list[dict[str, Any]], dict[int, dict[str, Any]]]:
+    """Shards and block entries of an interrupted run of the same job, if they verify; else a clean slate."""
+    shards: list[dict[str, Any]] = []
+    entries: dict[int, dict[str, Any]] = {}
+    jf = tmp / JOURNAL
+    if jf.is_file():
+        try:
+            j = json.loads(jf.read_text())
+            ok = j.get("job") == job and all(
+                (tmp / s["file"]).is_file() and (tmp / s["file"]).stat().st_size == s["bytes"]
+                and sha256_file(tmp / s["file"]) == s["sha256"] for s in j["shards"])
+            if ok:
+                shards, entries = j["shards"], {int(b): e for b, e in j["blocks"].items()}
+        except (json.JSONDecodeError, KeyError, TypeError):
+            pass
+    keep = {s["file"] for s in shards}
+    for f in tmp.iterdir():  # anything not vouched for by the journal is redone
+        if f.name not in keep and f.name != JOURNAL:
+            shutil.rmtree(f) if f.is_dir() else f.unlink()
+    return shards, entries
+
+
 def save(flex: FlexModel, path: str | Path, overwrite: bool = False) -> dict[str, Any]:
-    return write_artifact(
-        path, tasks=flex.tasks, partition=flex.partition, meta=flex.meta, frozen=flex.frozen,
-        blocks=flex.blocks, assignment=flex.assignment, method=flex.method, size=flex.size,
-        unit_bytes=flex.unit_bytes, info=flex.info, hf_files=flex.hf_files, overwrite=overwrite,
-    )
+    header = ArtifactHeader(flex.tasks, flex.partition, flex.meta, flex.assignment, flex.method, flex.size,
+                            flex.unit_bytes, flex.info, flex.hf_files)
+    return write_artifact(path, header, flex.frozen,
+                          lambda done: ((b, s) for b, s in enumerate(flex.blocks) if b not in done),
+                          overwrite=overwrite)
 
 
 def read_manifest(path: str | Path) -> dict[str, Any]:
@@ -208,6 +279,7 @@ def _assemble(manifest: dict[str, Any], tensors: dict[str, torch.Tensor], direct
 def _block_entry(block: Block, store: BlockStore, groups) -> dict[str, Any]:
     return {
         "name": block.name,
+        "stored_bytes": store.nbytes(),
         "parts": [{"key": p.key, "rows": list(p.rows) if p.rows else None} for p in block.parts],
         "groups": [list(g) for g in groups],
         "has_base": store.base is not None,

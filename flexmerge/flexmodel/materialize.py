@@ -6,23 +6,33 @@ from collections.abc import Iterator
 
 import torch
 
-from flexmerge._progress import progress
 from flexmerge.blocks import Partition
+from flexmerge.executors import get_executor
 from flexmerge.flexmodel.model import BlockStore, FlexModel, StoredGroup, pack_masks
 from flexmerge.methods.base import MergeMethod
 from flexmerge.planning.path import Assignment
 from flexmerge.preprocess import Pipeline, fitted_pipeline
-from flexmerge.similarity import block_deltas
 from flexmerge.size import SizeModel, stored_with_masks
-from flexmerge.taskvec import Chunk, TaskSet
+from flexmerge.taskvec import Chunk, TaskSet, as_taskset, for_executor
 
 
 def materialize_blocks(
-    tasks: TaskSet, partition: Partition, assignment: Assignment, method: MergeMethod, pipeline: Pipeline
-) -> Iterator[BlockStore]:
-    """Yield each block's storage in order; only one block's tensors are alive at a time."""
-    for b in progress(range(len(partition)), "merging blocks", unit="block"):
-        yield materialize_block(tasks, partition, b, assignment.groups[b], method, pipeline)
+    tasks: TaskSet, partition: Partition, assignment: Assignment, method: MergeMethod, pipeline: Pipeline,
+    executor=None, skip: set[int] = frozenset(),
+) -> Iterator[tuple[int, BlockStore]]:
+    """Yield (index, storage) of every block not in `skip`, in order, computed by `executor`.
+
+    In-process, one block's tensors are alive at a time (plus what the consumer keeps)."""
+    ex = get_executor(executor)
+    todo = [b for b in range(len(partition)) if b not in skip]
+    stores = ex.map(_block_job, todo, for_executor(tasks, ex), partition, assignment, method, pipeline,
+                    desc="merging blocks")
+    yield from zip(todo, stores)
+
+
+def _block_job(tasks, partition: Partition, assignment: Assignment, method: MergeMethod, pipeline: Pipeline,
+               b: int) -> BlockStore:
+    return materialize_block(as_taskset(tasks), partition, b, assignment.groups[b], method, pipeline)
 
 
 def materialize_block(
@@ -39,7 +49,9 @@ def materialize_block(
         if len(g) == 1 or (method.uses_masks and not stored_with_masks(method, len(g))):
             stored += [StoredGroup((t,), [tasks.read_task(t, c).contiguous() for c in chunks]) for t in g]
             continue
-        result = method.merge(block_deltas(tasks, partition, b, pipeline, list(g)))
+        members = list(g)
+        result = method.merge_chunks(pipeline.deltas(tasks, c, members).flatten(1)
+                                     for part in chunks for c in tasks.chunks(part.key, part.rows))
         pieces = torch.split(result.delta, numels)
         if base is None:
             base = [tasks.read_base(c).contiguous() for c in chunks]
@@ -56,11 +68,11 @@ def materialize_block(
 
 def materialize(
     tasks: TaskSet, partition: Partition, assignment: Assignment, method: MergeMethod,
-    info: dict | None = None,
+    info: dict | None = None, executor=None,
 ) -> FlexModel:
-    """The flex model of one assignment, in memory (see `artifact.write` to stream to disk)."""
+    """The flex model of one assignment, in memory (`api.merge_to_disk` streams to disk instead)."""
     pipeline = fitted_pipeline(tasks, method)
-    blocks = list(materialize_blocks(tasks, partition, assignment, method, pipeline))
+    blocks = [store for _, store in materialize_blocks(tasks, partition, assignment, method, pipeline, executor)]
     return FlexModel(
         tasks=list(tasks.names), partition=partition, meta=dict(tasks.meta),
         frozen={k: tasks.base.read(k) for k in tasks.frozen}, blocks=blocks, assignment=assignment,

@@ -10,6 +10,7 @@ class Average(MergeMethod):
     """Weight averaging: the merged weights are θ0 + mean(τ_i)."""
 
     name = "average"
+    elementwise = True
     summary = "mean of the members' task vectors (model soup / weight averaging)"
 
     def merge(self, deltas: torch.Tensor) -> GroupResult:

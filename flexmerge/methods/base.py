@@ -7,6 +7,7 @@ is declared by `transforms()` and applied before planning and merging.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -24,6 +25,12 @@ class GroupResult:
     delta: torch.Tensor  # (D,) fp32
     masks: torch.Tensor | None = None  # (n, D) bool
     scales: torch.Tensor | None = None  # (n,) fp32
+
+    @staticmethod
+    def concat(parts: list["GroupResult"]) -> "GroupResult":
+        """Join the results of consecutive chunks of a block (elementwise methods)."""
+        masks = torch.cat([p.masks for p in parts], 1) if parts[0].masks is not None else None
+        return GroupResult(torch.cat([p.delta for p in parts]), masks, parts[0].scales)
 
     def task_delta(self, i: int) -> torch.Tensor:
         """The task vector that member i of the group reads."""
@@ -50,6 +57,7 @@ class MergeMethod:
     Params: ClassVar[type[MethodParams]] = MethodParams
     uses_masks: ClassVar[bool] = False  # stores θ0 + unified vector + 1-bit mask per member
     uses_scales: ClassVar[bool] = False  # and one fp32 rescaler per member
+    elementwise: ClassVar[bool] = False  # merging a slice of entries needs only that slice
 
     def __init__(self, **params: object):
         try:
@@ -70,6 +78,13 @@ class MergeMethod:
     def merge(self, deltas: torch.Tensor) -> GroupResult:
         """Merge the (n, D) task vectors of a group with n >= 2 members."""
         raise NotImplementedError
+
+    def merge_chunks(self, chunks: Iterable[torch.Tensor]) -> GroupResult:
+        """Merge a block given as consecutive (n, d_i) chunks. Elementwise methods merge chunk by
+        chunk, so memory holds one chunk of the members at a time; others see the whole block."""
+        if self.elementwise:
+            return GroupResult.concat([self.merge(c) for c in chunks])
+        return self.merge(torch.cat(list(chunks), 1))
 
     def linear_weights(self, n: int) -> torch.Tensor | None:
         """w with merged = Σ w_i τ_i when the method is linear (lets planning use Gram matrices)."""

@@ -26,6 +26,7 @@ class Consensus(MergeMethod):
     """
 
     name = "consensus"
+    elementwise = True
     summary = "shared TA/TIES vector + per-task TALL masks (|τ_t| > λc·|τ_merged − τ_t|)"
     reference = "https://arxiv.org/abs/2405.07813"
     Params = ConsensusParams

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 
 from flexmerge.methods.base import GroupResult, MergeMethod, register
@@ -22,10 +24,20 @@ class Emr(MergeMethod):
     uses_scales = True
 
     def merge(self, deltas: torch.Tensor) -> GroupResult:
-        sign = torch.where(deltas.sum(0) > 0, 1.0, -1.0)
-        masks = sign_masks(deltas, sign)
-        unified = (deltas.abs() * masks).amax(0) * sign
-        own = deltas.abs().mean(1)
-        kept = (unified.abs() * masks).mean(1)
-        scales = torch.where(kept > 0, own / kept.clamp_min(1e-30), torch.zeros_like(own))
-        return GroupResult(unified, masks=masks, scales=scales)
+        return self.merge_chunks([deltas])
+
+    def merge_chunks(self, chunks: Iterable[torch.Tensor]) -> GroupResult:
+        """Unified vector and masks per chunk; rescalers from block-wide sums (exact in chunks:
+        a ratio of means over the same entries is a ratio of sums)."""
+        parts, own, kept = [], 0.0, 0.0
+        for deltas in chunks:
+            sign = torch.where(deltas.sum(0) > 0, 1.0, -1.0)
+            masks = sign_masks(deltas, sign)
+            unified = (deltas.abs() * masks).amax(0) * sign
+            own = own + deltas.abs().double().sum(1)
+            kept = kept + (unified.abs() * masks).double().sum(1)
+            parts.append(GroupResult(unified, masks=masks))
+        scales = torch.where(kept > 0, own / kept.clamp_min(1e-300), torch.zeros_like(own)).float()
+        result = GroupResult.concat(parts)
+        result.scales = scales
+        return result

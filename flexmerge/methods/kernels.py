@@ -6,11 +6,11 @@ import torch
 
 
 def elect_sign(deltas: torch.Tensor) -> torch.Tensor:
-    """Per entry, the sign of the summed values; ties (sum 0) take the overall majority sign."""
-    total = deltas.sum(0)
-    sign = torch.sign(total)
-    majority = torch.sign(sign.sum()) if bool(sign.sum() != 0) else torch.tensor(1.0)
-    return torch.where(sign == 0, majority, sign)
+    """Per entry, the sign of the summed values; an exact tie (sum 0) elects +.
+
+    (The TIES code breaks such ties by the majority sign of the whole model; a fixed choice keeps
+    the election per entry, so chunked merging is exact. Ties need exact cancellation: rare.)"""
+    return torch.where(deltas.sum(0) >= 0, 1.0, -1.0)
 
 
 def agrees(deltas: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:

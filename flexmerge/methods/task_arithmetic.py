@@ -20,6 +20,7 @@ class TaskArithmetic(MergeMethod):
     """Task Arithmetic (Ilharco et al., 2023)."""
 
     name = "task_arithmetic"
+    elementwise = True
     summary = "scaled mean (FlexMerge's convention) or scaled sum (the original paper's) of task vectors"
     reference = "https://arxiv.org/abs/2212.04089"
     Params = TaskArithmeticParams

@@ -18,6 +18,7 @@ class Ties(MergeMethod):
     """TIES-Merging (Yadav et al., 2023): trim, elect sign, disjoint mean."""
 
     name = "ties"
+    elementwise = True
     summary = "trim to top-K% magnitudes per task (global), elect signs, disjoint mean, scale by λ"
     reference = "https://arxiv.org/abs/2306.01708"
     Params = TiesParams

@@ -34,6 +34,7 @@ def build_path(
     mode: str = "constituent",
     measure: str = "cosine",
     seed: int = 0,
+    executor=None,
 ) -> MergePath:
     """Plan the whole path from M× to the method's smallest size, with exact sizes per point."""
     if planner not in PLANNERS:
@@ -49,7 +50,7 @@ def build_path(
     t0 = time.perf_counter()
     pipeline = fitted_pipeline(tasks, method)
     t1 = time.perf_counter()
-    grams = block_grams(tasks, partition, pipeline).numpy()
+    grams = block_grams(tasks, partition, pipeline, executor).numpy()
     t2 = time.perf_counter()
     sizer = SizeModel.build(partition, tasks.meta, method)
     options: dict[str, Any] = {"linkage": linkage, "mode": mode, "measure": measure, "seed": seed,

@@ -1,0 +1,89 @@
+"""Where block-parallel work runs: in this process, or as Ray tasks on a local or remote cluster.
+
+Work functions are module-level and take (shared..., item); they must not depend on which
+executor runs them. Workers reopen the checkpoints from their paths (see `taskvec.TaskSetSpec`),
+so with Ray the inputs must sit on a path every worker can read. Ray workers run torch with the
+driver's thread count, so results are bit-identical to the local executor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, Protocol, TypeVar
+
+from flexmerge._progress import progress
+from flexmerge.errors import ConfigError, UnknownNameError
+
+T = TypeVar("T")
+EXECUTORS = ("local", "ray")
+
+
+class Executor(Protocol):
+    name: str
+
+    def map(self, fn: Callable[..., T], items: Sequence[Any], *shared: Any, desc: str = "") -> Iterator[T]:
+        """fn(*shared, item) for every item; results in the order of `items`."""
+        ...
+
+
+class LocalExecutor:
+    name = "local"
+
+    def map(self, fn, items, *shared, desc=""):
+        for item in progress(items, desc, total=len(items)):
+            yield fn(*shared, item)
+
+
+class RayExecutor:
+    """Ray tasks over items, at most `max_in_flight` at a time so results stream back bounded."""
+
+    name = "ray"
+
+    def __init__(self, address: str | None = None, num_cpus: int | None = None, max_in_flight: int | None = None):
+        try:
+            import ray
+        except ImportError:
+            raise ConfigError("the Ray executor needs Ray: pip install 'flexmerge[ray]'") from None
+        self.ray = ray
+        if not ray.is_initialized():
+            if address:
+                ray.init(address=address, log_to_driver=False)
+            else:
+                ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+        self.max_in_flight = max_in_flight or max(2, int(ray.cluster_resources().get("CPU", 2)) * 2)
+        self._remote = ray.remote(_run_in_worker)
+
+    def map(self, fn, items, *shared, desc=""):
+        import torch
+
+        threads = torch.get_num_threads()
+        refs = [self.ray.put(x) for x in shared]
+        pending: list[Any] = []
+        it = iter(items)
+        for item in progress(items, desc, total=len(items)):
+            while len(pending) < self.max_in_flight:
+                nxt = next(it, _END)
+                if nxt is _END:
+                    break
+                pending.append(self._remote.remote(threads, fn, *refs, nxt))
+            yield self.ray.get(pending.pop(0))
+
+
+_END = object()
+
+
+def _run_in_worker(threads: int, fn, *args):
+    import torch
+
+    torch.set_num_threads(threads)
+    return fn(*args)
+
+
+def get_executor(name: str | Executor | None = None, address: str | None = None, num_cpus: int | None = None) -> Executor:
+    if name is None or name == "local":
+        return LocalExecutor()
+    if not isinstance(name, str):
+        return name
+    if name == "ray":
+        return RayExecutor(address, num_cpus)
+    raise UnknownNameError("executor", name, EXECUTORS)
