@@ -29,6 +29,8 @@ ModeOpt = typer.Option(None, "--mode", help="similarity: constituent (default) |
 MeasureOpt = typer.Option(None, "--measure", help="merged-vector measure: cosine | euclidean | sign")
 SeedOpt = typer.Option(None, "--seed", help="seed of the random order, k-means and DARE")
 ConfigOpt = typer.Option(None, "--config", help="YAML file with the same fields; flags override it")
+ExecOpt = typer.Option(None, "--executor", help="where block work runs: local (default) | ray")
+RayOpt = typer.Option(None, "--ray-address", help="Ray cluster address (default with --executor ray: a local instance)")
 MixedOpt = typer.Option(None, "--allow-mixed-dtypes/--no-allow-mixed-dtypes", help="merge inputs of different float dtypes")
 
 
@@ -53,7 +55,7 @@ def _parse_params(items: list[str] | None) -> dict[str, Any]:
 
 
 def _config(config, base, model, method, param, granularity, planner, linkage, mode, measure, seed, mixed,
-            size=None):
+            size=None, executor=None, ray_address=None):
     from flexmerge.config import build_config
     from flexmerge.taskvec import parse_task_specs
 
@@ -62,14 +64,21 @@ def _config(config, base, model, method, param, granularity, planner, linkage, m
         "base": base, "models": models, "method": method, "params": _parse_params(param),
         "granularity": granularity, "planner": planner, "linkage": linkage, "mode": mode,
         "measure": measure, "seed": seed, "allow_mixed_dtypes": mixed, "size": size,
+        "executor": executor, "ray_address": ray_address,
     })
 
 
-def _load(cfg):
+def _executor(cfg):
+    from flexmerge.executors import get_executor
+
+    return get_executor(cfg.executor, address=cfg.ray_address)
+
+
+def _load(cfg, executor):
     from flexmerge.taskvec import load_tasks
 
     return load_tasks(cfg.base, cfg.models, allow_mixed_dtypes=cfg.allow_mixed_dtypes,
-                      max_relative_change=cfg.max_relative_change)
+                      max_relative_change=cfg.max_relative_change, executor=executor)
 
 
 @app.command()
@@ -79,6 +88,7 @@ def plan(
     param: Optional[list[str]] = ParamOpt, granularity: Optional[str] = GranOpt, planner: Optional[str] = PlannerOpt,
     linkage: Optional[str] = LinkageOpt, mode: Optional[str] = ModeOpt, measure: Optional[str] = MeasureOpt,
     seed: Optional[int] = SeedOpt, config: Optional[Path] = ConfigOpt, allow_mixed_dtypes: Optional[bool] = MixedOpt,
+    executor: Optional[str] = ExecOpt, ray_address: Optional[str] = RayOpt,
 ) -> None:
     """Compute the whole merge path (Mx down to the smallest size) and write it as JSON.
 
@@ -89,8 +99,9 @@ def plan(
 
     try:
         cfg = _config(config, base, model, method, param, granularity, planner, linkage, mode, measure, seed,
-                      allow_mixed_dtypes)
-        path = plan_fn(_load(cfg), method=cfg.method, params=cfg.params, **cfg.plan_options())
+                      allow_mixed_dtypes, None, executor, ray_address)
+        ex = _executor(cfg)
+        path = plan_fn(_load(cfg, ex), method=cfg.method, params=cfg.params, executor=ex, **cfg.plan_options())
         path.save(out)
     except FlexMergeError as e:
         _fail(e)
@@ -109,6 +120,9 @@ def merge(
     linkage: Optional[str] = LinkageOpt, mode: Optional[str] = ModeOpt, measure: Optional[str] = MeasureOpt,
     seed: Optional[int] = SeedOpt, config: Optional[Path] = ConfigOpt, allow_mixed_dtypes: Optional[bool] = MixedOpt,
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing artifact at --out"),
+    executor: Optional[str] = ExecOpt, ray_address: Optional[str] = RayOpt,
+    resume: bool = typer.Option(True, "--resume/--no-resume",
+                                help="continue an interrupted run of the same merge (default) or start over"),
 ) -> None:
     """Merge to a target size and write the flex-model artifact (safetensors + manifest.json).
 
@@ -119,11 +133,12 @@ def merge(
 
     try:
         cfg = _config(config, base, model, method, param, granularity, planner, linkage, mode, measure, seed,
-                      allow_mixed_dtypes, size)
+                      allow_mixed_dtypes, size, executor, ray_address)
         if cfg.size is None:
             raise FlexMergeError("--size (or `size:` in --config) is required")
-        manifest = merge_to_disk(_load(cfg), out, size=cfg.size, method=cfg.method, params=cfg.params,
-                                 overwrite=overwrite, **cfg.plan_options())
+        ex = _executor(cfg)
+        manifest = merge_to_disk(_load(cfg, ex), out, size=cfg.size, method=cfg.method, params=cfg.params,
+                                 overwrite=overwrite, executor=ex, resume=resume, **cfg.plan_options())
     except FlexMergeError as e:
         _fail(e)
     console.print(f"wrote {out}: {len(manifest['tasks'])} tasks, method {manifest['method']['name']}, "

@@ -159,15 +159,20 @@ def kth_largest(
         target_bin.append(b)
         higher = int(above[r, b + 1]) if b + 1 < _BINS else 0
         rank_in_bin.append(k - higher)
-    kept: list[list[torch.Tensor]] = [[] for _ in range(rows)]
+    # The bin sizes are known, so the candidates go into preallocated buffers: collecting many
+    # small tensors instead fragments the heap and inflates the resident memory.
+    kept = [torch.empty(int(hist[r, target_bin[r]])) for r in range(rows)]
+    filled = [0] * rows
     for x in progress(stream(), f"{desc} (2/2)", total=total):
         flat = x.reshape(rows, -1).float()
         bins = _bits(flat) >> 16
         for r in range(rows):
-            kept[r].append(flat[r][bins[r] == target_bin[r]])
+            vals = flat[r][bins[r] == target_bin[r]]
+            kept[r][filled[r]:filled[r] + vals.numel()] = vals
+            filled[r] += vals.numel()
     out = []
     for r in range(rows):
-        vals = torch.cat(kept[r]) if kept[r] else torch.zeros(1)
+        vals = kept[r] if kept[r].numel() else torch.zeros(1)
         rank = min(max(rank_in_bin[r], 1), vals.numel())
         out.append(float(torch.topk(vals, rank).values[-1]))
     return out

@@ -29,16 +29,18 @@ def stored_with_masks(method: MergeMethod, members: int) -> bool:
 class SizeModel:
     """Per-block byte counts of one partition, and the method whose storage they follow."""
 
-    block_bytes: tuple[int, ...]  # one copy of the block's weights
+    block_bytes: tuple[int, ...]  # one stored copy of the block's weights
     mask_bytes: tuple[int, ...]  # one member's bit-packed masks (parts padded to whole bytes)
     unit_bytes: int
     method: MergeMethod
 
     @classmethod
     def build(cls, partition: Partition, meta: Mapping[str, TensorMeta], method: MergeMethod) -> "SizeModel":
-        nbytes = partition.nbytes(meta)
+        """Stored copies are in the method's storage dtype; the unit is one input model."""
+        stored = [sum(p.numel(meta[p.key]) * method.storage_dtype(meta[p.key].dtype).itemsize for p in b.parts)
+                  for b in partition.blocks]
         masks = [sum(-(-p.numel(meta[p.key]) // 8) for p in b.parts) for b in partition.blocks]
-        return cls(tuple(nbytes), tuple(masks), sum(nbytes), method)
+        return cls(tuple(stored), tuple(masks), sum(partition.nbytes(meta)), method)
 
     def group_bytes(self, block: int, members: int) -> int:
         if stored_with_masks(self.method, members):

@@ -231,3 +231,16 @@ def test_export_hugging_face_directory(tmp_path):
     for k, v in reloaded.state_dict().items():
         if k in want:
             assert torch.equal(v, want[k]), k
+
+
+def test_storage_dtype_is_configurable_and_accounted(tasks, tmp_path):
+    """fp32 inputs stored in bf16: half the bytes, so Mx costs M/2 model units."""
+    path = flexmerge.plan(tasks, method="task_arithmetic", params={"dtype": "bfloat16"})
+    assert path.sizes[0] == pytest.approx(tasks.num_tasks / 2)
+    flex = flexmerge.materialize(tasks, path, 1.0)
+    flex.save(tmp_path / "bf16")
+    assert all(v.dtype == torch.bfloat16 for k, v in flex.state_dict("task0").items() if k in tasks.mergeable)
+    assert _stored_bytes_on_disk(tmp_path / "bf16") == flex.stored_bytes() == flex.size * tasks.unit_bytes()
+    emr = flexmerge.merge(tasks, size=2.0, method="emr", params={"dtype": "float16"})
+    assert emr.stored_bytes() == pytest.approx(emr.size * tasks.unit_bytes())
+    assert {v.dtype for k, v in emr.state_dict("task1").items() if k in tasks.mergeable} == {torch.float16}

@@ -41,13 +41,14 @@ def materialize_block(
     parts = partition.blocks[b].parts
     chunks = [Chunk(p.key, p.rows) for p in parts]
     numels = [p.numel(tasks.meta[p.key]) for p in parts]
-    dtypes = [tasks.meta[p.key].dtype for p in parts]
+    dtypes = [method.storage_dtype(tasks.meta[p.key].dtype) for p in parts]
     base: list[torch.Tensor] | None = None
     needs_base = any(stored_with_masks(method, len(g)) for g in groups)
     stored: list[StoredGroup] = []
     for g in groups:
         if len(g) == 1 or (method.uses_masks and not stored_with_masks(method, len(g))):
-            stored += [StoredGroup((t,), [tasks.read_task(t, c).contiguous() for c in chunks]) for t in g]
+            stored += [StoredGroup((t,), [tasks.read_task(t, c).to(dt).contiguous() for c, dt in zip(chunks, dtypes)])
+                       for t in g]
             continue
         members = list(g)
         result = method.merge_chunks(pipeline.deltas(tasks, c, members).flatten(1)
@@ -63,7 +64,7 @@ def materialize_block(
         else:
             tensors = [(bt.float() + x.view(bt.shape)).to(dt) for x, bt, dt in zip(pieces, base, dtypes)]
             stored.append(StoredGroup(tuple(g), tensors))
-    return BlockStore(stored, base if needs_base else None)
+    return BlockStore(stored, [bt.to(dt) for bt, dt in zip(base, dtypes)] if needs_base else None)
 
 
 def materialize(

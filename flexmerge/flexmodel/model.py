@@ -139,4 +139,4 @@ class FlexModel:
         delta = stored.float() * mask
         if group.scales is not None:
             delta = delta * group.scales[i]
-        return (store.base[p].float() + delta).to(self.meta[key].dtype)
+        return (store.base[p].float() + delta).to(stored.dtype)

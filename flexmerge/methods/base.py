@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -46,6 +46,8 @@ class MethodParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
     dare: float = Field(0.0, ge=0.0, lt=1.0, description="DARE drop rate p applied first (0 = off)")
     seed: int = Field(0, description="seed of DARE's drops")
+    dtype: Literal["float32", "float16", "bfloat16"] | None = Field(
+        None, description="dtype of what is stored (default: the inputs'); arithmetic is always fp32")
 
 
 class MergeMethod:
@@ -67,6 +69,9 @@ class MergeMethod:
 
     def params(self) -> dict[str, object]:
         return self.p.model_dump()
+
+    def storage_dtype(self, input_dtype: torch.dtype) -> torch.dtype:
+        return getattr(torch, self.p.dtype) if self.p.dtype else input_dtype
 
     def transforms(self) -> list[Transform]:
         """Global preprocessing, in order. DARE (when on) always comes first."""
