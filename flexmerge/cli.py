@@ -31,6 +31,8 @@ SeedOpt = typer.Option(None, "--seed", help="seed of the random order, k-means a
 ConfigOpt = typer.Option(None, "--config", help="YAML file with the same fields; flags override it")
 ExecOpt = typer.Option(None, "--executor", help="where block work runs: local (default) | ray")
 RayOpt = typer.Option(None, "--ray-address", help="Ray cluster address (default with --executor ray: a local instance)")
+RelOpt = typer.Option(None, "--max-relative-change",
+                      help="largest ||θ_t − θ0|| / ||θ0|| accepted before the base is rejected [default: 0.5]")
 MixedOpt = typer.Option(None, "--allow-mixed-dtypes/--no-allow-mixed-dtypes", help="merge inputs of different float dtypes")
 
 
@@ -55,7 +57,7 @@ def _parse_params(items: list[str] | None) -> dict[str, Any]:
 
 
 def _config(config, base, model, method, param, granularity, planner, linkage, mode, measure, seed, mixed,
-            size=None, executor=None, ray_address=None):
+            size=None, executor=None, ray_address=None, max_relative_change=None):
     from flexmerge.config import build_config
     from flexmerge.taskvec import parse_task_specs
 
@@ -64,7 +66,7 @@ def _config(config, base, model, method, param, granularity, planner, linkage, m
         "base": base, "models": models, "method": method, "params": _parse_params(param),
         "granularity": granularity, "planner": planner, "linkage": linkage, "mode": mode,
         "measure": measure, "seed": seed, "allow_mixed_dtypes": mixed, "size": size,
-        "executor": executor, "ray_address": ray_address,
+        "executor": executor, "ray_address": ray_address, "max_relative_change": max_relative_change,
     })
 
 
@@ -89,6 +91,7 @@ def plan(
     linkage: Optional[str] = LinkageOpt, mode: Optional[str] = ModeOpt, measure: Optional[str] = MeasureOpt,
     seed: Optional[int] = SeedOpt, config: Optional[Path] = ConfigOpt, allow_mixed_dtypes: Optional[bool] = MixedOpt,
     executor: Optional[str] = ExecOpt, ray_address: Optional[str] = RayOpt,
+    max_relative_change: Optional[float] = RelOpt,
 ) -> None:
     """Compute the whole merge path (Mx down to the smallest size) and write it as JSON.
 
@@ -99,7 +102,7 @@ def plan(
 
     try:
         cfg = _config(config, base, model, method, param, granularity, planner, linkage, mode, measure, seed,
-                      allow_mixed_dtypes, None, executor, ray_address)
+                      allow_mixed_dtypes, None, executor, ray_address, max_relative_change)
         ex = _executor(cfg)
         path = plan_fn(_load(cfg, ex), method=cfg.method, params=cfg.params, executor=ex, **cfg.plan_options())
         path.save(out)
@@ -123,6 +126,7 @@ def merge(
     executor: Optional[str] = ExecOpt, ray_address: Optional[str] = RayOpt,
     resume: bool = typer.Option(True, "--resume/--no-resume",
                                 help="continue an interrupted run of the same merge (default) or start over"),
+    max_relative_change: Optional[float] = RelOpt,
 ) -> None:
     """Merge to a target size and write the flex-model artifact (safetensors + manifest.json).
 
@@ -133,7 +137,7 @@ def merge(
 
     try:
         cfg = _config(config, base, model, method, param, granularity, planner, linkage, mode, measure, seed,
-                      allow_mixed_dtypes, size, executor, ray_address)
+                      allow_mixed_dtypes, size, executor, ray_address, max_relative_change)
         if cfg.size is None:
             raise FlexMergeError("--size (or `size:` in --config) is required")
         ex = _executor(cfg)

@@ -27,11 +27,31 @@ class Executor(Protocol):
 
 
 class LocalExecutor:
+    """In this process. With `threads` > 1, that many items run at once on threads, so one item's
+    reads (pread releases the GIL) overlap another's arithmetic (so do torch's kernels)."""
+
     name = "local"
 
+    def __init__(self, threads: int = 2):
+        self.threads = threads
+
     def map(self, fn, items, *shared, desc=""):
-        for item in progress(items, desc, total=len(items)):
-            yield fn(*shared, item)
+        if self.threads <= 1 or len(items) <= 1:
+            for item in progress(items, desc, total=len(items)):
+                yield fn(*shared, item)
+            return
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(self.threads) as pool:
+            pending: list[Any] = []
+            it = iter(items)
+            for _ in progress(items, desc, total=len(items)):
+                while len(pending) < self.threads:
+                    nxt = next(it, _END)
+                    if nxt is _END:
+                        break
+                    pending.append(pool.submit(fn, *shared, nxt))
+                yield pending.pop(0).result()
 
 
 class RayExecutor:
@@ -82,6 +102,8 @@ def _run_in_worker(threads: int, fn, *args):
 def get_executor(name: str | Executor | None = None, address: str | None = None, num_cpus: int | None = None) -> Executor:
     if name is None or name == "local":
         return LocalExecutor()
+    if name == "serial":
+        return LocalExecutor(threads=1)
     if not isinstance(name, str):
         return name
     if name == "ray":

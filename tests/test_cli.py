@@ -98,3 +98,17 @@ def test_every_command_has_help(command):
 def test_module_entry_point_runs():
     out = subprocess.run([sys.executable, "-m", "flexmerge", "methods"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "task_arithmetic" in out.stdout and "emr" in out.stdout
+
+
+def test_wrong_base_is_refused_unless_the_limit_is_raised(zoo, tmp_path):
+    from safetensors.torch import save_file
+
+    from tests.conftest import tiny_state_dict
+
+    _, models = zoo
+    save_file(tiny_state_dict(seed=5), str(tmp_path / "other.safetensors"))
+    argv = ["plan", "--base", str(tmp_path / "other.safetensors"), *_model_flags(models), "--out", str(tmp_path / "p.json")]
+    r = runner.invoke(app, argv)
+    assert r.exit_code == 2 and "does not look like the model it was fine-tuned from" in r.output
+    r = runner.invoke(app, [*argv, "--max-relative-change", "10"])
+    assert r.exit_code == 0, r.output

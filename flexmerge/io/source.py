@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -62,6 +63,7 @@ class SafetensorsSource:
     def __init__(self, path: Path, hf_dir: Path | None = None):
         self.path, self.hf_dir = path, hf_dir
         self.bytes_read = 0
+        self._lock = threading.Lock()
         if path.name.endswith(".index.json"):
             weight_map = _read_index(path)
             self._shard_paths = [path.parent / n for n in sorted(set(weight_map.values()))]
@@ -127,7 +129,8 @@ class SafetensorsSource:
             if n == 0:
                 raise CheckpointError(f"{self._shard_paths[e.file]}: file ends early (truncated?)")
             got += n
-        self.bytes_read += nbytes
+        with self._lock:  # reads may come from several threads
+            self.bytes_read += nbytes
         return torch.frombuffer(buf, dtype=e.dtype).view(shape)
 
 

@@ -63,11 +63,11 @@ def build_path(
         steps, sizes = _sized_steps(raw, len(partition), tasks.num_tasks, sizer)
         path = MergePath(sizes=sizes, steps=steps, **common)
     else:
-        cos = cosine_from_gram(torch_tensor(grams)).numpy()
+        cos = cosine_from_gram(_as_torch(grams)).numpy()
         if planner == "channel":
             assignments = channel_assignments(cos, seed=seed)
         else:
-            total = cosine_from_gram(torch_tensor(grams.sum(0))).numpy()
+            total = cosine_from_gram(_as_torch(grams.sum(0))).numpy()
             assignments = cluster_assignments(total, len(partition), linkage)
         sizes = [sizer.size(a.group_sizes()) for a in assignments]
         path = MergePath(sizes=sizes, assignments=assignments, **common)
@@ -75,7 +75,7 @@ def build_path(
     return path
 
 
-def torch_tensor(a: np.ndarray):
+def _as_torch(a: np.ndarray):
     import torch
 
     return torch.from_numpy(np.ascontiguousarray(a))
@@ -83,7 +83,7 @@ def torch_tensor(a: np.ndarray):
 
 def _rescorer(tasks, partition, method, pipeline, grams, mode, measure, linkage) -> Rescorer:
     if mode == "constituent":
-        return ConstituentLinkage(cosine_from_gram(torch_tensor(grams)).numpy(), linkage)
+        return ConstituentLinkage(cosine_from_gram(_as_torch(grams)).numpy(), linkage)
     if measure != "sign" and method.linear_weights(2) is not None:
         return GramMerged(grams, method, measure)
     vectors = [block_deltas(tasks, partition, b, pipeline) for b in range(len(partition))]
