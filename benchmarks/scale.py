@@ -5,7 +5,7 @@ each model is two safetensors shards with an index (2.2 GB per model, ~20 GB in 
 once under --cache-dir and reused. Before each measurement the files' pages are dropped from
 the page cache (posix_fadvise DONTNEED), so both the raw read and flexmerge read from disk.
 
-    python benchmarks/scale.py [--tasks 8] [--executor local|ray]
+    python benchmarks/scale.py [--tasks 8] [--executor local|threads|ray]
 
 Prints the raw sequential read time and throughput of all inputs, then flexmerge's wall time
 per phase, bytes read, read throughput and peak RSS (the timed run is a fresh process).
@@ -122,7 +122,7 @@ def measure(root: Path, num_tasks: int, executor: str, out: Path) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tasks", type=int, default=8)
-    ap.add_argument("--executor", default="local", choices=["local", "ray"])
+    ap.add_argument("--executor", default="local", choices=["local", "threads", "ray"])
     ap.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "flexmerge" / "bench-1b")
     ap.add_argument("--out", type=Path, default=Path("/tmp/flexmerge-scale-2x"))
     ap.add_argument("--measure-only", action="store_true", help=argparse.SUPPRESS)

@@ -30,7 +30,7 @@ class MergeConfig(BaseModel):
     size: float | None = Field(None, gt=0, description="target size in model units (merge only)")
     allow_mixed_dtypes: bool = False
     max_relative_change: float = Field(0.5, gt=0)
-    executor: Literal["local", "ray"] = "local"
+    executor: Literal["local", "threads", "ray"] = "local"
     ray_address: str | None = Field(None, description="an existing Ray cluster (default: start a local one)")
 
     @field_validator("models")

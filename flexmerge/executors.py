@@ -15,7 +15,7 @@ from flexmerge._progress import progress
 from flexmerge.errors import ConfigError, UnknownNameError
 
 T = TypeVar("T")
-EXECUTORS = ("local", "ray")
+EXECUTORS = ("local", "threads", "ray")
 
 
 class Executor(Protocol):
@@ -27,12 +27,16 @@ class Executor(Protocol):
 
 
 class LocalExecutor:
-    """In this process. With `threads` > 1, that many items run at once on threads, so one item's
-    reads (pread releases the GIL) overlap another's arithmetic (so do torch's kernels)."""
+    """In this process, one item after another (the default: at most one block in memory).
+
+    With `threads` > 1, that many items run at once on threads, so one item's reads (pread
+    releases the GIL) overlap another's arithmetic; up to `threads` + 1 blocks are then alive
+    (those running and the one the caller consumes). On the 2-core machine this was measured on
+    it was not faster (README, "Scale"), so it is opt-in: `--executor threads`."""
 
     name = "local"
 
-    def __init__(self, threads: int = 2):
+    def __init__(self, threads: int = 1):
         self.threads = threads
 
     def map(self, fn, items, *shared, desc=""):
@@ -102,8 +106,8 @@ def _run_in_worker(threads: int, fn, *args):
 def get_executor(name: str | Executor | None = None, address: str | None = None, num_cpus: int | None = None) -> Executor:
     if name is None or name == "local":
         return LocalExecutor()
-    if name == "serial":
-        return LocalExecutor(threads=1)
+    if name == "threads":
+        return LocalExecutor(threads=2)
     if not isinstance(name, str):
         return name
     if name == "ray":

@@ -7,6 +7,7 @@ that are identical in all models (frozen: stored once, never merged, not part of
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,7 +16,8 @@ import torch
 
 from flexmerge.errors import CheckpointError, ConfigError
 from flexmerge.executors import get_executor
-from flexmerge.io.source import CheckpointSource, TensorMeta, fingerprint, open_checkpoint, read_rows
+from flexmerge._scratch import release, scratch
+from flexmerge.io.source import CheckpointSource, TensorMeta, fingerprint, open_checkpoint, read_rows, read_rows_into
 
 CHUNK_ELEMENTS = 4 * 1024 * 1024  # per model; bounds the memory of every streaming pass
 
@@ -26,6 +28,10 @@ class Chunk:
 
     key: str
     rows: tuple[int, int] | None
+
+
+def chunk_shape(shape: tuple[int, ...], rows: tuple[int, int] | None) -> tuple[int, ...]:
+    return shape if rows is None else (rows[1] - rows[0], *shape[1:])
 
 
 @dataclass
@@ -66,11 +72,26 @@ class TaskSet:
     def read_task(self, task: int, chunk: Chunk) -> torch.Tensor:
         return read_rows(self.sources[task], chunk.key, chunk.rows)
 
-    def deltas(self, chunk: Chunk, tasks: Sequence[int] | None = None) -> torch.Tensor:
-        """Task vectors of `tasks` (default: all) on `chunk`, stacked as (n, *shape) in fp32."""
+    def deltas(self, chunk: Chunk, tasks: Sequence[int] | None = None, base32: torch.Tensor | None = None,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+        """Task vectors of `tasks` (default: all) on `chunk`, stacked as (n, *shape) in fp32.
+
+        `base32`: the base's chunk in the compute dtype, when the caller has it; `out`: where to
+        write them (default: a new tensor). Each model is read into a reused buffer, so a pass
+        over many chunks allocates nothing per chunk (see `_scratch`)."""
         idx = range(self.num_tasks) if tasks is None else tasks
-        base = self.read_base(chunk).to(self.compute_dtype)
-        return torch.stack([self.read_task(t, chunk).to(self.compute_dtype) - base for t in idx])
+        shape = chunk_shape(self.meta[chunk.key].shape, chunk.rows)
+        if base32 is None:
+            raw = scratch("deltas.raw", shape, self.base.meta(chunk.key).dtype)
+            read_rows_into(self.base, chunk.key, chunk.rows, raw)
+            base32 = scratch("deltas.base32", shape, self.compute_dtype).copy_(raw)
+        if out is None:
+            out = torch.empty((len(idx), *shape), dtype=self.compute_dtype)
+        for i, t in enumerate(idx):
+            raw = scratch("deltas.raw", shape, self.sources[t].meta(chunk.key).dtype)
+            read_rows_into(self.sources[t], chunk.key, chunk.rows, raw)
+            out[i].copy_(raw).sub_(base32)  # torch.sub(raw, base32) would allocate an fp32 copy of raw
+        return out
 
     def chunks(self, key: str, rows: tuple[int, int] | None = None) -> Iterator[Chunk]:
         """Split rows [start, stop) of `key` into chunks of at most CHUNK_ELEMENTS elements."""
@@ -212,11 +233,16 @@ def scan_key(tasks: TaskSet | TaskSetSpec, key: str) -> KeyScan:
     gram = torch.zeros(m, m, dtype=torch.float64)
     base_sq, differs = 0.0, False
     for chunk in ts.chunks(key):
-        b = ts.read_base(chunk)
-        _check_finite(b, ts.base, key)
-        bf = b.float().flatten()
-        base_sq += float(bf @ bf)
-        d = torch.stack([ts.read_task(t, chunk).float().flatten() for t in range(m)]) - bf
+        shape = chunk_shape(ts.meta[key].shape, chunk.rows)
+        b = scratch("scan.base", shape, ts.base.meta(key).dtype)
+        read_rows_into(ts.base, key, chunk.rows, b)
+        bf = scratch("scan.base32", shape, ts.compute_dtype)
+        bf.copy_(b)
+        sq = float(torch.dot(bf.view(-1), bf.view(-1)))
+        if not math.isfinite(sq):  # NaN/Inf in the base (or finite values whose squares overflow)
+            _check_finite(b, ts.base, key)
+        base_sq += sq
+        d = ts.deltas(chunk, base32=bf, out=scratch("scan.deltas", (m, *shape), ts.compute_dtype)).view(m, -1)
         g = d @ d.T
         if not bool(torch.isfinite(g.diagonal()).all()):  # rare: find the culprit exactly
             for t, src in enumerate(ts.sources):
@@ -244,6 +270,7 @@ def _scan_values(
     probe = TaskSet(names, base, sources, meta, list(meta), [])
     ex = get_executor(executor)
     scans = {s.key: s for s in ex.map(scan_key, list(meta), for_executor(probe, ex), desc="validating checkpoints")}
+    release()
     m = len(sources)
     base_sq = sum(s.base_sq for s in scans.values())
     delta_sq = [sum(float(s.gram[t, t]) for s in scans.values() if s.gram is not None) for t in range(m)]

@@ -1,5 +1,6 @@
 """Run as a script by test_scale.py: plan/merge a large model in a fresh process and report
-(1) peak live bytes of tensors read from the inputs (tracked allocations) and (2) RSS growth."""
+(1) peak live bytes of the tensors that input data is read into (tracked allocations: fresh
+reads and reused scratch buffers) and (2) RSS growth."""
 
 from __future__ import annotations
 
@@ -37,27 +38,29 @@ def generate(root: Path) -> None:
 
 def main(root: Path, method: str) -> None:
     import flexmerge
-    from flexmerge import taskvec
+    from flexmerge import _scratch, taskvec
     from flexmerge.io.source import SafetensorsSource
 
     taskvec.CHUNK_ELEMENTS = 1 << 16  # 256 KB per model and chunk
     live = {"now": 0, "peak": 0}
-    real = SafetensorsSource._pread
 
-    def tracked(self, *args):
-        t = real(self, *args)
+    def track(t: torch.Tensor) -> torch.Tensor:
         live["now"] += t.nbytes
         live["peak"] = max(live["peak"], live["now"])
         weakref.finalize(t, lambda n=t.nbytes: live.__setitem__("now", live["now"] - n))
         return t
 
-    SafetensorsSource._pread = tracked
+    # Every tensor that input data is read into: fresh reads, and the reused scratch buffers.
+    read, reuse = SafetensorsSource._pread, _scratch._tracked
+    SafetensorsSource._pread = lambda self, *args: track(read(self, *args))
+    _scratch._tracked = lambda t: track(reuse(t))
     models = {f"t{t}": root / f"t{t}.safetensors" for t in range(TASKS)}
     before = rss_bytes()
     tasks = flexmerge.load_tasks(root / "base.safetensors", models)
     flexmerge.plan(tasks, method=method)
     plan_peak_live, plan_rss = live["peak"], peak_rss_bytes() - before
-    flexmerge.merge_to_disk(tasks, root / f"out-{method}", size=2.0, method=method, shard_bytes=8 << 20)
+    flexmerge.merge_to_disk(tasks, root / f"out-{method}", size=2.0, method=method, shard_bytes=8 << 20,
+                            overwrite=True)
     print(json.dumps({"model_bytes": tasks.unit_bytes(), "plan_peak_live": plan_peak_live, "plan_rss": plan_rss,
                       "merge_peak_live": live["peak"], "total_rss": peak_rss_bytes() - before,
                       "bytes_read": sum(s.bytes_read for s in [tasks.base, *tasks.sources])}))

@@ -13,7 +13,8 @@ from flexmerge.methods.base import MergeMethod
 from flexmerge.planning.path import Assignment
 from flexmerge.preprocess import Pipeline, fitted_pipeline
 from flexmerge.size import SizeModel, stored_with_masks
-from flexmerge.taskvec import Chunk, TaskSet, as_taskset, for_executor
+from flexmerge._scratch import scratch
+from flexmerge.taskvec import Chunk, TaskSet, as_taskset, chunk_shape, for_executor
 
 
 def materialize_blocks(
@@ -51,8 +52,7 @@ def materialize_block(
                        for t in g]
             continue
         members = list(g)
-        result = method.merge_chunks(pipeline.deltas(tasks, c, members).flatten(1)
-                                     for part in chunks for c in tasks.chunks(part.key, part.rows))
+        result = method.merge_chunks(_member_deltas(tasks, pipeline, method, members, chunks))
         pieces = torch.split(result.delta, numels)
         if base is None:
             base = [tasks.read_base(c).contiguous() for c in chunks]
@@ -62,9 +62,20 @@ def materialize_block(
             scales = result.scales.float() if method.uses_scales else None
             stored.append(StoredGroup(tuple(g), tensors, masks, scales))
         else:
-            tensors = [(bt.float() + x.view(bt.shape)).to(dt) for x, bt, dt in zip(pieces, base, dtypes)]
+            tensors = [x.view(bt.shape).add_(bt).to(dt) for x, bt, dt in zip(pieces, base, dtypes)]  # θ0 + τ
             stored.append(StoredGroup(tuple(g), tensors))
     return BlockStore(stored, [bt.to(dt) for bt, dt in zip(base, dtypes)] if needs_base else None)
+
+
+def _member_deltas(tasks: TaskSet, pipeline: Pipeline, method: MergeMethod, members: list[int],
+                   parts: list[Chunk]) -> Iterator[torch.Tensor]:
+    """The members' task vectors on a block, chunk by chunk, as (n, d_i). Elementwise methods
+    consume each chunk before the next, so one reused buffer holds them (no per-chunk page faults)."""
+    for part in parts:
+        for c in tasks.chunks(part.key, part.rows):
+            shape = (len(members), *chunk_shape(tasks.meta[c.key].shape, c.rows))
+            out = scratch("merge.deltas", shape, tasks.compute_dtype) if method.elementwise else None
+            yield pipeline.deltas(tasks, c, members, out=out).flatten(1)
 
 
 def materialize(

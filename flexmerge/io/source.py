@@ -119,11 +119,26 @@ class SafetensorsSource:
         except KeyError:
             raise CheckpointError(f"{self.path}: no tensor named {key!r}") from None
 
+    def read_into(self, key: str, rows: tuple[int, int] | None, out: torch.Tensor) -> None:
+        """`key` (or rows [start, stop) of it) into `out`, contiguous and of its dtype: no allocation."""
+        e = self._entry(key)
+        if rows is None:
+            self._pread_into(e, e.begin, e.end - e.begin, out)
+            return
+        row_bytes = (e.end - e.begin) // max(e.shape[0], 1)
+        self._pread_into(e, e.begin + rows[0] * row_bytes, (rows[1] - rows[0]) * row_bytes, out)
+
     def _pread(self, e: "_Entry", offset: int, nbytes: int, shape: tuple[int, ...]) -> torch.Tensor:
+        out = torch.empty(shape, dtype=e.dtype)  # not zeroed: pread fills every byte
+        self._pread_into(e, offset, nbytes, out)
+        return out
+
+    def _pread_into(self, e: "_Entry", offset: int, nbytes: int, out: torch.Tensor) -> None:
+        if out.dtype != e.dtype or not out.is_contiguous() or out.numel() * out.element_size() != nbytes:
+            raise ValueError(f"buffer of {tuple(out.shape)} {out.dtype} cannot hold {nbytes} bytes of {e.dtype}")
         if nbytes == 0:
-            return torch.empty(shape, dtype=e.dtype)
-        buf = bytearray(nbytes)
-        view, got = memoryview(buf), 0
+            return
+        view, got = memoryview(out.view(-1).view(torch.uint8).numpy()), 0
         while got < nbytes:
             n = os.preadv(self._fds[e.file], [view[got:]], offset + got)
             if n == 0:
@@ -131,7 +146,6 @@ class SafetensorsSource:
             got += n
         with self._lock:  # reads may come from several threads
             self.bytes_read += nbytes
-        return torch.frombuffer(buf, dtype=e.dtype).view(shape)
 
 
 @dataclass(frozen=True)
@@ -276,6 +290,14 @@ def read_rows(source: CheckpointSource, key: str, rows: tuple[int, int] | None) 
     if isinstance(source, SafetensorsSource):
         return source.read_rows(key, start, stop)
     return source.read(key)[start:stop]
+
+
+def read_rows_into(source: CheckpointSource, key: str, rows: tuple[int, int] | None, out: torch.Tensor) -> None:
+    """`read_rows` into a caller's buffer of the source's dtype: streaming passes reuse one."""
+    if isinstance(source, SafetensorsSource):
+        source.read_into(key, rows, out)
+        return
+    out.copy_(read_rows(source, key, rows).reshape(out.shape))
 
 
 def fingerprint(path: Path, edge_bytes: int = 1 << 20) -> dict[str, object]:

@@ -86,9 +86,10 @@ class MergeMethod:
 
     def merge_chunks(self, chunks: Iterable[torch.Tensor]) -> GroupResult:
         """Merge a block given as consecutive (n, d_i) chunks. Elementwise methods merge chunk by
-        chunk, so memory holds one chunk of the members at a time; others see the whole block."""
+        chunk, so memory holds one chunk of the members at a time, and the chunks may be one
+        reused buffer; others see the whole block."""
         if self.elementwise:
-            return GroupResult.concat([self.merge(c) for c in chunks])
+            return GroupResult.concat([_not_aliasing(self.merge(c), c) for c in chunks])
         return self.merge(torch.cat(list(chunks), 1))
 
     def linear_weights(self, n: int) -> torch.Tensor | None:
@@ -97,6 +98,13 @@ class MergeMethod:
 
     def describe(self) -> dict[str, object]:
         return {"name": self.name, **self.params()}
+
+
+def _not_aliasing(result: GroupResult, chunk: torch.Tensor) -> GroupResult:
+    """A result that does not share memory with its input chunk, which the caller may overwrite."""
+    ptr = chunk.untyped_storage().data_ptr()
+    own = lambda t: t.clone() if t is not None and t.untyped_storage().data_ptr() == ptr else t  # noqa: E731
+    return GroupResult(own(result.delta), own(result.masks), own(result.scales))
 
 
 _REGISTRY: dict[str, type[MergeMethod]] = {}
