@@ -21,11 +21,16 @@ def materialize_blocks(
     tasks: TaskSet, partition: Partition, assignment: Assignment, method: MergeMethod, pipeline: Pipeline,
     executor=None, skip: set[int] = frozenset(),
 ) -> Iterator[tuple[int, BlockStore]]:
-    """Yield (index, storage) of every block not in `skip`, in order, computed by `executor`.
+    """Yield (index, storage) of every block not in `skip`, computed by `executor`.
 
-    In-process, one block's tensors are alive at a time (plus what the consumer keeps)."""
+    Blocks come in the reverse of the order the validation pass read their tensors in: the page
+    cache then still holds the first ones asked for, and a model that (partly) fits in memory is
+    (partly) not read from disk twice. In-process, one block's tensors are alive at a time
+    (plus what the consumer keeps)."""
     ex = get_executor(executor)
-    todo = [b for b in range(len(partition)) if b not in skip]
+    read_order = {k: i for i, k in enumerate(tasks.meta)}
+    last_read = lambda b: max(read_order[p.key] for p in partition.blocks[b].parts)  # noqa: E731
+    todo = sorted((b for b in range(len(partition)) if b not in skip), key=last_read, reverse=True)
     stores = ex.map(_block_job, todo, for_executor(tasks, ex), partition, assignment, method, pipeline,
                     desc="merging blocks")
     yield from zip(todo, stores)
@@ -84,7 +89,8 @@ def materialize(
 ) -> FlexModel:
     """The flex model of one assignment, in memory (`api.merge_to_disk` streams to disk instead)."""
     pipeline = fitted_pipeline(tasks, method)
-    blocks = [store for _, store in materialize_blocks(tasks, partition, assignment, method, pipeline, executor)]
+    stores = dict(materialize_blocks(tasks, partition, assignment, method, pipeline, executor))
+    blocks = [stores[b] for b in range(len(partition))]
     return FlexModel(
         tasks=list(tasks.names), partition=partition, meta=dict(tasks.meta),
         frozen={k: tasks.base.read(k) for k in tasks.frozen}, blocks=blocks, assignment=assignment,
