@@ -11,6 +11,7 @@ from safetensors.torch import save_file
 
 import flexmerge
 from flexmerge.errors import CheckpointError, ConfigError
+from flexmerge.io.source import read_rows_into
 from tests.conftest import fine_tune, tiny_state_dict
 
 
@@ -51,7 +52,14 @@ def test_all_formats_read_the_same_tensors(tmp_path):
         assert sorted(src.keys()) == sorted(keys), path
         for k in keys:
             assert torch.equal(src.read(k), ft[k]), (path, k)
+            for rows in [None, (1, 3)]:  # streaming passes read into reused buffers
+                expected = ft[k] if rows is None else ft[k][rows[0]:rows[1]]
+                buf = torch.full_like(expected, float("nan"))
+                read_rows_into(src, k, rows, buf)
+                assert torch.equal(buf, expected), (path, k, rows)
     assert open_checkpoint(hf_dir).hf_dir == hf_dir
+    with pytest.raises(ValueError, match="cannot hold"):
+        read_rows_into(open_checkpoint(tmp_path / "ft.safetensors"), keys[1], None, torch.empty(3, dtype=torch.float16))
 
 
 def test_load_tasks_finds_frozen_parameters(zoo):

@@ -146,3 +146,22 @@ def test_chunked_merge_equals_whole_block_merge(name):
         assert torch.equal(chunked.masks, whole.masks)
     if whole.scales is not None:
         torch.testing.assert_close(chunked.scales, whole.scales)
+
+
+def test_a_method_returning_a_view_of_its_input_survives_reused_chunk_buffers(tasks, monkeypatch):
+    """Merging streams chunks through one reused buffer; a result aliasing it must not be overwritten."""
+    from flexmerge import taskvec
+    from flexmerge.methods.base import GroupResult, MergeMethod
+
+    class FirstMember(MergeMethod):
+        name, summary, elementwise = "first_member", "test: the first member's task vector, as a view", True
+
+        def merge(self, deltas):
+            return GroupResult(deltas[0])
+
+    monkeypatch.setattr(taskvec, "CHUNK_ELEMENTS", 100)  # fc1 (32 x 16) is read in 7 chunks
+    merged = flexmerge.merge(tasks, size=1.0, method=FirstMember())  # one group (0, 1, ...) per block
+    first = load_file(str(tasks.sources[0].path))
+    for task in tasks.names:
+        for key, value in merged.state_dict(task).items():
+            torch.testing.assert_close(value, first[key])  # θ0 + τ_0 = θ_0 up to rounding

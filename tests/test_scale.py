@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import flexmerge
 from tests.conftest import write_zoo
@@ -65,6 +66,21 @@ def test_ray_executor_writes_the_same_artifact_as_local(tmp_path, ray_executor, 
     b = flexmerge.merge_to_disk(remote, tmp_path / "ray", executor=ray_executor, **options)
     assert [s["sha256"] for s in a["shards"]] == [s["sha256"] for s in b["shards"]]
     assert a["blocks"] == b["blocks"]
+
+
+@pytest.mark.parametrize("method", ["ties", "pcb"])
+def test_threads_executor_writes_the_same_artifact_as_local(tmp_path, method):
+    from flexmerge.executors import get_executor
+
+    base, models = write_zoo(tmp_path / "zoo", num_tasks=4)
+    threads = get_executor("threads")
+    assert threads.threads == 2
+    local = flexmerge.load_tasks(base, models)
+    threaded = flexmerge.load_tasks(base, models, executor=threads)
+    assert all(torch.equal(threaded.key_grams[k], local.key_grams[k]) for k in local.mergeable)
+    a = flexmerge.merge_to_disk(local, tmp_path / "local", size=2.0, method=method)
+    b = flexmerge.merge_to_disk(threaded, tmp_path / "threads", size=2.0, method=method, executor=threads)
+    assert [s["sha256"] for s in a["shards"]] == [s["sha256"] for s in b["shards"]]
 
 
 @pytest.mark.skipif(ray_missing, reason="Ray is not installed (pip install 'flexmerge[ray]')")

@@ -55,7 +55,7 @@ class SafetensorsSource:
     """One safetensors file, or a sharded set described by `model.safetensors.index.json`.
 
     The header is parsed once; each tensor (or row range) is then read with `pread` into a fresh
-    buffer. Unlike a memory map, nothing read stays resident in the process after the tensor is
+    tensor, or into the caller's reused buffer (`read_into`). Unlike a memory map, nothing read stays resident in the process after the tensor is
     released, so the peak RSS of a streaming pass is bounded by what the pass holds, whatever
     the size of the files. `bytes_read` counts what was read.
     """
