@@ -76,7 +76,6 @@ def measure(root: Path, num_tasks: int) -> dict[str, float]:
     t1 = time.perf_counter()
     part = flexmerge.discover_blocks(tasks, "sublayer")
     grams = block_grams(tasks, part)  # summed from the Gram matrices the first pass accumulated
-    t2 = time.perf_counter()
     cos = cosine_from_gram(grams).numpy()
     steps = run_greedy(ConstituentLinkage(cos, "min"))
     t3 = time.perf_counter()

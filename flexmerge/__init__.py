@@ -2,7 +2,14 @@
 
 __version__ = "0.1.0"
 
-from flexmerge.api import discover_blocks, load_tasks, materialize, merge, merge_to_disk, plan  # noqa: E402
+from flexmerge.api import (  # noqa: E402
+    discover_blocks,
+    load_tasks,
+    materialize,
+    merge,
+    merge_to_disk,
+    plan,
+)
 from flexmerge.flexmodel import FlexModel, load, save  # noqa: E402
 from flexmerge.methods import available_methods, get_method  # noqa: E402
 from flexmerge.planning import MergePath  # noqa: E402

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from flexmerge import blocks as _blocks
 from flexmerge.blocks import Partition
 from flexmerge.flexmodel.artifact import SHARD_BYTES, ArtifactHeader, write_artifact
-from flexmerge.flexmodel.materialize import collect_hf_files, materialize as _materialize, materialize_blocks
+from flexmerge.flexmodel.materialize import collect_hf_files, materialize_blocks
+from flexmerge.flexmodel.materialize import materialize as _materialize
 from flexmerge.flexmodel.model import FlexModel
 from flexmerge.methods.base import MergeMethod, get_method
 from flexmerge.planning import MergePath, build_path

@@ -29,7 +29,8 @@ ModeOpt = typer.Option(None, "--mode", help="similarity: constituent (default) |
 MeasureOpt = typer.Option(None, "--measure", help="merged-vector measure: cosine | euclidean | sign")
 SeedOpt = typer.Option(None, "--seed", help="seed of the random order, k-means and DARE")
 ConfigOpt = typer.Option(None, "--config", help="YAML file with the same fields; flags override it")
-ExecOpt = typer.Option(None, "--executor", help="where block work runs: local (default, one block at a time) | threads (two at once) | ray")
+ExecOpt = typer.Option(None, "--executor",
+                       help="where block work runs: local (default, one block at a time) | threads (two at once) | ray")
 RayOpt = typer.Option(None, "--ray-address", help="Ray cluster address (default with --executor ray: a local instance)")
 RelOpt = typer.Option(None, "--max-relative-change",
                       help="largest ||θ_t − θ0|| / ||θ0|| accepted before the base is rejected [default: 0.5]")

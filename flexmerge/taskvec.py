@@ -14,10 +14,17 @@ from pathlib import Path
 
 import torch
 
+from flexmerge._scratch import release, scratch
 from flexmerge.errors import CheckpointError, ConfigError
 from flexmerge.executors import get_executor
-from flexmerge._scratch import release, scratch
-from flexmerge.io.source import CheckpointSource, TensorMeta, fingerprint, open_checkpoint, read_rows, read_rows_into
+from flexmerge.io.source import (
+    CheckpointSource,
+    TensorMeta,
+    fingerprint,
+    open_checkpoint,
+    read_rows,
+    read_rows_into,
+)
 
 CHUNK_ELEMENTS = 4 * 1024 * 1024  # per model; bounds the memory of every streaming pass
 

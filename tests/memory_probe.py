@@ -51,9 +51,9 @@ def main(root: Path, method: str) -> None:
         return t
 
     # Every tensor that input data is read into: fresh reads, and the reused scratch buffers.
-    read, reuse = SafetensorsSource._pread, _scratch._tracked
+    read, allocate = SafetensorsSource._pread, _scratch._allocate
     SafetensorsSource._pread = lambda self, *args: track(read(self, *args))
-    _scratch._tracked = lambda t: track(reuse(t))
+    _scratch._allocate = lambda *args: track(allocate(*args))
     models = {f"t{t}": root / f"t{t}.safetensors" for t in range(TASKS)}
     before = rss_bytes()
     tasks = flexmerge.load_tasks(root / "base.safetensors", models)

@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 import flexmerge
 from flexmerge.errors import ArtifactError, FlexMergeError

@@ -7,8 +7,8 @@ import torch
 from safetensors.torch import load_file
 
 import flexmerge
-from flexmerge.methods import available_methods, get_method
 from flexmerge.errors import ConfigError, UnknownNameError
+from flexmerge.methods import available_methods, get_method
 
 
 def _load(zoo):

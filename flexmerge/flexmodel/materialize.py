@@ -6,6 +6,7 @@ from collections.abc import Iterator
 
 import torch
 
+from flexmerge._scratch import scratch
 from flexmerge.blocks import Partition
 from flexmerge.executors import get_executor
 from flexmerge.flexmodel.model import BlockStore, FlexModel, StoredGroup, pack_masks
@@ -13,7 +14,6 @@ from flexmerge.methods.base import MergeMethod
 from flexmerge.planning.path import Assignment
 from flexmerge.preprocess import Pipeline, fitted_pipeline
 from flexmerge.size import SizeModel, stored_with_masks
-from flexmerge._scratch import scratch
 from flexmerge.taskvec import Chunk, TaskSet, as_taskset, chunk_shape, for_executor
 
 

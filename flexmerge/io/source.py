@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Protocol
 
 import torch
+
 from flexmerge.errors import CheckpointError
 
 SAFETENSORS_DTYPES = {
@@ -55,9 +56,9 @@ class SafetensorsSource:
     """One safetensors file, or a sharded set described by `model.safetensors.index.json`.
 
     The header is parsed once; each tensor (or row range) is then read with `pread` into a fresh
-    tensor, or into the caller's reused buffer (`read_into`). Unlike a memory map, nothing read stays resident in the process after the tensor is
-    released, so the peak RSS of a streaming pass is bounded by what the pass holds, whatever
-    the size of the files. `bytes_read` counts what was read.
+    tensor, or into the caller's reused buffer (`read_into`). Unlike a memory map, nothing read
+    stays resident in the process after the tensor is released, so the peak RSS of a streaming
+    pass is bounded by what the pass holds, whatever the size of the files. `bytes_read` counts what was read.
     """
 
     def __init__(self, path: Path, hf_dir: Path | None = None):

@@ -11,7 +11,13 @@ from flexmerge.blocks import Partition
 from flexmerge.errors import ConfigError, UnknownNameError
 from flexmerge.methods.base import MergeMethod
 from flexmerge.planning.baselines import channel_assignments, cluster_assignments
-from flexmerge.planning.greedy import LINKAGES, ORDERS, ConstituentLinkage, Rescorer, run_greedy
+from flexmerge.planning.greedy import (
+    LINKAGES,
+    ORDERS,
+    ConstituentLinkage,
+    Rescorer,
+    run_greedy,
+)
 from flexmerge.planning.merged import MEASURES, GramMerged, VectorMerged
 from flexmerge.planning.path import Assignment, MergePath, MergeStep
 from flexmerge.similarity import block_deltas, block_grams, cosine_from_gram
