@@ -49,10 +49,10 @@ class Pipeline:
         return self
 
     def deltas(self, tasks: TaskSet, chunk: Chunk, members: Sequence[int] | None = None,
-               out: torch.Tensor | None = None) -> torch.Tensor:
-        """The members' task vectors on `chunk`, transformed (`out`: see `TaskSet.deltas`)."""
+               base32: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The members' task vectors on `chunk`, transformed (`base32`, `out`: see `TaskSet.deltas`)."""
         idx = list(range(tasks.num_tasks)) if members is None else list(members)
-        d = tasks.deltas(chunk, idx, out=out)
+        d = tasks.deltas(chunk, idx, base32=base32, out=out)
         if self.transforms:
             offset = chunk_offset(tasks, chunk)
             d = torch.stack([self.apply_one(t, chunk, offset, d[i]) for i, t in enumerate(idx)])

@@ -56,11 +56,10 @@ def materialize_block(
             stored += [StoredGroup((t,), [tasks.read_task(t, c).to(dt).contiguous() for c, dt in zip(chunks, dtypes)])
                        for t in g]
             continue
-        members = list(g)
-        result = method.merge_chunks(_member_deltas(tasks, pipeline, method, members, chunks))
-        pieces = torch.split(result.delta, numels)
-        if base is None:
+        if base is None:  # read once per block: every merged group's task vectors subtract it
             base = [tasks.read_base(c).contiguous() for c in chunks]
+        result = method.merge_chunks(_member_deltas(tasks, pipeline, method, list(g), chunks, base))
+        pieces = torch.split(result.delta, numels)
         if stored_with_masks(method, len(g)):
             masks = [pack_masks(m) for m in torch.split(result.masks, numels, dim=1)]
             tensors = [x.view(bt.shape).to(dt) for x, bt, dt in zip(pieces, base, dtypes)]
@@ -73,14 +72,18 @@ def materialize_block(
 
 
 def _member_deltas(tasks: TaskSet, pipeline: Pipeline, method: MergeMethod, members: list[int],
-                   parts: list[Chunk]) -> Iterator[torch.Tensor]:
-    """The members' task vectors on a block, chunk by chunk, as (n, d_i). Elementwise methods
-    consume each chunk before the next, so one reused buffer holds them (no per-chunk page faults)."""
-    for part in parts:
+                   parts: list[Chunk], base: list[torch.Tensor]) -> Iterator[torch.Tensor]:
+    """The members' task vectors on a block, chunk by chunk, as (n, d_i), against the block's θ0
+    (`base`, one tensor per part). Elementwise methods consume each chunk before the next, so one
+    reused buffer holds them (no per-chunk page faults)."""
+    for part, part_base in zip(parts, base):
+        first_row = part.rows[0] if part.rows is not None else 0
         for c in tasks.chunks(part.key, part.rows):
-            shape = (len(members), *chunk_shape(tasks.meta[c.key].shape, c.rows))
-            out = scratch("merge.deltas", shape, tasks.compute_dtype) if method.elementwise else None
-            yield pipeline.deltas(tasks, c, members, out=out).flatten(1)
+            shape = chunk_shape(tasks.meta[c.key].shape, c.rows)
+            rows = part_base if c.rows is None else part_base[c.rows[0] - first_row: c.rows[1] - first_row]
+            base32 = scratch("merge.base32", shape, tasks.compute_dtype).copy_(rows)
+            out = scratch("merge.deltas", (len(members), *shape), tasks.compute_dtype) if method.elementwise else None
+            yield pipeline.deltas(tasks, c, members, base32=base32, out=out).flatten(1)
 
 
 def materialize(
