@@ -8,7 +8,9 @@ driver's thread count, so results are bit-identical to the local executor.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
+from itertools import islice
 from typing import Any, Protocol, TypeVar
 
 from flexmerge._progress import progress
@@ -47,15 +49,8 @@ class LocalExecutor:
         from concurrent.futures import ThreadPoolExecutor
 
         with ThreadPoolExecutor(self.threads) as pool:
-            pending: list[Any] = []
-            it = iter(items)
-            for _ in progress(items, desc, total=len(items)):
-                while len(pending) < self.threads:
-                    nxt = next(it, _END)
-                    if nxt is _END:
-                        break
-                    pending.append(pool.submit(fn, *shared, nxt))
-                yield pending.pop(0).result()
+            for future in _in_flight(items, lambda item: pool.submit(fn, *shared, item), self.threads, desc):
+                yield future.result()
 
 
 class RayExecutor:
@@ -82,18 +77,20 @@ class RayExecutor:
 
         threads = torch.get_num_threads()
         refs = [self.ray.put(x) for x in shared]
-        pending: list[Any] = []
-        it = iter(items)
-        for item in progress(items, desc, total=len(items)):
-            while len(pending) < self.max_in_flight:
-                nxt = next(it, _END)
-                if nxt is _END:
-                    break
-                pending.append(self._remote.remote(threads, fn, *refs, nxt))
-            yield self.ray.get(pending.pop(0))
+        submit = lambda item: self._remote.remote(threads, fn, *refs, item)  # noqa: E731
+        for ref in _in_flight(items, submit, self.max_in_flight, desc):
+            yield self.ray.get(ref)
 
 
-_END = object()
+def _in_flight(items: Sequence[Any], submit: Callable[[Any], T], limit: int, desc: str) -> Iterator[T]:
+    """Handles of submitted items in order, with at most `limit` submitted and not yet handed out,
+    so results stream back bounded; progress advances as each one is handed out."""
+    pending: deque[T] = deque()
+    it = iter(items)
+    for _ in progress(items, desc, total=len(items)):
+        for item in islice(it, limit - len(pending)):
+            pending.append(submit(item))
+        yield pending.popleft()
 
 
 def _run_in_worker(threads: int, fn, *args):

@@ -24,6 +24,7 @@ from flexmerge.io.source import (
     open_checkpoint,
     read_rows,
     read_rows_into,
+    rows_shape,
 )
 
 CHUNK_ELEMENTS = 4 * 1024 * 1024  # per model; bounds the memory of every streaming pass
@@ -35,10 +36,6 @@ class Chunk:
 
     key: str
     rows: tuple[int, int] | None
-
-
-def chunk_shape(shape: tuple[int, ...], rows: tuple[int, int] | None) -> tuple[int, ...]:
-    return shape if rows is None else (rows[1] - rows[0], *shape[1:])
 
 
 @dataclass
@@ -79,6 +76,14 @@ class TaskSet:
     def read_task(self, task: int, chunk: Chunk) -> torch.Tensor:
         return read_rows(self.sources[task], chunk.key, chunk.rows)
 
+    def read_base32(self, chunk: Chunk) -> tuple[torch.Tensor, torch.Tensor]:
+        """The base's chunk as stored and in the compute dtype, both in this thread's reused
+        buffers (valid until the next call)."""
+        shape = rows_shape(self.meta[chunk.key].shape, chunk.rows)
+        raw = scratch("base.raw", shape, self.base.meta(chunk.key).dtype)
+        read_rows_into(self.base, chunk.key, chunk.rows, raw)
+        return raw, scratch("base.base32", shape, self.compute_dtype).copy_(raw)
+
     def deltas(self, chunk: Chunk, tasks: Sequence[int] | None = None, base32: torch.Tensor | None = None,
                out: torch.Tensor | None = None) -> torch.Tensor:
         """Task vectors of `tasks` (default: all) on `chunk`, stacked as (n, *shape) in fp32.
@@ -87,11 +92,9 @@ class TaskSet:
         write them (default: a new tensor). Each model is read into a reused buffer, so a pass
         over many chunks allocates nothing per chunk (see `_scratch`)."""
         idx = range(self.num_tasks) if tasks is None else tasks
-        shape = chunk_shape(self.meta[chunk.key].shape, chunk.rows)
+        shape = rows_shape(self.meta[chunk.key].shape, chunk.rows)
         if base32 is None:
-            raw = scratch("deltas.raw", shape, self.base.meta(chunk.key).dtype)
-            read_rows_into(self.base, chunk.key, chunk.rows, raw)
-            base32 = scratch("deltas.base32", shape, self.compute_dtype).copy_(raw)
+            _, base32 = self.read_base32(chunk)
         if out is None:
             out = torch.empty((len(idx), *shape), dtype=self.compute_dtype)
         for i, t in enumerate(idx):
@@ -240,11 +243,8 @@ def scan_key(tasks: TaskSet | TaskSetSpec, key: str) -> KeyScan:
     gram = torch.zeros(m, m, dtype=torch.float64)
     base_sq, differs = 0.0, False
     for chunk in ts.chunks(key):
-        shape = chunk_shape(ts.meta[key].shape, chunk.rows)
-        b = scratch("scan.base", shape, ts.base.meta(key).dtype)
-        read_rows_into(ts.base, key, chunk.rows, b)
-        bf = scratch("scan.base32", shape, ts.compute_dtype)
-        bf.copy_(b)
+        shape = rows_shape(ts.meta[key].shape, chunk.rows)
+        b, bf = ts.read_base32(chunk)
         sq = float(torch.dot(bf.view(-1), bf.view(-1)))
         if not math.isfinite(sq):  # NaN/Inf in the base (or finite values whose squares overflow)
             _check_finite(b, ts.base, key)

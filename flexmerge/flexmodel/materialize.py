@@ -10,11 +10,12 @@ from flexmerge._scratch import scratch
 from flexmerge.blocks import Partition
 from flexmerge.executors import get_executor
 from flexmerge.flexmodel.model import BlockStore, FlexModel, StoredGroup, pack_masks
+from flexmerge.io.source import rows_shape
 from flexmerge.methods.base import MergeMethod
 from flexmerge.planning.path import Assignment
 from flexmerge.preprocess import Pipeline, fitted_pipeline
 from flexmerge.size import SizeModel, stored_with_masks
-from flexmerge.taskvec import Chunk, TaskSet, as_taskset, chunk_shape, for_executor
+from flexmerge.taskvec import Chunk, TaskSet, as_taskset, for_executor
 
 
 def materialize_blocks(
@@ -79,7 +80,7 @@ def _member_deltas(tasks: TaskSet, pipeline: Pipeline, method: MergeMethod, memb
     for part, part_base in zip(parts, base):
         first_row = part.rows[0] if part.rows is not None else 0
         for c in tasks.chunks(part.key, part.rows):
-            shape = chunk_shape(tasks.meta[c.key].shape, c.rows)
+            shape = rows_shape(tasks.meta[c.key].shape, c.rows)
             rows = part_base if c.rows is None else part_base[c.rows[0] - first_row: c.rows[1] - first_row]
             base32 = scratch("merge.base32", shape, tasks.compute_dtype).copy_(rows)
             out = scratch("merge.deltas", (len(members), *shape), tasks.compute_dtype) if method.elementwise else None

@@ -27,6 +27,11 @@ HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json",
                    "pytorch_model.bin", "pytorch_model.bin.index.json")
 
 
+def rows_shape(shape: tuple[int, ...], rows: tuple[int, int] | None) -> tuple[int, ...]:
+    """The shape of rows [start, stop) of a tensor of `shape` (rows=None: the whole tensor)."""
+    return shape if rows is None else (rows[1] - rows[0], *shape[1:])
+
+
 @dataclass(frozen=True)
 class TensorMeta:
     shape: tuple[int, ...]
@@ -92,13 +97,10 @@ class SafetensorsSource:
         return TensorMeta(e.shape, e.dtype)
 
     def read(self, key: str) -> torch.Tensor:
-        e = self._entry(key)
-        return self._pread(e, e.begin, e.end - e.begin, e.shape)
+        return self._pread(self._entry(key), None)
 
     def read_rows(self, key: str, start: int, stop: int) -> torch.Tensor:
-        e = self._entry(key)
-        row_bytes = (e.end - e.begin) // max(e.shape[0], 1)
-        return self._pread(e, e.begin + start * row_bytes, (stop - start) * row_bytes, (stop - start, *e.shape[1:]))
+        return self._pread(self._entry(key), (start, stop))
 
     def files(self) -> list[Path]:
         return list(self._shard_paths)
@@ -122,19 +124,18 @@ class SafetensorsSource:
 
     def read_into(self, key: str, rows: tuple[int, int] | None, out: torch.Tensor) -> None:
         """`key` (or rows [start, stop) of it) into `out`, contiguous and of its dtype: no allocation."""
-        e = self._entry(key)
-        if rows is None:
-            self._pread_into(e, e.begin, e.end - e.begin, out)
-            return
-        row_bytes = (e.end - e.begin) // max(e.shape[0], 1)
-        self._pread_into(e, e.begin + rows[0] * row_bytes, (rows[1] - rows[0]) * row_bytes, out)
+        self._pread_into(self._entry(key), rows, out)
 
-    def _pread(self, e: "_Entry", offset: int, nbytes: int, shape: tuple[int, ...]) -> torch.Tensor:
-        out = torch.empty(shape, dtype=e.dtype)  # not zeroed: pread fills every byte
-        self._pread_into(e, offset, nbytes, out)
+    def _pread(self, e: "_Entry", rows: tuple[int, int] | None) -> torch.Tensor:
+        out = torch.empty(rows_shape(e.shape, rows), dtype=e.dtype)  # not zeroed: pread fills every byte
+        self._pread_into(e, rows, out)
         return out
 
-    def _pread_into(self, e: "_Entry", offset: int, nbytes: int, out: torch.Tensor) -> None:
+    def _pread_into(self, e: "_Entry", rows: tuple[int, int] | None, out: torch.Tensor) -> None:
+        offset, nbytes = e.begin, e.end - e.begin
+        if rows is not None:
+            row_bytes = nbytes // max(e.shape[0], 1)
+            offset, nbytes = e.begin + rows[0] * row_bytes, (rows[1] - rows[0]) * row_bytes
         if out.dtype != e.dtype or not out.is_contiguous() or out.numel() * out.element_size() != nbytes:
             raise ValueError(f"buffer of {tuple(out.shape)} {out.dtype} cannot hold {nbytes} bytes of {e.dtype}")
         if nbytes == 0:
