@@ -10,11 +10,11 @@ from flexmerge.api import (  # noqa: E402
     merge_to_disk,
     plan,
 )
-from flexmerge.flexmodel import FlexModel, load, save  # noqa: E402
+from flexmerge.flexmodel import FlexModel, export, load, save  # noqa: E402
 from flexmerge.methods import available_methods, get_method  # noqa: E402
 from flexmerge.planning import MergePath  # noqa: E402
 
 __all__ = [
     "__version__", "load_tasks", "discover_blocks", "plan", "materialize", "merge", "merge_to_disk",
-    "save", "load", "FlexModel", "MergePath", "get_method", "available_methods",
+    "save", "load", "export", "FlexModel", "MergePath", "get_method", "available_methods",
 ]

@@ -8,7 +8,8 @@ from typing import Any
 
 from flexmerge import blocks as _blocks
 from flexmerge.blocks import Partition
-from flexmerge.flexmodel.artifact import SHARD_BYTES, ArtifactHeader, write_artifact
+from flexmerge._atomic import check_target
+from flexmerge.flexmodel.artifact import SHARD_BYTES, ArtifactHeader, is_artifact, write_artifact
 from flexmerge.flexmodel.materialize import collect_hf_files, materialize_blocks
 from flexmerge.flexmodel.materialize import materialize as _materialize
 from flexmerge.flexmodel.model import FlexModel
@@ -81,6 +82,7 @@ def merge_to_disk(tasks: TaskSet, out: str | Path, *, size: float, method: str |
     Memory holds one block's merge and one shard's buffer, not the model. With `resume`, an
     interrupted run of the same job continues where its last written shard ended.
     """
+    check_target(Path(out), overwrite, is_artifact, "a flex-model artifact")  # fail before the work, not after
     m = _method(method, params)
     partition = discover_blocks(tasks, plan_options.pop("granularity", "sublayer"), plan_options.pop("patterns", None))
     path = plan(tasks, partition, method=m, executor=executor, **plan_options)

@@ -100,7 +100,7 @@ def discover_blocks(
     block per encoder layer. Keys no pattern matches fall back to `granularity`.
     """
     namer, split_k = _namer(granularity)
-    compiled = [(name, re.compile(rx)) for name, rx in (patterns or {}).items()]
+    compiled = [(name, _compile(name, rx)) for name, rx in (patterns or {}).items()]
     grouped: dict[str, list[Part]] = {}
     for key in keys:
         hits = [(name, m) for name, rx in compiled if (m := rx.fullmatch(key))]
@@ -108,7 +108,7 @@ def discover_blocks(
             raise ConfigError(f"parameter {key!r} matches several block patterns: {[h[0] for h in hits]}")
         if hits:
             name, m = hits[0]
-            grouped.setdefault(name.format(*m.groups()), []).append(Part(key))
+            grouped.setdefault(_block_name(name, m), []).append(Part(key))
         elif split_k and len(meta[key].shape) == 2:
             for part in _row_parts(key, meta[key].shape[0], split_k):
                 grouped.setdefault(part.label(), []).append(part)
@@ -118,6 +118,25 @@ def discover_blocks(
     partition = Partition(blocks, granularity)
     check_partition(partition, keys)
     return partition
+
+
+def _compile(name: object, rx: object) -> re.Pattern:
+    if not isinstance(name, str) or not isinstance(rx, str):
+        raise ConfigError(f"block pattern {name!r}: {rx!r} must map a name to a regular expression (both text)")
+    try:
+        return re.compile(rx)
+    except re.error as e:
+        raise ConfigError(f"block pattern {name!r}: {rx!r} is not a valid regular expression ({e})") from None
+
+
+def _block_name(name: str, m: re.Match) -> str:
+    """The pattern's block name with `{0}`, `{1}`, ... filled from the match's capture groups."""
+    try:
+        return name.format(*m.groups())
+    except (IndexError, KeyError, ValueError, AttributeError) as e:
+        raise ConfigError(f"block name {name!r}: its placeholders need capture groups that the pattern does not "
+                          f"have ({m.re.groups} capture groups; use {{0}}..{{{max(m.re.groups - 1, 0)}}}): {e!r}"
+                          ) from None
 
 
 def check_partition(partition: Partition, keys: list[str]) -> None:

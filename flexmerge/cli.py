@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import errno
+import functools
 import json
+import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Optional
 
+import click
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -37,11 +42,63 @@ RelOpt = typer.Option(None, "--max-relative-change",
 MixedOpt = typer.Option(None, "--allow-mixed-dtypes/--no-allow-mixed-dtypes", help="merge inputs of different float dtypes")
 
 
-def _fail(e: Exception) -> None:
+_STATE = {"debug": bool(os.environ.get("FLEXMERGE_DEBUG"))}
+
+
+@app.callback()
+def _options(debug: bool = typer.Option(False, "--debug", help="show the Python traceback of an unexpected error")
+             ) -> None:
+    """Merge M fine-tuned models into one artifact of any size between 1x and Mx."""
+    _STATE["debug"] = debug or _STATE["debug"]
+
+
+def _say(message: str) -> None:
     from rich.markup import escape
 
-    err.print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True, highlight=False)
-    raise typer.Exit(2)
+    err.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True, highlight=False)
+
+
+def _os_error_message(e: OSError) -> str:
+    what = e.strerror or str(e)
+    where = f" {e.filename}" if e.filename else ""
+    hint = {errno.ENOSPC: "free some space or choose another output",
+            errno.EACCES: "check the file's permissions", errno.EPERM: "check the file's permissions",
+            errno.EROFS: "choose an output on a writable filesystem"}.get(e.errno, "")
+    return f"cannot access{where}: {what}" + (f" ({hint})" if hint else "")
+
+
+def guarded(command: Callable) -> Callable:
+    """The CLI's one error boundary: a user error (bad input, bad option, unreadable or unwritable
+    file, full disk) is one line on stderr and exit 2; anything else is an internal error that
+    says so, exit 1, with the traceback only under --debug."""
+    @functools.wraps(command)
+    def run(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+            raise
+        except FlexMergeError as e:
+            _say(str(e))
+            raise typer.Exit(2) from None
+        except OSError as e:
+            if _STATE["debug"]:
+                raise
+            _say(_os_error_message(e))
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            _say("interrupted; a resumable merge continues where it stopped when the same command is rerun")
+            raise typer.Exit(130) from None
+        except Exception as e:
+            if _STATE["debug"]:
+                raise
+            _say(f"internal error ({type(e).__name__}: {e}); this is a bug in flexmerge, not in your input. "
+                 "Rerun with --debug (flexmerge --debug COMMAND ...) for the traceback and report it.")
+            raise typer.Exit(1) from None
+    return run
+
+
+def command(f: Callable) -> Callable:
+    return app.command()(guarded(f))
 
 
 def _parse_params(items: list[str] | None) -> dict[str, Any]:
@@ -84,7 +141,7 @@ def _load(cfg, executor):
                       max_relative_change=cfg.max_relative_change, executor=executor)
 
 
-@app.command()
+@command
 def plan(
     out: Path = typer.Option(..., "--out", help="where to write the merge path (JSON)"),
     base: Optional[Path] = BaseOpt, model: Optional[list[str]] = ModelOpt, method: Optional[str] = MethodOpt,
@@ -93,29 +150,30 @@ def plan(
     seed: Optional[int] = SeedOpt, config: Optional[Path] = ConfigOpt, allow_mixed_dtypes: Optional[bool] = MixedOpt,
     executor: Optional[str] = ExecOpt, ray_address: Optional[str] = RayOpt,
     max_relative_change: Optional[float] = RelOpt,
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing path file at --out"),
 ) -> None:
     """Compute the whole merge path (Mx down to the smallest size) and write it as JSON.
 
     Example: flexmerge plan --base base.safetensors --model a=a.safetensors --model b=b.safetensors
     --method ties --out path.json
     """
+    from flexmerge._atomic import check_target
     from flexmerge.api import plan as plan_fn
+    from flexmerge.planning.path import is_path_file
 
-    try:
-        cfg = _config(config, base, model, method, param, granularity, planner, linkage, mode, measure, seed,
-                      allow_mixed_dtypes, None, executor, ray_address, max_relative_change)
-        ex = _executor(cfg)
-        path = plan_fn(_load(cfg, ex), method=cfg.method, params=cfg.params, executor=ex, **cfg.plan_options())
-        path.save(out)
-    except FlexMergeError as e:
-        _fail(e)
+    check_target(out, overwrite, is_path_file, "a flexmerge path file")  # before minutes of work, not after
+    cfg = _config(config, base, model, method, param, granularity, planner, linkage, mode, measure, seed,
+                  allow_mixed_dtypes, None, executor, ray_address, max_relative_change)
+    ex = _executor(cfg)
+    path = plan_fn(_load(cfg, ex), method=cfg.method, params=cfg.params, executor=ex, **cfg.plan_options())
+    path.save(out, overwrite=overwrite)
     console.print(f"{len(path.block_names)} blocks, {path.num_points} points, sizes {path.sizes[0]:.3f}x -> "
                   f"{path.min_size:.3f}x; similarity pass {path.timings['similarity_pass']:.2f}s, "
                   f"path {path.timings['path']:.4f}s")
     console.print(f"wrote {out}", soft_wrap=True)
 
 
-@app.command()
+@command
 def merge(
     out: Path = typer.Option(..., "--out", help="artifact directory to write"),
     size: Optional[float] = typer.Option(None, "--size", help="target size in model units, 1 <= size <= M"),
@@ -134,23 +192,23 @@ def merge(
     Example: flexmerge merge --base base.safetensors --model a=a.safetensors --model b=b.safetensors
     --model c=c.safetensors --method ties --size 2 --out flex-2x
     """
+    from flexmerge._atomic import check_target
     from flexmerge.api import merge_to_disk
+    from flexmerge.flexmodel.artifact import is_artifact
 
-    try:
-        cfg = _config(config, base, model, method, param, granularity, planner, linkage, mode, measure, seed,
-                      allow_mixed_dtypes, size, executor, ray_address, max_relative_change)
-        if cfg.size is None:
-            raise FlexMergeError("--size (or `size:` in --config) is required")
-        ex = _executor(cfg)
-        manifest = merge_to_disk(_load(cfg, ex), out, size=cfg.size, method=cfg.method, params=cfg.params,
-                                 overwrite=overwrite, executor=ex, resume=resume, **cfg.plan_options())
-    except FlexMergeError as e:
-        _fail(e)
+    check_target(out, overwrite, is_artifact, "a flex-model artifact")  # before the validation pass, not after
+    cfg = _config(config, base, model, method, param, granularity, planner, linkage, mode, measure, seed,
+                  allow_mixed_dtypes, size, executor, ray_address, max_relative_change)
+    if cfg.size is None:
+        raise FlexMergeError("--size (or `size:` in --config) is required")
+    ex = _executor(cfg)
+    manifest = merge_to_disk(_load(cfg, ex), out, size=cfg.size, method=cfg.method, params=cfg.params,
+                             overwrite=overwrite, executor=ex, resume=resume, **cfg.plan_options())
     console.print(f"wrote {out}: {len(manifest['tasks'])} tasks, method {manifest['method']['name']}, "
                   f"size {manifest['size']:.4f}x (asked {cfg.size:g}x)", soft_wrap=True)
 
 
-@app.command()
+@command
 def inspect(
     artifact: Path = typer.Argument(..., help="flex-model directory"),
     as_json: bool = typer.Option(False, "--json", help="print the manifest summary as JSON"),
@@ -161,10 +219,7 @@ def inspect(
     """
     from flexmerge.flexmodel.artifact import read_manifest
 
-    try:
-        m = read_manifest(artifact)
-    except FlexMergeError as e:
-        _fail(e)
+    m = read_manifest(artifact)
     tasks = m["tasks"]
     blocks = [{"name": b["name"], "groups": [[tasks[t] for t in g] for g in b["groups"]]} for b in m["blocks"]]
     summary = {"tasks": tasks, "method": m["method"], "size": m["size"], "unit_bytes": m["unit_bytes"],
@@ -183,7 +238,7 @@ def inspect(
     console.print(table)
 
 
-@app.command()
+@command
 def export(
     artifact: Path = typer.Argument(..., help="flex-model directory"),
     task: str = typer.Option(..., "--task", help="which task's model to export"),
@@ -194,16 +249,14 @@ def export(
 
     Example: flexmerge export flex-2x --task sst2 --out sst2-model/
     """
-    from flexmerge.flexmodel.artifact import load
+    from flexmerge.flexmodel import export as export_fn
+    from flexmerge.flexmodel import load
 
-    try:
-        written = load(artifact).export(task, out, overwrite=overwrite)
-    except FlexMergeError as e:
-        _fail(e)
+    written = export_fn(load(artifact), task, out, overwrite=overwrite)
     console.print(f"wrote {written}", soft_wrap=True)
 
 
-@app.command()
+@command
 def methods() -> None:
     """List the merging methods and their hyperparameters (with defaults)."""
     from flexmerge.methods import available_methods
@@ -268,7 +321,7 @@ CacheOpt = typer.Option(None, "--cache-dir", help="where fine-tuned zoos are cac
 RebuildOpt = typer.Option(False, "--rebuild", help="retrain the zoo even if a verified cached one exists")
 
 
-@app.command()
+@command
 def sweep(
     suite: str = SuiteOpt,
     methods: str = typer.Option(DEFAULT_METHODS, "--methods", help="comma-separated merging methods"),
@@ -285,13 +338,10 @@ def sweep(
     Example: flexmerge sweep --suite wordnet --methods task_arithmetic,ties,emr,consensus
     --sizes 1,1.5,2,3,4,8 --out results/
     """
-    try:
-        _run_suite(suite, out, methods, sizes, planners, granularity, cache_dir, rebuild)
-    except FlexMergeError as e:
-        _fail(e)
+    _run_suite(suite, out, methods, sizes, planners, granularity, cache_dir, rebuild)
 
 
-@app.command()
+@command
 def demo(
     suite: str = SuiteOpt,
     out: Optional[Path] = typer.Option(None, "--out", help="results directory [default: results/demo-<suite>]"),
@@ -303,11 +353,8 @@ def demo(
     Example: flexmerge demo            (wordnet: ~10 min the first time, then minutes)
              flexmerge demo --suite digits   (seconds)
     """
-    try:
-        _run_suite(suite, out or Path("results") / f"demo-{suite}", DEFAULT_METHODS, DEFAULT_SIZES, "greedy",
-                   "sublayer", cache_dir, rebuild)
-    except FlexMergeError as e:
-        _fail(e)
+    _run_suite(suite, out or Path("results") / f"demo-{suite}", DEFAULT_METHODS, DEFAULT_SIZES, "greedy",
+               "sublayer", cache_dir, rebuild)
 
 
 def main() -> None:  # pragma: no cover - entry point

@@ -6,9 +6,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from flexmerge.errors import ConfigError
+from flexmerge.paths import UnsafePathError, check_task_name
 
 
 class MergeConfig(BaseModel):
@@ -27,9 +28,10 @@ class MergeConfig(BaseModel):
     mode: Literal["constituent", "merged"] = "constituent"
     measure: Literal["cosine", "euclidean", "sign"] = "cosine"
     seed: int = 0
-    size: float | None = Field(None, gt=0, description="target size in model units (merge only)")
+    size: float | None = Field(None, gt=0, allow_inf_nan=False,
+                               description="target size in model units, 1 <= size <= M (merge only)")
     allow_mixed_dtypes: bool = False
-    max_relative_change: float = Field(0.5, gt=0)
+    max_relative_change: float = Field(0.5, gt=0, allow_inf_nan=False)
     executor: Literal["local", "threads", "ray"] = "local"
     ray_address: str | None = Field(None, description="an existing Ray cluster (default: start a local one)")
 
@@ -38,11 +40,41 @@ class MergeConfig(BaseModel):
     def _two_or_more(cls, v: dict[str, Path]) -> dict[str, Path]:
         if len(v) < 2:
             raise ValueError(f"merging needs at least 2 task models, got {len(v)}")
+        for name in v:
+            check_task_name(name)
         return v
+
+    @model_validator(mode="after")
+    def _size_at_most_m(self) -> "MergeConfig":
+        if self.size is not None and self.size > len(self.models):
+            raise ValueError(f"size {self.size:g} is above {len(self.models)}, the number of task models (M)")
+        return self
 
     def plan_options(self) -> dict[str, Any]:
         return {"granularity": self.granularity, "patterns": self.blocks, "planner": self.planner,
                 "linkage": self.linkage, "mode": self.mode, "measure": self.measure, "seed": self.seed}
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """Safe YAML that refuses a mapping with a key given twice (PyYAML keeps the last one silently)."""
+
+
+def _unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False):
+    seen: set = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        try:
+            duplicate = key in seen
+        except TypeError:  # an unhashable key: SafeLoader reports it itself
+            break
+        if duplicate:
+            raise yaml.constructor.ConstructorError(None, None, f"key {key!r} is given twice",
+                                                    key_node.start_mark)
+        seen.add(key)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
 
 
 def build_config(file: Path | None, overrides: dict[str, Any]) -> MergeConfig:
@@ -52,16 +84,23 @@ def build_config(file: Path | None, overrides: dict[str, Any]) -> MergeConfig:
         if not file.is_file():
             raise ConfigError(f"config file not found: {file}")
         try:
-            data = yaml.safe_load(file.read_text()) or {}
+            data = yaml.load(file.read_bytes().decode("utf-8"), Loader=_UniqueKeyLoader) or {}
+        except OSError as e:
+            raise ConfigError(f"{file}: cannot read ({e.strerror or e})") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{file}: not UTF-8 text ({e})") from None
         except yaml.YAMLError as e:
-            raise ConfigError(f"{file}: invalid YAML ({e})") from e
+            raise ConfigError(f"{file}: invalid YAML ({e})") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{file}: expected a mapping of fields at the top level")
         root = file.parent
         if "base" in data:
             data["base"] = root / str(data["base"])
         if isinstance(data.get("models"), dict):
-            data["models"] = {k: root / str(v) for k, v in data["models"].items()}
+            try:
+                data["models"] = {check_task_name(k, str(file)): root / str(v) for k, v in data["models"].items()}
+            except UnsafePathError as e:
+                raise ConfigError(str(e)) from None
     for k, v in overrides.items():
         if v is None or (k == "params" and not v):
             continue

@@ -7,6 +7,7 @@ that are identical in all models (frozen: stored once, never merged, not part of
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -17,10 +18,11 @@ import torch
 from flexmerge._scratch import release, scratch
 from flexmerge.errors import CheckpointError, ConfigError
 from flexmerge.executors import get_executor
+from flexmerge.paths import check_task_name
 from flexmerge.io.source import (
     CheckpointSource,
     TensorMeta,
-    fingerprint,
+    file_record,
     open_checkpoint,
     read_rows,
     read_rows_into,
@@ -48,7 +50,8 @@ class TaskSet:
     meta: dict[str, TensorMeta]
     mergeable: list[str]
     frozen: list[str]
-    provenance: dict[str, list[dict[str, object]]] = field(default_factory=dict)
+    # per model ("base", then the tasks): its files and the sha256 of its tensors' content
+    provenance: dict[str, dict[str, object]] = field(default_factory=dict)
     key_grams: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)  # raw (M, M) per key
     compute_dtype: torch.dtype = torch.float32
     fitted: dict[str, object] = field(default_factory=dict, repr=False)  # preprocessing fitted on this set
@@ -85,12 +88,13 @@ class TaskSet:
         return raw, scratch("base.base32", shape, self.compute_dtype).copy_(raw)
 
     def deltas(self, chunk: Chunk, tasks: Sequence[int] | None = None, base32: torch.Tensor | None = None,
-               out: torch.Tensor | None = None) -> torch.Tensor:
+               out: torch.Tensor | None = None, hashers: Sequence | None = None) -> torch.Tensor:
         """Task vectors of `tasks` (default: all) on `chunk`, stacked as (n, *shape) in fp32.
 
         `base32`: the base's chunk in the compute dtype, when the caller has it; `out`: where to
-        write them (default: a new tensor). Each model is read into a reused buffer, so a pass
-        over many chunks allocates nothing per chunk (see `_scratch`)."""
+        write them (default: a new tensor); `hashers`: one hashlib object per task, fed the raw
+        bytes read. Each model is read into a reused buffer, so a pass over many chunks allocates
+        nothing per chunk (see `_scratch`)."""
         idx = range(self.num_tasks) if tasks is None else tasks
         shape = rows_shape(self.meta[chunk.key].shape, chunk.rows)
         if base32 is None:
@@ -100,6 +104,8 @@ class TaskSet:
         for i, t in enumerate(idx):
             raw = scratch("deltas.raw", shape, self.sources[t].meta(chunk.key).dtype)
             read_rows_into(self.sources[t], chunk.key, chunk.rows, raw)
+            if hashers is not None:
+                hash_tensor(hashers[i], raw)
             out[i].copy_(raw).sub_(base32)  # torch.sub(raw, base32) would allocate an fp32 copy of raw
         return out
 
@@ -154,12 +160,13 @@ def as_taskset(tasks: TaskSet | TaskSetSpec) -> TaskSet:
 def parse_task_specs(specs: Sequence[str] | Mapping[str, str | Path]) -> dict[str, Path]:
     """`["name=path", ...]` or a mapping -> ordered {name: path}; duplicate names are an error."""
     if isinstance(specs, Mapping):
-        return {str(k): Path(v) for k, v in specs.items()}
+        return {check_task_name(k): Path(v) for k, v in specs.items()}
     out: dict[str, Path] = {}
     for spec in specs:
         name, sep, path = str(spec).partition("=")
         if not sep or not name or not path:
             raise ConfigError(f"model spec {spec!r} must be NAME=PATH")
+        check_task_name(name, f"model spec {spec!r}")
         if name in out:
             raise ConfigError(f"duplicate task name {name!r} (given for {out[name]} and {path})")
         out[name] = Path(path)
@@ -183,11 +190,10 @@ def load_tasks(
     base_src = open_checkpoint(base)
     sources = [open_checkpoint(p) for p in named.values()]
     meta = _check_structure(base_src, sources, allow_mixed_dtypes)
-    mergeable, frozen, key_grams = _scan_values(base_src, sources, list(named), meta, max_relative_change, executor)
-    provenance = {
-        "base": [fingerprint(f) for f in base_src.files()],
-        **{name: [fingerprint(f) for f in src.files()] for name, src in zip(named, sources)},
-    }
+    mergeable, frozen, key_grams, digests = _scan_values(base_src, sources, list(named), meta,
+                                                         max_relative_change, executor)
+    provenance = {name: {"files": [file_record(f) for f in src.files()], "sha256": digest}
+                  for name, src, digest in zip(["base", *named], [base_src, *sources], digests)}
     return TaskSet(list(named), base_src, sources, meta, mergeable, frozen, provenance, key_grams=key_grams)
 
 
@@ -228,28 +234,37 @@ class KeyScan:
     differs: bool
     base_sq: float = 0.0
     gram: torch.Tensor | None = None  # (M, M) float64 of the raw task vectors
+    digests: tuple[str, ...] = ()  # sha256 of the key's bytes in the base, then in each task model
 
 
 def scan_key(tasks: TaskSet | TaskSetSpec, key: str) -> KeyScan:
-    """Finite values, whether any model differs from the base, and the key's Gram matrix."""
+    """Finite values, whether any model differs from the base, the key's Gram matrix, and the
+    sha256 of its bytes in every model (what a resumed job is keyed on)."""
     ts = as_taskset(tasks)
     m = ts.num_tasks
+    hashers = [hashlib.sha256() for _ in range(m + 1)]  # base, then the tasks
     if not ts.meta[key].dtype.is_floating_point:
         differs = False
         for chunk in ts.chunks(key):
             b = ts.read_base(chunk)
-            differs |= any(not torch.equal(ts.read_task(t, chunk), b) for t in range(m))
-        return KeyScan(key, differs)
+            hash_tensor(hashers[0], b)
+            for t in range(m):
+                x = ts.read_task(t, chunk)
+                hash_tensor(hashers[t + 1], x)
+                differs |= not torch.equal(x, b)
+        return KeyScan(key, differs, digests=tuple(h.hexdigest() for h in hashers))
     gram = torch.zeros(m, m, dtype=torch.float64)
     base_sq, differs = 0.0, False
     for chunk in ts.chunks(key):
         shape = rows_shape(ts.meta[key].shape, chunk.rows)
         b, bf = ts.read_base32(chunk)
+        hash_tensor(hashers[0], b)
         sq = float(torch.dot(bf.view(-1), bf.view(-1)))
         if not math.isfinite(sq):  # NaN/Inf in the base (or finite values whose squares overflow)
             _check_finite(b, ts.base, key)
         base_sq += sq
-        d = ts.deltas(chunk, base32=bf, out=scratch("scan.deltas", (m, *shape), ts.compute_dtype)).view(m, -1)
+        d = ts.deltas(chunk, base32=bf, out=scratch("scan.deltas", (m, *shape), ts.compute_dtype),
+                      hashers=hashers[1:]).view(m, -1)
         g = d @ d.T
         if not bool(torch.isfinite(g.diagonal()).all()):  # rare: find the culprit exactly
             for t, src in enumerate(ts.sources):
@@ -258,7 +273,25 @@ def scan_key(tasks: TaskSet | TaskSetSpec, key: str) -> KeyScan:
         if not differs:  # a zero norm can hide tiny differences (fp32 underflow): compare exactly
             differs = bool((g.diagonal() > 0).any()) or any(
                 not torch.equal(ts.read_task(t, chunk), b) for t in range(m))
-    return KeyScan(key, differs, base_sq, gram)
+    return KeyScan(key, differs, base_sq, gram, tuple(h.hexdigest() for h in hashers))
+
+
+def hash_tensor(hasher, t: torch.Tensor) -> None:
+    """Feed a tensor's raw bytes (any dtype, bf16 included) to a hashlib object, without a copy."""
+    if t.numel():
+        hasher.update(memoryview(t.contiguous().view(-1).view(torch.uint8).numpy()))
+
+
+def content_digests(scans: Sequence[KeyScan], meta: Mapping[str, TensorMeta], num_models: int) -> list[str]:
+    """Per model (base first): sha256 over its keys' names, dtypes, shapes and bytes, in key order."""
+    by_key = {s.key: s for s in scans}
+    out = []
+    for i in range(num_models):
+        h = hashlib.sha256()
+        for k, mt in meta.items():
+            h.update(f"{k}\0{mt.dtype}\0{list(mt.shape)}\0{by_key[k].digests[i]}\n".encode())
+        out.append(h.hexdigest())
+    return out
 
 
 def _scan_values(
@@ -268,8 +301,9 @@ def _scan_values(
     meta: dict[str, TensorMeta],
     max_relative_change: float,
     executor=None,
-) -> tuple[list[str], list[str], dict[str, torch.Tensor]]:
-    """One streaming pass: finite values, frozen keys, no task equal to the base, a plausible base.
+) -> tuple[list[str], list[str], dict[str, torch.Tensor], list[str]]:
+    """One streaming pass: finite values, frozen keys, no task equal to the base, a plausible base,
+    and each model's content sha256 (base first).
 
     The same pass accumulates each key's (M, M) Gram matrix of raw task vectors, so planning
     without preprocessing needs no second read of the inputs.
@@ -277,6 +311,7 @@ def _scan_values(
     probe = TaskSet(names, base, sources, meta, list(meta), [])
     ex = get_executor(executor)
     scans = {s.key: s for s in ex.map(scan_key, list(meta), for_executor(probe, ex), desc="validating checkpoints")}
+    digests = content_digests(list(scans.values()), meta, len(sources) + 1)
     release()
     m = len(sources)
     base_sq = sum(s.base_sq for s in scans.values())
@@ -302,7 +337,7 @@ def _scan_values(
             raise CheckpointError(f"key {k!r} ({meta[k].dtype}) differs between models but is not floating point")
     mergeable = [k for k in meta if scans[k].differs]
     frozen = [k for k in meta if not scans[k].differs]
-    return mergeable, frozen, {k: scans[k].gram for k in mergeable}
+    return mergeable, frozen, {k: scans[k].gram for k in mergeable}, digests
 
 
 def _check_finite(t: torch.Tensor, src: CheckpointSource, key: str) -> None:

@@ -21,10 +21,10 @@ METHODS = ["average", "task_arithmetic", "ties", "dare", "pcb", "consensus", "em
 def test_at_Mx_every_export_equals_its_fine_tune_bit_for_bit(zoo, tasks, tmp_path, method):
     base, models = zoo
     flex = flexmerge.merge(tasks, size=float(tasks.num_tasks), method=method)
-    flex.save(tmp_path / "flex")
+    flexmerge.save(flex, tmp_path / "flex")
     loaded = flexmerge.load(tmp_path / "flex")
     for name, path in models.items():
-        out = loaded.export(name, tmp_path / f"{name}.safetensors")
+        out = flexmerge.export(loaded, name, tmp_path / f"{name}.safetensors")
         exported, original = load_file(out), load_file(path)
         assert exported.keys() == original.keys()
         for k in original:
@@ -59,7 +59,7 @@ def test_reported_size_equals_bytes_stored(tasks, tmp_path, method, granularity)
     for size in sorted({path.min_size, 2.3, 3.0, float(tasks.num_tasks)}):
         flex = flexmerge.materialize(tasks, path, size)
         out = tmp_path / f"{method}-{size}"
-        flex.save(out)
+        flexmerge.save(flex, out)
         manifest = json.loads((out / "manifest.json").read_text())
         on_disk = _stored_bytes_on_disk(out)
         assert on_disk == manifest["stored_bytes"] == flex.stored_bytes()
@@ -69,7 +69,7 @@ def test_reported_size_equals_bytes_stored(tasks, tmp_path, method, granularity)
 
 def test_round_trip_is_exact_and_streaming_write_matches(tasks, tmp_path):
     flex = flexmerge.merge(tasks, size=2.5, method="emr", granularity="split:2")
-    flex.save(tmp_path / "a")
+    flexmerge.save(flex, tmp_path / "a")
     flexmerge.merge_to_disk(tasks, tmp_path / "b", size=2.5, method="emr", granularity="split:2")
     a, b = flexmerge.load(tmp_path / "a"), flexmerge.load(tmp_path / "b")
     for t in tasks.names:
@@ -82,7 +82,7 @@ def test_round_trip_is_exact_and_streaming_write_matches(tasks, tmp_path):
 
 def test_corrupted_or_truncated_artifacts_fail_clearly(tasks, tmp_path):
     out = tmp_path / "flex"
-    flexmerge.merge(tasks, size=2.0).save(out)
+    flexmerge.save(flexmerge.merge(tasks, size=2.0), out)
     shard = next(out.glob("shard-*.safetensors"))
     data = bytearray(shard.read_bytes())
     data[-10] ^= 0xFF
@@ -225,7 +225,7 @@ def test_export_hugging_face_directory(tmp_path):
     tasks = flexmerge.load_tasks(tmp_path / "base", models)
     assert any(k.startswith("embeddings.") for k in tasks.frozen)
     flexmerge.merge_to_disk(tasks, tmp_path / "flex", size=1.5, method="ties")
-    out = flexmerge.load(tmp_path / "flex").export("t1", tmp_path / "t1-export")
+    out = flexmerge.export(flexmerge.load(tmp_path / "flex"), "t1", tmp_path / "t1-export")
     assert (out / "config.json").is_file()
     reloaded = transformers.BertModel.from_pretrained(out)
     want = flexmerge.load(tmp_path / "flex").state_dict("t1")
@@ -239,7 +239,7 @@ def test_storage_dtype_is_configurable_and_accounted(tasks, tmp_path):
     path = flexmerge.plan(tasks, method="task_arithmetic", params={"dtype": "bfloat16"})
     assert path.sizes[0] == pytest.approx(tasks.num_tasks / 2)
     flex = flexmerge.materialize(tasks, path, 1.0)
-    flex.save(tmp_path / "bf16")
+    flexmerge.save(flex, tmp_path / "bf16")
     assert all(v.dtype == torch.bfloat16 for k, v in flex.state_dict("task0").items() if k in tasks.mergeable)
     assert _stored_bytes_on_disk(tmp_path / "bf16") == flex.stored_bytes() == flex.size * tasks.unit_bytes()
     emr = flexmerge.merge(tasks, size=2.0, method="emr", params={"dtype": "float16"})

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import re
 import shutil
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -33,7 +35,8 @@ from flexmerge._atomic import atomic_directory, write_text_atomic
 from flexmerge.blocks import Block, Part, Partition
 from flexmerge.errors import ArtifactError
 from flexmerge.flexmodel.model import BlockStore, FlexModel, StoredGroup
-from flexmerge.io.source import TensorMeta
+from flexmerge.io.source import HF_SIDE_FILES, TensorMeta, rows_shape
+from flexmerge.paths import UnsafePathError, check_task_name, inside
 from flexmerge.planning.path import Assignment
 
 FORMAT = "flexmerge-artifact/1"
@@ -124,7 +127,10 @@ def write_artifact(
     path = Path(path)
     job = header.job_key(list(frozen))
     partial = path.with_name(f".{path.name}.partial-{job}") if resumable else None
-    with atomic_directory(path, overwrite=overwrite, partial=partial) as tmp:
+    for task in header.hf_files:
+        check_task_name(task, "artifact")
+    with atomic_directory(path, overwrite=overwrite, partial=partial, replaceable=is_artifact,
+                          what="a flex-model artifact") as tmp:
         shards, entries = _resume_state(tmp, job) if resumable else ([], {})
 
         def journal(completed: dict[int, dict[str, Any]]) -> None:
@@ -151,7 +157,7 @@ def write_artifact(
         for task, files in header.hf_files.items():
             (tmp / "hf" / task).mkdir(parents=True, exist_ok=True)
             for name, data in files.items():
-                (tmp / "hf" / task / name).write_bytes(data)
+                (tmp / "hf" / task / _side_file_name(name)).write_bytes(data)
         manifest = {
             "format": FORMAT,
             "flexmerge_version": __version__,
@@ -169,10 +175,15 @@ def write_artifact(
             "hf_tasks": sorted(header.hf_files),
             "info": header.info,
         }
+        try:
+            text = json.dumps(manifest, indent=1, allow_nan=False)
+        except ValueError as e:
+            raise ArtifactError(f"{path}: the manifest would hold a NaN or infinite number ({e})") from None
         (tmp / JOURNAL).unlink(missing_ok=True)
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-    for stale in path.parent.glob(f".{path.name}.partial-*"):  # interrupted runs of other jobs
-        shutil.rmtree(stale, ignore_errors=True)
+        (tmp / MANIFEST).write_text(text)
+        for stale in path.parent.glob(f".{path.name}.partial-*"):  # interrupted runs of other jobs (we hold the lock)
+            if stale != tmp:
+                shutil.rmtree(stale, ignore_errors=True)
     return manifest
 
 
@@ -206,29 +217,131 @@ def save(flex: FlexModel, path: str | Path, overwrite: bool = False) -> dict[str
                           overwrite=overwrite)
 
 
+def is_artifact(path: Path) -> bool:
+    """Whether `path` is a flex-model directory (what `--overwrite` may replace)."""
+    try:
+        read_manifest(path)
+        return not Path(path).is_symlink()
+    except ArtifactError:
+        return False
+
+
+MANIFEST_MAX_BYTES = 256 << 20
+SHARD_NAME = re.compile(r"shard-\d{5,}\.safetensors")
+
+
 def read_manifest(path: str | Path) -> dict[str, Any]:
+    """The manifest of a flex model, checked for structure (see `check_manifest`)."""
     directory = Path(path)
     if not directory.is_dir():
         raise ArtifactError(f"{directory}: not a flex-model directory")
     mf = directory / MANIFEST
-    if not mf.is_file():
+    if not mf.is_file() or mf.is_symlink():
         raise ArtifactError(f"{directory}: no {MANIFEST}; not a flex model, or an unfinished write")
     try:
-        manifest = json.loads(mf.read_text())
-    except json.JSONDecodeError as e:
+        with open(mf, "rb") as f:
+            raw = f.read(MANIFEST_MAX_BYTES + 1)
+        if len(raw) > MANIFEST_MAX_BYTES:
+            raise ArtifactError(f"{mf}: larger than {MANIFEST_MAX_BYTES >> 20} MiB; not a manifest")
+        manifest = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
+    except OSError as e:
+        raise ArtifactError(f"{mf}: cannot read ({e.strerror or e})") from e
+    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise ArtifactError(f"{mf}: corrupted manifest ({e})") from e
-    if manifest.get("format") != FORMAT:
-        raise ArtifactError(f"{mf}: unknown format {manifest.get('format')!r} (expected {FORMAT!r})")
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise ArtifactError(f"{mf}: unknown format {found!r} (expected {FORMAT!r})")
+    problem = check_manifest(manifest)
+    if problem:
+        raise ArtifactError(f"{mf}: malformed manifest: {problem}")
     return manifest
 
 
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def check_manifest(m: dict[str, Any]) -> str | None:
+    """What is structurally wrong with a manifest (None: nothing), so that loading it never fails
+    half-way with a raw error, and no name in it can point outside the artifact."""
+    def is_list(x, of=object):
+        return isinstance(x, list) and all(isinstance(v, of) and not isinstance(v, bool) for v in x)
+
+    for field, kind in (("tasks", list), ("method", dict), ("keys", dict), ("frozen", list), ("blocks", list),
+                        ("shards", list), ("granularity", str), ("info", dict)):
+        if not isinstance(m.get(field), kind):
+            return f"field {field!r} is missing or not a {kind.__name__}"
+    for field in ("size", "unit_bytes", "stored_bytes", "frozen_bytes"):
+        if not isinstance(m.get(field), (int, float)) or isinstance(m.get(field), bool):
+            return f"field {field!r} is missing or not a number"
+    tasks = m["tasks"]
+    try:
+        for t in tasks:
+            check_task_name(t)
+    except UnsafePathError as e:
+        return str(e)
+    if len(set(tasks)) != len(tasks) or not tasks:
+        return "'tasks' is empty or names a task twice"
+    for k, v in m["keys"].items():
+        if not (isinstance(v, dict) and is_list(v.get("shape"), int) and all(x >= 0 for x in v["shape"])
+                and v.get("dtype") in _DTYPES):
+            return f"key {k!r} has no valid shape and dtype"
+    if not is_list(m["frozen"], str) or any(k not in m["keys"] for k in m["frozen"]):
+        return "'frozen' names keys that are not in 'keys'"
+    for shard in m["shards"]:
+        if not (isinstance(shard, dict) and isinstance(shard.get("file"), str) and SHARD_NAME.fullmatch(shard["file"])
+                and isinstance(shard.get("bytes"), int) and isinstance(shard.get("sha256"), str)):
+            return f"shard entry {str(shard)[:80]!r} is not {{file: shard-NNNNN.safetensors, bytes, sha256}}"
+    if len({s["file"] for s in m["shards"]}) != len(m["shards"]):
+        return "a shard is listed twice"
+    everyone = set(range(len(tasks)))
+    for b, e in enumerate(m["blocks"]):
+        problem = _check_block_entry(e, m["keys"], everyone, is_list)
+        if problem:
+            return f"block {b}: {problem}"
+    hf = m.get("hf_tasks", [])
+    if not is_list(hf, str) or any(t not in tasks for t in hf):
+        return "'hf_tasks' names tasks that are not in 'tasks'"
+    return None
+
+
+def _check_block_entry(e: Any, keys: dict[str, Any], everyone: set[int], is_list) -> str | None:
+    if not (isinstance(e, dict) and isinstance(e.get("name"), str) and isinstance(e.get("parts"), list)
+            and isinstance(e.get("groups"), list) and isinstance(e.get("stored"), list)
+            and isinstance(e.get("has_base"), bool) and isinstance(e.get("stored_bytes"), int)):
+        return "needs name, parts, groups, stored, has_base and stored_bytes"
+    for p in e["parts"]:
+        if not (isinstance(p, dict) and p.get("key") in keys):
+            return f"part {str(p)[:80]!r} names no known key"
+        rows = p.get("rows")
+        shape = keys[p["key"]]["shape"]
+        if rows is not None and not (is_list(rows, int) and len(rows) == 2 and shape
+                                     and 0 <= rows[0] < rows[1] <= shape[0]):
+            return f"part {p['key']!r} has rows {rows!r} outside its shape {shape}"
+    for name in ("groups", "stored"):
+        members = [g if name == "groups" else (g.get("members") if isinstance(g, dict) else None) for g in e[name]]
+        if not all(is_list(g, int) and g for g in members):
+            return f"'{name}' must be lists of task indices"
+        flat = [t for g in members for t in g]
+        if sorted(flat) != sorted(everyone):
+            return f"'{name}' do not assign every task (0..{len(everyone) - 1}) exactly once"
+    for s in e["stored"]:
+        if not (isinstance(s.get("masked"), bool) and isinstance(s.get("scales"), bool)):
+            return "a stored group needs 'masked' and 'scales' flags"
+        if s["masked"] and not e["has_base"]:
+            return "a masked group needs the block's base ('has_base')"
+    return None
+
+
 def load(path: str | Path, verify: bool = True) -> FlexModel:
-    """Load a flex model; `verify` checks every shard's size and sha256 against the manifest."""
+    """Load a flex model; `verify` checks every shard's size and sha256 against the manifest.
+
+    Only files the manifest names and that lie inside `path` (symlinks resolved) are read."""
     directory = Path(path)
     manifest = read_manifest(directory)
     tensors: dict[str, torch.Tensor] = {}
     for shard in manifest["shards"]:
-        f = directory / shard["file"]
+        f = inside(directory, shard["file"], "shard")
         if not f.is_file():
             raise ArtifactError(f"{directory}: shard {shard['file']} is missing")
         if f.stat().st_size != shard["bytes"]:
@@ -244,6 +357,8 @@ def load(path: str | Path, verify: bool = True) -> FlexModel:
         return _assemble(manifest, tensors, directory)
     except KeyError as e:
         raise ArtifactError(f"{directory}: tensor {e} named by the manifest is missing from the shards") from e
+    except (ValueError, TypeError, IndexError, RuntimeError) as e:
+        raise ArtifactError(f"{directory}: the shards do not fit the manifest ({e})") from e
 
 
 def _assemble(manifest: dict[str, Any], tensors: dict[str, torch.Tensor], directory: Path) -> FlexModel:
@@ -258,22 +373,52 @@ def _assemble(manifest: dict[str, Any], tensors: dict[str, torch.Tensor], direct
             prefix = f"blocks.{b}.groups.{g}"
             stored.append(StoredGroup(
                 tuple(s["members"]),
-                [tensors[f"{prefix}.parts.{p}"] for p in range(len(parts))],
+                [_fitting(tensors[f"{prefix}.parts.{p}"], part, meta) for p, part in enumerate(parts)],
                 [tensors[f"{prefix}.masks.{p}"] for p in range(len(parts))] if s["masked"] else None,
                 tensors[f"{prefix}.scales"] if s.get("scales") else None,
             ))
         stores.append(BlockStore(stored, base))
         groups.append(tuple(tuple(g) for g in entry["groups"]))
-    hf_files = {}
-    for task in manifest.get("hf_tasks", []):
-        folder = directory / "hf" / task
-        hf_files[task] = {f.name: f.read_bytes() for f in folder.iterdir()} if folder.is_dir() else {}
     return FlexModel(
         tasks=manifest["tasks"], partition=Partition(tuple(blocks), manifest["granularity"]), meta=meta,
         frozen={k: tensors[f"frozen.{k}"] for k in manifest["frozen"]}, blocks=stores,
         assignment=Assignment(tuple(groups)), method=manifest["method"], size=manifest["size"],
-        unit_bytes=manifest["unit_bytes"], info=manifest.get("info", {}), hf_files=hf_files,
+        unit_bytes=manifest["unit_bytes"], info=manifest.get("info", {}),
+        hf_files={task: read_side_files(directory, task) for task in manifest.get("hf_tasks", [])},
     )
+
+
+def _fitting(t: torch.Tensor, part: Part, meta: dict[str, TensorMeta]) -> torch.Tensor:
+    """A stored part, if its shape is the one the manifest's key and rows say."""
+    want = rows_shape(meta[part.key].shape, part.rows)
+    if tuple(t.shape) != tuple(want):
+        raise ValueError(f"stored part of {part.key!r} has shape {list(t.shape)}, the manifest says {list(want)}")
+    return t
+
+
+SIDE_FILE_MAX_BYTES = 64 << 20
+
+
+def read_side_files(directory: Path, task: str) -> dict[str, bytes]:
+    """A task's Hugging Face config/tokenizer files: only the known names, only regular files
+    inside the artifact (a symlink out of it is refused)."""
+    folder = inside(directory, f"hf/{check_task_name(task, 'artifact')}", "side-file folder")
+    out = {}
+    for name in HF_SIDE_FILES:
+        f = folder / name
+        if not os.path.lexists(f):
+            continue
+        real = inside(directory, f"hf/{task}/{name}", "side file")
+        if not real.is_file() or real.stat().st_size > SIDE_FILE_MAX_BYTES:
+            raise ArtifactError(f"{f}: not a regular file of at most {SIDE_FILE_MAX_BYTES >> 20} MiB")
+        out[name] = real.read_bytes()
+    return out
+
+
+def _side_file_name(name: str) -> str:
+    if name not in HF_SIDE_FILES:
+        raise ArtifactError(f"{name!r} is not a Hugging Face side file flexmerge stores ({', '.join(HF_SIDE_FILES)})")
+    return name
 
 
 def _block_entry(block: Block, store: BlockStore, groups) -> dict[str, Any]:

@@ -4,26 +4,45 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from safetensors.torch import save_file
+from safetensors import safe_open
+from safetensors.torch import save, save_file
 
 from flexmerge._atomic import atomic_directory, write_bytes_atomic
-from flexmerge.flexmodel.artifact import _unshare
+from flexmerge.flexmodel.artifact import _side_file_name, _unshare
 from flexmerge.flexmodel.model import FlexModel
+
+EXPORT_MARK = "flexmerge_task"  # safetensors metadata key of every export: what --overwrite may replace
 
 
 def export(flex: FlexModel, task: str, out: str | Path, overwrite: bool = False) -> Path:
     """`out` ending in .safetensors: one file. Otherwise a directory with model.safetensors and,
-    when the inputs were Hugging Face directories, their config and tokenizer files."""
+    when the inputs were Hugging Face directories, their config and tokenizer files.
+
+    `overwrite` replaces only an earlier flexmerge export, never another file or directory."""
     out = Path(out)
     state = {k: v.contiguous() for k, v in _unshare(flex.state_dict(task)).items()}
-    metadata = {"format": "pt", "flexmerge_task": task, "flexmerge_size": f"{flex.size:.6f}"}
+    metadata = {"format": "pt", EXPORT_MARK: task, "flexmerge_size": f"{flex.size:.6f}"}
     if out.suffix == ".safetensors":
-        from safetensors.torch import save
-
-        write_bytes_atomic(out, save(state, metadata=metadata), overwrite=overwrite)
+        write_bytes_atomic(out, save(state, metadata=metadata), overwrite=overwrite,
+                           replaceable=is_export_file, what="a flexmerge export")
         return out
-    with atomic_directory(out, overwrite=overwrite) as tmp:
+    with atomic_directory(out, overwrite=overwrite, replaceable=is_export_dir, what="a flexmerge export") as tmp:
         save_file(state, str(tmp / "model.safetensors"), metadata=metadata)
         for name, data in flex.hf_files.get(task, {}).items():
-            (tmp / name).write_bytes(data)
+            (tmp / _side_file_name(name)).write_bytes(data)
     return out
+
+
+def is_export_file(path: Path) -> bool:
+    """A regular safetensors file that a flexmerge export wrote (its metadata says so)."""
+    if not path.is_file() or path.is_symlink():
+        return False
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return EXPORT_MARK in (f.metadata() or {})
+    except Exception:  # any unreadable file is simply not an export
+        return False
+
+
+def is_export_dir(path: Path) -> bool:
+    return path.is_dir() and not path.is_symlink() and is_export_file(path / "model.safetensors")

@@ -10,7 +10,7 @@ from flexmerge._scratch import scratch
 from flexmerge.blocks import Partition
 from flexmerge.executors import get_executor
 from flexmerge.flexmodel.model import BlockStore, FlexModel, StoredGroup, pack_masks
-from flexmerge.io.source import rows_shape
+from flexmerge.io.source import HF_SIDE_FILES, rows_shape
 from flexmerge.methods.base import MergeMethod
 from flexmerge.planning.path import Assignment
 from flexmerge.preprocess import Pipeline, fitted_pipeline
@@ -101,11 +101,6 @@ def materialize(
         method=method.describe(), size=SizeModel.build(partition, tasks.meta, method).size(assignment.group_sizes()),
         unit_bytes=tasks.unit_bytes(), info=dict(info or {}), hf_files=collect_hf_files(tasks),
     )
-
-
-HF_SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-                 "special_tokens_map.json", "vocab.txt", "vocab.json", "merges.txt", "spiece.model",
-                 "tokenizer.model", "added_tokens.json", "preprocessor_config.json")
 
 
 def collect_hf_files(tasks: TaskSet) -> dict[str, dict[str, bytes]]:

@@ -64,7 +64,9 @@ def unpack_mask(packed: torch.Tensor, numel: int) -> torch.Tensor:
 
 @dataclass
 class FlexModel:
-    """A merged model of some size between 1× and M×: per task, a complete set of weights."""
+    """A merged model of some size between 1× and M×: per task, a complete set of weights.
+
+    Persistence lives beside it, not in it: `flexmerge.save`, `flexmerge.load`, `flexmerge.export`."""
 
     tasks: list[str]
     partition: Partition
@@ -108,22 +110,6 @@ class FlexModel:
         """Load the task's weights into `model` without copying: shared blocks share memory."""
         model.load_state_dict(self.state_dict(task), strict=strict, assign=True)
         return model
-
-    def save(self, path, overwrite: bool = False) -> None:
-        from flexmerge.flexmodel.artifact import save
-
-        save(self, path, overwrite=overwrite)
-
-    @classmethod
-    def load(cls, path, verify: bool = True) -> "FlexModel":
-        from flexmerge.flexmodel.artifact import load
-
-        return load(path, verify=verify)
-
-    def export(self, task: str, out, overwrite: bool = False):
-        from flexmerge.flexmodel.export import export
-
-        return export(self, task, out, overwrite=overwrite)
 
     def _index(self, task: str) -> int:
         if task not in self.tasks:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -17,6 +18,7 @@ from typing import Protocol
 import torch
 
 from flexmerge.errors import CheckpointError
+from flexmerge.paths import inside
 
 SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -25,6 +27,10 @@ SAFETENSORS_DTYPES = {
 }
 HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json",
                    "pytorch_model.bin", "pytorch_model.bin.index.json")
+# config and tokenizer files of a Hugging Face directory that an export carries along
+HF_SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                 "special_tokens_map.json", "vocab.txt", "vocab.json", "merges.txt", "spiece.model",
+                 "tokenizer.model", "added_tokens.json", "preprocessor_config.json")
 
 
 def rows_shape(shape: tuple[int, ...], rows: tuple[int, int] | None) -> tuple[int, ...]:
@@ -72,17 +78,18 @@ class SafetensorsSource:
         self._lock = threading.Lock()
         if path.name.endswith(".index.json"):
             weight_map = _read_index(path)
-            self._shard_paths = [path.parent / n for n in sorted(set(weight_map.values()))]
+            self._shard_paths = _shard_paths(path, weight_map)
         else:
             weight_map = None
             self._shard_paths = [path]
+        by_shard = {k: _shard_path(path, n) for k, n in (weight_map or {}).items()}
         self._fds: list[int] = []
         self._entries: dict[str, _Entry] = {}
         for shard in self._shard_paths:
             fd, entries = _open_safetensors(shard)
             self._fds.append(fd)
             for key, e in entries.items():
-                if weight_map is None or weight_map.get(key) == shard.name:
+                if weight_map is None or by_shard.get(key) == shard:
                     self._entries[key] = _Entry(len(self._fds) - 1, *e)
         if weight_map is not None:
             missing = [k for k in weight_map if k not in self._entries]
@@ -159,35 +166,65 @@ class _Entry:
     end: int
 
 
+HEADER_MAX_BYTES = 100 << 20  # the safetensors library's own limit on a header
+
+
 def _open_safetensors(p: Path) -> tuple[int, dict[str, tuple[torch.dtype, tuple[int, ...], int, int]]]:
-    """Parse a safetensors header (u64 length + JSON, offsets relative to the data section)."""
+    """Parse a safetensors header (u64 length + JSON, offsets relative to the data section).
+
+    The header is untrusted: every field is type-checked and every tensor must lie inside the
+    file with exactly the bytes its shape and dtype need, so a read can never go astray."""
     if not p.exists():
         raise CheckpointError(f"shard not found: {p}")
-    fd = os.open(p, os.O_RDONLY)
+    try:
+        fd = os.open(p, os.O_RDONLY)
+    except OSError as e:
+        raise CheckpointError(f"{p}: cannot open ({e.strerror or e})") from e
     try:
         size = os.fstat(fd).st_size
         head = os.pread(fd, 8, 0)
         n = int.from_bytes(head, "little") if len(head) == 8 else -1
-        if n <= 0 or 8 + n > size:
+        if n <= 0 or n > HEADER_MAX_BYTES or 8 + n > size:
             raise ValueError("bad header length")
-        header = json.loads(os.pread(fd, n, 8))
-        entries = {}
-        for key, v in header.items():
-            if key == "__metadata__":
-                continue
-            dtype = SAFETENSORS_DTYPES[v["dtype"]]
-            shape = tuple(int(x) for x in v["shape"])
-            begin, end = (8 + n + int(x) for x in v["data_offsets"])
-            numel = 1
-            for d in shape:
-                numel *= d
-            if end - begin != numel * dtype.itemsize or end > size:
-                raise ValueError(f"tensor {key!r}: offsets do not match its shape/dtype or the file size")
-            entries[key] = (dtype, shape, begin, end)
+        entries = parse_safetensors_header(os.pread(fd, n, 8), data_start=8 + n, file_size=size)
         return fd, entries
-    except (ValueError, KeyError, TypeError, json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (ValueError, json.JSONDecodeError, UnicodeDecodeError) as e:
         os.close(fd)
         raise CheckpointError(f"{p}: not a readable safetensors file ({e})") from e
+    except OSError as e:
+        os.close(fd)
+        raise CheckpointError(f"{p}: cannot read ({e.strerror or e})") from e
+
+
+def parse_safetensors_header(raw: bytes, data_start: int, file_size: int
+                             ) -> dict[str, tuple[torch.dtype, tuple[int, ...], int, int]]:
+    """{key: (dtype, shape, begin, end)} with absolute offsets; ValueError on anything malformed."""
+    header = json.loads(raw.decode("utf-8"))
+    if not isinstance(header, dict):
+        raise ValueError(f"the header is a JSON {type(header).__name__}, not an object")
+    entries = {}
+    for key, v in header.items():
+        if key == "__metadata__":
+            continue
+        if not isinstance(v, dict):
+            raise ValueError(f"tensor {key!r}: entry is not an object")
+        if v.get("dtype") not in SAFETENSORS_DTYPES:
+            raise ValueError(f"tensor {key!r}: unsupported dtype {v.get('dtype')!r}")
+        dtype = SAFETENSORS_DTYPES[v["dtype"]]
+        shape, offsets = v.get("shape"), v.get("data_offsets")
+        if not isinstance(shape, list) or not all(type(x) is int and x >= 0 for x in shape):
+            raise ValueError(f"tensor {key!r}: shape {shape!r} is not a list of non-negative integers")
+        if (not isinstance(offsets, list) or len(offsets) != 2 or not all(type(x) is int for x in offsets)
+                or not 0 <= offsets[0] <= offsets[1]):
+            raise ValueError(f"tensor {key!r}: data_offsets {offsets!r} are not [begin, end] with 0 <= begin <= end")
+        begin, end = data_start + offsets[0], data_start + offsets[1]
+        numel = 1
+        for d in shape:
+            numel *= d
+        if end - begin != numel * dtype.itemsize or end > file_size:
+            raise ValueError(f"tensor {key!r}: offsets do not match its shape/dtype or the file size")
+        entries[key] = (dtype, tuple(shape), begin, end)
+    return entries
 
 
 class TorchFileSource:
@@ -196,8 +233,7 @@ class TorchFileSource:
     def __init__(self, path: Path, hf_dir: Path | None = None):
         self.path, self.hf_dir = path, hf_dir
         if path.name.endswith(".index.json"):
-            names = sorted(set(_read_index(path).values()))
-            self._paths = [path.parent / n for n in names]
+            self._paths = _shard_paths(path, _read_index(path))
         else:
             self._paths = [path]
         self._tensors: dict[str, torch.Tensor] = {}
@@ -233,10 +269,11 @@ def open_checkpoint(path: str | Path) -> CheckpointSource:
         for name in HF_WEIGHT_FILES:
             if (p / name).exists():
                 return _open_file(p / name, hf_dir=p)
-        raise CheckpointError(
-            f"{p}: a directory must hold one of {', '.join(HF_WEIGHT_FILES)}; found "
-            f"{sorted(x.name for x in p.iterdir())[:10]}"
-        )
+        try:
+            found = sorted(x.name for x in p.iterdir())[:10]
+        except OSError as e:
+            raise CheckpointError(f"{p}: cannot list the directory ({e.strerror or e})") from e
+        raise CheckpointError(f"{p}: a directory must hold one of {', '.join(HF_WEIGHT_FILES)}; found {found}")
     return _open_file(p, hf_dir=None)
 
 
@@ -253,18 +290,73 @@ def _open_file(p: Path, hf_dir: Path | None) -> CheckpointSource:
 
 
 def _read_index(p: Path) -> dict[str, str]:
+    """The index's {tensor name: shard file name}, every entry a string (paths are checked by the caller)."""
     try:
-        weight_map = json.loads(p.read_text())["weight_map"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        weight_map = json.loads(_read_small(p))["weight_map"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
         raise CheckpointError(f"{p}: not a valid shard index (needs a 'weight_map' object): {e}") from e
     if not isinstance(weight_map, dict) or not weight_map:
-        raise CheckpointError(f"{p}: 'weight_map' is empty")
+        raise CheckpointError(f"{p}: 'weight_map' must be a non-empty object of tensor name -> shard file")
+    bad = [(k, v) for k, v in weight_map.items() if not isinstance(v, str)]
+    if bad:
+        raise CheckpointError(f"{p}: 'weight_map' entry {bad[0][0]!r} names {bad[0][1]!r}, not a shard file name")
     return weight_map
+
+
+def _shard_paths(index: Path, weight_map: dict[str, str]) -> list[Path]:
+    """The distinct shards an index names, each resolved inside the index's directory."""
+    return sorted({_shard_path(index, name) for name in weight_map.values()})
+
+
+def _shard_path(index: Path, name: str) -> Path:
+    """A shard beside its index: inside the index's directory, or beside the file a symlinked index is."""
+    return inside(index.parent, name, f"shard named by {index.name}", also=index.resolve().parent)
+
+
+INDEX_MAX_BYTES = 64 << 20  # an index lists names only; anything larger is not one
+
+
+def _read_small(p: Path, limit: int = INDEX_MAX_BYTES) -> bytes:
+    try:
+        with open(p, "rb") as f:
+            data = f.read(limit + 1)
+    except OSError as e:
+        raise CheckpointError(f"{p}: cannot read ({e.strerror or e})") from e
+    if len(data) > limit:
+        raise CheckpointError(f"{p}: larger than {limit >> 20} MiB; not a shard index")
+    return data
+
+
+def _check_torch_zip(p: Path) -> None:
+    """Refuse torch files whose tensors would be inflated in memory before any check.
+
+    `torch.save` writes a zip archive with every entry stored uncompressed, which `mmap=True`
+    maps instead of reading; a compressed entry (a zip bomb, or a re-packed file) would be
+    expanded whole, and an entry claiming more bytes than the file holds is lying."""
+    try:
+        os.close(os.open(p, os.O_RDONLY))
+        if not zipfile.is_zipfile(p):
+            return  # legacy format: read whole, but never more than the file's own size
+        with zipfile.ZipFile(p) as z:
+            size = p.stat().st_size
+            for info in z.infolist():
+                if info.compress_type != zipfile.ZIP_STORED:
+                    raise CheckpointError(
+                        f"{p}: entry {info.filename!r} is compressed; torch.save never writes compressed "
+                        "entries and they would be inflated in memory before any check: re-save the state dict")
+                if info.file_size > size:
+                    raise CheckpointError(f"{p}: entry {info.filename!r} claims {info.file_size} bytes, more "
+                                          f"than the file's {size}: corrupted or hostile")
+    except OSError as e:
+        raise CheckpointError(f"{p}: cannot read ({e.strerror or e})") from e
+    except zipfile.BadZipFile as e:
+        raise CheckpointError(f"{p}: corrupted torch archive ({e})") from e
 
 
 def _load_torch_state_dict(p: Path) -> dict[str, torch.Tensor]:
     if not p.exists():
         raise CheckpointError(f"shard not found: {p}")
+    _check_torch_zip(p)
     try:
         obj = torch.load(p, map_location="cpu", weights_only=True, mmap=True)
     except RuntimeError:  # legacy (non-zip) files cannot be memory-mapped
@@ -279,7 +371,7 @@ def _load_torch_state_dict(p: Path) -> dict[str, torch.Tensor]:
         ) from e
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+    if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
         raise CheckpointError(f"{p}: expected a dict of tensors (a state dict), got {type(obj).__name__}")
     return obj
 
@@ -302,19 +394,7 @@ def read_rows_into(source: CheckpointSource, key: str, rows: tuple[int, int] | N
     out.copy_(read_rows(source, key, rows).reshape(out.shape))
 
 
-def fingerprint(path: Path, edge_bytes: int = 1 << 20) -> dict[str, object]:
-    """A cheap provenance record of an input file: size and a hash of its first and last MiB.
-
-    A full hash of every input would cost another read of all models; this catches the usual
-    mix-ups (another file, a re-trained checkpoint) at no cost.
-    """
-    import hashlib
-
-    size = path.stat().st_size
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        h.update(f.read(edge_bytes))
-        if size > edge_bytes:
-            f.seek(max(edge_bytes, size - edge_bytes))
-            h.update(f.read(edge_bytes))
-    return {"file": str(path), "bytes": size, "edge_sha256": h.hexdigest()}
+def file_record(path: Path) -> dict[str, object]:
+    """Provenance of an input file: where it was and its size (its content is hashed by the
+    validation pass, per tensor, as it reads every byte anyway)."""
+    return {"file": str(path), "bytes": path.stat().st_size}

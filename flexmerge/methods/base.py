@@ -43,7 +43,7 @@ class GroupResult:
 class MethodParams(BaseModel):
     """Options every method takes: DARE as an optional preprocessing of the task vectors."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # lam=NaN would write an all-NaN model
     dare: float = Field(0.0, ge=0.0, lt=1.0, description="DARE drop rate p applied first (0 = off)")
     seed: int = Field(0, description="seed of DARE's drops")
     dtype: Literal["float32", "float16", "bfloat16"] | None = Field(

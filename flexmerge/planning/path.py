@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -82,7 +83,15 @@ class MergePath:
         return Assignment(tuple(tuple(sorted(g)) for g in groups))
 
     def point_at(self, size: float) -> int:
-        """The point with the largest size not above `size` (fewest merges among equals)."""
+        """The point with the largest size not above `size` (fewest merges among equals).
+
+        1 <= size <= M: a size above M (the unmerged size) or not finite is an error, not Mx."""
+        m = len(self.task_names)
+        if isinstance(size, bool) or not isinstance(size, (int, float)) or not math.isfinite(size):
+            raise SizeError(f"size {size!r} is not a finite number; give a size between 1 and {m} (M)")
+        if size > m + SIZE_TOLERANCE:
+            raise SizeError(f"size {size:g}x is above {m}x, the size of the {m} unmerged models; "
+                            f"give a size between 1 and {m}")
         fits = [p for p, s in enumerate(self.sizes) if s <= size + SIZE_TOLERANCE]
         if not fits:
             raise SizeError(
@@ -97,7 +106,7 @@ class MergePath:
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {
-            "format": "flexmerge-path/1",
+            "format": PATH_FORMAT,
             "planner": self.planner,
             "options": self.options,
             "method": self.method,
@@ -117,14 +126,16 @@ class MergePath:
             d["assignments"] = [[[list(g) for g in block] for block in a.groups] for a in self.assignments]
         return d
 
-    def save(self, path: str | Path) -> None:
+    def save(self, path: str | Path, overwrite: bool = False) -> None:
+        """Write the path as JSON; `overwrite` replaces only an earlier path file, never another file."""
         from flexmerge._atomic import write_text_atomic
 
-        write_text_atomic(Path(path), json.dumps(self.to_dict(), indent=1))
+        write_text_atomic(Path(path), json.dumps(self.to_dict(), indent=1, allow_nan=False), overwrite=overwrite,
+                          replaceable=is_path_file, what="a flexmerge path file")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "MergePath":
-        if d.get("format") != "flexmerge-path/1":
+        if d.get("format") != PATH_FORMAT:
             raise ConfigError(f"not a flexmerge path file (format {d.get('format')!r})")
         tasks, blocks = d["tasks"], d["blocks"]
         steps = assignments = None
@@ -140,4 +151,26 @@ class MergePath:
 
     @classmethod
     def load(cls, path: str | Path) -> "MergePath":
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        try:
+            d = json.loads(Path(path).read_bytes().decode("utf-8"))
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"{path}: not a readable flexmerge path file ({e})") from None
+        if not isinstance(d, dict):
+            raise ConfigError(f"{path}: not a flexmerge path file")
+        try:
+            return cls.from_dict(d)
+        except (KeyError, TypeError, ValueError, IndexError) as e:
+            raise ConfigError(f"{path}: malformed flexmerge path file ({e!r})") from None
+
+
+PATH_FORMAT = "flexmerge-path/1"
+
+
+def is_path_file(path: Path) -> bool:
+    """A regular file holding a saved merge path (what `plan --overwrite` may replace)."""
+    if not path.is_file() or path.is_symlink() or path.stat().st_size > (256 << 20):
+        return False
+    try:
+        return json.loads(path.read_bytes()).get("format") == PATH_FORMAT
+    except (ValueError, AttributeError, OSError):
+        return False

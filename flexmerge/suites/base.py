@@ -89,6 +89,11 @@ def config_hash(suite: Suite) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
+def _is_cache_dir(path: Path) -> bool:
+    """A (possibly damaged) zoo directory of the cache: ours to rebuild."""
+    return path.is_dir() and not path.is_symlink()
+
+
 def get_zoo(suite: Suite, cache_dir: Path | None = None, rebuild: bool = False, log=print) -> Zoo:
     """The suite's zoo from the cache if it verifies, else built (atomically) and cached."""
     reason = suite.unavailable_reason()
@@ -101,7 +106,7 @@ def get_zoo(suite: Suite, cache_dir: Path | None = None, rebuild: bool = False, 
             return _read_zoo(directory)
         log(f"cached zoo {directory} is unusable ({problem}); rebuilding it")
     log(f"building the {suite.name!r} zoo in {directory} (cached for later runs)")
-    with atomic_directory(directory, overwrite=True) as tmp:
+    with atomic_directory(directory, overwrite=True, replaceable=_is_cache_dir, what="a cached zoo") as tmp:
         for sub in ("models", "heads"):
             (tmp / sub).mkdir()
         t0 = time.perf_counter()
