@@ -47,12 +47,21 @@ class MergeConfig(BaseModel):
     @model_validator(mode="after")
     def _size_at_most_m(self) -> "MergeConfig":
         if self.size is not None and self.size > len(self.models):
-            raise ValueError(f"size {self.size:g} is above {len(self.models)}, the number of task models (M)")
+            m = len(self.models)
+            raise ValueError(f"size {self.size:g}x is above {m}x, the size of the {m} unmerged models; "
+                             f"give a size between 1 and {m}")
         return self
 
     def plan_options(self) -> dict[str, Any]:
         return {"granularity": self.granularity, "patterns": self.blocks, "planner": self.planner,
                 "linkage": self.linkage, "mode": self.mode, "measure": self.measure, "seed": self.seed}
+
+
+def _one_line(e: yaml.YAMLError) -> str:
+    """A YAML error as 'problem at line L, column C', without the multi-line source excerpt."""
+    mark = getattr(e, "problem_mark", None)
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark else problem
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -90,7 +99,7 @@ def build_config(file: Path | None, overrides: dict[str, Any]) -> MergeConfig:
         except UnicodeDecodeError as e:
             raise ConfigError(f"{file}: not UTF-8 text ({e})") from None
         except yaml.YAMLError as e:
-            raise ConfigError(f"{file}: invalid YAML ({e})") from None
+            raise ConfigError(f"{file}: invalid YAML ({_one_line(e)})") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{file}: expected a mapping of fields at the top level")
         root = file.parent
@@ -108,5 +117,6 @@ def build_config(file: Path | None, overrides: dict[str, Any]) -> MergeConfig:
     try:
         return MergeConfig(**data)
     except ValidationError as e:
-        msgs = "; ".join(f"{'.'.join(map(str, x['loc'])) or 'config'}: {x['msg']}" for x in e.errors())
+        msgs = "; ".join(("{}: ".format(".".join(map(str, x["loc"]))) if x["loc"] else "")
+                         + x["msg"].removeprefix("Value error, ") for x in e.errors())
         raise ConfigError(f"invalid merge configuration: {msgs}") from None
