@@ -13,11 +13,26 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from flexmerge.errors import ConfigError, UnknownNameError
-from flexmerge.io.source import TensorMeta
+from flexmerge.io.source import TensorMeta, rows_shape
 
 GRANULARITIES = ("layer", "sublayer", "tensor", "split:K")
 _NORM = re.compile(r"(.*norm.*|ln(_?\w*)?|.*_ln)", re.IGNORECASE)
 _ATTENTION = re.compile(r".*(attn|attention).*", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class PartView:
+    """One tensor (or row range of one) of a block, as a merging method sees it: name and shape."""
+
+    key: str
+    shape: tuple[int, ...]
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
 
 
 @dataclass(frozen=True)
@@ -40,6 +55,10 @@ class Part:
 class Block:
     name: str
     parts: tuple[Part, ...]
+
+    def views(self, meta: Mapping[str, TensorMeta]) -> list[PartView]:
+        """What a merging method sees of this block's tensors: names and (row-sliced) shapes."""
+        return [PartView(p.key, rows_shape(meta[p.key].shape, p.rows)) for p in self.parts]
 
 
 @dataclass(frozen=True)

@@ -37,12 +37,17 @@ def inside(root: Path, relative: object, what: str = "path", also: Path | None =
     index that is itself a symlink (a Hugging Face cache snapshot) may name shards beside its target.
     """
     if not isinstance(relative, str) or not relative or "\0" in relative:
-        raise UnsafePathError(f"{root}: {what} {relative!r} is not a relative file name")
+        raise UnsafePathError(f"{root}: {what} {str(relative)[:100]!r} is not a relative file name")
+    if len(relative) > 1024 or any(len(c.encode(errors="surrogateescape")) > 255 for c in relative.split("/")):
+        raise UnsafePathError(f"{root}: {what} {relative[:60]!r}... is too long to be a file name")
     rel = Path(relative)
     if rel.is_absolute() or relative.startswith("~"):
         raise UnsafePathError(f"{root}: {what} {relative!r} is an absolute path; only names inside {root} are allowed")
-    real_root = Path(root).resolve()
-    target = (real_root / rel).resolve()
+    try:
+        real_root = Path(root).resolve()
+        target = (real_root / rel).resolve()
+    except (OSError, RuntimeError) as e:  # a symlink loop, an unreadable directory
+        raise UnsafePathError(f"{root}: {what} {relative!r} cannot be resolved ({e})") from None
     roots = {real_root} | ({Path(also).resolve()} if also is not None else set())
     if not any(target == r or r in target.parents for r in roots):
         raise UnsafePathError(f"{root}: {what} {relative!r} points outside {root}; refused")

@@ -79,25 +79,37 @@ class TopKTrim(Transform):
 
     name = "trim"
 
-    def __init__(self, keep: float):
-        if not 0.0 < keep <= 1.0:
-            from flexmerge.errors import ConfigError
+    def __init__(self, keep: float, rule: str = "reference"):
+        from flexmerge.errors import ConfigError
 
+        if not 0.0 < keep <= 1.0:
             raise ConfigError(f"keep must be a fraction in (0, 1], got {keep}")
-        self.keep = keep
+        if rule not in ("reference", "exact"):
+            raise ConfigError(f"trim rule must be 'reference' or 'exact', got {rule!r}")
+        self.keep, self.rule = keep, rule
         self.thresholds: list[float] = []
 
     def fit(self, tasks: TaskSet, before: Pipeline) -> None:
         total = sum(tasks.meta[k].numel for k in tasks.mergeable)
-        k = max(1, int(round(self.keep * total)))
-        per_task = kth_largest_abs(tasks, before, k)
-        self.thresholds = per_task
+        self.thresholds = kth_largest_abs(tasks, before, trim_rank(total, self.keep, self.rule))
 
     def apply(self, task: int, chunk: Chunk, offset: int, delta: torch.Tensor) -> torch.Tensor:
         return torch.where(delta.abs() >= self.thresholds[task], delta, torch.zeros((), dtype=delta.dtype))
 
     def params(self) -> dict[str, object]:
-        return {"keep": self.keep}
+        return {"keep": self.keep, "rule": self.rule}
+
+
+def trim_rank(total: int, keep: float, rule: str = "reference") -> int:
+    """Rank r (1 = largest) of the magnitude threshold: entries with |τ| >= the r-th largest are kept.
+
+    "reference" is the TIES code's rule (also FusionBench's and FlexMerge's): k = int(D·keep) and
+    the threshold is the (D − k)-th smallest magnitude, i.e. the (k+1)-th largest, so k+1 entries
+    are kept, more on ties at the threshold. "exact" keeps round(D·keep) entries (ties aside), the
+    paper's "top-k%"."""
+    if rule == "exact":
+        return min(total, max(1, int(round(keep * total))))
+    return min(total, int(total * keep) + 1)
 
 
 class DareDrop(Transform):

@@ -8,6 +8,7 @@ from safetensors.torch import load_file
 
 import flexmerge
 from flexmerge.errors import ConfigError, UnknownNameError
+from flexmerge.blocks import PartView
 from flexmerge.methods import available_methods, get_method
 
 
@@ -46,20 +47,26 @@ def test_average_at_1x(zoo, tasks):
         torch.testing.assert_close(merged[k], expected, rtol=0, atol=1e-6)
 
 
-def test_ties_at_1x_is_the_textbook_formula(zoo, tasks):
-    """Written from the TIES paper: global top-k trim per model, elect, disjoint mean, λ."""
+@pytest.mark.parametrize("trim", ["reference", "exact"])
+def test_ties_at_1x_is_the_textbook_formula(zoo, tasks, trim):
+    """Written from the TIES code (reference: the (D − int(K·D))-th smallest magnitude is the
+    threshold, kept with >=) and the paper (exact: round(K·D) entries): global trim per model,
+    elect, disjoint mean, λ."""
     base, fts = _load(zoo)
     keys = _mergeable(base, fts)
     keep, lam = 0.2, 0.9
     flat = torch.stack([torch.cat([(ft[k] - base[k]).flatten() for k in keys]) for ft in fts.values()])
     n = flat.shape[1]
-    kth = flat.abs().kthvalue(n - int(round(keep * n)) + 1, dim=1, keepdim=True).values
+    rank = n - int(n * keep) if trim == "reference" else n - int(round(keep * n)) + 1
+    kth = flat.abs().kthvalue(rank, dim=1, keepdim=True).values
     trimmed = flat * (flat.abs() >= kth)
     sign = torch.sign(trimmed.sum(0))
     sign[sign == 0] = torch.sign(sign.sum())
     agree = torch.where(sign > 0, trimmed > 0, trimmed < 0)
     merged_tv = lam * (trimmed * agree).sum(0) / agree.sum(0).clamp(min=1)
-    merged = _one_model(tasks, "ties", keep=keep, lam=lam)
+    kept = (flat.abs() >= kth).sum(1)
+    assert (kept == (int(n * keep) + 1 if trim == "reference" else int(round(keep * n)))).all()
+    merged = _one_model(tasks, "ties", keep=keep, lam=lam, trim=trim)
     offset = 0
     for k in keys:
         numel = base[k].numel()
@@ -140,7 +147,7 @@ def test_chunked_merge_equals_whole_block_merge(name):
     d = torch.randn(4, 1000, generator=torch.Generator().manual_seed(1))
     method = get_method(name)
     whole = method.merge(d)
-    chunked = method.merge_chunks(list(d.split([100, 250, 650], dim=1)))
+    chunked = method.merge_chunks([(0, c) for c in d.split([100, 250, 650], dim=1)], [PartView("w", (1000,))])
     torch.testing.assert_close(chunked.delta, whole.delta, rtol=0, atol=0)
     if whole.masks is not None:
         assert torch.equal(chunked.masks, whole.masks)

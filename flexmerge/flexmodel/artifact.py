@@ -284,7 +284,7 @@ def check_manifest(m: dict[str, Any]) -> str | None:
         return "'tasks' is empty or names a task twice"
     for k, v in m["keys"].items():
         if not (isinstance(v, dict) and is_list(v.get("shape"), int) and all(x >= 0 for x in v["shape"])
-                and v.get("dtype") in _DTYPES):
+                and isinstance(v.get("dtype"), str) and v["dtype"] in _DTYPES):
             return f"key {k!r} has no valid shape and dtype"
     if not is_list(m["frozen"], str) or any(k not in m["keys"] for k in m["frozen"]):
         return "'frozen' names keys that are not in 'keys'"
@@ -311,7 +311,7 @@ def _check_block_entry(e: Any, keys: dict[str, Any], everyone: set[int], is_list
             and isinstance(e.get("has_base"), bool) and isinstance(e.get("stored_bytes"), int)):
         return "needs name, parts, groups, stored, has_base and stored_bytes"
     for p in e["parts"]:
-        if not (isinstance(p, dict) and p.get("key") in keys):
+        if not (isinstance(p, dict) and isinstance(p.get("key"), str) and p["key"] in keys):
             return f"part {str(p)[:80]!r} names no known key"
         rows = p.get("rows")
         shape = keys[p["key"]]["shape"]

@@ -49,6 +49,7 @@ def materialize_block(
     chunks = [Chunk(p.key, p.rows) for p in parts]
     numels = [p.numel(tasks.meta[p.key]) for p in parts]
     dtypes = [method.storage_dtype(tasks.meta[p.key].dtype) for p in parts]
+    views = partition.blocks[b].views(tasks.meta)
     base: list[torch.Tensor] | None = None
     needs_base = any(stored_with_masks(method, len(g)) for g in groups)
     stored: list[StoredGroup] = []
@@ -59,7 +60,7 @@ def materialize_block(
             continue
         if base is None:  # read once per block: every merged group's task vectors subtract it
             base = [tasks.read_base(c).contiguous() for c in chunks]
-        result = method.merge_chunks(_member_deltas(tasks, pipeline, method, list(g), chunks, base))
+        result = method.merge_chunks(_member_deltas(tasks, pipeline, method, list(g), chunks, base), views)
         pieces = torch.split(result.delta, numels)
         if stored_with_masks(method, len(g)):
             masks = [pack_masks(m) for m in torch.split(result.masks, numels, dim=1)]
@@ -73,18 +74,21 @@ def materialize_block(
 
 
 def _member_deltas(tasks: TaskSet, pipeline: Pipeline, method: MergeMethod, members: list[int],
-                   parts: list[Chunk], base: list[torch.Tensor]) -> Iterator[torch.Tensor]:
-    """The members' task vectors on a block, chunk by chunk, as (n, d_i), against the block's θ0
-    (`base`, one tensor per part). Elementwise methods consume each chunk before the next, so one
-    reused buffer holds them (no per-chunk page faults)."""
-    for part, part_base in zip(parts, base):
+                   parts: list[Chunk], base: list[torch.Tensor]) -> Iterator[tuple[int, torch.Tensor]]:
+    """The members' task vectors on a block, chunk by chunk, as (part index, (n, d_i)), against the
+    block's θ0 (`base`, one tensor per part). Elementwise methods consume each chunk before the
+    next, so one reused buffer holds them (no per-chunk page faults)."""
+    for p, (part, part_base) in enumerate(zip(parts, base)):
         first_row = part.rows[0] if part.rows is not None else 0
         for c in tasks.chunks(part.key, part.rows):
             shape = rows_shape(tasks.meta[c.key].shape, c.rows)
             rows = part_base if c.rows is None else part_base[c.rows[0] - first_row: c.rows[1] - first_row]
             base32 = scratch("merge.base32", shape, tasks.compute_dtype).copy_(rows)
             out = scratch("merge.deltas", (len(members), *shape), tasks.compute_dtype) if method.elementwise else None
-            yield pipeline.deltas(tasks, c, members, base32=base32, out=out).flatten(1)
+            deltas = pipeline.deltas(tasks, c, members, base32=base32, out=out).flatten(1)
+            if method.uses_untransformed:  # the raw task vectors below the transformed ones
+                deltas = torch.cat([deltas, tasks.deltas(c, members, base32=base32).flatten(1)])
+            yield p, deltas
 
 
 def materialize(

@@ -8,6 +8,7 @@ and `mmap=True` where the format allows (pickle-based files cannot be read parti
 from __future__ import annotations
 
 import json
+import math
 import os
 import threading
 import zipfile
@@ -188,9 +189,9 @@ def _open_safetensors(p: Path) -> tuple[int, dict[str, tuple[torch.dtype, tuple[
             raise ValueError("bad header length")
         entries = parse_safetensors_header(os.pread(fd, n, 8), data_start=8 + n, file_size=size)
         return fd, entries
-    except (ValueError, json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (ValueError, RecursionError) as e:  # JSON and UTF-8 decoding errors are ValueErrors
         os.close(fd)
-        raise CheckpointError(f"{p}: not a readable safetensors file ({e})") from e
+        raise CheckpointError(f"{p}: not a readable safetensors file ({str(e)[:200]})") from None
     except OSError as e:
         os.close(fd)
         raise CheckpointError(f"{p}: cannot read ({e.strerror or e})") from e
@@ -199,7 +200,10 @@ def _open_safetensors(p: Path) -> tuple[int, dict[str, tuple[torch.dtype, tuple[
 def parse_safetensors_header(raw: bytes, data_start: int, file_size: int
                              ) -> dict[str, tuple[torch.dtype, tuple[int, ...], int, int]]:
     """{key: (dtype, shape, begin, end)} with absolute offsets; ValueError on anything malformed."""
-    header = json.loads(raw.decode("utf-8"))
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except RecursionError:
+        raise ValueError("the header nests JSON too deeply") from None
     if not isinstance(header, dict):
         raise ValueError(f"the header is a JSON {type(header).__name__}, not an object")
     entries = {}
@@ -208,12 +212,14 @@ def parse_safetensors_header(raw: bytes, data_start: int, file_size: int
             continue
         if not isinstance(v, dict):
             raise ValueError(f"tensor {key!r}: entry is not an object")
-        if v.get("dtype") not in SAFETENSORS_DTYPES:
+        if not isinstance(v.get("dtype"), str) or v["dtype"] not in SAFETENSORS_DTYPES:
             raise ValueError(f"tensor {key!r}: unsupported dtype {v.get('dtype')!r}")
         dtype = SAFETENSORS_DTYPES[v["dtype"]]
         shape, offsets = v.get("shape"), v.get("data_offsets")
         if not isinstance(shape, list) or not all(type(x) is int and x >= 0 for x in shape):
-            raise ValueError(f"tensor {key!r}: shape {shape!r} is not a list of non-negative integers")
+            raise ValueError(f"tensor {key!r}: shape {str(shape)[:80]} is not a list of non-negative integers")
+        if len(shape) > 64 or math.prod(max(x, 1) for x in shape) >= 1 << 62:  # torch's own limits
+            raise ValueError(f"tensor {key!r}: shape {str(shape)[:80]} is beyond any tensor torch can hold")
         if (not isinstance(offsets, list) or len(offsets) != 2 or not all(type(x) is int for x in offsets)
                 or not 0 <= offsets[0] <= offsets[1]):
             raise ValueError(f"tensor {key!r}: data_offsets {offsets!r} are not [begin, end] with 0 <= begin <= end")
@@ -293,8 +299,8 @@ def _read_index(p: Path) -> dict[str, str]:
     """The index's {tensor name: shard file name}, every entry a string (paths are checked by the caller)."""
     try:
         weight_map = json.loads(_read_small(p))["weight_map"]
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{p}: not a valid shard index (needs a 'weight_map' object): {e}") from e
+    except (ValueError, RecursionError, KeyError, TypeError) as e:  # incl. JSON and UTF-8 decoding errors
+        raise CheckpointError(f"{p}: not a valid shard index (needs a 'weight_map' object): {str(e)[:200]}") from None
     if not isinstance(weight_map, dict) or not weight_map:
         raise CheckpointError(f"{p}: 'weight_map' must be a non-empty object of tensor name -> shard file")
     bad = [(k, v) for k, v in weight_map.items() if not isinstance(v, str)]

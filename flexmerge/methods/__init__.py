@@ -1,6 +1,17 @@
 """Merging algorithms, one module each, registered by name."""
 
-from flexmerge.methods import average, consensus, dare, emr, pcb, task_arithmetic, ties  # noqa: F401
+from flexmerge.methods import (  # noqa: F401
+    average,
+    consensus,
+    dare,
+    emr,
+    iso_c,
+    iso_cts,
+    pcb,
+    task_arithmetic,
+    ties,
+    tsv,
+)
 from flexmerge.methods.base import (
     GroupResult,
     MergeMethod,

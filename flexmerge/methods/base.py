@@ -7,13 +7,14 @@ is declared by `transforms()` and applied before planning and merging.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from flexmerge.blocks import PartView
 from flexmerge.errors import ConfigError, UnknownNameError
 from flexmerge.preprocess import DareDrop, Pipeline, Transform
 
@@ -40,6 +41,10 @@ class GroupResult:
         return d * self.scales[i] if self.scales is not None else d
 
 
+# A block streamed to a method: consecutive (part index, (n, d) chunk of that part's flat entries).
+BlockChunks = Iterable[tuple[int, torch.Tensor]]
+
+
 class MethodParams(BaseModel):
     """Options every method takes: DARE as an optional preprocessing of the task vectors."""
 
@@ -61,6 +66,12 @@ class MergeMethod:
     uses_scales: ClassVar[bool] = False  # and one fp32 rescaler per member
     elementwise: ClassVar[bool] = False  # merging a slice of entries needs only that slice
 
+    @property
+    def uses_untransformed(self) -> bool:
+        """Whether materializing must also hand the method the members' task vectors before its
+        transforms (TIES trim, DARE): then each chunk is (2n, d), the transformed rows first."""
+        return False
+
     def __init__(self, **params: object):
         try:
             self.p = self.Params(**params)
@@ -81,16 +92,31 @@ class MergeMethod:
         return Pipeline(self.transforms())
 
     def merge(self, deltas: torch.Tensor) -> GroupResult:
-        """Merge the (n, D) task vectors of a group with n >= 2 members."""
+        """Merge the (n, D) task vectors of a group with n >= 2 members (flat view of a block)."""
         raise NotImplementedError
 
-    def merge_chunks(self, chunks: Iterable[torch.Tensor]) -> GroupResult:
-        """Merge a block given as consecutive (n, d_i) chunks. Elementwise methods merge chunk by
-        chunk, so memory holds one chunk of the members at a time, and the chunks may be one
-        reused buffer; others see the whole block."""
+    def merge_parts(self, deltas: list[torch.Tensor], parts: Sequence[PartView]) -> GroupResult:
+        """Merge a block given per tensor: deltas[i] is (n, *parts[i].shape). Methods that need
+        shapes (SVD-based ones) override this; the default merges the flat concatenation."""
+        return self.merge(torch.cat([d.flatten(1) for d in deltas], 1))
+
+    def merge_chunks(self, chunks: BlockChunks, parts: Sequence[PartView]) -> GroupResult:
+        """The one entry point for materializing: a block as consecutive (part, (n, d) chunk) pairs.
+
+        Elementwise methods merge chunk by chunk, so memory holds one chunk of the members at a
+        time, and the chunks may be one reused buffer; others see the whole block, per tensor."""
         if self.elementwise:
-            return GroupResult.concat([_not_aliasing(self.merge(c), c) for c in chunks])
-        return self.merge(torch.cat(list(chunks), 1))
+            return GroupResult.concat([_not_aliasing(self.merge(c), c) for _, c in chunks])
+        pieces: list[list[torch.Tensor]] = [[] for _ in parts]
+        for p, c in chunks:
+            pieces[p].append(c)  # fresh tensors: only elementwise methods get a reused buffer
+        n = next(x for ps in pieces for x in ps).shape[0]
+        return self.merge_parts([torch.cat(ps, 1).view(n, *part.shape) for ps, part in zip(pieces, parts)], parts)
+
+    def merge_flat(self, deltas: torch.Tensor, parts: Sequence[PartView]) -> GroupResult:
+        """Merge a block held as one (n, D) tensor (planning's merged-vector mode)."""
+        pieces = torch.split(deltas, [p.numel for p in parts], dim=1)
+        return self.merge_chunks(list(enumerate(pieces)), parts)
 
     def linear_weights(self, n: int) -> torch.Tensor | None:
         """w with merged = Σ w_i τ_i when the method is linear (lets planning use Gram matrices)."""
@@ -134,3 +160,14 @@ def available_methods() -> dict[str, type[MergeMethod]]:
 
 def _short(e: ValidationError) -> str:
     return "; ".join(f"{'.'.join(map(str, err['loc'])) or 'params'}: {err['msg']}" for err in e.errors())
+
+
+class StructuredMethod(MergeMethod):
+    """A method that merges per tensor and needs each tensor's shape (SVD-based methods): it
+    implements `merge_parts`; a flat (n, D) vector without shapes is one 1-D tensor to it."""
+
+    def merge(self, deltas: torch.Tensor) -> GroupResult:
+        return self.merge_parts([deltas], [PartView("flat", (deltas.shape[1],))])
+
+    def merge_parts(self, deltas: list[torch.Tensor], parts: Sequence[PartView]) -> GroupResult:
+        raise NotImplementedError

@@ -43,3 +43,26 @@ def clamp_rows(x: torch.Tensor, low_ratio: float, high_ratio: float) -> torch.Te
 def sign_masks(deltas: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
     """Per member, the entries whose sign agrees with `sign` (EMR's task masks)."""
     return deltas * sign > 0
+
+
+def running_mean(deltas: torch.Tensor) -> torch.Tensor:
+    """m = τ_0; m += (τ_i − m) / (i + 1): FusionBench's mean of non-2-D tensors in its SVD methods
+    (not bitwise equal to sum / n, hence its own kernel)."""
+    m = deltas[0].clone()
+    for i in range(1, deltas.shape[0]):
+        m += (deltas[i] - m) / (i + 1)
+    return m
+
+
+def left_sum(deltas: torch.Tensor) -> torch.Tensor:
+    """Σ_i τ_i added left to right, as Python's `sum` over the members does."""
+    total = deltas[0].clone()
+    for i in range(1, deltas.shape[0]):
+        total += deltas[i]
+    return total
+
+
+def polar(x: torch.Tensor) -> torch.Tensor:
+    """The orthogonal polar factor U·Vᵀ of x (the nearest matrix with orthonormal rows/columns)."""
+    u, _, vh = torch.linalg.svd(x, full_matrices=False)
+    return u @ vh

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from pydantic import Field
 
@@ -11,6 +13,9 @@ from flexmerge.preprocess import TopKTrim, Transform
 class TiesParams(MethodParams):
     keep: float = Field(0.2, gt=0.0, le=1.0, description="fraction of largest-magnitude entries kept per task (global)")
     lam: float = Field(1.0, description="scaling λ of the merged vector")
+    trim: Literal["reference", "exact"] = Field(
+        "reference", description="'reference': keep |τ| >= the (D − int(keep·D))-th smallest, as the TIES code "
+        "(int(keep·D)+1 entries, more on ties); 'exact': round(keep·D) entries, the paper's top-k%")
 
 
 @register
@@ -24,7 +29,7 @@ class Ties(MergeMethod):
     Params = TiesParams
 
     def transforms(self) -> list[Transform]:
-        return [*super().transforms(), TopKTrim(self.p.keep)]
+        return [*super().transforms(), TopKTrim(self.p.keep, self.p.trim)]
 
     def merge(self, deltas: torch.Tensor) -> GroupResult:
         return GroupResult(self.p.lam * disjoint_mean(deltas, elect_sign(deltas)))

@@ -93,7 +93,7 @@ def _rescorer(tasks, partition, method, pipeline, grams, mode, measure, linkage)
     if measure != "sign" and method.linear_weights(2) is not None:
         return GramMerged(grams, method, measure)
     vectors = [block_deltas(tasks, partition, b, pipeline) for b in range(len(partition))]
-    return VectorMerged(vectors, method, measure)
+    return VectorMerged(vectors, method, measure, [blk.views(tasks.meta) for blk in partition.blocks])
 
 
 def _sized_steps(raw, num_blocks: int, num_tasks: int, sizer: SizeModel) -> tuple[list[MergeStep], list[float]]:

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from flexmerge.errors import UnknownNameError
+from flexmerge.blocks import PartView
 from flexmerge.methods.base import MergeMethod
 
 MEASURES = ("cosine", "euclidean", "sign")
@@ -86,9 +87,9 @@ class GramMerged(_PairwiseRescorer):
 class VectorMerged(_PairwiseRescorer):
     """Merged-vector similarity of any method, from the block task vectors held in memory."""
 
-    def __init__(self, vectors: list[torch.Tensor], method: MergeMethod, measure: str):
+    def __init__(self, vectors: list[torch.Tensor], method: MergeMethod, measure: str, parts: list[list[PartView]]):
         _check(measure)
-        self.vectors, self.method, self.measure = vectors, method, measure
+        self.vectors, self.method, self.measure, self.parts = vectors, method, measure, parts
         self.num_blocks, self.num_tasks = len(vectors), vectors[0].shape[0]
         self._cache: dict[tuple[int, tuple[int, ...]], torch.Tensor] = {}
 
@@ -96,7 +97,7 @@ class VectorMerged(_PairwiseRescorer):
         key = (b, tuple(members))
         if key not in self._cache:
             d = self.vectors[b][members]
-            self._cache[key] = d[0] if len(members) == 1 else self.method.merge(d).delta
+            self._cache[key] = d[0] if len(members) == 1 else self.method.merge_flat(d, self.parts[b]).delta
         return self._cache[key]
 
     def score(self, b: int, left: list[int], right: list[int]) -> float:
