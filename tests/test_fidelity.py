@@ -61,6 +61,12 @@ def _mean_running(x):  # FusionBench's running mean for non-2-D tensors
     return m
 
 
+def _orthogonal(x):
+    """The nearest matrix with orthonormal columns (rows): P·Qᵀ of x's SVD P·Σ·Qᵀ."""
+    p, _, q = torch.linalg.svd(x, full_matrices=False)
+    return p @ q
+
+
 def test_tsv_equals_fusionbench(tasks, zoo):
     def expected(taus, keys):
         out = {}
@@ -80,9 +86,7 @@ def test_tsv_equals_fusionbench(tasks, zoo):
             U = torch.cat([*us, torch.zeros(m, pad, dtype=tv.dtype)], 1)
             S = torch.cat([*ss, torch.zeros(pad, dtype=tv.dtype)])
             V = torch.cat([*vs, torch.zeros(pad, c, dtype=tv.dtype)], 0)
-            pu, _, qu = torch.linalg.svd(U, full_matrices=False)
-            pv, _, qv = torch.linalg.svd(V, full_matrices=False)
-            out[k] = 0.7 * (pu @ qu) @ torch.diag(S) @ (pv @ qv)
+            out[k] = 0.7 * _orthogonal(U) @ torch.diag(S) @ _orthogonal(V)
         return out
     _check(tasks, zoo, "tsv", expected, torch.float32, alpha=0.7)
 
@@ -125,9 +129,7 @@ def test_iso_cts_equals_fusionbench(tasks, zoo, fraction):
             U = torch.cat([*us, uc], 1)
             S = torch.cat([*ss, s[:common]])
             V = torch.cat([*vs, vh[:common]], 0)
-            pu, _, qu = torch.linalg.svd(U, full_matrices=False)
-            pv, _, qv = torch.linalg.svd(V, full_matrices=False)
-            out[k] = 1.2 * S.mean() * (pu @ qu) @ (pv @ qv)
+            out[k] = 1.2 * S.mean() * _orthogonal(U) @ _orthogonal(V)
         return out
     _check(tasks, zoo, "iso_cts", expected, torch.float32, scaling_factor=1.2, common_space_fraction=fraction)
 
@@ -150,3 +152,68 @@ def test_emr_equals_the_authors_code(tasks, zoo, rescale):
                   for t in range(n)]
         return {k: [scales[t] * masks[k][t] * unified[k] for t in range(n)] for k in keys}
     _check(tasks, zoo, "emr", expected, rescale=rescale)
+
+
+def _pcb_clamp(x, low, high):  # the PCB authors' clamp: per row, between two sorted positions
+    d = x.shape[1]
+    s = torch.sort(x, dim=1).values
+    return torch.clamp(x, s[:, int(d * low)].unsqueeze(1), s[:, int(d * (1 - high) - 1)].unsqueeze(1))
+
+
+def _pcb_normalize(x):
+    lo, hi = x.min(1, keepdim=True).values, x.max(1, keepdim=True).values
+    return (x - lo) / (hi - lo)
+
+
+@pytest.mark.parametrize("inter", ["tanh", "softmax"])
+def test_pcb_equals_the_authors_code(tasks, zoo, inter):
+    """PCB_merge of the authors' code on the block's flattened task vectors (inter='softmax': the paper)."""
+    ratio, lam = 0.2, 1.3
+
+    def expected(taus, keys):
+        flat = torch.cat([taus[k].flatten(1) for k in keys], 1)
+        n = flat.shape[0]
+        magnitude = _pcb_clamp(flat.abs(), 1e-4, 1e-4)
+        clipped = torch.sign(flat) * magnitude
+        intra = torch.exp(n * _pcb_normalize(magnitude) ** 2)
+        cross = flat * flat.sum(0)
+        inter_b = torch.tanh(cross) if inter == "tanh" else torch.softmax(cross, dim=0)
+        scale = _pcb_normalize(_pcb_clamp(intra * inter_b, 1 - ratio, 0))
+        merged = lam * (clipped * scale).sum(0) / torch.clamp(scale.sum(0), min=1e-12)
+        sizes = [taus[k][0].numel() for k in keys]
+        return {k: piece.view_as(taus[k][0]) for k, piece in zip(keys, merged.split(sizes))}
+    _check(tasks, zoo, "pcb", expected, ratio=ratio, lam=lam, inter=inter)
+
+
+@pytest.mark.parametrize("base_method, mask_source", [("task_arithmetic", "trimmed"), ("ties", "trimmed"),
+                                                      ("ties", "finetuned")])
+def test_consensus_equals_tall_masks(tasks, zoo, base_method, mask_source):
+    """TALL masks |τ_t| > λc·|τ_MTL − τ_t| (strict), over λ·Σ τ (TA) or the TIES vector; with
+    mask_source='finetuned' the masks compare the untrimmed task vectors (TALL's definition)."""
+    base, fts = _models(zoo)
+    keep, lam, lam_c = 0.2, 0.8, 0.4
+    keys = [k for k in base if any(not torch.equal(ft[k], base[k]) for ft in fts)]
+    raw = torch.stack([torch.cat([(ft[k] - base[k]).flatten() for k in keys]) for ft in fts]).double()
+    trimmed = raw
+    if base_method == "ties":
+        d = raw.shape[1]
+        kth = raw.abs().kthvalue(d - int(d * keep), dim=1, keepdim=True).values
+        trimmed = raw * (raw.abs() >= kth)
+    offsets = dict(zip(keys, torch.tensor([0] + [base[k].numel() for k in keys]).cumsum(0).tolist()))
+
+    def expected(taus, block_keys):
+        cols = torch.cat([torch.arange(offsets[k], offsets[k] + base[k].numel()) for k in block_keys])
+        t = trimmed[:, cols]
+        if base_method == "ties":
+            sign = torch.where(t.sum(0) >= 0, 1.0, -1.0).double()
+            agree = torch.where(sign > 0, t > 0, t < 0)
+            merged = lam * (t * agree).sum(0) / agree.sum(0).clamp(min=1)
+        else:
+            merged = lam * t.sum(0)
+        source = raw[:, cols] if mask_source == "finetuned" else t
+        masks = source.abs() > lam_c * (merged - source).abs()
+        sizes = [base[k].numel() for k in block_keys]
+        per_task = [(masks[i] * merged).split(sizes) for i in range(t.shape[0])]
+        return {k: [per_task[i][j].view_as(base[k]) for i in range(t.shape[0])] for j, k in enumerate(block_keys)}
+    _check(tasks, zoo, "consensus", expected, base=base_method, mask_source=mask_source, keep=keep, lam=lam,
+           lam_c=lam_c)
