@@ -17,6 +17,7 @@ import errno
 import fcntl
 import os
 import secrets
+import stat
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
@@ -46,7 +47,15 @@ def target_lock(final: Path) -> Iterator[None]:
     """Hold `.NAME.lock` beside `final` exclusively, or fail naming the holder."""
     lock = final.with_name(f".{final.name}.lock")
     while True:
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:  # never through a symlink planted at the lock's name, never into a non-regular file
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, 0o644)
+        except OSError as e:
+            if e.errno in (errno.ELOOP, errno.EMLINK):
+                raise FlexMergeError(f"{lock} is a symlink; flexmerge will not write through it: remove it") from None
+            raise
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise FlexMergeError(f"{lock} is not a regular file; remove it")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -95,7 +104,7 @@ def atomic_directory(final: Path, overwrite: bool = False, partial: Path | None 
     """
     final = Path(final)
     check_target(final, overwrite, replaceable, what)
-    final.parent.mkdir(parents=True, exist_ok=True)
+    _make_parent(final)
     with target_lock(final):
         check_target(final, overwrite, replaceable, what)  # again, now that no flexmerge writer can interfere
         if partial is None:
@@ -103,6 +112,9 @@ def atomic_directory(final: Path, overwrite: bool = False, partial: Path | None 
             os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; the result should not be
         else:
             tmp = partial
+            if os.path.islink(tmp) or (os.path.lexists(tmp) and not tmp.is_dir()):
+                raise FlexMergeError(f"{tmp} (the resumable work directory) is a symlink or not a directory; "
+                                     "flexmerge will not write through it: remove it")
             tmp.mkdir(exist_ok=True)
         try:
             yield tmp
@@ -113,6 +125,13 @@ def atomic_directory(final: Path, overwrite: bool = False, partial: Path | None 
             if partial is None:
                 shutil.rmtree(tmp, ignore_errors=True)
             raise
+
+
+def _make_parent(final: Path) -> None:
+    parent = final.parent
+    if os.path.lexists(parent) and not parent.is_dir():
+        raise FlexMergeError(f"cannot write {final}: {parent} is not a directory")
+    parent.mkdir(parents=True, exist_ok=True)
 
 
 def _make_durable(tmp: Path) -> None:
@@ -181,14 +200,17 @@ def write_bytes_atomic(path: Path, data: bytes, overwrite: bool = False, replace
     path = Path(path)
     ok: Replaceable = replaceable or (lambda p: p.is_file() and not p.is_symlink())
     check_target(path, overwrite, ok, what)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    _make_parent(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         os.fchmod(fd, 0o666 & ~_umask())
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as e:  # name the file (a full disk says nothing of where)
+            raise OSError(e.errno, e.strerror, str(path)) from None
         check_target(path, overwrite, ok, what)
         if overwrite:
             os.replace(tmp, path)

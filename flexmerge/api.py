@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -16,10 +17,13 @@ from flexmerge.flexmodel.model import FlexModel
 from flexmerge.methods.base import MergeMethod, get_method
 from flexmerge.planning import MergePath, build_path
 from flexmerge.preprocess import fitted_pipeline
-from flexmerge.size import SizeModel
+from flexmerge.errors import ConfigError, SizeError
+from flexmerge.planning.path import Assignment
+from flexmerge.size import SizeModel, format_bytes, specific_units
 from flexmerge.taskvec import TaskSet, load_tasks
 
-__all__ = ["load_tasks", "discover_blocks", "plan", "materialize", "merge", "merge_to_disk"]
+__all__ = ["load_tasks", "discover_blocks", "plan", "materialize", "merge", "merge_to_disk", "cut",
+           "size_for_budget"]
 
 
 def discover_blocks(tasks: TaskSet, granularity: str = "sublayer", patterns: Mapping[str, str] | None = None) -> Partition:
@@ -58,23 +62,55 @@ def materialize(
     tasks: TaskSet, path: MergePath, size: float, *, partition: Partition | None = None,
     method: str | MergeMethod | None = None, params: Mapping[str, Any] | None = None,
 ) -> FlexModel:
-    """The flex model at `size` along `path`, with the method the path was planned for."""
+    """The flex model at `size` along `path`, with the method the path was planned for.
+
+    `size` counts the tasks' own parameters too (see `cut`)."""
     m = _method(method or path.method["name"], params if method else _path_params(path))
     partition = partition or discover_blocks(tasks, path.options["granularity"])
     _check_same_blocks(partition, path)
-    return _materialize(tasks, partition, path.cut(size), m, info=_info(path, size))
+    return _materialize(tasks, partition, cut(tasks, path, size), m, info=_info(path, size, tasks))
 
 
-def merge(tasks: TaskSet, *, size: float, method: str | MergeMethod = "task_arithmetic",
-          params: Mapping[str, Any] | None = None, **plan_options: Any) -> FlexModel:
-    """Plan and materialize in one call: the flex model of `tasks` at `size`."""
+def merge(tasks: TaskSet, *, size: float | None = None, max_bytes: int | None = None,
+          method: str | MergeMethod = "task_arithmetic", params: Mapping[str, Any] | None = None,
+          **plan_options: Any) -> FlexModel:
+    """Plan and materialize in one call: the flex model of `tasks` at `size` (or within `max_bytes`)."""
     m = _method(method, params)
     partition = discover_blocks(tasks, plan_options.pop("granularity", "sublayer"), plan_options.pop("patterns", None))
     path = plan(tasks, partition, method=m, **plan_options)
-    return _materialize(tasks, partition, path.cut(size), m, info=_info(path, size))
+    size = _target(tasks, path, size, max_bytes)
+    return _materialize(tasks, partition, cut(tasks, path, size), m, info=_info(path, size, tasks))
 
 
-def merge_to_disk(tasks: TaskSet, out: str | Path, *, size: float, method: str | MergeMethod = "task_arithmetic",
+def cut(tasks: TaskSet, path: MergePath, size: float) -> Assignment:
+    """The path's largest point whose size, the tasks' own parameters included, is at most `size`."""
+    return path.cut(size, specific_units(tasks))
+
+
+def size_for_budget(tasks: TaskSet, path: MergePath, max_bytes: int) -> float:
+    """The size that `max_bytes` of storage buys: everything stored counts (frozen parameters once,
+    the tasks' own parameters, masks and θ0 copies); an impossible budget names the smallest one."""
+    if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes <= 0:
+        raise ConfigError(f"max_bytes must be a positive number of bytes, got {max_bytes!r}")
+    unit, fixed = tasks.unit_bytes(), tasks.frozen_bytes() + tasks.specific_bytes()
+    smallest = math.ceil(path.min_size * unit) + fixed
+    if max_bytes < smallest:
+        raise SizeError(f"a budget of {format_bytes(max_bytes)} is below the smallest artifact method "
+                        f"{path.method.get('name')!r} can make here: {format_bytes(smallest)} ({smallest} bytes; "
+                        f"{format_bytes(fixed)} of it frozen and task-specific parameters)")
+    return (max_bytes - tasks.frozen_bytes()) / unit
+
+
+def _target(tasks: TaskSet, path: MergePath, size: float | None, max_bytes: int | None) -> float:
+    if (size is None) == (max_bytes is None):
+        raise ConfigError("give exactly one of size (model units) and max_bytes (a storage budget)")
+    if size is not None:
+        return size
+    return min(size_for_budget(tasks, path, max_bytes), path.sizes[0] + specific_units(tasks))
+
+
+def merge_to_disk(tasks: TaskSet, out: str | Path, *, size: float | None = None, max_bytes: int | None = None,
+                  method: str | MergeMethod = "task_arithmetic",
                   params: Mapping[str, Any] | None = None, overwrite: bool = False, executor=None,
                   resume: bool = True, shard_bytes: int = SHARD_BYTES, **plan_options: Any) -> dict[str, Any]:
     """Plan, then materialize block by block straight into an artifact; returns its manifest.
@@ -86,16 +122,18 @@ def merge_to_disk(tasks: TaskSet, out: str | Path, *, size: float, method: str |
     m = _method(method, params)
     partition = discover_blocks(tasks, plan_options.pop("granularity", "sublayer"), plan_options.pop("patterns", None))
     path = plan(tasks, partition, method=m, executor=executor, **plan_options)
-    assignment = path.cut(size)
+    size = _target(tasks, path, size, max_bytes)
+    assignment = cut(tasks, path, size)
     pipeline = fitted_pipeline(tasks, m)
     header = ArtifactHeader(
         list(tasks.names), partition, dict(tasks.meta), assignment, m.describe(),
-        SizeModel.build(partition, tasks.meta, m).size(assignment.group_sizes()), tasks.unit_bytes(),
-        _info(path, size, tasks), collect_hf_files(tasks))
+        SizeModel.build(partition, tasks.meta, m).size(assignment.group_sizes()) + specific_units(tasks),
+        tasks.unit_bytes(), _info(path, size, tasks), collect_hf_files(tasks), dict(tasks.specific))
     return write_artifact(
         out, header, {k: tasks.base.read(k) for k in tasks.frozen},
         lambda done: materialize_blocks(tasks, partition, assignment, m, pipeline, executor, skip=done),
-        overwrite=overwrite, shard_bytes=shard_bytes, resumable=resume)
+        overwrite=overwrite, shard_bytes=shard_bytes, resumable=resume,
+        specific=lambda: ((name, tasks.read_specific(t)) for t, name in enumerate(tasks.names)))
 
 
 def _path_params(path: MergePath) -> dict[str, Any]:
@@ -103,15 +141,14 @@ def _path_params(path: MergePath) -> dict[str, Any]:
 
 
 def _check_same_blocks(partition: Partition, path: MergePath) -> None:
-    from flexmerge.errors import ConfigError
-
     if partition.names() != path.block_names:
         raise ConfigError("the partition differs from the one the path was planned on (block names differ)")
 
 
 def _info(path: MergePath, size: float, tasks: TaskSet | None = None) -> dict[str, Any]:
+    extra = specific_units(tasks) if tasks is not None else 0.0
     info: dict[str, Any] = {"requested_size": size, "planner": path.planner, "plan_options": path.options,
-                            "path_point": path.point_at(size), "path_points": path.num_points}
+                            "path_point": path.point_at(size, extra), "path_points": path.num_points}
     if tasks is not None:
         info["inputs"] = tasks.provenance
     return info

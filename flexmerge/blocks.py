@@ -149,11 +149,14 @@ def _compile(name: object, rx: object) -> re.Pattern:
 def _block_name(name: str, m: re.Match) -> str:
     """The pattern's block name with `{0}`, `{1}`, ... filled from the match's capture groups."""
     try:
-        return name.format(*m.groups())
+        filled = name.format(*m.groups())
     except (IndexError, KeyError, ValueError, AttributeError) as e:
         raise ConfigError(f"block name {name!r}: its placeholders need capture groups that the pattern does not "
                           f"have ({m.re.groups} capture groups; use {{0}}..{{{max(m.re.groups - 1, 0)}}}): {e!r}"
                           ) from None
+    if len(filled) > 512:
+        raise ConfigError(f"block name {name[:60]!r} gives a name of {len(filled)} characters; 512 at most")
+    return filled
 
 
 def check_partition(partition: Partition, keys: list[str]) -> None:

@@ -14,13 +14,15 @@ from typing import Any, Optional
 import click
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from flexmerge.errors import FlexMergeError
+from flexmerge.size import format_bytes
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Merge M fine-tuned models into one artifact of any size between 1x and Mx.")
-console = Console()
+console = Console(highlight=False)
 err = Console(stderr=True)
 
 BaseOpt = typer.Option(None, "--base", help="base checkpoint: .safetensors, sharded index.json, .pt/.bin or HF dir")
@@ -39,6 +41,9 @@ ExecOpt = typer.Option(None, "--executor",
 RayOpt = typer.Option(None, "--ray-address", help="Ray cluster address (default with --executor ray: a local instance)")
 RelOpt = typer.Option(None, "--max-relative-change",
                       help="largest ||θ_t − θ0|| / ||θ0|| accepted before the base is rejected [default: 0.5]")
+SpecificOpt = typer.Option(None, "--task-specific",
+                           help="regex (full match) of parameters each task keeps for itself, never merged (repeatable); "
+                                "Hugging Face heads (classifier, score, qa_outputs) are detected without one")
 MixedOpt = typer.Option(None, "--allow-mixed-dtypes/--no-allow-mixed-dtypes", help="merge inputs of different float dtypes")
 
 
@@ -53,8 +58,6 @@ def _options(debug: bool = typer.Option(False, "--debug", help="show the Python 
 
 
 def _say(message: str) -> None:
-    from rich.markup import escape
-
     err.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True, highlight=False)
 
 
@@ -115,7 +118,8 @@ def _parse_params(items: list[str] | None) -> dict[str, Any]:
 
 
 def _config(config, base, model, method, param, granularity, planner, linkage, mode, measure, seed, mixed,
-            size=None, executor=None, ray_address=None, max_relative_change=None):
+            size=None, executor=None, ray_address=None, max_relative_change=None, task_specific=None,
+            max_bytes=None):
     from flexmerge.config import build_config
     from flexmerge.taskvec import parse_task_specs
 
@@ -125,7 +129,21 @@ def _config(config, base, model, method, param, granularity, planner, linkage, m
         "granularity": granularity, "planner": planner, "linkage": linkage, "mode": mode,
         "measure": measure, "seed": seed, "allow_mixed_dtypes": mixed, "size": size,
         "executor": executor, "ray_address": ray_address, "max_relative_change": max_relative_change,
+        "task_specific": task_specific or None, "max_bytes": max_bytes,
     })
+
+
+def _size_table(tasks, path, rows: int = 12) -> Table:
+    """A compact size -> bytes table of the path: what each point costs on disk, everything counted."""
+    from flexmerge.size import specific_units
+
+    extra, fixed = specific_units(tasks), tasks.frozen_bytes() + tasks.specific_bytes()
+    points = sorted(set(range(0, path.num_points, max(1, path.num_points // (rows - 1)))) | {path.num_points - 1})
+    table = Table("point", "size", "bytes (all stored)", title="size -> bytes along the path")
+    for p in points:
+        s = path.sizes[p] + extra
+        table.add_row(str(p), f"{s:.3f}x", format_bytes(path.sizes[p] * tasks.unit_bytes() + fixed))
+    return table
 
 
 def _executor(cfg):
@@ -137,7 +155,7 @@ def _executor(cfg):
 def _load(cfg, executor):
     from flexmerge.taskvec import load_tasks
 
-    return load_tasks(cfg.base, cfg.models, allow_mixed_dtypes=cfg.allow_mixed_dtypes,
+    return load_tasks(cfg.base, cfg.models, task_specific=cfg.task_specific, allow_mixed_dtypes=cfg.allow_mixed_dtypes,
                       max_relative_change=cfg.max_relative_change, executor=executor)
 
 
@@ -151,6 +169,7 @@ def plan(
     executor: Optional[str] = ExecOpt, ray_address: Optional[str] = RayOpt,
     max_relative_change: Optional[float] = RelOpt,
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing path file at --out"),
+    task_specific: Optional[list[str]] = SpecificOpt,
 ) -> None:
     """Compute the whole merge path (Mx down to the smallest size) and write it as JSON.
 
@@ -163,14 +182,16 @@ def plan(
 
     check_target(out, overwrite, is_path_file, "a flexmerge path file")  # before minutes of work, not after
     cfg = _config(config, base, model, method, param, granularity, planner, linkage, mode, measure, seed,
-                  allow_mixed_dtypes, None, executor, ray_address, max_relative_change)
+                  allow_mixed_dtypes, None, executor, ray_address, max_relative_change, task_specific)
     ex = _executor(cfg)
-    path = plan_fn(_load(cfg, ex), method=cfg.method, params=cfg.params, executor=ex, **cfg.plan_options())
+    tasks = _load(cfg, ex)
+    path = plan_fn(tasks, method=cfg.method, params=cfg.params, executor=ex, **cfg.plan_options())
     path.save(out, overwrite=overwrite)
     console.print(f"{len(path.block_names)} blocks, {path.num_points} points, sizes {path.sizes[0]:.3f}x -> "
                   f"{path.min_size:.3f}x; similarity pass {path.timings['similarity_pass']:.2f}s, "
                   f"path {path.timings['path']:.4f}s")
-    console.print(f"wrote {out}", soft_wrap=True)
+    console.print(_size_table(tasks, path))
+    console.print(f"wrote {escape(str(out))}", soft_wrap=True)
 
 
 @command
@@ -186,8 +207,12 @@ def merge(
     resume: bool = typer.Option(True, "--resume/--no-resume",
                                 help="continue an interrupted run of the same merge (default) or start over"),
     max_relative_change: Optional[float] = RelOpt,
+    task_specific: Optional[list[str]] = SpecificOpt,
+    max_bytes: Optional[str] = typer.Option(None, "--max-bytes",
+                                            help="storage budget instead of --size, e.g. 300MB or 1.5GiB: the largest "
+                                                 "point whose artifact (frozen, task-specific, masks, θ0 included) fits"),
 ) -> None:
-    """Merge to a target size and write the flex-model artifact (safetensors + manifest.json).
+    """Merge to a target size (or within a storage budget) and write the flex-model artifact.
 
     Example: flexmerge merge --base base.safetensors --model a=a.safetensors --model b=b.safetensors
     --model c=c.safetensors --method ties --size 2 --out flex-2x
@@ -198,14 +223,16 @@ def merge(
 
     check_target(out, overwrite, is_artifact, "a flex-model artifact")  # before the validation pass, not after
     cfg = _config(config, base, model, method, param, granularity, planner, linkage, mode, measure, seed,
-                  allow_mixed_dtypes, size, executor, ray_address, max_relative_change)
-    if cfg.size is None:
-        raise FlexMergeError("--size (or `size:` in --config) is required")
+                  allow_mixed_dtypes, size, executor, ray_address, max_relative_change, task_specific, max_bytes)
+    if cfg.size is None and cfg.max_bytes is None:
+        raise FlexMergeError("--size or --max-bytes (or `size:` / `max_bytes:` in --config) is required")
     ex = _executor(cfg)
-    manifest = merge_to_disk(_load(cfg, ex), out, size=cfg.size, method=cfg.method, params=cfg.params,
-                             overwrite=overwrite, executor=ex, resume=resume, **cfg.plan_options())
-    console.print(f"wrote {out}: {len(manifest['tasks'])} tasks, method {manifest['method']['name']}, "
-                  f"size {manifest['size']:.4f}x (asked {cfg.size:g}x)", soft_wrap=True)
+    manifest = merge_to_disk(_load(cfg, ex), out, size=cfg.size, max_bytes=cfg.max_bytes, method=cfg.method,
+                             params=cfg.params, overwrite=overwrite, executor=ex, resume=resume, **cfg.plan_options())
+    asked = f"{cfg.size:g}x" if cfg.size is not None else f"at most {format_bytes(cfg.max_bytes)}"
+    total = manifest["stored_bytes"] + manifest["frozen_bytes"] + manifest["task_specific_bytes"]
+    console.print(f"wrote {escape(str(out))}: {len(manifest['tasks'])} tasks, method {manifest['method']['name']}, "
+                  f"size {manifest['size']:.4f}x, {format_bytes(total)} (asked {asked})", soft_wrap=True)
 
 
 @command
@@ -224,14 +251,19 @@ def inspect(
     blocks = [{"name": b["name"], "groups": [[tasks[t] for t in g] for g in b["groups"]]} for b in m["blocks"]]
     summary = {"tasks": tasks, "method": m["method"], "size": m["size"], "unit_bytes": m["unit_bytes"],
                "stored_bytes": m["stored_bytes"], "frozen_bytes": m["frozen_bytes"],
+               "task_specific_bytes": m.get("task_specific_bytes", 0),
+               "task_specific": {t: sorted(keys) for t, keys in m.get("task_specific", {}).items()},
                "granularity": m["granularity"], "flexmerge_version": m["flexmerge_version"], "blocks": blocks}
     if as_json:
         sys.stdout.write(json.dumps(summary, indent=1) + "\n")
         return
     console.print(f"tasks: {', '.join(tasks)}")
     console.print(f"method: {m['method']}")
-    console.print(f"size: {m['size']:.4f}x ({m['stored_bytes']} bytes stored; one model = {m['unit_bytes']} bytes; "
-                  f"frozen shared parameters: {m['frozen_bytes']} bytes)")
+    console.print(f"size: {m['size']:.4f}x ({m['stored_bytes']} bytes stored in blocks; one model = "
+                  f"{m['unit_bytes']} bytes; frozen shared parameters: {m['frozen_bytes']} bytes; "
+                  f"task-specific parameters: {summary['task_specific_bytes']} bytes)", soft_wrap=True)
+    for t, keys in summary["task_specific"].items():
+        console.print(f"  {t} keeps its own: {', '.join(keys[:6])}{' ...' if len(keys) > 6 else ''}", soft_wrap=True)
     table = Table("block", "groups")
     for b in blocks:
         table.add_row(b["name"], "  ".join("{" + ",".join(g) + "}" for g in b["groups"]))
@@ -253,7 +285,7 @@ def export(
     from flexmerge.flexmodel import load
 
     written = export_fn(load(artifact), task, out, overwrite=overwrite)
-    console.print(f"wrote {written}", soft_wrap=True)
+    console.print(f"wrote {escape(str(written))}", soft_wrap=True)
 
 
 @command

@@ -30,6 +30,10 @@ class MergeConfig(BaseModel):
     seed: int = 0
     size: float | None = Field(None, gt=0, allow_inf_nan=False,
                                description="target size in model units, 1 <= size <= M (merge only)")
+    max_bytes: int | None = Field(None, gt=0, description="storage budget in bytes: the largest point that fits "
+                                  "(everything stored counts); instead of size (merge only)")
+    task_specific: list[str] = Field(default_factory=list,
+                                     description="regexes (full match) of parameters each task keeps for itself")
     allow_mixed_dtypes: bool = False
     max_relative_change: float = Field(0.5, gt=0, allow_inf_nan=False)
     executor: Literal["local", "threads", "ray"] = "local"
@@ -44,12 +48,17 @@ class MergeConfig(BaseModel):
             check_task_name(name)
         return v
 
+    @field_validator("max_bytes", mode="before")
+    @classmethod
+    def _bytes(cls, v: Any) -> Any:
+        from flexmerge.size import parse_bytes
+
+        return parse_bytes(v) if isinstance(v, str) else v
+
     @model_validator(mode="after")
-    def _size_at_most_m(self) -> "MergeConfig":
-        if self.size is not None and self.size > len(self.models):
-            m = len(self.models)
-            raise ValueError(f"size {self.size:g}x is above {m}x, the size of the {m} unmerged models; "
-                             f"give a size between 1 and {m}")
+    def _one_target(self) -> "MergeConfig":
+        if self.size is not None and self.max_bytes is not None:
+            raise ValueError("give either size or max_bytes, not both")
         return self
 
     def plan_options(self) -> dict[str, Any]:
@@ -90,8 +99,10 @@ def build_config(file: Path | None, overrides: dict[str, Any]) -> MergeConfig:
     """Fields from a YAML file (paths relative to it), then the overrides that are not None."""
     data: dict[str, Any] = {}
     if file is not None:
-        if not file.is_file():
+        if not file.exists():
             raise ConfigError(f"config file not found: {file}")
+        if not file.is_file():
+            raise ConfigError(f"config {file} is not a regular file")
         try:
             data = yaml.load(file.read_bytes().decode("utf-8"), Loader=_UniqueKeyLoader) or {}
         except OSError as e:

@@ -20,7 +20,7 @@ from flexmerge.errors import SizeError
 from flexmerge.flexmodel.materialize import materialize
 from flexmerge.methods.base import get_method
 from flexmerge.planning import build_path
-from flexmerge.taskvec import Chunk, TaskSet
+from flexmerge.taskvec import TaskSet
 
 Evaluator = Callable[[str, dict[str, torch.Tensor]], float]
 
@@ -72,10 +72,6 @@ class SweepResult:
                 "curves": self.curves(), "timings_s": self.timings, "meta": self.meta}
 
 
-def finetuned_state_dict(tasks: TaskSet, task: int) -> dict[str, torch.Tensor]:
-    return {k: tasks.read_task(task, Chunk(k, None)) for k in tasks.meta}
-
-
 def sweep(
     tasks: TaskSet,
     evaluator: Evaluator,
@@ -93,7 +89,7 @@ def sweep(
     """Evaluate every (method, planner) at every size; sizes below a method's minimum are noted."""
     timings: dict[str, float] = {"plan": 0.0, "materialize": 0.0, "evaluate": 0.0}
     t0 = time.perf_counter()
-    finetuned = {t: evaluator(t, finetuned_state_dict(tasks, i))
+    finetuned = {t: evaluator(t, tasks.finetuned_state_dict(i))
                  for i, t in enumerate(progress(tasks.names, "evaluating fine-tuned models"))}
     timings["evaluate"] += time.perf_counter() - t0
     partition = discover_blocks(tasks, granularity)

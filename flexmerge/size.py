@@ -21,6 +21,36 @@ MIN_MASKED_MEMBERS = 3
 SCALE_BYTES = 4
 
 
+def specific_units(tasks) -> float:
+    """The tasks' own parameters (heads, ...) in model units: stored once per task, never merged, and
+    counted by every size (so `--size S` bounds the mergeable and the task-specific bytes together)."""
+    return tasks.specific_bytes() / tasks.unit_bytes()
+
+
+_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_bytes(text: str) -> int:
+    """'300MB', '1.5 GiB', '4096' -> bytes (decimal KB/MB/GB, binary KiB/MiB/GiB)."""
+    import re
+
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*", str(text))
+    unit = m.group(2).lower() if m else ""
+    if not m or (unit and unit not in _UNITS):
+        from flexmerge.errors import ConfigError
+
+        raise ConfigError(f"{text!r} is not a size in bytes; write e.g. 300MB, 1.5GiB or 4096")
+    return int(float(m.group(1)) * _UNITS[unit or "b"])
+
+
+def format_bytes(n: float) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{int(n)} B"
+
+
 def stored_with_masks(method: MergeMethod, members: int) -> bool:
     return method.uses_masks and members >= MIN_MASKED_MEMBERS
 

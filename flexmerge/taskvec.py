@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,6 +56,8 @@ class TaskSet:
     key_grams: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)  # raw (M, M) per key
     compute_dtype: torch.dtype = torch.float32
     fitted: dict[str, object] = field(default_factory=dict, repr=False)  # preprocessing fitted on this set
+    # per task: its own parameters (heads, keys the base lacks or has in another shape), never merged
+    specific: dict[str, dict[str, TensorMeta]] = field(default_factory=dict)
 
     @property
     def num_tasks(self) -> int:
@@ -72,6 +75,20 @@ class TaskSet:
 
     def frozen_bytes(self) -> int:
         return sum(self.meta[k].numel * self.meta[k].dtype.itemsize for k in self.frozen)
+
+    def specific_bytes(self) -> int:
+        """Bytes of every task's own parameters, all tasks together (stored once per task)."""
+        return sum(m.numel * m.dtype.itemsize for keys in self.specific.values() for m in keys.values())
+
+    def read_specific(self, task: int) -> dict[str, torch.Tensor]:
+        """Task `task`'s own parameters, as stored in its checkpoint."""
+        src = self.sources[task]
+        return {k: src.read(k).contiguous() for k in self.specific.get(self.names[task], {})}
+
+    def finetuned_state_dict(self, task: int) -> dict[str, torch.Tensor]:
+        """The fine-tuned model of `task` as given: shared keys, then its own."""
+        shared = {k: read_rows(self.sources[task], k, None) for k in self.meta}
+        return {**shared, **self.read_specific(task)}
 
     def read_base(self, chunk: Chunk) -> torch.Tensor:
         return read_rows(self.base, chunk.key, chunk.rows)
@@ -177,53 +194,115 @@ def load_tasks(
     base: str | Path,
     models: Sequence[str] | Mapping[str, str | Path],
     *,
+    task_specific: Sequence[str] = (),
     allow_mixed_dtypes: bool = False,
     max_relative_change: float = 0.5,
     executor=None,
 ) -> TaskSet:
-    """Open and validate the base and the task models; find the frozen parameters.
+    """Open and validate the base and the task models; find the frozen and task-specific parameters.
 
+    A parameter is task-specific (each task keeps its own; never planned or merged) when a
+    fine-tune has it and the base does not, when its shape differs from the base's, when its name
+    matches one of the `task_specific` regexes (full match), or, for Hugging Face inputs, when it
+    belongs to a head module (`HF_HEADS`; `lm_head` when the config does not tie it and it differs).
     `executor` ("local", "ray" or an Executor) runs the validation pass key by key."""
     named = parse_task_specs(models)
     if len(named) < 2:
         raise ConfigError(f"merging needs at least 2 task models, got {len(named)}")
+    patterns = _compile_patterns(task_specific)
     base_src = open_checkpoint(base)
     sources = [open_checkpoint(p) for p in named.values()]
-    meta = _check_structure(base_src, sources, allow_mixed_dtypes)
+    meta, specific = _check_structure(base_src, sources, list(named), allow_mixed_dtypes, patterns)
     mergeable, frozen, key_grams, digests = _scan_values(base_src, sources, list(named), meta,
                                                          max_relative_change, executor)
+    digests = [digests[0], *(_with_specific(d, src, specific[name]) for d, src, name in zip(digests[1:], sources, named))]
     provenance = {name: {"files": [file_record(f) for f in src.files()], "sha256": digest}
                   for name, src, digest in zip(["base", *named], [base_src, *sources], digests)}
-    return TaskSet(list(named), base_src, sources, meta, mergeable, frozen, provenance, key_grams=key_grams)
+    return TaskSet(list(named), base_src, sources, meta, mergeable, frozen, provenance, key_grams=key_grams,
+                   specific=specific)
+
+
+# Hugging Face head modules: a task's own output layers, detected without a pattern.
+HF_HEADS = ("classifier", "score", "qa_outputs")
+
+
+def _compile_patterns(patterns: Sequence[str]) -> list[re.Pattern]:
+    out = []
+    for p in patterns:
+        try:
+            out.append(re.compile(p))
+        except (re.error, TypeError) as e:
+            raise ConfigError(f"task-specific pattern {p!r} is not a valid regular expression ({e})") from None
+    return out
+
+
+def _hf_head_keys(src: CheckpointSource, keys: Sequence[str]) -> set[str]:
+    """The keys of `src`'s head modules, when it is a Hugging Face directory (from its config)."""
+    if src.hf_dir is None:
+        return set()
+    config = _hf_config(src.hf_dir)
+    heads = set(HF_HEADS)
+    if config.get("tie_word_embeddings", True) is False:
+        heads.add("lm_head")
+    return {k for k in keys if k.split(".", 1)[0] in heads}
+
+
+def _hf_config(directory: Path) -> dict:
+    import json
+
+    f = directory / "config.json"
+    if not f.is_file():
+        return {}
+    try:
+        config = json.loads(f.read_bytes()[: 16 << 20].decode("utf-8"))
+    except (OSError, ValueError, RecursionError) as e:
+        raise CheckpointError(f"{f}: not a readable Hugging Face config ({e})") from None
+    return config if isinstance(config, dict) else {}
 
 
 def _check_structure(
-    base: CheckpointSource, sources: list[CheckpointSource], allow_mixed_dtypes: bool
-) -> dict[str, TensorMeta]:
+    base: CheckpointSource, sources: list[CheckpointSource], names: list[str], allow_mixed_dtypes: bool,
+    patterns: Sequence[re.Pattern] = (),
+) -> tuple[dict[str, TensorMeta], dict[str, dict[str, TensorMeta]]]:
+    """The shared keys' metadata (the base's, minus task-specific keys) and each task's own keys."""
     base_keys = base.keys()
-    meta = {k: base.meta(k) for k in base_keys}
+    base_set = set(base_keys)
+    own: set[str] = {k for k in base_keys if any(p.fullmatch(k) for p in patterns)}
+    for src in [base, *sources]:
+        own |= _hf_head_keys(src, src.keys()) & base_set
     for src in sources:
         keys = set(src.keys())
-        missing = [k for k in base_keys if k not in keys]
-        extra = sorted(keys - set(base_keys))
-        if missing or extra:
+        missing = [k for k in base_keys if k not in keys and k not in own]
+        if missing:
             raise CheckpointError(
-                f"{src.path}: keys differ from the base {base.path}: "
-                f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
-                f"extra {extra[:5]}{'...' if len(extra) > 5 else ''}"
-            )
-        for k in base_keys:
+                f"{src.path}: keys of the base {base.path} are missing: {missing[:5]}{'...' if len(missing) > 5 else ''}"
+                " (a fine-tune must hold every shared parameter; mark the others --task-specific)")
+        own |= {k for k in base_keys if k in keys and src.meta(k).shape != base.meta(k).shape}
+    meta = {k: base.meta(k) for k in base_keys if k not in own}
+    specific: dict[str, dict[str, TensorMeta]] = {}
+    for name, src in zip(names, sources):
+        for k in meta:
             m = src.meta(k)
-            if m.shape != meta[k].shape:
-                raise CheckpointError(
-                    f"{src.path}: key {k!r} has shape {list(m.shape)}, the base has {list(meta[k].shape)}"
-                )
             if m.dtype != meta[k].dtype and not (allow_mixed_dtypes and m.dtype.is_floating_point):
                 raise CheckpointError(
                     f"{src.path}: key {k!r} has dtype {m.dtype}, the base has {meta[k].dtype} "
                     "(pass allow_mixed_dtypes=True / --allow-mixed-dtypes to merge them in fp32)"
                 )
-    return meta
+        specific[name] = {k: src.meta(k) for k in src.keys() if k not in meta}
+    return meta, specific
+
+
+def _with_specific(digest: str, src: CheckpointSource, keys: Mapping[str, TensorMeta]) -> str:
+    """A task's content digest extended by its task-specific tensors, each checked for NaN/Inf."""
+    if not keys:
+        return digest
+    h = hashlib.sha256(digest.encode())
+    for k, mt in keys.items():
+        t = src.read(k)
+        _check_finite(t, src, k)
+        h.update(f"{k}\0{mt.dtype}\0{list(mt.shape)}\0".encode())
+        hash_tensor(h, t)
+    return h.hexdigest()
 
 
 @dataclass

@@ -24,7 +24,7 @@ from flexmerge.errors import ArtifactError, CheckpointError, ConfigError, FlexMe
 from flexmerge.io import open_checkpoint
 from flexmerge.paths import UnsafePathError
 
-from .conftest import fine_tune, tiny_state_dict
+from .conftest import tiny_state_dict
 
 runner = CliRunner()
 
@@ -473,3 +473,104 @@ def test_unexpected_errors_say_internal_and_point_to_debug(zoo, tmp_path, monkey
     r = runner.invoke(app, ["--debug", "merge", "--base", str(base), *_flags(models), "--size", "2",
                             "--out", str(tmp_path / "o")])
     assert isinstance(r.exception, ZeroDivisionError)
+
+
+# Found by probing as an attacker: regressions -------------------------------------------------------
+
+
+def test_a_symlink_at_the_lock_name_is_not_written_through(tasks, tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("IMPORTANT")
+    outs = tmp_path / "outs"
+    outs.mkdir()
+    (outs / ".o.lock").symlink_to(victim)
+    with pytest.raises(FlexMergeError, match="symlink"):
+        flexmerge.merge_to_disk(tasks, outs / "o", size=2.0)
+    assert victim.read_text() == "IMPORTANT" and not (outs / "o").exists()
+
+
+def test_a_symlink_at_the_resume_directory_is_not_followed(tasks, tmp_path, monkeypatch):
+    import flexmerge.flexmodel.materialize as mat
+
+    outs, victim = tmp_path / "outs", tmp_path / "victimdir"
+    outs.mkdir()
+    victim.mkdir()
+    (victim / "a.txt").write_text("precious")
+    real, calls = mat.materialize_block, []
+
+    def dying(*a, **k):
+        if calls:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return real(*a, **k)
+    monkeypatch.setattr(mat, "materialize_block", dying)
+    with pytest.raises(KeyboardInterrupt):
+        flexmerge.merge_to_disk(tasks, outs / "o", size=2.0, shard_bytes=1)
+    monkeypatch.setattr(mat, "materialize_block", real)
+    (partial,) = outs.glob(".o.partial-*")
+    shutil.rmtree(partial)
+    partial.symlink_to(victim)  # the job key is predictable: an attacker can plant this
+    with pytest.raises(FlexMergeError, match="symlink"):
+        flexmerge.merge_to_disk(tasks, outs / "o", size=2.0, shard_bytes=1)
+    assert os.listdir(victim) == ["a.txt"] and not (outs / "o").exists()
+
+
+def test_stale_partial_cleanup_does_not_glob_the_output_name(tasks, tmp_path):
+    outs = tmp_path / "outs"
+    outs.mkdir()
+    other = outs / ".xa.partial-deadbeef"  # another target's interrupted run
+    other.mkdir()
+    flexmerge.merge_to_disk(tasks, outs / "x[a]", size=2.0)
+    assert other.is_dir()
+
+
+def test_hf_side_files_linking_out_of_the_model_directory_are_refused(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                                  vocab_size=50)
+    for i, name in enumerate(["base", "a", "b"]):
+        torch.manual_seed(i)
+        transformers.BertModel(cfg).save_pretrained(tmp_path / name)
+    (tmp_path / "secret.txt").write_text("id_rsa")
+    (tmp_path / "a" / "vocab.txt").symlink_to(tmp_path / "secret.txt")
+    tasks = flexmerge.load_tasks(tmp_path / "base", {"a": tmp_path / "a", "b": tmp_path / "b"},
+                                 max_relative_change=10)
+    with pytest.raises(UnsafePathError, match="vocab.txt"):
+        flexmerge.merge(tasks, size=1.0)
+
+
+def test_huge_finite_hyperparameters_are_an_error_not_infinite_weights(tasks, tmp_path):
+    with pytest.raises(ConfigError, match="NaN or infinite weights"):
+        flexmerge.merge_to_disk(tasks, tmp_path / "o", size=1.0, params={"lam": 1e300})
+    assert not (tmp_path / "o").exists()
+
+
+def test_overwrite_keeps_a_directory_that_holds_user_files(artifact, zoo, tmp_path):
+    (artifact / "notes.txt").write_text("mine")
+    assert "is not a flex-model artifact" in _one_line_error(_merge(zoo, artifact, "--overwrite"))
+    assert (artifact / "notes.txt").read_text() == "mine"
+
+
+def test_a_full_disk_in_safetensors_is_a_user_error_naming_the_file(zoo, tmp_path, monkeypatch):
+    import flexmerge.flexmodel.artifact as art
+    from safetensors import SafetensorError
+
+    def full(tensors, filename, *a, **k):
+        raise SafetensorError("Error while serializing: IoError(No space left on device (os error 28))")
+    monkeypatch.setattr(art, "save_file", full)
+    line = _one_line_error(_merge(zoo, tmp_path / "o", "--no-resume"))
+    assert "shard-00000.safetensors" in line and "No space left" in line and "internal" not in line
+
+
+def test_safetensors_headers_the_reference_refuses_are_refused(tmp_path):
+    cases = {
+        "overlap": b'{"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},'
+                   b' "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}',
+        "metadata list": b'{"__metadata__": [1], "a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}',
+        "duplicate key": b'{"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},'
+                         b' "a": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}',
+    }
+    for what, header in cases.items():
+        f = _header_file(tmp_path / f"{what.replace(' ', '_')}.safetensors", header, bytes(12))
+        with pytest.raises(CheckpointError):
+            open_checkpoint(f)

@@ -96,9 +96,8 @@ def test_zoo_cache_is_reused_verified_and_rebuilt_when_damaged(tmp_path):
 
 def test_python_sweep_with_a_user_evaluator(tasks):
     """Any callable (task, state_dict) -> accuracy works; here: closeness to the fine-tuned weights."""
-    from flexmerge.curve import finetuned_state_dict
 
-    refs = {t: finetuned_state_dict(tasks, i) for i, t in enumerate(tasks.names)}
+    refs = {t: tasks.finetuned_state_dict(i) for i, t in enumerate(tasks.names)}
 
     def closeness(task, sd):
         err = sum(float((sd[k].float() - refs[task][k].float()).norm()) for k in tasks.mergeable)

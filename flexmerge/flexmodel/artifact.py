@@ -9,6 +9,7 @@ Layout of a directory DIR:
       blocks.{b}.groups.{g}.scales      fp32 rescalers (n,)
       blocks.{b}.base.{p}               θ0 of a block that has masked groups
       frozen.{key}                      parameters identical in all models, stored once
+      tasks.{task}.{key}                a task's own parameters (heads, ...), never merged
   hf/{task}/...          config/tokenizer files of Hugging Face inputs
 Shards are written as blocks arrive, so memory holds one shard's worth at most; the directory
 appears under its final name only once the manifest is written (see `_atomic`).
@@ -16,13 +17,14 @@ appears under its final name only once the manifest is written (see `_atomic`).
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
 import re
 import shutil
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -75,7 +77,7 @@ class ShardWriter:
         if self.buffer:
             name = f"shard-{len(self.shards):05d}.safetensors"
             path = self.directory / name
-            save_file(_unshare(self.buffer), str(path))
+            write_safetensors(_unshare(self.buffer), path)
             self.shards.append({"file": name, "bytes": path.stat().st_size, "sha256": sha256_file(path)})
             self.buffer, self.buffered = {}, 0
         if self.on_flush is not None:
@@ -96,12 +98,14 @@ class ArtifactHeader:
     unit_bytes: int
     info: dict[str, Any]
     hf_files: dict[str, dict[str, bytes]]
+    specific: dict[str, dict[str, TensorMeta]] = field(default_factory=dict)  # task -> its own keys
 
     def job_key(self, frozen_keys: list[str]) -> str:
         """Identifies a merge job, so that only the same job resumes from a partial directory."""
         blob = json.dumps({"tasks": self.tasks, "method": self.method, "blocks": self.partition.names(),
                            "groups": [list(map(list, g)) for g in self.assignment.groups], "frozen": frozen_keys,
-                           "inputs": self.info.get("inputs"), "version": __version__}, sort_keys=True, default=str)
+                           "inputs": self.info.get("inputs"), "version": __version__,
+                           "specific": {t: sorted(k) for t, k in self.specific.items()}}, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -117,6 +121,7 @@ def write_artifact(
     overwrite: bool = False,
     shard_bytes: int = SHARD_BYTES,
     resumable: bool = False,
+    specific: Callable[[], Iterable[tuple[str, dict[str, torch.Tensor]]]] = lambda: (),
 ) -> dict[str, Any]:
     """Write an artifact from blocks as they are produced; returns the manifest.
 
@@ -127,7 +132,7 @@ def write_artifact(
     path = Path(path)
     job = header.job_key(list(frozen))
     partial = path.with_name(f".{path.name}.partial-{job}") if resumable else None
-    for task in header.hf_files:
+    for task in {*header.hf_files, *header.specific}:
         check_task_name(task, "artifact")
     with atomic_directory(path, overwrite=overwrite, partial=partial, replaceable=is_artifact,
                           what="a flex-model artifact") as tmp:
@@ -153,6 +158,13 @@ def write_artifact(
             writer.end_block(b, _block_entry(header.partition.blocks[b], store, header.assignment.groups[b]))
         for key, t in frozen.items():
             writer.add(f"frozen.{key}", t)
+        specific_bytes = 0
+        for task, own in specific():  # one task's own parameters at a time
+            for key, t in own.items():
+                writer.add(f"tasks.{task}.{key}", t)
+                specific_bytes += t.nbytes
+            if writer.buffered >= writer.shard_bytes:
+                writer.flush()
         writer.flush()
         for task, files in header.hf_files.items():
             (tmp / "hf" / task).mkdir(parents=True, exist_ok=True)
@@ -167,6 +179,9 @@ def write_artifact(
             "unit_bytes": header.unit_bytes,
             "stored_bytes": sum(entries[b]["stored_bytes"] for b in entries),
             "frozen_bytes": sum(t.nbytes for t in frozen.values()),
+            "task_specific_bytes": specific_bytes,
+            "task_specific": {t: {k: {"shape": list(m.shape), "dtype": str(m.dtype)} for k, m in own.items()}
+                              for t, own in header.specific.items() if own},
             "granularity": header.partition.granularity,
             "keys": {k: {"shape": list(m.shape), "dtype": str(m.dtype)} for k, m in header.meta.items()},
             "frozen": list(frozen),
@@ -181,8 +196,8 @@ def write_artifact(
             raise ArtifactError(f"{path}: the manifest would hold a NaN or infinite number ({e})") from None
         (tmp / JOURNAL).unlink(missing_ok=True)
         (tmp / MANIFEST).write_text(text)
-        for stale in path.parent.glob(f".{path.name}.partial-*"):  # interrupted runs of other jobs (we hold the lock)
-            if stale != tmp:
+        for stale in path.parent.glob(f".{glob.escape(path.name)}.partial-*"):  # other jobs' interrupted runs
+            if stale != tmp and stale.is_dir() and not stale.is_symlink():  # (we hold the target's lock)
                 shutil.rmtree(stale, ignore_errors=True)
     return manifest
 
@@ -210,20 +225,35 @@ def _resume_state(tmp: Path, job: str) -> tuple[list[dict[str, Any]], dict[int, 
 
 
 def save(flex: FlexModel, path: str | Path, overwrite: bool = False) -> dict[str, Any]:
+    specific_meta = {t: {k: TensorMeta(tuple(v.shape), v.dtype) for k, v in own.items()}
+                     for t, own in flex.specific.items()}
     header = ArtifactHeader(flex.tasks, flex.partition, flex.meta, flex.assignment, flex.method, flex.size,
-                            flex.unit_bytes, flex.info, flex.hf_files)
+                            flex.unit_bytes, flex.info, flex.hf_files, specific_meta)
     return write_artifact(path, header, flex.frozen,
                           lambda done: ((b, s) for b, s in enumerate(flex.blocks) if b not in done),
-                          overwrite=overwrite)
+                          overwrite=overwrite, specific=lambda: flex.specific.items())
 
 
 def is_artifact(path: Path) -> bool:
-    """Whether `path` is a flex-model directory (what `--overwrite` may replace)."""
+    """Whether `path` is a flex-model directory holding only what flexmerge writes (what
+    `--overwrite` may replace: a directory with files of the user's in it is not one)."""
     try:
         read_manifest(path)
-        return not Path(path).is_symlink()
     except ArtifactError:
         return False
+    path = Path(path)
+    ours = lambda f: f.name in (MANIFEST, JOURNAL) or SHARD_NAME.fullmatch(f.name) or f.name == "hf"  # noqa: E731
+    return not path.is_symlink() and all(ours(f) for f in path.iterdir())
+
+
+def write_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """save_file, with its errors (a full disk, a read-only directory) as one naming the file."""
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except Exception as e:  # safetensors raises its own SafetensorError for I/O failures
+        if isinstance(e, OSError):
+            raise OSError(e.errno, e.strerror, str(path)) from None
+        raise ArtifactError(f"cannot write {path}: {e}") from None
 
 
 MANIFEST_MAX_BYTES = 256 << 20
@@ -302,6 +332,14 @@ def check_manifest(m: dict[str, Any]) -> str | None:
     hf = m.get("hf_tasks", [])
     if not is_list(hf, str) or any(t not in tasks for t in hf):
         return "'hf_tasks' names tasks that are not in 'tasks'"
+    own = m.get("task_specific", {})
+    if not isinstance(own, dict) or any(t not in tasks or not isinstance(keys, dict) for t, keys in own.items()):
+        return "'task_specific' must map tasks of 'tasks' to their own keys"
+    for keys in own.values():
+        for k, v in keys.items():
+            if not (isinstance(v, dict) and is_list(v.get("shape"), int) and all(x >= 0 for x in v["shape"])
+                    and isinstance(v.get("dtype"), str) and v["dtype"] in _DTYPES):
+                return f"task-specific key {k!r} has no valid shape and dtype"
     return None
 
 
@@ -385,7 +423,16 @@ def _assemble(manifest: dict[str, Any], tensors: dict[str, torch.Tensor], direct
         assignment=Assignment(tuple(groups)), method=manifest["method"], size=manifest["size"],
         unit_bytes=manifest["unit_bytes"], info=manifest.get("info", {}),
         hf_files={task: read_side_files(directory, task) for task in manifest.get("hf_tasks", [])},
+        specific={task: {k: _fitting_meta(tensors[f"tasks.{task}.{k}"], k, v) for k, v in keys.items()}
+                  for task, keys in manifest.get("task_specific", {}).items()},
     )
+
+
+def _fitting_meta(t: torch.Tensor, key: str, want: dict[str, Any]) -> torch.Tensor:
+    if list(t.shape) != want["shape"] or str(t.dtype) != want["dtype"]:
+        raise ValueError(f"task-specific {key!r} is {list(t.shape)} {t.dtype}, the manifest says "
+                         f"{want['shape']} {want['dtype']}")
+    return t
 
 
 def _fitting(t: torch.Tensor, part: Part, meta: dict[str, TensorMeta]) -> torch.Tensor:

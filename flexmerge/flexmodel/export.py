@@ -5,10 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from safetensors import safe_open
-from safetensors.torch import save, save_file
+from safetensors.torch import save
 
 from flexmerge._atomic import atomic_directory, write_bytes_atomic
-from flexmerge.flexmodel.artifact import _side_file_name, _unshare
+from flexmerge.flexmodel.artifact import _side_file_name, _unshare, write_safetensors
+from flexmerge.io.source import HF_SIDE_FILES
 from flexmerge.flexmodel.model import FlexModel
 
 EXPORT_MARK = "flexmerge_task"  # safetensors metadata key of every export: what --overwrite may replace
@@ -27,7 +28,7 @@ def export(flex: FlexModel, task: str, out: str | Path, overwrite: bool = False)
                            replaceable=is_export_file, what="a flexmerge export")
         return out
     with atomic_directory(out, overwrite=overwrite, replaceable=is_export_dir, what="a flexmerge export") as tmp:
-        save_file(state, str(tmp / "model.safetensors"), metadata=metadata)
+        write_safetensors(state, tmp / "model.safetensors", metadata=metadata)
         for name, data in flex.hf_files.get(task, {}).items():
             (tmp / _side_file_name(name)).write_bytes(data)
     return out
@@ -45,4 +46,6 @@ def is_export_file(path: Path) -> bool:
 
 
 def is_export_dir(path: Path) -> bool:
-    return path.is_dir() and not path.is_symlink() and is_export_file(path / "model.safetensors")
+    """A directory that a flexmerge export wrote and that holds nothing else (no files of the user's)."""
+    return (path.is_dir() and not path.is_symlink() and is_export_file(path / "model.safetensors")
+            and all(f.name == "model.safetensors" or f.name in HF_SIDE_FILES for f in path.iterdir()))

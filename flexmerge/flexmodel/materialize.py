@@ -8,13 +8,15 @@ import torch
 
 from flexmerge._scratch import scratch
 from flexmerge.blocks import Partition
+from flexmerge.errors import ConfigError
 from flexmerge.executors import get_executor
 from flexmerge.flexmodel.model import BlockStore, FlexModel, StoredGroup, pack_masks
 from flexmerge.io.source import HF_SIDE_FILES, rows_shape
 from flexmerge.methods.base import MergeMethod
+from flexmerge.paths import inside
 from flexmerge.planning.path import Assignment
 from flexmerge.preprocess import Pipeline, fitted_pipeline
-from flexmerge.size import SizeModel, stored_with_masks
+from flexmerge.size import SizeModel, specific_units, stored_with_masks
 from flexmerge.taskvec import Chunk, TaskSet, as_taskset, for_executor
 
 
@@ -70,7 +72,17 @@ def materialize_block(
         else:
             tensors = [x.view(bt.shape).add_(bt).to(dt) for x, bt, dt in zip(pieces, base, dtypes)]  # θ0 + τ
             stored.append(StoredGroup(tuple(g), tensors))
+        _check_finite_result(stored[-1], partition.blocks[b].name, method)
     return BlockStore(stored, [bt.to(dt) for bt, dt in zip(base, dtypes)] if needs_base else None)
+
+
+def _check_finite_result(group: StoredGroup, block: str, method: MergeMethod) -> None:
+    """A merge of finite inputs that is not finite (a huge λ, an overflow in fp16 storage) is an error,
+    not an artifact of NaN/Inf weights."""
+    for t in [*group.tensors, *([group.scales] if group.scales is not None else [])]:
+        if t.dtype.is_floating_point and not bool(torch.isfinite(t).all()):
+            raise ConfigError(f"method {method.describe()} gives NaN or infinite weights in block {block!r} "
+                              "(a hyperparameter too large, or values beyond the storage dtype's range)")
 
 
 def _member_deltas(tasks: TaskSet, pipeline: Pipeline, method: MergeMethod, members: list[int],
@@ -102,16 +114,23 @@ def materialize(
     return FlexModel(
         tasks=list(tasks.names), partition=partition, meta=dict(tasks.meta),
         frozen={k: tasks.base.read(k) for k in tasks.frozen}, blocks=blocks, assignment=assignment,
-        method=method.describe(), size=SizeModel.build(partition, tasks.meta, method).size(assignment.group_sizes()),
+        method=method.describe(),
+        size=SizeModel.build(partition, tasks.meta, method).size(assignment.group_sizes()) + specific_units(tasks),
         unit_bytes=tasks.unit_bytes(), info=dict(info or {}), hf_files=collect_hf_files(tasks),
+        specific={name: tasks.read_specific(t) for t, name in enumerate(tasks.names)},
     )
 
 
 def collect_hf_files(tasks: TaskSet) -> dict[str, dict[str, bytes]]:
-    """Config and tokenizer files of Hugging Face inputs, so an export is a loadable HF directory."""
+    """Config and tokenizer files of Hugging Face inputs, so an export is a loadable HF directory.
+
+    A side file must lie inside its model directory once symlinks are resolved, or beside the
+    file its weights really are (a Hugging Face cache snapshot links both into `blobs/`)."""
     out: dict[str, dict[str, bytes]] = {}
     for name, src in zip(tasks.names, tasks.sources):
-        hf_dir = src.hf_dir or tasks.base.hf_dir
-        if hf_dir is not None:
-            out[name] = {f: (hf_dir / f).read_bytes() for f in HF_SIDE_FILES if (hf_dir / f).is_file()}
+        owner = src if src.hf_dir is not None else tasks.base
+        if owner.hf_dir is not None:
+            weights = owner.path.resolve().parent
+            out[name] = {f: inside(owner.hf_dir, f, "side file", also=weights).read_bytes()
+                         for f in HF_SIDE_FILES if (owner.hf_dir / f).is_file()}
     return out

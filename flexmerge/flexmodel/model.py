@@ -79,6 +79,11 @@ class FlexModel:
     unit_bytes: int
     info: dict[str, Any] = field(default_factory=dict)  # plan options, provenance, version
     hf_files: dict[str, dict[str, bytes]] = field(default_factory=dict)  # task -> config/tokenizer files
+    specific: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # task -> its own parameters
+
+    def specific_bytes(self) -> int:
+        """Bytes of the tasks' own parameters (heads, ...), stored once per task, outside the blocks."""
+        return sum(t.nbytes for own in self.specific.values() for t in own.values())
 
     def stored_bytes(self) -> int:
         """Bytes of everything stored for the mergeable parameters (what `size` accounts)."""
@@ -104,6 +109,7 @@ class FlexModel:
             else:
                 ordered = [x for _, x in sorted(pieces[key], key=lambda r: r[0])]
                 out[key] = ordered[0] if len(ordered) == 1 else torch.cat(ordered)
+        out.update(self.specific.get(task, {}))
         return out
 
     def module(self, task: str, model: torch.nn.Module, strict: bool = True) -> torch.nn.Module:

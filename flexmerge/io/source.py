@@ -198,7 +198,7 @@ def parse_safetensors_header(raw: bytes, data_start: int, file_size: int
                              ) -> dict[str, tuple[torch.dtype, tuple[int, ...], int, int]]:
     """{key: (dtype, shape, begin, end)} with absolute offsets; ValueError on anything malformed."""
     try:
-        header = json.loads(raw.decode("utf-8"))
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys)
     except RecursionError:
         raise ValueError("the header nests JSON too deeply") from None
     if not isinstance(header, dict):
@@ -206,6 +206,8 @@ def parse_safetensors_header(raw: bytes, data_start: int, file_size: int
     entries = {}
     for key, v in header.items():
         if key == "__metadata__":
+            if not isinstance(v, dict) or not all(isinstance(x, str) for x in v.values()):
+                raise ValueError("__metadata__ must be an object of strings")
             continue
         if not isinstance(v, dict):
             raise ValueError(f"tensor {key!r}: entry is not an object")
@@ -227,7 +229,20 @@ def parse_safetensors_header(raw: bytes, data_start: int, file_size: int
         if end - begin != numel * dtype.itemsize or end > file_size:
             raise ValueError(f"tensor {key!r}: offsets do not match its shape/dtype or the file size")
         entries[key] = (dtype, tuple(shape), begin, end)
+    spans = sorted((e[2], e[3], k) for k, e in entries.items() if e[3] > e[2])
+    for (_, end_a, a), (begin_b, _, b) in zip(spans, spans[1:]):
+        if begin_b < end_a:
+            raise ValueError(f"tensors {a!r} and {b!r} overlap in the file")
     return entries
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    out: dict[str, object] = {}
+    for k, v in pairs:
+        if k in out:
+            raise ValueError(f"the header names {k!r} twice")
+        out[k] = v
+    return out
 
 
 class TorchFileSource:

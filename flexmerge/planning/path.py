@@ -82,27 +82,31 @@ class MergePath:
             groups[step.block].add(tuple(sorted(step.left + step.right)))
         return Assignment(tuple(tuple(sorted(g)) for g in groups))
 
-    def point_at(self, size: float) -> int:
+    def point_at(self, size: float, extra: float = 0.0) -> int:
         """The point with the largest size not above `size` (fewest merges among equals).
 
-        1 <= size <= M: a size above M (the unmerged size) or not finite is an error, not Mx."""
+        `extra`: size outside the path that every point carries (task-specific parameters), so a
+        point's size is its path size + extra. 1 <= size <= M + extra: a size above that (the
+        unmerged size) or not finite is an error, not Mx."""
         m = len(self.task_names)
+        top = m + extra
         if isinstance(size, bool) or not isinstance(size, (int, float)) or not math.isfinite(size):
-            raise SizeError(f"size {size!r} is not a finite number; give a size between 1 and {m} (M)")
-        if size > m + SIZE_TOLERANCE:
-            raise SizeError(f"size {size:g}x is above {m}x, the size of the {m} unmerged models; "
-                            f"give a size between 1 and {m}")
-        fits = [p for p, s in enumerate(self.sizes) if s <= size + SIZE_TOLERANCE]
+            raise SizeError(f"size {size!r} is not a finite number; give a size between 1 and {top:g} (M)")
+        if size > top + SIZE_TOLERANCE:
+            raise SizeError(f"size {size:.10g}x is above {top:.10g}x, the size of the {m} unmerged models; "
+                            f"give a size between 1 and {top:g}")
+        fits = [p for p, s in enumerate(self.sizes) if s + extra <= size + SIZE_TOLERANCE]
         if not fits:
+            own = f", of which {extra:.4f}x are the tasks' own parameters" if extra else ""
             raise SizeError(
-                f"size {size:g}x is below the smallest size {self.min_size:.4f}x that method "
-                f"{self.method.get('name')!r} reaches on this path (masks and θ0 copies count)"
+                f"size {size:g}x is below the smallest size {self.min_size + extra:.4f}x that method "
+                f"{self.method.get('name')!r} reaches on this path (masks and θ0 copies count{own})"
             )
         best = max(self.sizes[p] for p in fits)
         return min(p for p in fits if self.sizes[p] == best)
 
-    def cut(self, size: float) -> Assignment:
-        return self.assignment(self.point_at(size))
+    def cut(self, size: float, extra: float = 0.0) -> Assignment:
+        return self.assignment(self.point_at(size, extra))
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {
