@@ -1,0 +1,265 @@
+"""One process that answers every task of one artifact: per-task modules that share the stored tensors,
+and mixed-task batches that run as one forward pass.
+
+Memory: the artifact is loaded once; `module(task)` loads the task's weights with `assign=True`, so
+a block stored once (one group shared by several tasks) is one tensor in memory however many tasks
+read it. Exceptions, by what is stored: a masked group (EMR, Consensus) is rebuilt per task
+(θ0 + mask ⊙ τ), and a tensor split into row groups (`split:K`) is concatenated per task.
+
+Mixed batches: every module that holds parameters of its own is replaced, in one routing copy of
+the model, by a `RoutedModule` that applies each *distinct* weight set to the rows of the tasks
+that read it; a weight set shared by all tasks of the batch is one call on the whole batch.
+Supported leaves are Linear, Embedding, LayerNorm, Conv1d/2d and GroupNorm (row-wise modules
+whose first input dimension is the batch); a model with any other parameter-holding module falls
+back to one forward pass per task. Heads whose outputs differ in width (2, 3, 5 labels) are
+padded with -inf on the last dimension and cut back per row.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from flexmerge.errors import ConfigError, FlexMergeError
+from flexmerge.flexmodel import FlexModel, load
+
+ROW_WISE = (torch.nn.Linear, torch.nn.Embedding, torch.nn.LayerNorm, torch.nn.Conv1d, torch.nn.Conv2d,
+            torch.nn.GroupNorm)
+
+
+class Router:
+    """Which task each row of the current batch belongs to, read by every RoutedModule."""
+
+    def __init__(self) -> None:
+        self.rows: dict[int, torch.Tensor] = {}
+        self.batch = 0
+
+    def set(self, row_tasks: Sequence[int]) -> None:
+        ids = torch.tensor(list(row_tasks), dtype=torch.long)
+        self.rows = {t: (ids == t).nonzero().flatten() for t in sorted(set(row_tasks))}
+        self.batch = len(row_tasks)
+
+
+class RoutedModule(torch.nn.Module):
+    """Stands for one module of the model: `groups` are the distinct modules the tasks read."""
+
+    def __init__(self, router: Router, groups: list[tuple[list[int], torch.nn.Module]]):
+        super().__init__()
+        self.router = router
+        self.members = [tasks for tasks, _ in groups]
+        self.choices = torch.nn.ModuleList([m for _, m in groups])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        present = [(i, [t for t in tasks if t in self.router.rows]) for i, tasks in enumerate(self.members)]
+        present = [(i, ts) for i, ts in present if ts]
+        if len(present) == 1:  # one weight set for every row of the batch: one call
+            return self.choices[present[0][0]](x)
+        per_row = x.shape[0] == self.router.batch  # else an input shared by every row (position ids)
+        parts = []
+        for i, ts in present:
+            rows = torch.cat([self.router.rows[t] for t in ts])
+            y = self.choices[i](x.index_select(0, rows) if per_row else x)
+            parts.append((rows, y if per_row else y.expand(len(rows), *y.shape[1:])))
+        return _scatter_rows(parts, self.router.batch)
+
+
+def _scatter_rows(parts: list[tuple[torch.Tensor, torch.Tensor]], batch: int) -> torch.Tensor:
+    """Rows back in batch order; outputs of different widths are padded with -inf on the last dim."""
+    first = parts[0][1]
+    if first.dim() == 1:
+        out = first.new_empty((batch,))
+        for rows, y in parts:
+            out[rows] = y
+        return out
+    width = max(y.shape[-1] for _, y in parts)
+    out = torch.full((batch, *first.shape[1:-1], width), float("-inf"), dtype=first.dtype)
+    for rows, y in parts:
+        out[rows, ..., : y.shape[-1]] = y
+    return out
+
+
+class Runtime:
+    """Serve every task of one artifact from one process (see the module docstring)."""
+
+    def __init__(self, flex: FlexModel):
+        self.flex = flex
+        self._lock = threading.Lock()
+        self._modules: dict[str, torch.nn.Module] = {}
+        self._tokenizers: dict[str, Any] = {}
+        self._dirs: dict[str, Path] = {}
+        self._mixed: tuple[torch.nn.Module, Router] | None = None
+        self._info: dict[str, dict[str, Any]] = {}
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Runtime":
+        return cls(load(path))
+
+    @property
+    def tasks(self) -> list[str]:
+        return list(self.flex.tasks)
+
+    @property
+    def size(self) -> float:
+        return float(self.flex.size)
+
+    def task_info(self, task: str) -> dict[str, Any]:
+        """{"task", "kind": text-classification | feature-extraction, "labels"} from the task's config."""
+        if task not in self._info:
+            config = self._config(task)
+            kind = _kind(config)
+            labels = [config.id2label[i] for i in range(config.num_labels)] if kind == "text-classification" else None
+            self._info[task] = {"task": task, "kind": kind, "labels": labels}
+        return dict(self._info[task])
+
+    def module(self, task: str, model: torch.nn.Module | None = None) -> torch.nn.Module:
+        """The task's module, its weights the artifact's stored tensors (not copies). For Hugging
+        Face artifacts it is built from the task's own config; otherwise pass an empty `model`."""
+        self._check(task)
+        with self._lock:
+            if task not in self._modules:
+                if model is None:
+                    model = self._hf_model(task)
+                model.load_state_dict(self.flex.state_dict(task), strict=True, assign=True)
+                self._modules[task] = model.eval()
+            return self._modules[task]
+
+    def predict(self, task: str, inputs: Sequence[str]) -> list[dict[str, Any]]:
+        """Predictions of one task for a list of texts (labels + scores, or embeddings)."""
+        return self.predict_mixed([(task, x) for x in inputs])
+
+    def predict_mixed(self, items: Sequence[tuple[str, str]]) -> list[dict[str, Any]]:
+        """Predictions for (task, text) pairs of any tasks, in input order, as ONE forward pass
+        when the model allows it (else one pass per task)."""
+        if not items:
+            return []
+        for task, _ in items:
+            self._check(task)
+        texts = [x for _, x in items]
+        tasks = [t for t, _ in items]
+        mixed = self._mixed_model()
+        if mixed is None:
+            return self._per_task(tasks, texts)
+        model, router = mixed
+        index = {t: i for i, t in enumerate(self.flex.tasks)}
+        enc = self._encode(tasks[0], texts)
+        with self._lock, torch.inference_mode():
+            router.set([index[t] for t in tasks])
+            output = model(**enc)
+        return [self._result(t, output, row, enc["attention_mask"]) for row, t in enumerate(tasks)]
+
+    def _per_task(self, tasks: list[str], texts: list[str]) -> list[dict[str, Any]]:
+        results: list[dict[str, Any] | None] = [None] * len(texts)
+        for task in dict.fromkeys(tasks):
+            rows = [i for i, t in enumerate(tasks) if t == task]
+            enc = self._encode(task, [texts[i] for i in rows])
+            with torch.inference_mode():
+                output = self.module(task)(**enc)
+            for j, i in enumerate(rows):
+                results[i] = self._result(task, output, j, enc["attention_mask"])
+        return results  # type: ignore[return-value]
+
+    def _result(self, task: str, output: Any, row: int, attention_mask: torch.Tensor) -> dict[str, Any]:
+        info = self.task_info(task)
+        if info["kind"] == "text-classification":
+            logits = output.logits[row, : len(info["labels"])]
+            probs = torch.softmax(logits.float(), -1)
+            best = int(probs.argmax())
+            return {"label": info["labels"][best], "score": float(probs[best]),
+                    "scores": {label: float(p) for label, p in zip(info["labels"], probs)}}
+        hidden = output.last_hidden_state[row]
+        mask = attention_mask[row].unsqueeze(-1).to(hidden.dtype)
+        return {"embedding": ((hidden * mask).sum(0) / mask.sum().clamp_min(1)).tolist()}
+
+    # building blocks ---------------------------------------------------------------------------
+
+    def _check(self, task: str) -> None:
+        if task not in self.flex.tasks:
+            raise ConfigError(f"unknown task {task!r}; this model serves: {', '.join(self.flex.tasks)}")
+
+    def _hf_dir(self, task: str) -> Path:
+        """The task's config and tokenizer files, written once to a private directory for transformers."""
+        if task not in self._dirs:
+            files = self.flex.hf_files.get(task)
+            if not files or "config.json" not in files:
+                raise FlexMergeError(f"task {task!r} has no Hugging Face config in the artifact: pass the "
+                                     "task's empty model to Runtime.module(task, model)")
+            directory = Path(tempfile.mkdtemp(prefix=f"flexmerge-{task}-"))
+            for name, data in files.items():
+                (directory / name).write_bytes(data)
+            self._dirs[task] = directory
+        return self._dirs[task]
+
+    def _config(self, task: str):
+        import transformers
+
+        self._check(task)
+        return transformers.AutoConfig.from_pretrained(self._hf_dir(task))
+
+    def _hf_model(self, task: str) -> torch.nn.Module:
+        import transformers
+
+        config = self._config(task)
+        arch = (config.architectures or ["AutoModel"])[0]
+        cls = getattr(transformers, arch, None)
+        if cls is None:
+            raise FlexMergeError(f"task {task!r}: transformers has no architecture {arch!r}")
+        return cls(config)
+
+    def _tokenizer(self, task: str):
+        import transformers
+
+        if task not in self._tokenizers:
+            self._tokenizers[task] = transformers.AutoTokenizer.from_pretrained(self._hf_dir(task))
+        return self._tokenizers[task]
+
+    def _encode(self, task: str, texts: list[str]) -> dict[str, torch.Tensor]:
+        return dict(self._tokenizer(task)(list(texts), padding=True, truncation=True, return_tensors="pt"))
+
+    def _mixed_model(self) -> tuple[torch.nn.Module, Router] | None:
+        """The routing copy of the model, or None when a mixed batch must run per task (a module
+        that is not row-wise, or tasks whose tokenizers or architectures differ)."""
+        if self._mixed is not None:
+            return self._mixed
+        modules = [self.module(t) for t in self.flex.tasks]
+        if len({type(m) for m in modules}) > 1 or len({_tokenizer_files(self.flex, t) for t in self.flex.tasks}) > 1:
+            return None
+        names = [n for n, m in modules[0].named_modules() if list(m.parameters(recurse=False))]
+        per_task = [dict(m.named_modules()) for m in modules]
+        if not all(isinstance(per_task[0][n], ROW_WISE) for n in names):
+            return None
+        router = Router()
+        routed = self._hf_model(self.flex.tasks[0]).eval()
+        for name in names:
+            _replace(routed, name, RoutedModule(router, _distinct([p[name] for p in per_task])))
+        self._mixed = (routed, router)
+        return self._mixed
+
+
+def _kind(config) -> str:
+    arch = (config.architectures or [""])[0]
+    return "text-classification" if arch.endswith("ForSequenceClassification") else "feature-extraction"
+
+
+def _tokenizer_files(flex: FlexModel, task: str) -> tuple:
+    files = flex.hf_files.get(task, {})
+    return tuple(sorted((n, d) for n, d in files.items() if n != "config.json"))
+
+
+def _distinct(modules: list[torch.nn.Module]) -> list[tuple[list[int], torch.nn.Module]]:
+    """Tasks grouped by the weights their module holds (the same stored tensors -> one group)."""
+    groups: dict[tuple, tuple[list[int], torch.nn.Module]] = {}
+    for t, m in enumerate(modules):
+        ident = tuple((p.data_ptr(), tuple(p.shape)) for p in m.parameters(recurse=False))
+        groups.setdefault(ident, ([], m))[0].append(t)
+    return list(groups.values())
+
+
+def _replace(root: torch.nn.Module, name: str, new: torch.nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, new)

@@ -1,0 +1,119 @@
+"""The multi-task runtime: one artifact, per-task modules sharing the stored tensors, and mixed-task
+batches in one forward pass that answer exactly as each task's exported model does."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import flexmerge
+from flexmerge.errors import ConfigError
+
+transformers = pytest.importorskip("transformers")
+from flexmerge.serve import Runtime  # noqa: E402
+from flexmerge.serve.runtime import RoutedModule  # noqa: E402
+
+WORDS = ["the", "cat", "dog", "sat", "on", "mat", "a", "bird", "flew", "over", "tree", "red", "blue", "big", "small",
+         "runs", "fast", "slow", "house", "car"]
+LABELS = {"a": 2, "b": 3, "c": 5}
+TEXTS = ["the cat sat on the mat", "a bird flew over the tree", "big red car", "small blue house runs fast",
+         "dog", "the slow dog sat"]
+
+
+def _tokenizer(directory):
+    vocab = directory / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
+    return transformers.BertTokenizerFast(vocab_file=str(vocab))
+
+
+def _config(n):
+    return transformers.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                                   vocab_size=5 + len(WORDS), max_position_embeddings=64, num_labels=n,
+                                   id2label={i: f"{n}-L{i}" for i in range(n)}, label2id={f"{n}-L{i}": i for i in range(n)})
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runtime")
+    torch.manual_seed(0)
+    base = transformers.BertForSequenceClassification(_config(2)).eval()
+    (root / "base").mkdir()
+    base.save_pretrained(root / "base")
+    _tokenizer(root / "base").save_pretrained(root / "base")
+    dirs = {}
+    for i, (name, n) in enumerate(LABELS.items()):
+        torch.manual_seed(10 + i)
+        ft = transformers.BertForSequenceClassification(_config(n)).eval()
+        ft.load_state_dict({k: v + 0.005 * torch.randn_like(v) for k, v in base.state_dict().items()
+                            if not k.startswith("classifier")}, strict=False)
+        (root / name).mkdir()
+        ft.save_pretrained(root / name)
+        _tokenizer(root / name).save_pretrained(root / name)
+        dirs[name] = root / name
+    tasks = flexmerge.load_tasks(root / "base", dirs)
+    out = root / "flex-2x"
+    flexmerge.merge_to_disk(tasks, out, size=2.0)
+    for name in LABELS:
+        flexmerge.export(flexmerge.load(out), name, root / f"export-{name}")
+    return out, root
+
+
+def _reference(root, task, texts):
+    """The task's exported model, loaded the ordinary way: what the runtime must reproduce."""
+    model = transformers.BertForSequenceClassification.from_pretrained(root / f"export-{task}").eval()
+    tok = transformers.AutoTokenizer.from_pretrained(root / f"export-{task}")
+    with torch.no_grad():
+        return torch.softmax(model(**tok(texts, padding=True, return_tensors="pt")).logits, -1)
+
+
+def test_predict_equals_the_exported_models(artifact):
+    out, root = artifact
+    rt = Runtime.load(out)
+    assert rt.tasks == list(LABELS) and rt.size <= 2.0
+    for task, n in LABELS.items():
+        info = rt.task_info(task)
+        assert info["kind"] == "text-classification" and info["labels"] == [f"{n}-L{i}" for i in range(n)]
+        want = _reference(root, task, TEXTS)
+        got = rt.predict(task, TEXTS)
+        for row, g in enumerate(got):
+            probs = torch.tensor([g["scores"][label] for label in info["labels"]])
+            torch.testing.assert_close(probs, want[row], rtol=0, atol=1e-5)
+            assert g["label"] == info["labels"][int(want[row].argmax())]
+
+
+def test_a_mixed_batch_is_one_pass_and_answers_in_input_order(artifact):
+    out, root = artifact
+    rt = Runtime.load(out)
+    items = [(t, x) for x in TEXTS for t in ("c", "a", "b")][:13]
+    mixed, _ = rt._mixed_model()
+    routed = [m for m in mixed.modules() if isinstance(m, RoutedModule)]
+    calls, shared_rows = [], []
+    for m in routed:
+        m.register_forward_hook(lambda mod, *a: calls.append(mod))
+        if len(m.choices) == 1:  # one weight set for every task: must see the whole batch at once
+            m.choices[0].register_forward_hook(lambda mod, args, out: shared_rows.append(args[0].shape[0]))
+    got = rt.predict_mixed(items)
+    assert len(calls) == len(routed) and len(set(map(id, calls))) == len(routed)  # one forward pass
+    assert shared_rows and all(n in (len(items), 1) for n in shared_rows)  # 1: position ids, shared by all rows
+    for (task, text), g in zip(items, got):
+        alone = rt.predict(task, [text])[0]
+        assert g["label"] == alone["label"] and g["scores"] == pytest.approx(alone["scores"], abs=1e-5)
+
+
+def test_modules_share_the_stored_tensors(artifact):
+    out, _ = artifact
+    rt = Runtime.load(out)
+    modules = {t: rt.module(t) for t in rt.tasks}
+    params = {t: dict(m.named_parameters()) for t, m in modules.items()}
+    shared = [k for k in params["a"] if all(params[t][k].data_ptr() == params["a"][k].data_ptr() for t in rt.tasks)]
+    assert any(k.startswith("bert.encoder") for k in shared)  # blocks one group serves are one tensor
+    flex = rt.flex
+    stored = {t.data_ptr() for s in flex.blocks for g in s.groups for t in g.tensors}
+    assert all(params["a"][k].data_ptr() in stored or k in flex.frozen or k.startswith("classifier") for k in shared)
+    assert params["a"]["classifier.weight"].shape == (2, 32) and params["c"]["classifier.weight"].shape == (5, 32)
+
+
+def test_unknown_task_is_a_clear_error(artifact):
+    rt = Runtime.load(artifact[0])
+    with pytest.raises(ConfigError, match="unknown task 'zz'; this model serves: a, b, c"):
+        rt.predict("zz", ["x"])
