@@ -391,7 +391,14 @@ def demo(
 
 @command
 def serve(
-    artifact: Path = typer.Argument(..., help="flex-model directory (Hugging Face inputs: text tasks)"),
+    artifact: Optional[Path] = typer.Argument(None, help="flex-model directory (Hugging Face inputs: text tasks); "
+                                                         "or --suite instead"),
+    suite: Optional[str] = typer.Option(None, "--suite", help="instead of DIR: a text suite's zoo (wordnet | "
+                                                               "wordnet20), merged to --size (built or reused)"),
+    size: Optional[float] = typer.Option(None, "--size", help="with --suite: size to merge to, 1 <= size <= M"),
+    method: Optional[str] = typer.Option(None, "--method", help="with --suite: merging method [default: task_arithmetic]"),
+    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="with --suite: where zoos and served artifacts "
+                                                                       "are cached [default: ~/.cache/flexmerge]"),
     host: str = typer.Option("127.0.0.1", "--host", help="address to listen on (0.0.0.0: every interface)"),
     port: int = typer.Option(8000, "--port", help="TCP port to listen on"),
     max_batch: int = typer.Option(32, "--max-batch", help="most inputs in one forward pass, across tasks"),
@@ -406,17 +413,36 @@ def serve(
     See docs/serving.md.
 
     Example: flexmerge serve flex-2x --port 8000
+             flexmerge serve --suite wordnet --size 2     (the zoo merged to 2x, with its heads)
              curl localhost:8000/tasks
     """
+    if artifact is not None and suite is not None:
+        raise FlexMergeError("give an artifact directory or --suite NAME --size S, not both")
+    if artifact is None and suite is None:
+        raise FlexMergeError("give an artifact directory (flexmerge serve DIR) or --suite NAME --size S")
+    if artifact is not None and (size, method, cache_dir) != (None, None, None):
+        raise FlexMergeError("--size, --method and --cache-dir go with --suite; an artifact has its size already")
+    if suite is not None and size is None:
+        raise FlexMergeError(f"--suite {suite} needs --size S: the size to merge its zoo to")
     try:
         import fastapi  # noqa: F401
         import uvicorn  # noqa: F401
     except ImportError:
         raise FlexMergeError("flexmerge serve needs the 'serve' extra: pip install 'flexmerge[serve]'") from None
     from flexmerge.serve import Runtime
+    from flexmerge.serve.runtime import suite_artifact
     from flexmerge.serve.server import create_app, run_server
 
-    runtime = Runtime.load(artifact)
+    if suite is not None:
+        from flexmerge.suites import get_suite
+
+        the_suite = get_suite(suite)
+        artifact, zoo = suite_artifact(the_suite, size, method or "task_arithmetic", cache_dir,
+                                       log=lambda msg: err.print(f"[dim]{escape(msg)}[/]"))
+        err.print(f"[dim]serving {escape(str(artifact))}[/]", soft_wrap=True)
+        runtime = Runtime.load(artifact, **the_suite.serve_options(zoo))
+    else:
+        runtime = Runtime.load(artifact)
     # one input per task before listening: the models are built now (not in the first request),
     # and an artifact that cannot run fails here, with a message, instead of in every request
     runtime.predict_mixed([(task, "warm up") for task in runtime.tasks])

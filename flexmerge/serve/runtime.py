@@ -13,6 +13,12 @@ Supported leaves are Linear, Embedding, LayerNorm, Conv1d/2d and GroupNorm (row-
 whose first input dimension is the batch); a model with any other parameter-holding module falls
 back to one forward pass per task. Heads whose outputs differ in width (2, 3, 5 labels) are
 padded with -inf on the last dimension and cut back per row.
+
+External heads: an encoder artifact (a merged `BertModel`, say) whose tasks each have a head of
+their own outside the artifact (`heads=`, e.g. a Linear trained on mean-pooled features) is served
+as text-classification: the encoder runs (one pass for a mixed batch), its last hidden state is
+mean-pooled over non-padding tokens, and each task's head runs on the rows of that task.
+`Runtime.from_suite("wordnet", size=2)` serves a suite's zoo that way.
 """
 
 from __future__ import annotations
@@ -86,8 +92,28 @@ def _scatter_rows(parts: list[tuple[torch.Tensor, torch.Tensor]], batch: int) ->
 class Runtime:
     """Serve every task of one artifact from one process (see the module docstring)."""
 
-    def __init__(self, flex: FlexModel):
+    def __init__(self, flex: FlexModel, heads: dict[str, torch.nn.Module] | None = None,
+                 labels: dict[str, list[str]] | None = None, hf_dir: str | Path | None = None,
+                 max_length: int | None = None):
+        """`heads`: per task, a module applied to the mean-pooled last hidden state of the task's
+        encoder (the task is then text-classification, with `labels[task]` as its label names,
+        default LABEL_0...). `hf_dir`: the config.json and tokenizer for tasks whose artifact holds
+        no Hugging Face files (inputs given as plain safetensors). `max_length`: tokens kept per
+        input (default: the tokenizer's maximum)."""
         self.flex = flex
+        self.heads = {t: h.eval() for t, h in (heads or {}).items()}
+        self.labels = {t: list(names) for t, names in (labels or {}).items()}
+        self.hf_dir = Path(hf_dir) if hf_dir is not None else None
+        self.max_length = max_length
+        for task in sorted({*self.heads, *self.labels}):
+            self._check(task)
+            width, names = getattr(self.heads.get(task), "out_features", None), self.labels.get(task)
+            if task not in self.heads:
+                raise ConfigError(f"labels given for task {task!r}, which has no head")
+            if names is None and width is None:
+                raise ConfigError(f"task {task!r}: its head has no out_features; pass its label names (labels=)")
+            if names is not None and width is not None and len(names) != width:
+                raise ConfigError(f"task {task!r}: {len(names)} label names for a head of {width} outputs")
         self._lock = threading.Lock()
         self._modules: dict[str, torch.nn.Module] = {}
         self._tokenizers: dict[str, Any] = {}
@@ -97,8 +123,20 @@ class Runtime:
         self._scratch: tempfile.TemporaryDirectory | None = None
 
     @classmethod
-    def load(cls, path: str | Path) -> "Runtime":
-        return cls(load(path))
+    def load(cls, path: str | Path, **options: Any) -> "Runtime":
+        """The artifact at `path`; `options` as for Runtime (heads, labels, hf_dir, max_length)."""
+        return cls(load(path), **options)
+
+    @classmethod
+    def from_suite(cls, suite: str | Any, size: float, method: str = "task_arithmetic",
+                   cache_dir: str | Path | None = None, log=print) -> "Runtime":
+        """A benchmark suite's zoo (built or reused) merged to `size` (the artifact cached, see
+        `suite_artifact`), served with the suite's heads and label names."""
+        from flexmerge.suites import get_suite
+
+        suite = get_suite(suite) if isinstance(suite, str) else suite
+        path, zoo = suite_artifact(suite, size, method, cache_dir, log)
+        return cls.load(path, **suite.serve_options(zoo))
 
     @property
     def tasks(self) -> list[str]:
@@ -110,6 +148,10 @@ class Runtime:
 
     def task_info(self, task: str) -> dict[str, Any]:
         """{"task", "kind": text-classification | feature-extraction, "labels"} from the task's config."""
+        if task not in self._info and task in self.heads:
+            self._check(task)
+            labels = self.labels.get(task) or [f"LABEL_{i}" for i in range(self.heads[task].out_features)]
+            self._info[task] = {"task": task, "kind": "text-classification", "labels": labels}
         if task not in self._info:
             config = self._config(task)
             kind = _kind(config)
@@ -150,8 +192,7 @@ class Runtime:
         enc = self._encode(tasks[0], texts)
         with self._lock, torch.inference_mode():
             router.set([index[t] for t in tasks])
-            output = model(**enc)
-        return [self._result(t, output, row, enc["attention_mask"]) for row, t in enumerate(tasks)]
+            return self._results(tasks, model(**enc), enc["attention_mask"])
 
     def _per_task(self, tasks: list[str], texts: list[str]) -> list[dict[str, Any]]:
         results: list[dict[str, Any] | None] = [None] * len(texts)
@@ -159,22 +200,32 @@ class Runtime:
             rows = [i for i, t in enumerate(tasks) if t == task]
             enc = self._encode(task, [texts[i] for i in rows])
             with torch.inference_mode():
-                output = self.module(task)(**enc)
-            for j, i in enumerate(rows):
-                results[i] = self._result(task, output, j, enc["attention_mask"])
+                outputs = self._results([task] * len(rows), self.module(task)(**enc), enc["attention_mask"])
+            for i, out in zip(rows, outputs):
+                results[i] = out
         return results  # type: ignore[return-value]
 
-    def _result(self, task: str, output: Any, row: int, attention_mask: torch.Tensor) -> dict[str, Any]:
+    def _results(self, tasks: list[str], output: Any, attention_mask: torch.Tensor) -> list[dict[str, Any]]:
+        """Each row's answer; tasks with an external head: the head on their rows' pooled features."""
+        logits: dict[int, torch.Tensor] = {}
+        if any(t in self.heads for t in tasks):
+            features = mean_pool(output.last_hidden_state, attention_mask)
+            for task in dict.fromkeys(t for t in tasks if t in self.heads):
+                rows = [i for i, t in enumerate(tasks) if t == task]
+                logits.update(zip(rows, self.heads[task](features[rows])))
+        return [self._result(t, output, row, attention_mask, logits.get(row)) for row, t in enumerate(tasks)]
+
+    def _result(self, task: str, output: Any, row: int, attention_mask: torch.Tensor,
+                logits: torch.Tensor | None = None) -> dict[str, Any]:
         info = self.task_info(task)
         if info["kind"] == "text-classification":
-            logits = output.logits[row, : len(info["labels"])]
+            if logits is None:
+                logits = output.logits[row, : len(info["labels"])]
             probs = torch.softmax(logits.float(), -1)
             best = int(probs.argmax())
             return {"label": info["labels"][best], "score": float(probs[best]),
                     "scores": {label: float(p) for label, p in zip(info["labels"], probs)}}
-        hidden = output.last_hidden_state[row]
-        mask = attention_mask[row].unsqueeze(-1).to(hidden.dtype)
-        return {"embedding": ((hidden * mask).sum(0) / mask.sum().clamp_min(1)).tolist()}
+        return {"embedding": mean_pool(output.last_hidden_state[row], attention_mask[row]).tolist()}
 
     # building blocks ---------------------------------------------------------------------------
 
@@ -183,11 +234,16 @@ class Runtime:
             raise ConfigError(f"unknown task {task!r}; this model serves: {', '.join(self.flex.tasks)}")
 
     def _hf_dir(self, task: str) -> Path:
-        """The task's config and tokenizer files, written once to a private directory for transformers."""
+        """The task's config and tokenizer files, written once to a private directory for transformers
+        (or `hf_dir`, for a task whose artifact holds none)."""
         if task not in self._dirs:
             files = self.flex.hf_files.get(task)
+            if (not files or "config.json" not in files) and self.hf_dir is not None:
+                self._dirs[task] = self.hf_dir
+                return self.hf_dir
             if not files or "config.json" not in files:
-                raise FlexMergeError(f"task {task!r} has no Hugging Face config in the artifact: pass the "
+                raise FlexMergeError(f"task {task!r} has no Hugging Face config in the artifact: pass "
+                                     "Runtime(..., hf_dir=DIR) with its config.json and tokenizer, or the "
                                      "task's empty model to Runtime.module(task, model)")
             if self._scratch is None:  # removed with the runtime (or at exit)
                 self._scratch = tempfile.TemporaryDirectory(prefix="flexmerge-runtime-")
@@ -222,7 +278,8 @@ class Runtime:
         return self._tokenizers[task]
 
     def _encode(self, task: str, texts: list[str]) -> dict[str, torch.Tensor]:
-        return dict(self._tokenizer(task)(list(texts), padding=True, truncation=True, return_tensors="pt"))
+        return dict(self._tokenizer(task)(list(texts), padding=True, truncation=True, max_length=self.max_length,
+                                          return_tensors="pt"))
 
     def _mixed_model(self) -> tuple[torch.nn.Module, Router] | None:
         """The routing copy of the model, or None when a mixed batch must run per task (a module
@@ -242,6 +299,36 @@ class Runtime:
             _replace(routed, name, RoutedModule(router, _distinct([p[name] for p in per_task])))
         self._mixed = (routed, router)
         return self._mixed
+
+
+def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The mean of `hidden` over the non-padding tokens (dim -2): a batch [B, L, H] or one row
+    [L, H]. The same features the wordnet suite trains its heads on (`WordNetSuite.pooled`)."""
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * mask).sum(-2) / mask.sum(-2).clamp_min(1)
+
+
+def suite_artifact(suite: Any, size: float, method: str = "task_arithmetic", cache_dir: str | Path | None = None,
+                   log=print) -> tuple[Path, Any]:
+    """(artifact, zoo): the suite's zoo (built or reused) merged to `size` with `method`, cached as
+    `<cache>/served/<zoo>-<method>-<size>x` and reused when present. Only suites that take text
+    (`suite.serving_reason()` is None) are served."""
+    from flexmerge.api import merge_to_disk
+    from flexmerge.flexmodel.artifact import is_artifact
+    from flexmerge.methods import get_method
+    from flexmerge.suites import default_cache_dir, get_zoo
+    from flexmerge.taskvec import load_tasks
+
+    reason = suite.serving_reason()
+    if reason:
+        raise ConfigError(reason)
+    get_method(method)  # a typo fails now, not after building the zoo
+    zoo = get_zoo(suite, Path(cache_dir) if cache_dir else None, log=log)
+    out = Path(cache_dir or default_cache_dir()) / "served" / f"{zoo.directory.name}-{method}-{float(size):g}x"
+    if not is_artifact(out):
+        log(f"merging the {suite.name!r} zoo to {float(size):g}x with {method} into {out} (cached for later runs)")
+        merge_to_disk(load_tasks(zoo.base, zoo.models, **suite.load_options()), out, size=size, method=method)
+    return out, zoo
 
 
 def _kind(config) -> str:

@@ -83,6 +83,16 @@ class Suite(ABC):
         """Options for `flexmerge.load_tasks` on this suite's zoo."""
         return {}
 
+    def serving_reason(self) -> str | None:
+        """None when `flexmerge serve --suite` can serve this suite (its tasks take text), else why not."""
+        return (f"suite {self.name!r} is not a text suite: its models take no text, so they cannot be served "
+                "over text; `flexmerge serve --suite` serves the text suites (wordnet, wordnet20)")
+
+    def serve_options(self, zoo: Zoo) -> dict[str, Any]:
+        """`flexmerge.serve.Runtime` options (heads, labels, hf_dir, max_length) serving the zoo's
+        merged encoders; only for suites whose `serving_reason()` is None."""
+        raise FlexMergeError(self.serving_reason() or f"suite {self.name!r} defines no serve options")
+
 
 def config_hash(suite: Suite) -> str:
     blob = json.dumps({"suite": suite.name, **suite.config()}, sort_keys=True, default=str)

@@ -245,3 +245,20 @@ class WordNetSuite(Suite):
             return accuracy(lambda i: heads[task](self.pooled(model, batches[task], i)), labels, 128)
 
         return evaluate
+
+    # serving ---------------------------------------------------------------------------------
+    def serving_reason(self) -> str | None:
+        return None  # text: served (get_zoo says so if the data or weights are missing)
+
+    def serve_options(self, zoo: Zoo) -> dict[str, Any]:
+        """Serve a merged encoder as this suite evaluates it: each task's head on the mean-pooled
+        features (`pooled`), its categories as label names, the MiniLM tokenizer and config, inputs
+        cut at `max_length` tokens."""
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        heads = {}
+        for task in zoo.tasks:
+            sd = load_file(zoo.head(task))
+            heads[task] = torch.nn.Linear(sd["weight"].shape[1], sd["weight"].shape[0])
+            heads[task].load_state_dict(sd)
+        return {"heads": heads, "labels": {t: list(self.tasks()[t]) for t in zoo.tasks}, "hf_dir": minilm_dir(),
+                "max_length": self.max_length}
