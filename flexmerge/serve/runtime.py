@@ -147,9 +147,9 @@ class Runtime:
         return float(self.flex.size)
 
     def task_info(self, task: str) -> dict[str, Any]:
-        """{"task", "kind": text-classification | feature-extraction, "labels"} from the task's config."""
+        """{"task", "kind": text-classification | feature-extraction, "labels"} from the task's head
+        (text-classification) or else its config."""
         if task not in self._info and task in self.heads:
-            self._check(task)
             labels = self.labels.get(task) or [f"LABEL_{i}" for i in range(self.heads[task].out_features)]
             self._info[task] = {"task": task, "kind": "text-classification", "labels": labels}
         if task not in self._info:
