@@ -247,6 +247,13 @@ def _hf_head_keys(src: CheckpointSource, keys: Sequence[str]) -> set[str]:
     return {k for k in keys if k.split(".", 1)[0] in heads}
 
 
+def _differs(key: str, base: CheckpointSource, sources: list[CheckpointSource]) -> bool:
+    """Whether any fine-tune's `key` differs from the base's (an untied lm_head that was trained)."""
+    b = base.read(key)
+    return any(key in src.keys() and (src.meta(key).shape != b.shape or not torch.equal(src.read(key), b))
+               for src in sources)
+
+
 def _hf_config(directory: Path) -> dict:
     import json
 
@@ -269,7 +276,8 @@ def _check_structure(
     base_set = set(base_keys)
     own: set[str] = {k for k in base_keys if any(p.fullmatch(k) for p in patterns)}
     for src in [base, *sources]:
-        own |= _hf_head_keys(src, src.keys()) & base_set
+        heads = _hf_head_keys(src, src.keys()) & base_set
+        own |= {k for k in heads if not k.startswith("lm_head.") or _differs(k, base, sources)}
     for src in sources:
         keys = set(src.keys())
         missing = [k for k in base_keys if k not in keys and k not in own]

@@ -152,3 +152,25 @@ def test_a_nan_in_a_task_specific_parameter_is_refused(zoo, tmp_path):
     save_file(sd, str(models["task1"]))
     with pytest.raises(flexmerge.errors.CheckpointError, match=r"task1\.safetensors.*'head\.weight'.*NaN"):
         flexmerge.load_tasks(base, models)
+
+
+def test_an_untied_lm_head_is_task_specific_only_when_it_differs(tmp_path):
+    cfg = transformers.GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=40, n_positions=16,
+                                  tie_word_embeddings=False)
+    torch.manual_seed(0)
+    base = transformers.GPT2LMHeadModel(cfg)
+    base.save_pretrained(tmp_path / "base")
+    for name, trained_head in (("a", True), ("b", False), ("c", False)):
+        sd = {k: v + 0.01 * torch.randn_like(v) if (trained_head or not k.startswith("lm_head")) else v.clone()
+              for k, v in base.state_dict().items()}
+        ft = transformers.GPT2LMHeadModel(cfg)
+        ft.load_state_dict(sd)
+        ft.save_pretrained(tmp_path / name)
+    tasks = flexmerge.load_tasks(tmp_path / "base", {n: tmp_path / n for n in "abc"})
+    assert "lm_head.weight" not in tasks.meta and all("lm_head.weight" in tasks.specific[n] for n in "abc")
+    flex = flexmerge.merge(tasks, max_bytes=10**9)
+    for name in "abc":
+        own = load_file(tmp_path / name / "model.safetensors")["lm_head.weight"]
+        assert torch.equal(flex.state_dict(name)["lm_head.weight"], own)
+    untrained = flexmerge.load_tasks(tmp_path / "base", {n: tmp_path / n for n in "bc"})
+    assert "lm_head.weight" in untrained.frozen  # no task trained it: stored once, not per task
