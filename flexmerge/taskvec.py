@@ -275,9 +275,8 @@ def _check_structure(
     base_keys = base.keys()
     base_set = set(base_keys)
     own: set[str] = {k for k in base_keys if any(p.fullmatch(k) for p in patterns)}
-    for src in [base, *sources]:
-        heads = _hf_head_keys(src, src.keys()) & base_set
-        own |= {k for k in heads if not k.startswith("lm_head.") or _differs(k, base, sources)}
+    heads = set().union(*(_hf_head_keys(src, src.keys()) for src in [base, *sources])) & base_set
+    own |= {k for k in heads if not k.startswith("lm_head.") or _differs(k, base, sources)}
     for src in sources:
         keys = set(src.keys())
         missing = [k for k in base_keys if k not in keys and k not in own]
