@@ -11,8 +11,7 @@ the model, by a `RoutedModule` that applies each *distinct* weight set to the ro
 that read it; a weight set shared by all tasks of the batch is one call on the whole batch.
 Supported leaves are Linear, Embedding, LayerNorm, Conv1d/2d and GroupNorm (row-wise modules
 whose first input dimension is the batch); a model with any other parameter-holding module falls
-back to one forward pass per task, and so does a batch whose tasks share less than half of the
-weights (an 8x artifact), where per-task passes are faster. Heads whose outputs differ in width (2, 3, 5 labels) are
+back to one forward pass per task. Heads whose outputs differ in width (2, 3, 5 labels) are
 padded with -inf on the last dimension and cut back per row.
 
 External heads: an encoder artifact (a merged `BertModel`, say) whose tasks each have a head of
@@ -178,8 +177,7 @@ class Runtime:
 
     def predict_mixed(self, items: Sequence[tuple[str, str]]) -> list[dict[str, Any]]:
         """Predictions for (task, text) pairs of any tasks, in input order, as ONE forward pass
-        when the model allows it and the batch's tasks share at least half of the (non-embedding)
-        weights; else one pass per task, which is then faster (see `shared_fraction`)."""
+        when the model allows it (else one pass per task)."""
         if not items:
             return []
         for task, _ in items:
@@ -187,10 +185,10 @@ class Runtime:
         texts = [x for _, x in items]
         tasks = [t for t, _ in items]
         mixed = self._mixed_model()
-        index = {t: i for i, t in enumerate(self.flex.tasks)}
-        if mixed is None or shared_fraction(mixed[0], {index[t] for t in tasks}) < MIN_SHARED:
+        if mixed is None:
             return self._per_task(tasks, texts)
         model, router = mixed
+        index = {t: i for i, t in enumerate(self.flex.tasks)}
         enc = self._encode(tasks[0], texts)
         with self._lock, torch.inference_mode():
             router.set([index[t] for t in tasks])
@@ -301,24 +299,6 @@ class Runtime:
             _replace(routed, name, RoutedModule(router, _distinct([p[name] for p in per_task])))
         self._mixed = (routed, router)
         return self._mixed
-
-
-MIN_SHARED = 0.5  # below this share of weights read by several of a batch's tasks, per-task passes are faster
-
-
-def shared_fraction(model: torch.nn.Module, present: set[int]) -> float:
-    """The fraction of the routed parameters (by element count) that one weight set serves to two or
-    more of the `present` tasks. Near 0 (an 8x artifact: every task its own weights) the routed pass
-    only adds gathers and scatters around what per-task passes compute anyway, and is measurably
-    slower (docs/serving.md); there, predict_mixed runs one pass per task instead."""
-    shared = total = 0
-    for m in model.modules():
-        if isinstance(m, RoutedModule) and not isinstance(m.choices[0], torch.nn.Embedding):  # lookups: ~free
-            size = sum(p.numel() for p in m.choices[0].parameters(recurse=False))
-            total += size
-            if any(len(present.intersection(g)) > 1 for g in m.members):
-                shared += size
-    return shared / total if total else 0.0
 
 
 def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
