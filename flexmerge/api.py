@@ -19,7 +19,7 @@ from flexmerge.planning import MergePath, build_path
 from flexmerge.preprocess import fitted_pipeline
 from flexmerge.errors import ConfigError, SizeError
 from flexmerge.planning.path import Assignment
-from flexmerge.size import SizeModel, format_bytes, specific_units
+from flexmerge.size import format_bytes, point_size, specific_units
 from flexmerge.taskvec import TaskSet, load_tasks
 
 __all__ = ["load_tasks", "discover_blocks", "plan", "materialize", "merge", "merge_to_disk", "cut",
@@ -127,8 +127,7 @@ def merge_to_disk(tasks: TaskSet, out: str | Path, *, size: float | None = None,
     pipeline = fitted_pipeline(tasks, m)
     header = ArtifactHeader(
         list(tasks.names), partition, dict(tasks.meta), assignment, m.describe(),
-        SizeModel.build(partition, tasks.meta, m).size(assignment.group_sizes()) + specific_units(tasks),
-        tasks.unit_bytes(), _info(path, size, tasks), collect_hf_files(tasks), dict(tasks.specific))
+        point_size(tasks, partition, m, assignment.group_sizes()), tasks.unit_bytes(), _info(path, size, tasks), collect_hf_files(tasks), dict(tasks.specific))
     return write_artifact(
         out, header, {k: tasks.base.read(k) for k in tasks.frozen},
         lambda done: materialize_blocks(tasks, partition, assignment, m, pipeline, executor, skip=done),
@@ -145,10 +144,7 @@ def _check_same_blocks(partition: Partition, path: MergePath) -> None:
         raise ConfigError("the partition differs from the one the path was planned on (block names differ)")
 
 
-def _info(path: MergePath, size: float, tasks: TaskSet | None = None) -> dict[str, Any]:
-    extra = specific_units(tasks) if tasks is not None else 0.0
-    info: dict[str, Any] = {"requested_size": size, "planner": path.planner, "plan_options": path.options,
-                            "path_point": path.point_at(size, extra), "path_points": path.num_points}
-    if tasks is not None:
-        info["inputs"] = tasks.provenance
-    return info
+def _info(path: MergePath, size: float, tasks: TaskSet) -> dict[str, Any]:
+    return {"requested_size": size, "planner": path.planner, "plan_options": path.options,
+            "path_point": path.point_at(size, specific_units(tasks)), "path_points": path.num_points,
+            "inputs": tasks.provenance}

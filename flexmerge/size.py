@@ -21,6 +21,11 @@ MIN_MASKED_MEMBERS = 3
 SCALE_BYTES = 4
 
 
+def point_size(tasks, partition: Partition, method: MergeMethod, groups_per_block: Sequence[Sequence[int]]) -> float:
+    """A point's size in model units: what its blocks store, plus the tasks' own parameters."""
+    return SizeModel.build(partition, tasks.meta, method).size(groups_per_block) + specific_units(tasks)
+
+
 def specific_units(tasks) -> float:
     """The tasks' own parameters (heads, ...) in model units: stored once per task, never merged, and
     counted by every size (so `--size S` bounds the mergeable and the task-specific bytes together)."""

@@ -368,14 +368,13 @@ def hash_tensor(hasher, t: torch.Tensor) -> None:
         hasher.update(memoryview(t.contiguous().view(-1).view(torch.uint8).numpy()))
 
 
-def content_digests(scans: Sequence[KeyScan], meta: Mapping[str, TensorMeta], num_models: int) -> list[str]:
+def content_digests(scans: Mapping[str, KeyScan], meta: Mapping[str, TensorMeta], num_models: int) -> list[str]:
     """Per model (base first): sha256 over its keys' names, dtypes, shapes and bytes, in key order."""
-    by_key = {s.key: s for s in scans}
     out = []
     for i in range(num_models):
         h = hashlib.sha256()
         for k, mt in meta.items():
-            h.update(f"{k}\0{mt.dtype}\0{list(mt.shape)}\0{by_key[k].digests[i]}\n".encode())
+            h.update(f"{k}\0{mt.dtype}\0{list(mt.shape)}\0{scans[k].digests[i]}\n".encode())
         out.append(h.hexdigest())
     return out
 
@@ -397,7 +396,7 @@ def _scan_values(
     probe = TaskSet(names, base, sources, meta, list(meta), [])
     ex = get_executor(executor)
     scans = {s.key: s for s in ex.map(scan_key, list(meta), for_executor(probe, ex), desc="validating checkpoints")}
-    digests = content_digests(list(scans.values()), meta, len(sources) + 1)
+    digests = content_digests(scans, meta, len(sources) + 1)
     release()
     m = len(sources)
     base_sq = sum(s.base_sq for s in scans.values())

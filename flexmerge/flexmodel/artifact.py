@@ -297,13 +297,13 @@ def check_manifest(m: dict[str, Any]) -> str | None:
     def is_list(x, of=object):
         return isinstance(x, list) and all(isinstance(v, of) and not isinstance(v, bool) for v in x)
 
-    for field, kind in (("tasks", list), ("method", dict), ("keys", dict), ("frozen", list), ("blocks", list),
-                        ("shards", list), ("granularity", str), ("info", dict)):
-        if not isinstance(m.get(field), kind):
-            return f"field {field!r} is missing or not a {kind.__name__}"
-    for field in ("size", "unit_bytes", "stored_bytes", "frozen_bytes"):
-        if not isinstance(m.get(field), (int, float)) or isinstance(m.get(field), bool):
-            return f"field {field!r} is missing or not a number"
+    for name, kind in (("tasks", list), ("method", dict), ("keys", dict), ("frozen", list), ("blocks", list),
+                       ("shards", list), ("granularity", str), ("info", dict)):
+        if not isinstance(m.get(name), kind):
+            return f"field {name!r} is missing or not a {kind.__name__}"
+    for name in ("size", "unit_bytes", "stored_bytes", "frozen_bytes"):
+        if not isinstance(m.get(name), (int, float)) or isinstance(m.get(name), bool):
+            return f"field {name!r} is missing or not a number"
     tasks = m["tasks"]
     try:
         for t in tasks:
@@ -313,8 +313,7 @@ def check_manifest(m: dict[str, Any]) -> str | None:
     if len(set(tasks)) != len(tasks) or not tasks:
         return "'tasks' is empty or names a task twice"
     for k, v in m["keys"].items():
-        if not (isinstance(v, dict) and is_list(v.get("shape"), int) and all(x >= 0 for x in v["shape"])
-                and isinstance(v.get("dtype"), str) and v["dtype"] in _DTYPES):
+        if not _valid_meta(v, is_list):
             return f"key {k!r} has no valid shape and dtype"
     if not is_list(m["frozen"], str) or any(k not in m["keys"] for k in m["frozen"]):
         return "'frozen' names keys that are not in 'keys'"
@@ -337,10 +336,15 @@ def check_manifest(m: dict[str, Any]) -> str | None:
         return "'task_specific' must map tasks of 'tasks' to their own keys"
     for keys in own.values():
         for k, v in keys.items():
-            if not (isinstance(v, dict) and is_list(v.get("shape"), int) and all(x >= 0 for x in v["shape"])
-                    and isinstance(v.get("dtype"), str) and v["dtype"] in _DTYPES):
+            if not _valid_meta(v, is_list):
                 return f"task-specific key {k!r} has no valid shape and dtype"
     return None
+
+
+def _valid_meta(v: Any, is_list) -> bool:
+    """A manifest's {"shape": [non-negative ints], "dtype": a known dtype name}."""
+    return (isinstance(v, dict) and is_list(v.get("shape"), int) and all(x >= 0 for x in v["shape"])
+            and isinstance(v.get("dtype"), str) and v["dtype"] in _DTYPES)
 
 
 def _check_block_entry(e: Any, keys: dict[str, Any], everyone: set[int], is_list) -> str | None:

@@ -16,7 +16,7 @@ from flexmerge.methods.base import MergeMethod
 from flexmerge.paths import inside
 from flexmerge.planning.path import Assignment
 from flexmerge.preprocess import Pipeline, fitted_pipeline
-from flexmerge.size import SizeModel, specific_units, stored_with_masks
+from flexmerge.size import point_size, stored_with_masks
 from flexmerge.taskvec import Chunk, TaskSet, as_taskset, for_executor
 
 
@@ -115,7 +115,7 @@ def materialize(
         tasks=list(tasks.names), partition=partition, meta=dict(tasks.meta),
         frozen={k: tasks.base.read(k) for k in tasks.frozen}, blocks=blocks, assignment=assignment,
         method=method.describe(),
-        size=SizeModel.build(partition, tasks.meta, method).size(assignment.group_sizes()) + specific_units(tasks),
+        size=point_size(tasks, partition, method, assignment.group_sizes()),
         unit_bytes=tasks.unit_bytes(), info=dict(info or {}), hf_files=collect_hf_files(tasks),
         specific={name: tasks.read_specific(t) for t, name in enumerate(tasks.names)},
     )

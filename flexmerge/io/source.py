@@ -76,11 +76,11 @@ class SafetensorsSource:
         self._lock = threading.Lock()
         if path.name.endswith(".index.json"):
             weight_map = _read_index(path)
-            self._shard_paths = _shard_paths(path, weight_map)
+            by_shard = _shard_of_key(path, weight_map)
+            self._shard_paths = sorted(set(by_shard.values()))
         else:
-            weight_map = None
+            weight_map, by_shard = None, {}
             self._shard_paths = [path]
-        by_shard = {k: _shard_path(path, n) for k, n in (weight_map or {}).items()}
         self._fds: list[int] = []
         self._entries: dict[str, _Entry] = {}
         for shard in self._shard_paths:
@@ -223,10 +223,7 @@ def parse_safetensors_header(raw: bytes, data_start: int, file_size: int
                 or not 0 <= offsets[0] <= offsets[1]):
             raise ValueError(f"tensor {key!r}: data_offsets {offsets!r} are not [begin, end] with 0 <= begin <= end")
         begin, end = data_start + offsets[0], data_start + offsets[1]
-        numel = 1
-        for d in shape:
-            numel *= d
-        if end - begin != numel * dtype.itemsize or end > file_size:
+        if end - begin != math.prod(shape) * dtype.itemsize or end > file_size:
             raise ValueError(f"tensor {key!r}: offsets do not match its shape/dtype or the file size")
         entries[key] = (dtype, tuple(shape), begin, end)
     spans = sorted((e[2], e[3], k) for k, e in entries.items() if e[3] > e[2])
@@ -251,7 +248,7 @@ class TorchFileSource:
     def __init__(self, path: Path, hf_dir: Path | None = None):
         self.path, self.hf_dir = path, hf_dir
         if path.name.endswith(".index.json"):
-            self._paths = _shard_paths(path, _read_index(path))
+            self._paths = sorted(set(_shard_of_key(path, _read_index(path)).values()))
         else:
             self._paths = [path]
         self._tensors: dict[str, torch.Tensor] = {}
@@ -321,14 +318,13 @@ def _read_index(p: Path) -> dict[str, str]:
     return weight_map
 
 
-def _shard_paths(index: Path, weight_map: dict[str, str]) -> list[Path]:
-    """The distinct shards an index names, each resolved inside the index's directory."""
-    return sorted({_shard_path(index, name) for name in weight_map.values()})
-
-
-def _shard_path(index: Path, name: str) -> Path:
-    """A shard beside its index: inside the index's directory, or beside the file a symlinked index is."""
-    return inside(index.parent, name, f"shard named by {index.name}", also=index.resolve().parent)
+def _shard_of_key(index: Path, weight_map: dict[str, str]) -> dict[str, Path]:
+    """{tensor name: its shard}, each distinct shard name resolved once: inside the index's
+    directory, or beside the file a symlinked index really is."""
+    target_dir = index.resolve().parent
+    resolved = {name: inside(index.parent, name, f"shard named by {index.name}", also=target_dir)
+                for name in set(weight_map.values())}
+    return {key: resolved[name] for key, name in weight_map.items()}
 
 
 INDEX_MAX_BYTES = 64 << 20  # an index lists names only; anything larger is not one
