@@ -117,3 +117,39 @@ def test_unknown_task_is_a_clear_error(artifact):
     rt = Runtime.load(artifact[0])
     with pytest.raises(ConfigError, match="unknown task 'zz'; this model serves: a, b, c"):
         rt.predict("zz", ["x"])
+
+
+@pytest.mark.parametrize("order", [[0, 1, 2, 3], [0, 2, 1, 3], [3, 1, 0, 2]])
+def test_routed_rows_equal_each_tasks_own_module_whatever_the_order(order):
+    """Groups contiguous in the batch order read slices, the others gather their rows; heads of
+    unequal widths are padded with -inf. Either way each row equals its own task's module."""
+    from flexmerge.serve.runtime import Router
+
+    torch.manual_seed(0)
+    cases = {((0, 2), (1,), (3,)): (4, 4, 4), ((0, 1), (2, 3)): (4, 3)}
+    for members, widths in cases.items():
+        groups = [(list(tasks), torch.nn.Linear(6, w)) for tasks, w in zip(members, widths)]
+        router = Router(order)
+        routed = RoutedModule(router, groups)
+        row_tasks = sorted([2, 0, 3, 0, 1, 2, 3], key=router.sort_key)
+        router.set(row_tasks)
+        x = torch.randn(len(row_tasks), 5, 6)
+        got = routed(x)
+        for row, t in enumerate(row_tasks):
+            want = next(m for tasks, m in groups if t in tasks)(x[row])
+            torch.testing.assert_close(got[row, :, : want.shape[-1]], want)
+            assert torch.isneginf(got[row, :, want.shape[-1]:]).all()
+        position = {t: i for i, t in enumerate(order)}
+        for i, rows in router.plan(routed.members):
+            spots = sorted(position[t] for t in members[i])
+            assert isinstance(rows, slice) == (spots[-1] - spots[0] == len(spots) - 1)
+
+
+def test_task_order_makes_the_heaviest_grouping_contiguous():
+    from flexmerge.serve.runtime import task_order
+
+    groups = {"big": [([0, 2], None), ([1, 3], None)], "small": [([0, 1], None), ([2], None), ([3], None)],
+              "shared": [([0, 1, 2, 3], None)]}
+    order = task_order(groups, {"big": 100, "small": 1, "shared": 1000}, 4)
+    position = {t: i for i, t in enumerate(order)}
+    assert abs(position[0] - position[2]) == 1 and abs(position[1] - position[3]) == 1

@@ -39,16 +39,45 @@ ROW_WISE = (torch.nn.Linear, torch.nn.Embedding, torch.nn.LayerNorm, torch.nn.Co
 
 
 class Router:
-    """Which task each row of the current batch belongs to, read by every RoutedModule."""
+    """Where each task's rows are in the current batch, read by every RoutedModule.
 
-    def __init__(self) -> None:
-        self.rows: dict[int, torch.Tensor] = {}
+    `predict_mixed` sorts a batch by the task order given here, so each task's rows are one
+    contiguous span; a group whose tasks are adjacent in that order then reads and writes a
+    slice of the batch (a view, no copy) and only the other groups gather their rows."""
+
+    def __init__(self, order: Sequence[int]):
+        self.position = {t: i for i, t in enumerate(order)}
+        self.spans: dict[int, tuple[int, int]] = {}
         self.batch = 0
+        self._plans: dict[tuple, list[tuple[int, slice | torch.Tensor]]] = {}
+
+    def sort_key(self, task: int) -> int:
+        return self.position[task]
 
     def set(self, row_tasks: Sequence[int]) -> None:
-        ids = torch.tensor(list(row_tasks), dtype=torch.long)
-        self.rows = {t: (ids == t).nonzero().flatten() for t in sorted(set(row_tasks))}
+        """The batch's task per row, already sorted by `sort_key`."""
+        self.spans = {}
+        for row, t in enumerate(row_tasks):
+            start, _ = self.spans.get(t, (row, row))
+            self.spans[t] = (start, row + 1)
         self.batch = len(row_tasks)
+        self._plans = {}
+
+    def plan(self, members: tuple[tuple[int, ...], ...]) -> list[tuple[int, slice | torch.Tensor]]:
+        """(group index, its rows) for the groups present in the batch: a slice when the group's
+        rows are contiguous, else an index tensor. Computed once per batch and grouping."""
+        if members not in self._plans:
+            plan = []
+            for i, tasks in enumerate(members):
+                spans = sorted(self.spans[t] for t in tasks if t in self.spans)
+                if not spans:
+                    continue
+                if all(a[1] == b[0] for a, b in zip(spans, spans[1:])):
+                    plan.append((i, slice(spans[0][0], spans[-1][1])))
+                else:
+                    plan.append((i, torch.cat([torch.arange(a, b) for a, b in spans])))
+            self._plans[members] = plan
+        return self._plans[members]
 
 
 class RoutedModule(torch.nn.Module):
@@ -57,35 +86,42 @@ class RoutedModule(torch.nn.Module):
     def __init__(self, router: Router, groups: list[tuple[list[int], torch.nn.Module]]):
         super().__init__()
         self.router = router
-        self.members = [tasks for tasks, _ in groups]
+        self.members = tuple(tuple(tasks) for tasks, _ in groups)
         self.choices = torch.nn.ModuleList([m for _, m in groups])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        present = [(i, [t for t in tasks if t in self.router.rows]) for i, tasks in enumerate(self.members)]
-        present = [(i, ts) for i, ts in present if ts]
-        if len(present) == 1:  # one weight set for every row of the batch: one call
-            return self.choices[present[0][0]](x)
-        per_row = x.shape[0] == self.router.batch  # else an input shared by every row (position ids)
-        parts = []
-        for i, ts in present:
-            rows = torch.cat([self.router.rows[t] for t in ts])
-            y = self.choices[i](x.index_select(0, rows) if per_row else x)
-            parts.append((rows, y if per_row else y.expand(len(rows), *y.shape[1:])))
-        return _scatter_rows(parts, self.router.batch)
+        plan = self.router.plan(self.members)
+        if len(plan) == 1:  # one weight set for every row of the batch: one call
+            return self.choices[plan[0][0]](x)
+        batch = self.router.batch
+        per_row = x.shape[0] == batch  # else an input shared by every row (position ids)
+        outputs = []
+        for i, rows in plan:
+            if not per_row:
+                y = self.choices[i](x)
+                n = rows.stop - rows.start if isinstance(rows, slice) else len(rows)
+                outputs.append((rows, y.expand(n, *y.shape[1:])))
+            else:
+                outputs.append((rows, self.choices[i](x[rows] if isinstance(rows, slice) else x.index_select(0, rows))))
+        return _scatter_rows(outputs, batch)
 
 
-def _scatter_rows(parts: list[tuple[torch.Tensor, torch.Tensor]], batch: int) -> torch.Tensor:
-    """Rows back in batch order; outputs of different widths are padded with -inf on the last dim."""
+def _scatter_rows(parts: list[tuple[slice | torch.Tensor, torch.Tensor]], batch: int) -> torch.Tensor:
+    """Rows back in batch order; outputs of different widths (heads of 2, 3, 5 labels) are padded
+    with -inf on the last dim."""
     first = parts[0][1]
-    if first.dim() == 1:
-        out = first.new_empty((batch,))
+    widths = {y.shape[-1] for _, y in parts} if first.dim() > 1 else set()
+    if len(widths) > 1:
+        out = first.new_full((batch, *first.shape[1:-1], max(widths)), float("-inf"))
         for rows, y in parts:
-            out[rows] = y
+            out[rows, ..., : y.shape[-1]] = y
         return out
-    width = max(y.shape[-1] for _, y in parts)
-    out = torch.full((batch, *first.shape[1:-1], width), float("-inf"), dtype=first.dtype)
+    out = first.new_empty((batch, *first.shape[1:]))
     for rows, y in parts:
-        out[rows, ..., : y.shape[-1]] = y
+        if isinstance(rows, slice):
+            out[rows] = y
+        else:
+            out.index_copy_(0, rows, y)
     return out
 
 
@@ -189,10 +225,16 @@ class Runtime:
             return self._per_task(tasks, texts)
         model, router = mixed
         index = {t: i for i, t in enumerate(self.flex.tasks)}
+        order = sorted(range(len(items)), key=lambda i: router.sort_key(index[tasks[i]]))  # stable
+        tasks, texts = [tasks[i] for i in order], [texts[i] for i in order]
         enc = self._encode(tasks[0], texts)
         with self._lock, torch.inference_mode():
             router.set([index[t] for t in tasks])
-            return self._results(tasks, model(**enc), enc["attention_mask"])
+            sorted_results = self._results(tasks, model(**enc), enc["attention_mask"])
+        results: list[dict[str, Any]] = [{}] * len(items)
+        for i, result in zip(order, sorted_results):
+            results[i] = result
+        return results
 
     def _per_task(self, tasks: list[str], texts: list[str]) -> list[dict[str, Any]]:
         results: list[dict[str, Any] | None] = [None] * len(texts)
@@ -293,12 +335,49 @@ class Runtime:
         per_task = [dict(m.named_modules()) for m in modules]
         if not all(isinstance(per_task[0][n], ROW_WISE) for n in names):
             return None
-        router = Router()
+        groups = {name: _distinct([p[name] for p in per_task]) for name in names}
+        weights = {name: sum(p.numel() for p in per_task[0][name].parameters(recurse=False)) for name in names}
+        router = Router(task_order(groups, weights, len(modules)))
         routed = self._hf_model(self.flex.tasks[0]).eval()
         for name in names:
-            _replace(routed, name, RoutedModule(router, _distinct([p[name] for p in per_task])))
+            _replace(routed, name, RoutedModule(router, groups[name]))
         self._mixed = (routed, router)
+        release_freed_memory()  # the random weights transformers built before the artifact's replaced them
         return self._mixed
+
+
+def task_order(groups: dict[str, list[tuple[list[int], Any]]], weights: dict[str, int], m: int) -> list[int]:
+    """An order of the m tasks in which the groups of as many weights as possible are contiguous
+    (read as slices of a batch sorted this way): tasks sorted by their group in each distinct
+    grouping, the groupings that cover the most weights first (those are contiguous for sure)."""
+    covered: dict[tuple, int] = {}
+    for name, gs in groups.items():
+        if len(gs) > 1:
+            key = tuple(sorted(tuple(tasks) for tasks, _ in gs))
+            covered[key] = covered.get(key, 0) + weights[name]
+    partitions = sorted(covered, key=lambda k: -covered[k])
+
+    def signature(task: int) -> tuple[int, ...]:
+        return tuple(next(g for g, tasks in enumerate(p) if task in tasks) for p in partitions)
+
+    return sorted(range(m), key=signature)
+
+
+def release_freed_memory() -> None:
+    """Hand memory that Python and torch have freed back to the OS (glibc's `malloc_trim`), so
+    resident memory reflects what the runtime holds: building a model with random weights that
+    the artifact's then replace leaves ~150 MiB of freed pages that glibc would otherwise keep.
+    A no-op where glibc is not the allocator."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        trim = ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):
+        trim = None
+    if trim is not None:
+        trim(0)
 
 
 def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
