@@ -11,6 +11,7 @@ from flexmerge import blocks as _blocks
 from flexmerge.blocks import Partition
 from flexmerge._atomic import check_target
 from flexmerge.flexmodel.artifact import SHARD_BYTES, ArtifactHeader, is_artifact, write_artifact
+from flexmerge.flexmodel.card import input_names
 from flexmerge.flexmodel.materialize import collect_hf_files, materialize_blocks
 from flexmerge.flexmodel.materialize import materialize as _materialize
 from flexmerge.flexmodel.model import FlexModel
@@ -147,4 +148,4 @@ def _check_same_blocks(partition: Partition, path: MergePath) -> None:
 def _info(path: MergePath, size: float, tasks: TaskSet) -> dict[str, Any]:
     return {"requested_size": size, "planner": path.planner, "plan_options": path.options,
             "path_point": path.point_at(size, specific_units(tasks)), "path_points": path.num_points,
-            "inputs": tasks.provenance}
+            "inputs": tasks.provenance, "names": input_names(tasks.base, dict(zip(tasks.names, tasks.sources)))}

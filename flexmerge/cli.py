@@ -275,16 +275,23 @@ def export(
     artifact: Path = typer.Argument(..., help="flex-model directory"),
     task: str = typer.Option(..., "--task", help="which task's model to export"),
     out: Path = typer.Option(..., "--out", help="a .safetensors file, or a directory (HF layout when inputs were HF)"),
-    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing file or directory"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an earlier flexmerge export (nothing else)"),
+    out_dtype: Optional[str] = typer.Option(None, "--out-dtype",
+                                            help="cast the weights: float32 | float16 | bfloat16 [default: as stored]"),
+    max_shard_size: Optional[str] = typer.Option(None, "--max-shard-size",
+                                                 help="largest weight file of a directory export, e.g. 5GB or 500MB; "
+                                                      "bigger models are sharded with an index [default: 5GB]"),
 ) -> None:
-    """Write one task's full checkpoint.
+    """Write one task's full checkpoint: a .safetensors file, or a directory as save_pretrained
+    writes it (shards + index, config, tokenizer, generation config, chat template) with a model card.
 
-    Example: flexmerge export flex-2x --task sst2 --out sst2-model/
+    Example: flexmerge export flex-2x --task sst2 --out sst2-model/ --out-dtype bfloat16 --max-shard-size 2GB
     """
     from flexmerge.flexmodel import export as export_fn
     from flexmerge.flexmodel import load
 
-    written = export_fn(load(artifact), task, out, overwrite=overwrite)
+    written = export_fn(load(artifact), task, out, overwrite=overwrite, out_dtype=out_dtype,
+                        max_shard_size=max_shard_size)
     console.print(f"wrote {escape(str(written))}", soft_wrap=True)
 
 

@@ -11,9 +11,9 @@ from flexmerge.blocks import Partition
 from flexmerge.errors import ConfigError
 from flexmerge.executors import get_executor
 from flexmerge.flexmodel.model import BlockStore, FlexModel, StoredGroup, pack_masks
-from flexmerge.io.source import HF_SIDE_FILES, rows_shape
+from flexmerge.io.side_files import pick_side_files, read_hf_side_files
+from flexmerge.io.source import rows_shape
 from flexmerge.methods.base import MergeMethod
-from flexmerge.paths import inside
 from flexmerge.planning.path import Assignment
 from flexmerge.preprocess import Pipeline, fitted_pipeline
 from flexmerge.size import point_size, stored_with_masks
@@ -122,15 +122,11 @@ def materialize(
 
 
 def collect_hf_files(tasks: TaskSet) -> dict[str, dict[str, bytes]]:
-    """Config and tokenizer files of Hugging Face inputs, so an export is a loadable HF directory.
-
-    A side file must lie inside its model directory once symlinks are resolved, or beside the
-    file its weights really are (a Hugging Face cache snapshot links both into `blobs/`)."""
+    """Per task, the Hugging Face side files its export carries: each group (config, generation
+    config, tokenizer, chat template) from the task's fine-tune, or from the base when it has none."""
+    base = read_hf_side_files(tasks.base)
     out: dict[str, dict[str, bytes]] = {}
     for name, src in zip(tasks.names, tasks.sources):
-        owner = src if src.hf_dir is not None else tasks.base
-        if owner.hf_dir is not None:
-            weights = owner.path.resolve().parent
-            out[name] = {f: inside(owner.hf_dir, f, "side file", also=weights).read_bytes()
-                         for f in HF_SIDE_FILES if (owner.hf_dir / f).is_file()}
+        if src.hf_dir is not None or tasks.base.hf_dir is not None:
+            out[name] = pick_side_files(read_hf_side_files(src), base)
     return out

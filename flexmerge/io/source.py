@@ -28,10 +28,16 @@ SAFETENSORS_DTYPES = {
 }
 HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json",
                    "pytorch_model.bin", "pytorch_model.bin.index.json")
-# config and tokenizer files of a Hugging Face directory that an export carries along
-HF_SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-                 "special_tokens_map.json", "vocab.txt", "vocab.json", "merges.txt", "spiece.model",
-                 "tokenizer.model", "added_tokens.json", "preprocessor_config.json")
+# config and tokenizer files of a Hugging Face directory that an export carries along, in the
+# groups that travel together: a task takes each group whole from its own directory, or whole
+# from the base's when it has none of the group (a tokenizer is never mixed from two directories)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "vocab.json",
+                   "merges.txt", "spiece.model", "tokenizer.model", "added_tokens.json")
+CHAT_TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json")
+HF_SIDE_GROUPS = {"config": ("config.json",), "generation": ("generation_config.json",),
+                  "tokenizer": TOKENIZER_FILES, "chat template": CHAT_TEMPLATE_FILES,
+                  "preprocessor": ("preprocessor_config.json",)}
+HF_SIDE_FILES = tuple(f for group in HF_SIDE_GROUPS.values() for f in group)
 
 
 def rows_shape(shape: tuple[int, ...], rows: tuple[int, int] | None) -> tuple[int, ...]:

@@ -1,0 +1,66 @@
+"""The Hugging Face side files (config, generation config, tokenizer, chat template) an export carries.
+
+A task takes each group of files (`HF_SIDE_GROUPS`) from its own fine-tune when the fine-tune has
+any file of the group, and otherwise the whole group from the base: a fine-tune saved without
+its tokenizer still exports a loadable directory, and a tokenizer is never assembled from two
+directories' files.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from flexmerge.io.source import HF_SIDE_GROUPS, CheckpointSource
+from flexmerge.paths import inside
+
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
+
+
+def read_hf_side_files(src: CheckpointSource) -> dict[str, bytes]:
+    """The side files of a Hugging Face input directory (none for a plain checkpoint file).
+
+    A side file must lie inside its model directory once symlinks are resolved, or beside the
+    file its weights really are (a Hugging Face cache snapshot links both into `blobs/`)."""
+    if src.hf_dir is None:
+        return {}
+    weights = Path(src.path).resolve().parent
+    return {f: inside(src.hf_dir, f, "side file", also=weights).read_bytes()
+            for group in HF_SIDE_GROUPS.values() for f in group if (src.hf_dir / f).is_file()}
+
+
+def pick_side_files(own: dict[str, bytes], base: dict[str, bytes]) -> dict[str, bytes]:
+    """Each group from `own` (the task's fine-tune) when it has one, else from `base`."""
+    out: dict[str, bytes] = {}
+    for group, names in HF_SIDE_GROUPS.items():
+        if group != "chat template":
+            source = own if any(n in own for n in names) else base
+            out.update({n: source[n] for n in names if n in source})
+    templates = own if _has_chat_template(own) else base
+    out.update(_chat_template(templates, inline_too=out.get("tokenizer_config.json") != templates.get(
+        "tokenizer_config.json")))
+    return out
+
+
+def _inline_template(files: dict[str, bytes]) -> object:
+    """The `chat_template` field of tokenizer_config.json (older transformers keep it there)."""
+    try:
+        config = json.loads(files.get("tokenizer_config.json", b"{}"))
+    except (ValueError, RecursionError):  # an unreadable config carries no template
+        return None
+    return config.get("chat_template") if isinstance(config, dict) else None
+
+
+def _has_chat_template(files: dict[str, bytes]) -> bool:
+    return any(n in files for n in HF_SIDE_GROUPS["chat template"]) or bool(_inline_template(files))
+
+
+def _chat_template(files: dict[str, bytes], inline_too: bool) -> dict[str, bytes]:
+    """A directory's chat-template files; with `inline_too` (its tokenizer_config.json is not the
+    one exported), a template kept inline as one string becomes chat_template.jinja, which the
+    tokenizer loads beside the exported tokenizer_config.json."""
+    found = {n: files[n] for n in HF_SIDE_GROUPS["chat template"] if n in files}
+    inline = _inline_template(files)
+    if inline_too and not found and isinstance(inline, str) and inline:
+        found[CHAT_TEMPLATE_FILE] = inline.encode()
+    return found
