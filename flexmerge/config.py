@@ -9,6 +9,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from flexmerge.errors import ConfigError
+from flexmerge.mergekit import from_mergekit, is_mergekit
 from flexmerge.paths import UnsafePathError, check_task_name
 
 
@@ -95,8 +96,26 @@ def _unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool
 _UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
 
 
+# flexmerge's own fields a mergekit YAML may add (`size`, `max_bytes`, the planner's options, ...)
+MERGEKIT_EXTRA_KEYS = tuple(k for k in MergeConfig.model_fields if k not in ("base", "models", "method", "params"))
+
+
+def _resolve_paths(data: dict[str, Any], file: Path) -> dict[str, Any]:
+    """`base` and `models` paths relative to the config file's folder; task names checked."""
+    root = file.parent
+    if "base" in data:
+        data["base"] = root / str(data["base"])
+    if isinstance(data.get("models"), dict):
+        try:
+            data["models"] = {check_task_name(k, str(file)): root / str(v) for k, v in data["models"].items()}
+        except UnsafePathError as e:
+            raise ConfigError(str(e)) from None
+    return data
+
+
 def build_config(file: Path | None, overrides: dict[str, Any]) -> MergeConfig:
-    """Fields from a YAML file (paths relative to it), then the overrides that are not None."""
+    """Fields from a YAML file (paths relative to it; flexmerge's or mergekit's, see `flexmerge.mergekit`),
+    then the overrides that are not None."""
     data: dict[str, Any] = {}
     if file is not None:
         if not file.exists():
@@ -113,14 +132,10 @@ def build_config(file: Path | None, overrides: dict[str, Any]) -> MergeConfig:
             raise ConfigError(f"{file}: invalid YAML ({_one_line(e)})") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{file}: expected a mapping of fields at the top level")
-        root = file.parent
-        if "base" in data:
-            data["base"] = root / str(data["base"])
-        if isinstance(data.get("models"), dict):
-            try:
-                data["models"] = {check_task_name(k, str(file)): root / str(v) for k, v in data["models"].items()}
-            except UnsafePathError as e:
-                raise ConfigError(str(e)) from None
+        if is_mergekit(data):
+            data = from_mergekit(data, file.parent, str(file), MERGEKIT_EXTRA_KEYS)
+        else:
+            data = _resolve_paths(data, file)
     for k, v in overrides.items():
         if v is None or (k == "params" and not v):
             continue

@@ -24,6 +24,11 @@ def disjoint_mean(deltas: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
     return (deltas * keep).sum(0) / keep.sum(0).clamp_min(1)
 
 
+def disjoint_sum(deltas: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
+    """Sum over the members that agree with the elected sign (mergekit's TIES with normalize: false)."""
+    return (deltas * agrees(deltas, sign)).sum(0)
+
+
 def minmax_normalize(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     lo = x.amin(dim, keepdim=True)
     hi = x.amax(dim, keepdim=True)

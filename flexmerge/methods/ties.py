@@ -6,7 +6,7 @@ import torch
 from pydantic import Field
 
 from flexmerge.methods.base import GroupResult, MergeMethod, MethodParams, register
-from flexmerge.methods.kernels import disjoint_mean, elect_sign
+from flexmerge.methods.kernels import disjoint_mean, disjoint_sum, elect_sign
 from flexmerge.preprocess import TopKTrim, Transform
 
 
@@ -16,6 +16,9 @@ class TiesParams(MethodParams):
     trim: Literal["reference", "exact"] = Field(
         "reference", description="'reference': keep |τ| >= the (D − int(keep·D))-th smallest, as the TIES code "
         "(int(keep·D)+1 entries, more on ties); 'exact': round(keep·D) entries, the paper's top-k%")
+    combine: Literal["mean", "sum"] = Field(
+        "mean", description="'mean': disjoint mean of the entries agreeing with the elected sign (TIES; mergekit's "
+        "normalize: true); 'sum': their sum (mergekit's normalize: false, the default of its dare_ties)")
 
 
 @register
@@ -29,7 +32,10 @@ class Ties(MergeMethod):
     Params = TiesParams
 
     def transforms(self) -> list[Transform]:
-        return [*super().transforms(), TopKTrim(self.p.keep, self.p.trim)]
+        """DARE (if on), then the global trim; keep=1 keeps every entry, so it needs no trimming pass."""
+        trim = [TopKTrim(self.p.keep, self.p.trim)] if self.p.keep < 1.0 else []
+        return [*super().transforms(), *trim]
 
     def merge(self, deltas: torch.Tensor) -> GroupResult:
-        return GroupResult(self.p.lam * disjoint_mean(deltas, elect_sign(deltas)))
+        combine = disjoint_mean if self.p.combine == "mean" else disjoint_sum
+        return GroupResult(self.p.lam * combine(deltas, elect_sign(deltas)))
