@@ -9,7 +9,7 @@ random keep with probability `density`), m_i the sign-consensus mask (TIES varia
 |---|---|
 | task_arithmetic | task_arithmetic, convention mean (normalize) or sum with lam = λ·w |
 | dare_linear | dare, dare = 1 − density, convention as above |
-| ties | ties, keep = density, combine mean (normalize) or sum with lam = λ·w |
+| ties | ties, keep = density per tensor (trim floor, trim_scope tensor), combine mean (normalize) or sum, lam = λ·w |
 | dare_ties | ties, keep = 1, dare = 1 − density, combine as above |
 
 Anything flexmerge would compute differently, or not at all, is an error naming it.
@@ -82,6 +82,8 @@ def from_mergekit(data: dict[str, Any], root: Path, where: str, flexmerge_keys: 
     if consensus:
         params["combine"] = "mean" if normalize else "sum"
         params["keep"] = 1.0 if dare else _fraction(density, "density", where)
+        if not dare and params["keep"] < 1.0:  # mergekit's `magnitude`: int(density·numel) entries per tensor
+            params.update(trim="floor", trim_scope="tensor")
     else:
         params["convention"] = "mean" if normalize else "sum"
     if dare:

@@ -75,29 +75,43 @@ def chunk_offset(tasks: TaskSet, chunk: Chunk) -> int:
 
 
 class TopKTrim(Transform):
-    """Keep the `keep` fraction of largest-magnitude entries of each task vector (TIES step 1)."""
+    """Keep the `keep` fraction of largest-magnitude entries of each task vector (TIES step 1):
+    over the whole model (`scope="model"`, the TIES paper's and FlexMerge's), or of each tensor
+    on its own (`scope="tensor"`, as mergekit's TIES does)."""
 
     name = "trim"
 
-    def __init__(self, keep: float, rule: str = "reference"):
+    def __init__(self, keep: float, rule: str = "reference", scope: str = "model"):
         from flexmerge.errors import ConfigError
 
         if not 0.0 < keep <= 1.0:
             raise ConfigError(f"keep must be a fraction in (0, 1], got {keep}")
-        if rule not in ("reference", "exact"):
-            raise ConfigError(f"trim rule must be 'reference' or 'exact', got {rule!r}")
-        self.keep, self.rule = keep, rule
-        self.thresholds: list[float] = []
+        if rule not in TRIM_RULES:
+            raise ConfigError(f"trim rule must be one of {', '.join(map(repr, TRIM_RULES))}, got {rule!r}")
+        if scope not in ("model", "tensor"):
+            raise ConfigError(f"trim scope must be 'model' or 'tensor', got {scope!r}")
+        self.keep, self.rule, self.scope = keep, rule, scope
+        self.thresholds: list[float] = []  # per task (scope "model")
+        self.tensor_thresholds: dict[str, list[float]] = {}  # key -> per task (scope "tensor")
 
     def fit(self, tasks: TaskSet, before: Pipeline) -> None:
-        total = sum(tasks.meta[k].numel for k in tasks.mergeable)
-        self.thresholds = kth_largest_abs(tasks, before, trim_rank(total, self.keep, self.rule))
+        if self.scope == "model":
+            total = sum(tasks.meta[k].numel for k in tasks.mergeable)
+            self.thresholds = kth_largest_abs(tasks, before, trim_rank(total, self.keep, self.rule))
+            return
+        self.tensor_thresholds = {
+            key: kth_largest_abs(tasks, before, trim_rank(tasks.meta[key].numel, self.keep, self.rule), keys=[key])
+            for key in tasks.mergeable if tasks.meta[key].numel}
 
     def apply(self, task: int, chunk: Chunk, offset: int, delta: torch.Tensor) -> torch.Tensor:
-        return torch.where(delta.abs() >= self.thresholds[task], delta, torch.zeros((), dtype=delta.dtype))
+        by_task = self.thresholds if self.scope == "model" else self.tensor_thresholds[chunk.key]
+        return torch.where(delta.abs() >= by_task[task], delta, torch.zeros((), dtype=delta.dtype))
 
     def params(self) -> dict[str, object]:
-        return {"keep": self.keep, "rule": self.rule}
+        return {"keep": self.keep, "rule": self.rule, **({"scope": self.scope} if self.scope != "model" else {})}
+
+
+TRIM_RULES = ("reference", "exact", "floor")
 
 
 def trim_rank(total: int, keep: float, rule: str = "reference") -> int:
@@ -106,9 +120,11 @@ def trim_rank(total: int, keep: float, rule: str = "reference") -> int:
     "reference" is the TIES code's rule (also FusionBench's and FlexMerge's): k = int(D·keep) and
     the threshold is the (D − k)-th smallest magnitude, i.e. the (k+1)-th largest, so k+1 entries
     are kept, more on ties at the threshold. "exact" keeps round(D·keep) entries (ties aside), the
-    paper's "top-k%"."""
+    paper's "top-k%". "floor" keeps int(D·keep) entries (at least 1), as mergekit's `magnitude`."""
     if rule == "exact":
         return min(total, max(1, int(round(keep * total))))
+    if rule == "floor":
+        return min(total, max(1, int(total * keep)))
     return min(total, int(total * keep) + 1)
 
 
@@ -144,9 +160,12 @@ def hashed_uniform(seed: int, task: int, key: str, offset: int, n: int) -> torch
     return ((x >> 11) & ((1 << 24) - 1)).to(torch.float32) / float(1 << 24)
 
 
-def kth_largest_abs(tasks: TaskSet, before: Pipeline, k: int) -> list[float]:
-    """Exact k-th largest |τ_t| over all mergeable entries, per task, in two streaming passes."""
-    chunks = [c for key in tasks.mergeable for c in tasks.chunks(key)]
+def kth_largest_abs(tasks: TaskSet, before: Pipeline, k: int, keys: Sequence[str] | None = None) -> list[float]:
+    """Exact k-th largest |τ_t| over all mergeable entries (or those of `keys`), per task, in two
+    streaming passes; entries that fit in one chunk are selected directly."""
+    chunks = [c for key in (tasks.mergeable if keys is None else keys) for c in tasks.chunks(key)]
+    if len(chunks) == 1:
+        return before.deltas(tasks, chunks[0]).abs().flatten(1).float().topk(k, dim=1).values[:, -1].tolist()
     return kth_largest(
         lambda: ((before.deltas(tasks, c).abs()) for c in chunks),
         k, tasks.num_tasks, len(chunks), "trim thresholds",

@@ -53,7 +53,7 @@ CASES = [  # (mergekit method, per-model parameters, global parameters, extra ke
     ("task_arithmetic", None, {"weight": 0.7, "normalize": True, "lambda": 0.9}, {},
      "task_arithmetic", {"lam": 0.9, "convention": "mean"}),
     ("ties", {"weight": 1.0, "density": 0.3}, {"lambda": 0.9, "int8_mask": True}, {"dtype": "float16"},
-     "ties", {"keep": 0.3, "lam": 0.9, "combine": "mean", "dtype": "float16"}),
+     "ties", {"keep": 0.3, "trim": "floor", "trim_scope": "tensor", "lam": 0.9, "combine": "mean", "dtype": "float16"}),
     ("dare_ties", {"weight": 0.5, "density": 0.6}, None, {"out_dtype": "bfloat16", "dtype": "float32"},
      "ties", {"keep": 1.0, "dare": 0.4, "combine": "sum", "lam": 0.5, "dtype": "bfloat16"}),
     ("dare_linear", {"weight": 1.0, "density": 0.7}, {"normalize": True}, {},
@@ -94,12 +94,22 @@ def test_task_arithmetic_at_1x_is_mergekits_formula(zoo, tmp_path):
     torch.testing.assert_close(_merged_1x(tmp_path, config, key), expected, rtol=0, atol=1e-6)
 
 
-def test_ties_at_1x_is_mergekits_sign_consensus_formula(zoo, tmp_path):
+def _magnitude(tensor: torch.Tensor, density: float) -> torch.Tensor:
+    """mergekit's `sparsify.magnitude`: the int(density·numel) largest magnitudes of one tensor."""
+    k = int(density * tensor.numel())
+    mask = torch.zeros_like(tensor)
+    mask.view(-1)[torch.argsort(tensor.abs().view(-1), descending=True)[:k]] = 1
+    return tensor * mask
+
+
+@pytest.mark.parametrize("density", [1.0, 0.3])
+def test_ties_at_1x_is_mergekits_formula(zoo, tmp_path, density):
     base, models = zoo
     key = "layers.0.attn.qkv.weight"
     theta0 = load_file(base)[key]
-    weighted = 0.8 * torch.stack([load_file(p)[key] - theta0 for p in models.values()])
-    config = _mergekit_yaml(tmp_path, models, "ties", {"weight": 0.8}, {"lambda": 0.7}, size=1)  # density 1
+    taus = [_magnitude(load_file(p)[key] - theta0, density) for p in models.values()]
+    weighted = 0.8 * torch.stack(taus)
+    config = _mergekit_yaml(tmp_path, models, "ties", {"weight": 0.8, "density": density}, {"lambda": 0.7}, size=1)
     sign = torch.where(weighted.sum(0) >= 0, 1.0, -1.0)  # mergekit get_mask("sum"), normalize: true
     mask = weighted.sign() == sign
     divisor = (0.8 * mask).sum(0)

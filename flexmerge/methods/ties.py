@@ -13,9 +13,13 @@ from flexmerge.preprocess import TopKTrim, Transform
 class TiesParams(MethodParams):
     keep: float = Field(0.2, gt=0.0, le=1.0, description="fraction of largest-magnitude entries kept per task (global)")
     lam: float = Field(1.0, description="scaling λ of the merged vector")
-    trim: Literal["reference", "exact"] = Field(
+    trim: Literal["reference", "exact", "floor"] = Field(
         "reference", description="'reference': keep |τ| >= the (D − int(keep·D))-th smallest, as the TIES code "
-        "(int(keep·D)+1 entries, more on ties); 'exact': round(keep·D) entries, the paper's top-k%")
+        "(int(keep·D)+1 entries, more on ties); 'exact': round(keep·D) entries, the paper's top-k%; "
+        "'floor': int(keep·D) entries, as mergekit")
+    trim_scope: Literal["model", "tensor"] = Field(
+        "model", description="'model': the top entries of the whole task vector (TIES paper, FlexMerge); "
+        "'tensor': of each tensor on its own (mergekit)")
     combine: Literal["mean", "sum"] = Field(
         "mean", description="'mean': disjoint mean of the entries agreeing with the elected sign (TIES; mergekit's "
         "normalize: true); 'sum': their sum (mergekit's normalize: false, the default of its dare_ties)")
@@ -33,7 +37,7 @@ class Ties(MergeMethod):
 
     def transforms(self) -> list[Transform]:
         """DARE (if on), then the global trim; keep=1 keeps every entry, so it needs no trimming pass."""
-        trim = [TopKTrim(self.p.keep, self.p.trim)] if self.p.keep < 1.0 else []
+        trim = [TopKTrim(self.p.keep, self.p.trim, self.p.trim_scope)] if self.p.keep < 1.0 else []
         return [*super().transforms(), *trim]
 
     def merge(self, deltas: torch.Tensor) -> GroupResult:
