@@ -35,7 +35,8 @@ LinkageOpt = typer.Option(None, "--linkage", help="constituent linkage: min (def
 ModeOpt = typer.Option(None, "--mode", help="similarity: constituent (default) | merged")
 MeasureOpt = typer.Option(None, "--measure", help="merged-vector measure: cosine | euclidean | sign")
 SeedOpt = typer.Option(None, "--seed", help="seed of the random order, k-means and DARE")
-ConfigOpt = typer.Option(None, "--config", help="YAML file with the same fields; flags override it")
+ConfigOpt = typer.Option(None, "--config", help="YAML file with the same fields, or a mergekit config "
+                                                "(docs/mergekit.md); flags override it")
 ExecOpt = typer.Option(None, "--executor",
                        help="where block work runs: local (default, one block at a time) | threads (two at once) | ray")
 RayOpt = typer.Option(None, "--ray-address", help="Ray cluster address (default with --executor ray: a local instance)")

@@ -147,6 +147,14 @@ def test_base_model_is_a_hub_id_from_the_config_or_a_name_never_a_local_path(hf_
         flex = flexmerge.merge(tasks, size=3.0)
         flexmerge.export(flex, "a", tmp_path / "e", overwrite=True)
         assert _front_matter((tmp_path / "e" / "README.md").read_text())["base_model"] == expected
+    flex.info.pop("names")  # an artifact written before names were recorded: from its input files' paths
+    flex.method["note"] = "```\n# not yaml | `x` <b>"  # hostile text from a manifest stays inside the fence
+    flexmerge.export(flex, "a", tmp_path / "e", overwrite=True)
+    card = (tmp_path / "e" / "README.md").read_text()
+    assert _front_matter(card)["base_model"] == "base" and str(tmp_path) not in card
+    config = yaml.safe_load(card.split("````yaml\n")[1].split("\n````")[0])
+    assert config["models"] == {"a": "a", "b": "b", "c": "c"} and config["params"]["note"] == flex.method["note"]
+    assert "| note | `    # not yaml    x   b ` |" in card
 
 
 def test_overwrite_replaces_only_an_export_and_errors_are_clear(hf_models, tmp_path):
