@@ -11,6 +11,7 @@ from flexmerge.blocks import Partition
 from flexmerge.errors import ConfigError
 from flexmerge.executors import get_executor
 from flexmerge.flexmodel.model import BlockStore, FlexModel, StoredGroup, pack_masks
+from flexmerge.io.adapters import AdapterSource
 from flexmerge.io.source import HF_SIDE_FILES, rows_shape
 from flexmerge.methods.base import MergeMethod
 from flexmerge.paths import inside
@@ -125,12 +126,23 @@ def collect_hf_files(tasks: TaskSet) -> dict[str, dict[str, bytes]]:
     """Config and tokenizer files of Hugging Face inputs, so an export is a loadable HF directory.
 
     A side file must lie inside its model directory once symlinks are resolved, or beside the
-    file its weights really are (a Hugging Face cache snapshot links both into `blobs/`)."""
+    file its weights really are (a Hugging Face cache snapshot links both into `blobs/`). A PEFT
+    adapter's task takes the files its adapter directory holds (a config with the task's own
+    labels, a tokenizer with added tokens) and the base's for the rest."""
     out: dict[str, dict[str, bytes]] = {}
     for name, src in zip(tasks.names, tasks.sources):
+        places = []
+        if isinstance(src, AdapterSource):
+            places.append((src.path, src.path.resolve()))
+            src = src.base
         owner = src if src.hf_dir is not None else tasks.base
         if owner.hf_dir is not None:
-            weights = owner.path.resolve().parent
-            out[name] = {f: inside(owner.hf_dir, f, "side file", also=weights).read_bytes()
-                         for f in HF_SIDE_FILES if (owner.hf_dir / f).is_file()}
+            places.append((owner.hf_dir, owner.path.resolve().parent))
+        files: dict[str, bytes] = {}
+        for directory, also in places:
+            for f in HF_SIDE_FILES:
+                if f not in files and (directory / f).is_file():
+                    files[f] = inside(directory, f, "side file", also=also).read_bytes()
+        if places:
+            out[name] = files
     return out
