@@ -1,6 +1,6 @@
 """Serving: resident memory and mixed-task throughput of `flexmerge serve` on the wordnet zoo, per size.
 
-    python benchmarks/serve.py [--sizes 1,2,4,8] [--requests 400] [--concurrency 8]
+    python benchmarks/serve.py [--sizes 1,2,4,8] [--requests 800] [--rounds 8] [--concurrency 8]
 
 For each size the zoo (8 MiniLM-L6 fine-tunes + heads, built or reused) is merged to an artifact
 (cached under <cache>/served/) and served by the real server in a subprocess on 127.0.0.1:
@@ -292,9 +292,9 @@ def table(results: dict, sizes: list[float], unit: int) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", default="1,2,4,8", help="comma-separated sizes (1 first: it sets the overhead)")
-    ap.add_argument("--requests", type=int, default=400, help="requests in the measured stream, per server")
+    ap.add_argument("--requests", type=int, default=800, help="requests in the measured stream, per server")
     ap.add_argument("--concurrency", type=int, default=8, help="client threads, each one request at a time")
-    ap.add_argument("--rounds", type=int, default=4, help="the stream is sent in this many rounds per server")
+    ap.add_argument("--rounds", type=int, default=8, help="the stream is sent in this many rounds per server")
     ap.add_argument("--method", default="task_arithmetic", help="merging method")
     ap.add_argument("--cache-dir", default=None, help="zoo and artifact cache [default: ~/.cache/flexmerge]")
     ap.add_argument("--seed", type=int, default=0, help="seed of the texts drawn for the stream")

@@ -323,31 +323,69 @@ def _names(text: str) -> list[str]:
     return [x.strip() for x in text.split(",") if x.strip()]
 
 
-def _run_suite(suite_name: str, out: Path, methods: str, sizes: str, planners: str, granularity: str,
-               cache_dir: Optional[Path], rebuild: bool) -> None:
+def _check_names(methods: str, planners: str) -> None:
+    """A typo in a method or planner fails now, before any training or validation pass."""
+    from flexmerge.errors import UnknownNameError
     from flexmerge.methods import get_method
     from flexmerge.planning import PLANNERS
-    from flexmerge.report import summary_rows
-    from flexmerge.suites import get_suite, run_sweep
 
     for m in _names(methods):
-        get_method(m)  # fail fast on a typo, before any training
+        get_method(m)
     for p in _names(planners):
         if p not in PLANNERS:
-            from flexmerge.errors import UnknownNameError
-
             raise UnknownNameError("planner", p, PLANNERS)
+
+
+def _run_suite(suite_name: str, out: Path, methods: str, sizes: str, planners: str, granularity: str,
+               cache_dir: Optional[Path], rebuild: bool) -> None:
+    from flexmerge.suites import get_suite, run_sweep
+
+    _check_names(methods, planners)
     suite = get_suite(suite_name)
     result, paths = run_sweep(suite, out, methods=_names(methods), sizes=_floats(sizes, "--sizes"),
                               planners=_names(planners), granularity=granularity, cache_dir=cache_dir,
                               rebuild=rebuild, log=lambda msg: err.print(f"[dim]{msg}[/]"))
+    _print_sweep(result, paths, f"{suite.name}: mean normalized accuracy (merged / fine-tuned)")
+
+
+def _run_own(cfg, out: Path, methods: str, sizes: str, planners: str, evaluator: Optional[str],
+             eval_data: Optional[list[str]], eval_limit: int, eval_batch_size: int) -> None:
+    """A sweep of the user's own models, scored by their evaluator or on their labelled text. A
+    --config's `params` apply to its `method` when --methods includes it; sizes count the mergeable
+    weights (each task's own head rides on top, as in `flexmerge merge`'s report)."""
+    from flexmerge.curve import sweep as sweep_fn
+    from flexmerge.evaluation import TextClassificationEvaluator, load_evaluator
+    from flexmerge.report import write_results
+    from flexmerge.taskvec import parse_task_specs
+
+    _check_names(methods, planners)
+    if (evaluator is None) == (not eval_data):
+        raise FlexMergeError("own models need exactly one of --evaluator package.module:function or "
+                             "--eval-data TASK=FILE (one per task)")
+    score = load_evaluator(evaluator) if evaluator else None
+    tasks = _load(cfg, _executor(cfg))
+    if score is None:
+        score = TextClassificationEvaluator(tasks, parse_task_specs(eval_data), limit=eval_limit,
+                                            batch_size=eval_batch_size)
+    usable = [s for s in _floats(sizes, "--sizes") if s <= tasks.num_tasks]
+    result = sweep_fn(tasks, score, methods=_names(methods), sizes=usable, planners=_names(planners),
+                      params={cfg.method: cfg.params} if cfg.params else None, granularity=cfg.granularity,
+                      linkage=cfg.linkage, seed=cfg.seed, log=lambda msg: err.print(f"[dim]{msg}[/]"))
+    result.meta.update({"base": str(cfg.base), "models": {k: str(v) for k, v in cfg.models.items()},
+                        "evaluator": evaluator or {"eval_data": list(eval_data or []), "limit": eval_limit}})
+    _print_sweep(result, write_results(result, out), "mean normalized score (merged / fine-tuned)")
+
+
+def _print_sweep(result, paths, title: str) -> None:
+    from flexmerge.report import summary_rows
+
     header, rows = summary_rows(result)
-    table = Table(*header, title=f"{suite.name}: mean normalized accuracy (merged / fine-tuned)")
+    table = Table(*header, title=title)
     for row in rows:
         table.add_row(*row)
     console.print(table)
     ft = sum(result.finetuned.values()) / len(result.finetuned)
-    line = f"fine-tuned mean accuracy {ft:.3f}"
+    line = f"fine-tuned mean accuracy {ft:.3f} (" + ", ".join(f"{t} {v:.3f}" for t, v in result.finetuned.items()) + ")"
     if result.base:
         line += f"; base encoder + trained head {sum(result.base.values()) / len(result.base):.3f}"
     console.print(line, soft_wrap=True)
@@ -356,29 +394,55 @@ def _run_suite(suite_name: str, out: Path, methods: str, sizes: str, planners: s
     console.print(f"tables: {paths['csv']}  {paths['json']}  {paths['ranking']}", soft_wrap=True)
 
 
-SuiteOpt = typer.Option("wordnet", "--suite", help="benchmark suite: wordnet (default) | wordnet20 | digits")
+SuiteOpt = typer.Option(None, "--suite", help="benchmark suite: wordnet (default) | wordnet20 | digits")
 CacheOpt = typer.Option(None, "--cache-dir", help="where fine-tuned zoos are cached [default: ~/.cache/flexmerge]")
 RebuildOpt = typer.Option(False, "--rebuild", help="retrain the zoo even if a verified cached one exists")
 
 
 @command
 def sweep(
-    suite: str = SuiteOpt,
+    suite: Optional[str] = SuiteOpt,
     methods: str = typer.Option(DEFAULT_METHODS, "--methods", help="comma-separated merging methods"),
     sizes: str = typer.Option(DEFAULT_SIZES, "--sizes", help="comma-separated sizes (sizes above M are dropped)"),
     planners: str = typer.Option("greedy", "--planners",
                                  help="comma-separated: greedy, left-right, right-left, random, channel, cluster"),
-    granularity: str = typer.Option("sublayer", "--granularity", help="layer | sublayer | tensor | split:K"),
+    granularity: Optional[str] = GranOpt,
     out: Path = typer.Option(Path("results"), "--out", help="directory for results.csv/json, ranking.md, plots"),
     cache_dir: Optional[Path] = CacheOpt,
     rebuild: bool = RebuildOpt,
+    base: Optional[Path] = BaseOpt, model: Optional[list[str]] = ModelOpt, config: Optional[Path] = ConfigOpt,
+    task_specific: Optional[list[str]] = SpecificOpt,
+    evaluator: Optional[str] = typer.Option(None, "--evaluator",
+                                            help="own models: package.module:function, called as "
+                                                 "(task, state_dict) -> score (higher is better)"),
+    eval_data: Optional[list[str]] = typer.Option(None, "--eval-data",
+                                                  help="own HF text-classification models: TASK=FILE, a JSONL or "
+                                                       "CSV file with text and label columns (one per task)"),
+    eval_limit: int = typer.Option(1000, "--eval-limit", help="with --eval-data: examples per task, at most"),
+    eval_batch_size: int = typer.Option(32, "--eval-batch-size", help="with --eval-data: inputs per forward pass"),
 ) -> None:
-    """Sweep sizes and methods on a benchmark suite: the accuracy-size curves.
+    """Sweep sizes and methods: the accuracy-size curves, on a benchmark suite or on your own models.
 
-    Example: flexmerge sweep --suite wordnet --methods task_arithmetic,ties,emr,consensus
+    Examples: flexmerge sweep --suite wordnet --methods task_arithmetic,ties,emr,consensus
     --sizes 1,1.5,2,3,4,8 --out results/
+
+    flexmerge sweep --base base/ --model sst2=ft-sst2/ --model mnli=ft-mnli/
+    --eval-data sst2=sst2-dev.jsonl --eval-data mnli=mnli-dev.csv --sizes 1,1.5,2 --out results/
+
+    flexmerge sweep --config merge.yaml --evaluator myproject.evals:score --out results/
     """
-    _run_suite(suite, out, methods, sizes, planners, granularity, cache_dir, rebuild)
+    own = base is not None or model or config is not None
+    if own and suite is not None:
+        raise FlexMergeError("give either --suite or your own models (--base/--model or --config), not both")
+    if not own and (evaluator or eval_data or task_specific):
+        raise FlexMergeError("--evaluator, --eval-data and --task-specific go with your own models "
+                             "(--base and --model, or --config)")
+    if not own:
+        _run_suite(suite or "wordnet", out, methods, sizes, planners, granularity or "sublayer", cache_dir, rebuild)
+        return
+    cfg = _config(config, base, model, None, None, granularity, None, None, None, None, None, None,
+                  task_specific=task_specific)
+    _run_own(cfg, out, methods, sizes, planners, evaluator, eval_data, eval_limit, eval_batch_size)
 
 
 @command

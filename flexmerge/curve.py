@@ -20,6 +20,8 @@ from flexmerge.errors import SizeError
 from flexmerge.flexmodel.materialize import materialize
 from flexmerge.methods.base import get_method
 from flexmerge.planning import build_path
+from flexmerge.planning.path import Assignment
+from flexmerge.size import point_size
 from flexmerge.taskvec import TaskSet
 
 Evaluator = Callable[[str, dict[str, torch.Tensor]], float]
@@ -72,6 +74,11 @@ class SweepResult:
                 "curves": self.curves(), "timings_s": self.timings, "meta": self.meta}
 
 
+def is_unmerged(assignment: Assignment) -> bool:
+    """Every block keeps one group per task: the Mx point."""
+    return all(len(g) == 1 for block in assignment.groups for g in block)
+
+
 def sweep(
     tasks: TaskSet,
     evaluator: Evaluator,
@@ -86,7 +93,10 @@ def sweep(
     base_accuracy: dict[str, float] | None = None,
     log: Callable[[str], None] = lambda s: None,
 ) -> SweepResult:
-    """Evaluate every (method, planner) at every size; sizes below a method's minimum are noted."""
+    """Evaluate every (method, planner) at every size; sizes below a method's minimum are noted.
+
+    The Mx point is the fine-tuned models (every block one group per task, stored as copies, equal
+    bit for bit), so its records reuse the fine-tuned evaluation instead of running it again."""
     timings: dict[str, float] = {"plan": 0.0, "materialize": 0.0, "evaluate": 0.0}
     t0 = time.perf_counter()
     finetuned = {t: evaluator(t, tasks.finetuned_state_dict(i))
@@ -107,6 +117,12 @@ def sweep(
                 except SizeError:
                     records += [SweepRecord(name, planner, size, None, t, None, finetuned[t], None,
                                             f"below the minimum size {path.min_size:.3f}x") for t in tasks.names]
+                    continue
+                if is_unmerged(assignment):  # Mx: the fine-tuned models themselves, already evaluated
+                    mx = point_size(tasks, partition, method, assignment.group_sizes())
+                    records += [SweepRecord(name, planner, size, mx, t, finetuned[t], finetuned[t],
+                                            1.0 if finetuned[t] else None, "Mx: the fine-tuned models")
+                                for t in tasks.names]
                     continue
                 t1 = time.perf_counter()
                 flex = materialize(tasks, partition, assignment, method)

@@ -169,7 +169,8 @@ def as_taskset(tasks: TaskSet | TaskSetSpec) -> TaskSet:
     if isinstance(tasks, TaskSet):
         return tasks
     if tasks not in _OPENED:
-        _OPENED[tasks] = TaskSet(list(tasks.names), open_checkpoint(tasks.base), [open_checkpoint(p) for p in tasks.models],
+        base = open_checkpoint(tasks.base)
+        _OPENED[tasks] = TaskSet(list(tasks.names), base, [open_checkpoint(p, base=base) for p in tasks.models],
                                  dict(tasks.meta), list(tasks.mergeable), list(tasks.frozen))
     return _OPENED[tasks]
 
@@ -211,7 +212,7 @@ def load_tasks(
         raise ConfigError(f"merging needs at least 2 task models, got {len(named)}")
     patterns = _compile_patterns(task_specific)
     base_src = open_checkpoint(base)
-    sources = [open_checkpoint(p) for p in named.values()]
+    sources = [open_checkpoint(p, base=base_src) for p in named.values()]  # PEFT adapters read against the base
     meta, specific = _check_structure(base_src, sources, list(named), allow_mixed_dtypes, patterns)
     mergeable, frozen, key_grams, digests = _scan_values(base_src, sources, list(named), meta,
                                                          max_relative_change, executor)

@@ -11,7 +11,8 @@ from flexmerge.blocks import Partition
 from flexmerge.errors import ConfigError
 from flexmerge.executors import get_executor
 from flexmerge.flexmodel.model import BlockStore, FlexModel, StoredGroup, pack_masks
-from flexmerge.io.side_files import pick_side_files, read_hf_side_files
+from flexmerge.io.adapters import AdapterSource
+from flexmerge.io.side_files import pick_side_files, read_hf_side_files, read_side_files_in
 from flexmerge.io.source import rows_shape
 from flexmerge.methods.base import MergeMethod
 from flexmerge.planning.path import Assignment
@@ -123,10 +124,14 @@ def materialize(
 
 def collect_hf_files(tasks: TaskSet) -> dict[str, dict[str, bytes]]:
     """Per task, the Hugging Face side files its export carries: each group (config, generation
-    config, tokenizer, chat template) from the task's fine-tune, or from the base when it has none."""
+    config, tokenizer, chat template) from the task's fine-tune, or from the base when it has none.
+    A PEFT adapter's own files are those its adapter directory holds (a config with the task's own
+    labels, a tokenizer with added tokens)."""
     base = read_hf_side_files(tasks.base)
     out: dict[str, dict[str, bytes]] = {}
     for name, src in zip(tasks.names, tasks.sources):
-        if src.hf_dir is not None or tasks.base.hf_dir is not None:
+        if isinstance(src, AdapterSource):
+            out[name] = pick_side_files(read_side_files_in(src.path, also=src.path.resolve()), base)
+        elif src.hf_dir is not None or tasks.base.hf_dir is not None:
             out[name] = pick_side_files(read_hf_side_files(src), base)
     return out

@@ -24,9 +24,13 @@ def read_hf_side_files(src: CheckpointSource) -> dict[str, bytes]:
     file its weights really are (a Hugging Face cache snapshot links both into `blobs/`)."""
     if src.hf_dir is None:
         return {}
-    weights = Path(src.path).resolve().parent
-    return {f: inside(src.hf_dir, f, "side file", also=weights).read_bytes()
-            for group in HF_SIDE_GROUPS.values() for f in group if (src.hf_dir / f).is_file()}
+    return read_side_files_in(src.hf_dir, also=Path(src.path).resolve().parent)
+
+
+def read_side_files_in(directory: Path, also: Path | None = None) -> dict[str, bytes]:
+    """The side files `directory` holds, each inside it (or `also`) once symlinks are resolved."""
+    return {f: inside(directory, f, "side file", also=also).read_bytes()
+            for group in HF_SIDE_GROUPS.values() for f in group if (directory / f).is_file()}
 
 
 def pick_side_files(own: dict[str, bytes], base: dict[str, bytes]) -> dict[str, bytes]:

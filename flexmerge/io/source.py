@@ -281,11 +281,18 @@ class TorchFileSource:
             raise CheckpointError(f"{self.path}: no tensor named {key!r}") from None
 
 
-def open_checkpoint(path: str | Path) -> CheckpointSource:
-    """Open a safetensors file, sharded index, torch state dict or Hugging Face model directory."""
+def open_checkpoint(path: str | Path, base: "CheckpointSource | str | Path | None" = None) -> CheckpointSource:
+    """Open a safetensors file, sharded index, torch state dict or Hugging Face model directory, or
+    a PEFT adapter directory as the fine-tune it makes of `base` (see `flexmerge.io.adapters`)."""
+    from flexmerge.io.adapters import AdapterSource, is_adapter_dir
+
     p = Path(path).expanduser()
     if not p.exists():
         raise CheckpointError(f"checkpoint not found: {p}")
+    if is_adapter_dir(p):
+        if base is None:
+            raise CheckpointError(f"{p} is a PEFT adapter: it can only be read against its base model")
+        return AdapterSource(p, base if not isinstance(base, (str, Path)) else open_checkpoint(base))
     if p.is_dir():
         for name in HF_WEIGHT_FILES:
             if (p / name).exists():
