@@ -351,11 +351,13 @@ def _run_suite(suite_name: str, out: Path, methods: str, sizes: str, planners: s
 def _run_own(cfg, out: Path, methods: str, sizes: str, planners: str, evaluator: Optional[str],
              eval_data: Optional[list[str]], eval_limit: int, eval_batch_size: int) -> None:
     """A sweep of the user's own models, scored by their evaluator or on their labelled text. A
-    --config's `params` apply to its `method` when --methods includes it; sizes count the mergeable
-    weights (each task's own head rides on top, as in `flexmerge merge`'s report)."""
+    --config's `params` apply to its `method` when --methods includes it. Sizes mean what
+    `flexmerge merge --size` means (each task's own head counts), so a row is the artifact that
+    merge would write."""
     from flexmerge.curve import sweep as sweep_fn
     from flexmerge.evaluation import TextClassificationEvaluator, load_evaluator
     from flexmerge.report import write_results
+    from flexmerge.size import specific_units
     from flexmerge.taskvec import parse_task_specs
 
     _check_names(methods, planners)
@@ -367,7 +369,8 @@ def _run_own(cfg, out: Path, methods: str, sizes: str, planners: str, evaluator:
     if score is None:
         score = TextClassificationEvaluator(tasks, parse_task_specs(eval_data), limit=eval_limit,
                                             batch_size=eval_batch_size)
-    usable = [s for s in _floats(sizes, "--sizes") if s <= tasks.num_tasks]
+    top = tasks.num_tasks + specific_units(tasks)  # Mx: every task's own weights and head
+    usable = [s for s in _floats(sizes, "--sizes") if s <= top + 1e-9]
     result = sweep_fn(tasks, score, methods=_names(methods), sizes=usable, planners=_names(planners),
                       params={cfg.method: cfg.params} if cfg.params else None, granularity=cfg.granularity,
                       linkage=cfg.linkage, seed=cfg.seed, log=lambda msg: err.print(f"[dim]{msg}[/]"))

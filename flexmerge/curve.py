@@ -21,7 +21,7 @@ from flexmerge.flexmodel.materialize import materialize
 from flexmerge.methods.base import get_method
 from flexmerge.planning import build_path
 from flexmerge.planning.path import Assignment
-from flexmerge.size import point_size
+from flexmerge.size import point_size, specific_units
 from flexmerge.taskvec import TaskSet
 
 Evaluator = Callable[[str, dict[str, torch.Tensor]], float]
@@ -103,6 +103,7 @@ def sweep(
                  for i, t in enumerate(progress(tasks.names, "evaluating fine-tuned models"))}
     timings["evaluate"] += time.perf_counter() - t0
     partition = discover_blocks(tasks, granularity)
+    extra = specific_units(tasks)
     records: list[SweepRecord] = []
     for planner in planners:
         for name in methods:
@@ -113,10 +114,10 @@ def sweep(
             log(f"{name}/{planner}: path of {path.num_points} points, {path.sizes[0]:.2f}x -> {path.min_size:.3f}x")
             for size in sizes:
                 try:
-                    assignment = path.cut(size)
+                    assignment = path.cut(size, extra)  # as `flexmerge merge --size`: heads count
                 except SizeError:
                     records += [SweepRecord(name, planner, size, None, t, None, finetuned[t], None,
-                                            f"below the minimum size {path.min_size:.3f}x") for t in tasks.names]
+                                            f"below the minimum size {path.min_size + extra:.4f}x") for t in tasks.names]
                     continue
                 if is_unmerged(assignment):  # Mx: the fine-tuned models themselves, already evaluated
                     mx = point_size(tasks, partition, method, assignment.group_sizes())

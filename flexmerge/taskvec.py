@@ -208,6 +208,9 @@ def load_tasks(
     belongs to a head module (`HF_HEADS`; `lm_head` when the config does not tie it and it differs).
     `executor` ("local", "ray" or an Executor) runs the validation pass key by key."""
     named = parse_task_specs(models)
+    if "base" in named:  # the manifest records the inputs by name, the base as "base"
+        raise ConfigError("task name 'base' is reserved for the base model (the manifest records the inputs by "
+                          "name); give the task another name")
     if len(named) < 2:
         raise ConfigError(f"merging needs at least 2 task models, got {len(named)}")
     patterns = _compile_patterns(task_specific)

@@ -228,3 +228,9 @@ def test_an_adapter_task_exports_with_its_own_config_and_the_base_tokenizer(tmp_
         with torch.no_grad():
             assert model.config.num_labels == n
             assert torch.equal(model(**batch).logits, want.eval()(**batch).logits)
+
+
+def test_a_task_named_base_is_refused(tmp_path):
+    base, dirs, _ = _two_adapters(tmp_path)
+    with pytest.raises(FlexMergeError, match="task name 'base' is reserved"):
+        flexmerge.load_tasks(base, {"base": dirs["a"], "b": dirs["b"]})

@@ -82,8 +82,14 @@ def _args(root):
 def test_sweep_with_eval_data_scores_every_point_and_writes_the_suite_outputs(own):
     root, data, _ = own
     out = root / "results"
+    import flexmerge
+
+    tasks = flexmerge.load_tasks(root / "base", {t: root / t for t in LABELS})
+    share = tasks.specific_bytes() / tasks.unit_bytes()  # the heads: sizes count them, as merge --size does
+    low, top = 1 + share, 2 + share
     result = runner.invoke(app, [*_args(root), "--eval-data", f"pos={data['pos']}", "--eval-data",
-                                 f"topic={data['topic']}", "--methods", "task_arithmetic,ties", "--sizes", "1,1.5,2",
+                                 f"topic={data['topic']}", "--methods", "task_arithmetic,ties",
+                                 "--sizes", f"1,{low:.9f},1.5,{top:.9f}",
                                  "--eval-limit", "30", "--eval-batch-size", "7", "--out", str(out)])
     assert result.exit_code == 0, result.output
     for name in ("results.csv", "results.json", "ranking.md", "normalized_accuracy.png", "absolute_accuracy.png"):
@@ -91,10 +97,13 @@ def test_sweep_with_eval_data_scores_every_point_and_writes_the_suite_outputs(ow
     saved = json.loads((out / "results.json").read_text())
     for task in LABELS:  # the reference: each fine-tune on its first 30 examples
         assert saved["finetuned"][task] == pytest.approx(_accuracy(root / task, data[task], limit=30), abs=1e-9)
-    mx = [r for r in saved["records"] if r["requested_size"] == 2.0]
+    mx = [r for r in saved["records"] if r["requested_size"] == pytest.approx(top)]
     assert mx and all(r["accuracy"] == saved["finetuned"][r["task"]] and r["note"].startswith("Mx") for r in mx)
-    one = [r for r in saved["records"] if r["requested_size"] == 1.0]
+    below = [r for r in saved["records"] if r["requested_size"] == 1.0]
+    assert below and all(r["accuracy"] is None and "below the minimum size" in r["note"] for r in below)
+    one = [r for r in saved["records"] if r["requested_size"] == pytest.approx(low)]
     assert {r["method"] for r in one} == {"task_arithmetic", "ties"} and all(r["accuracy"] is not None for r in one)
+    assert all(r["size"] <= r["requested_size"] + 1e-9 for r in saved["records"] if r["size"] is not None)
     assert "fine-tuned mean accuracy" in result.output and "pos " in result.output
 
 
@@ -121,14 +130,18 @@ def test_sweep_with_your_own_evaluator_calls_it_once_per_task_at_mx(own, monkeyp
         torch.save(load_file(root / task / "model.safetensors")[key], root / f"{task}.pt")
     (root / "my_evals.py").write_text(EVALUATOR)
     monkeypatch.chdir(root)
+    import flexmerge
+
+    tasks = flexmerge.load_tasks(root / "base", {t: root / t for t in LABELS})
+    top = 2 + tasks.specific_bytes() / tasks.unit_bytes()
     result = runner.invoke(app, [*_args(root), "--evaluator", "my_evals:score", "--methods", "task_arithmetic",
-                                 "--sizes", "1,2", "--out", str(root / "results")])
+                                 "--sizes", f"1.5,{top:.9f}", "--out", str(root / "results")])
     assert result.exit_code == 0, result.output
     calls = [json.loads(line)["task"] for line in (root / "calls.jsonl").read_text().splitlines()]
-    assert sorted(calls) == sorted([*LABELS, *LABELS])  # the fine-tunes once, 1x once; Mx reuses the fine-tunes
+    assert sorted(calls) == sorted([*LABELS, *LABELS])  # the fine-tunes once, 1.5x once; Mx reuses the fine-tunes
     saved = json.loads((root / "results" / "results.json").read_text())
     assert all(v == 1.0 for v in saved["finetuned"].values())  # distance 0 to itself
-    assert all(r["normalized"] < 1.0 for r in saved["records"] if r["requested_size"] == 1.0)
+    assert all(r["normalized"] < 1.0 for r in saved["records"] if r["requested_size"] == 1.5)
 
 
 @pytest.mark.parametrize("extra, message", [
