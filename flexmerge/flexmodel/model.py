@@ -20,13 +20,16 @@ class StoredGroup:
 
     Plain: `tensors` are the weights themselves (per part). Masked: `tensors` are the unified
     task vector, `masks` the members' bit-packed masks (n, ⌈numel/8⌉) and `scales` optional
-    per-member rescalers; member i reads θ0 + scale_i · unpack(mask_i) ⊙ tensor.
+    per-member rescalers; member i reads θ0 + scale_i · unpack(mask_i) ⊙ tensor. With residuals
+    (Twin-Merging): `tensors` are θ0 + shared and member i reads tensor + A·B (or + R) of
+    `residuals[i][p]`.
     """
 
     members: tuple[int, ...]
     tensors: list[torch.Tensor]
     masks: list[torch.Tensor] | None = None
     scales: torch.Tensor | None = None
+    residuals: list[list[tuple[torch.Tensor, ...]]] | None = None  # [member][part]
 
     @property
     def masked(self) -> bool:
@@ -35,6 +38,7 @@ class StoredGroup:
     def nbytes(self) -> int:
         n = sum(t.nbytes for t in self.tensors)
         n += sum(m.nbytes for m in self.masks or [])
+        n += sum(t.nbytes for member in self.residuals or [] for r in member for t in r)
         return n + (self.scales.nbytes if self.scales is not None else 0)
 
 
@@ -124,6 +128,11 @@ class FlexModel:
 
     def _read_part(self, store: BlockStore, group: StoredGroup, task: int, p: int, key: str) -> torch.Tensor:
         stored = group.tensors[p]
+        if group.residuals is not None:
+            from flexmerge.methods.twin import rebuild
+
+            residual = rebuild(group.residuals[group.members.index(task)][p]).view(stored.shape)
+            return (stored.float() + residual).to(stored.dtype)
         if not group.masked:
             return stored
         i = group.members.index(task)
