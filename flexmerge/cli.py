@@ -322,8 +322,10 @@ def _run_suite(suite_name: str, out: Path, methods: str, sizes: str, planners: s
     from flexmerge.report import summary_rows
     from flexmerge.suites import get_suite, run_sweep
 
+    from flexmerge.curve import spec_method
+
     for m in _names(methods):
-        get_method(m)  # fail fast on a typo, before any training
+        spec_method(m)  # fail fast on a typo or a bad parameter, before any training
     for p in _names(planners):
         if p not in PLANNERS:
             from flexmerge.errors import UnknownNameError
@@ -356,7 +358,7 @@ RebuildOpt = typer.Option(False, "--rebuild", help="retrain the zoo even if a ve
 @command
 def sweep(
     suite: str = SuiteOpt,
-    methods: str = typer.Option(DEFAULT_METHODS, "--methods", help="comma-separated merging methods"),
+    methods: str = typer.Option(DEFAULT_METHODS, "--methods", help="comma-separated merging methods, each optionally with parameters: twin:rank=4:base=ties"),
     sizes: str = typer.Option(DEFAULT_SIZES, "--sizes", help="comma-separated sizes (sizes above M are dropped)"),
     planners: str = typer.Option("greedy", "--planners",
                                  help="comma-separated: greedy, left-right, right-left, random, channel, cluster"),

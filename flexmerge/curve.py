@@ -18,7 +18,7 @@ from flexmerge._progress import progress
 from flexmerge.api import discover_blocks
 from flexmerge.errors import SizeError
 from flexmerge.flexmodel.materialize import materialize
-from flexmerge.methods.base import get_method
+from flexmerge.methods.base import get_method, parse_method_spec
 from flexmerge.planning import build_path
 from flexmerge.taskvec import TaskSet
 
@@ -72,6 +72,14 @@ class SweepResult:
                 "curves": self.curves(), "timings_s": self.timings, "meta": self.meta}
 
 
+def spec_method(spec: str, params: dict[str, dict[str, Any]] | None = None):
+    """The method a sweep entry names: 'twin:rank=4' is twin with rank 4, its curve labelled by the
+    whole spec; `params[spec]` (or `params[name]`) adds parameters to it."""
+    name, own = parse_method_spec(spec)
+    extra = (params or {}).get(spec, (params or {}).get(name, {}))
+    return get_method(name, **{**extra, **own})
+
+
 def sweep(
     tasks: TaskSet,
     evaluator: Evaluator,
@@ -86,7 +94,10 @@ def sweep(
     base_accuracy: dict[str, float] | None = None,
     log: Callable[[str], None] = lambda s: None,
 ) -> SweepResult:
-    """Evaluate every (method, planner) at every size; sizes below a method's minimum are noted."""
+    """Evaluate every (method, planner) at every size; sizes below a method's minimum are noted.
+
+    A method is a name or a spec with parameters, `twin:rank=4:base=ties` (see `parse_method_spec`),
+    so one sweep holds a method at several settings, each its own curve."""
     timings: dict[str, float] = {"plan": 0.0, "materialize": 0.0, "evaluate": 0.0}
     t0 = time.perf_counter()
     finetuned = {t: evaluator(t, tasks.finetuned_state_dict(i))
@@ -96,7 +107,7 @@ def sweep(
     records: list[SweepRecord] = []
     for planner in planners:
         for name in methods:
-            method = get_method(name, **(params or {}).get(name, {}))
+            method = spec_method(name, params)
             t0 = time.perf_counter()
             path = build_path(tasks, partition, method, planner=planner, linkage=linkage, seed=seed)
             timings["plan"] += time.perf_counter() - t0
