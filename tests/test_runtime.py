@@ -117,3 +117,28 @@ def test_unknown_task_is_a_clear_error(artifact):
     rt = Runtime.load(artifact[0])
     with pytest.raises(ConfigError, match="unknown task 'zz'; this model serves: a, b, c"):
         rt.predict("zz", ["x"])
+
+
+def test_twin_artifact_serves_each_task_as_its_export(artifact, tmp_path):
+    """A group with per-member residuals is rebuilt per task (θ0 + shared + A·B), alone and in a mixed batch."""
+    _, root = artifact
+    tasks = flexmerge.load_tasks(root / "base", {name: root / name for name in LABELS})
+    out = tmp_path / "twin"
+    flexmerge.merge_to_disk(tasks, out, size=2.5, method="twin", params={"rank": 2})
+    flex = flexmerge.load(out)
+    assert any(g.residuals for b in flex.blocks for g in b.groups)
+    rt = Runtime(flex)
+    items = [(t, x) for x in TEXTS[:3] for t in LABELS]
+    mixed = rt.predict_mixed(items)
+    for task in LABELS:
+        exported = tmp_path / f"export-{task}"
+        flexmerge.export(flex, task, exported)
+        model = transformers.BertForSequenceClassification.from_pretrained(exported).eval()
+        tok = transformers.AutoTokenizer.from_pretrained(exported)
+        with torch.no_grad():
+            want = torch.softmax(model(**tok(TEXTS, padding=True, return_tensors="pt")).logits, -1)
+        labels = rt.task_info(task)["labels"]
+        for row, g in enumerate(rt.predict(task, TEXTS)):
+            torch.testing.assert_close(torch.tensor([g["scores"][lb] for lb in labels]), want[row], rtol=0, atol=1e-5)
+    for (task, text), g in zip(items, mixed):
+        assert g["scores"] == pytest.approx(rt.predict(task, [text])[0]["scores"], abs=1e-5)
