@@ -193,3 +193,20 @@ def test_cli_merge_with_twin_params(zoo, tmp_path):
     r = CliRunner().invoke(app, ["merge", "--base", str(base), *flags, "--method", "twin", "--param", "rank=-2",
                                  "--size", "2", "--out", str(tmp_path / "bad")])
     assert r.exit_code != 0 and "rank" in r.output
+
+
+def test_router_learns_separable_synthetic_features():
+    from flexmerge.routing import fit_router, route_weights
+
+    g = torch.Generator().manual_seed(0)
+    centers = 4 * torch.randn(4, 16, generator=g)
+    labels = torch.arange(4).repeat_interleave(50)
+    x = centers[labels] + torch.randn(200, 16, generator=g)
+    router = fit_router(x, labels, 4, epochs=30, batch_size=64)
+    test_labels = torch.arange(4).repeat_interleave(25)
+    test = centers[test_labels] + torch.randn(100, 16, generator=g)
+    w = route_weights(router, test)
+    assert torch.equal(w.argmax(-1), test_labels)
+    torch.testing.assert_close(w.sum(-1), torch.ones(100))
+    with pytest.raises(ConfigError, match=r"must cover every task 0..4 and no other; missing: \[4\]"):
+        fit_router(x, labels, 5)

@@ -237,9 +237,45 @@ def save(flex: FlexModel, path: str | Path, overwrite: bool = False) -> dict[str
                      for t, own in flex.specific.items()}
     header = ArtifactHeader(flex.tasks, flex.partition, flex.meta, flex.assignment, flex.method, flex.size,
                             flex.unit_bytes, flex.info, flex.hf_files, specific_meta)  # flex.size is exact
-    return write_artifact(path, header, flex.frozen,
-                          lambda done: ((b, s) for b, s in enumerate(flex.blocks) if b not in done),
-                          overwrite=overwrite, specific=lambda: flex.specific.items())
+    manifest = write_artifact(path, header, flex.frozen,
+                              lambda done: ((b, s) for b, s in enumerate(flex.blocks) if b not in done),
+                              overwrite=overwrite, specific=lambda: flex.specific.items())
+    return attach_router(path, flex.router) if flex.router is not None else manifest
+
+
+ROUTER_FILE = "router.safetensors"
+
+
+def attach_router(path: str | Path, router) -> dict[str, Any]:
+    """Store a trained router (`flexmerge.routing.RouterMLP`) in an existing artifact: its tensors in
+    `router.safetensors`, its shape and checksum in the manifest (rewritten atomically)."""
+    from flexmerge.routing import router_tensors
+
+    directory = Path(path)
+    manifest = read_manifest(directory)
+    if router.shape["tasks"] != len(manifest["tasks"]):
+        raise ArtifactError(f"{directory}: a router for {router.shape['tasks']} tasks, the artifact has "
+                            f"{len(manifest['tasks'])}")
+    tmp = directory / f".{ROUTER_FILE}.tmp"
+    write_safetensors(router_tensors(router), tmp)
+    os.replace(tmp, directory / ROUTER_FILE)
+    f = directory / ROUTER_FILE
+    manifest["router"] = {"file": ROUTER_FILE, "bytes": f.stat().st_size, "sha256": sha256_file(f), **router.shape}
+    write_text_atomic(directory / MANIFEST, json.dumps(manifest, indent=1, allow_nan=False))
+    return manifest
+
+
+def _load_router(directory: Path, entry: dict[str, Any], verify: bool):
+    from flexmerge.routing import router_from_tensors
+
+    f = inside(directory, ROUTER_FILE, "router")
+    if not f.is_file() or f.stat().st_size != entry["bytes"] or (verify and sha256_file(f) != entry["sha256"]):
+        raise ArtifactError(f"{f}: missing, truncated or corrupted (the manifest's size/checksum differ)")
+    try:
+        with safe_open(str(f), framework="pt") as h:
+            return router_from_tensors({k: h.get_tensor(k) for k in h.keys()}, entry)
+    except Exception as e:
+        raise ArtifactError(f"{f}: not the router the manifest describes ({e})") from e
 
 
 def is_artifact(path: Path) -> bool:
@@ -250,7 +286,7 @@ def is_artifact(path: Path) -> bool:
     except ArtifactError:
         return False
     path = Path(path)
-    ours = lambda f: f.name in (MANIFEST, JOURNAL) or SHARD_NAME.fullmatch(f.name) or f.name == "hf"  # noqa: E731
+    ours = lambda f: f.name in (MANIFEST, JOURNAL, ROUTER_FILE) or SHARD_NAME.fullmatch(f.name) or f.name == "hf"  # noqa: E731
     return not path.is_symlink() and all(ours(f) for f in path.iterdir())
 
 
@@ -339,6 +375,12 @@ def check_manifest(m: dict[str, Any]) -> str | None:
     hf = m.get("hf_tasks", [])
     if not is_list(hf, str) or any(t not in tasks for t in hf):
         return "'hf_tasks' names tasks that are not in 'tasks'"
+    router = m.get("router")
+    if router is not None and not (isinstance(router, dict) and router.get("file") == "router.safetensors"
+                                   and all(isinstance(router.get(k), int) and not isinstance(router.get(k), bool)
+                                           and router[k] > 0 for k in ("bytes", "features", "hidden", "tasks"))
+                                   and router["tasks"] == len(tasks) and isinstance(router.get("sha256"), str)):
+        return "'router' must be {file: router.safetensors, bytes, sha256, features, hidden, tasks = #tasks}"
     own = m.get("task_specific", {})
     if not isinstance(own, dict) or any(t not in tasks or not isinstance(keys, dict) for t, keys in own.items()):
         return "'task_specific' must map tasks of 'tasks' to their own keys"
@@ -409,11 +451,14 @@ def load(path: str | Path, verify: bool = True) -> FlexModel:
         except Exception as e:
             raise ArtifactError(f"{f}: unreadable shard ({e})") from e
     try:
-        return _assemble(manifest, tensors, directory)
+        flex = _assemble(manifest, tensors, directory)
     except KeyError as e:
         raise ArtifactError(f"{directory}: tensor {e} named by the manifest is missing from the shards") from e
     except (ValueError, TypeError, IndexError, RuntimeError) as e:
         raise ArtifactError(f"{directory}: the shards do not fit the manifest ({e})") from e
+    if "router" in manifest:
+        flex.router = _load_router(directory, manifest["router"], verify)
+    return flex
 
 
 def _assemble(manifest: dict[str, Any], tensors: dict[str, torch.Tensor], directory: Path) -> FlexModel:
