@@ -4,7 +4,9 @@ and mixed-task batches that run as one forward pass.
 Memory: the artifact is loaded once; `module(task)` loads the task's weights with `assign=True`, so
 a block stored once (one group shared by several tasks) is one tensor in memory however many tasks
 read it. Exceptions, by what is stored: a masked group (EMR, Consensus) is rebuilt per task
-(θ0 + mask ⊙ τ), and a tensor split into row groups (`split:K`) is concatenated per task.
+(θ0 + mask ⊙ τ), so is a residual group (Twin-Merging: θ0 + shared + A·B), and a tensor split into
+row groups (`split:K`) is concatenated per task. Inputs of unknown task are routed by a router
+stored in the artifact (`route`, `predict_routed`; see `flexmerge.routing`).
 
 Mixed batches: every module that holds parameters of its own is replaced, in one routing copy of
 the model, by a `RoutedModule` that applies each *distinct* weight set to the rows of the tasks
