@@ -89,6 +89,11 @@ class Twin(StructuredMethod):
         w = self.lam if self.p.convention == "sum" else self.lam / deltas.shape[0]
         return w * deltas.sum(0)
 
+    def merge_flat(self, deltas: torch.Tensor, parts: Sequence[PartView]) -> GroupResult:
+        """Planning's merged-vector mode: the group's merged vector is its shared vector (the
+        (n, D) rows are the transformed task vectors only; no residuals are needed)."""
+        return GroupResult(self.shared(deltas))
+
     def merge_parts(self, deltas: list[torch.Tensor], parts: Sequence[PartView]) -> GroupResult:
         """deltas[i]: (n, *shape), or (2n, *shape) with the untransformed rows below."""
         rows = deltas[0].shape[0]
