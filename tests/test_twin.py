@@ -15,6 +15,7 @@ from flexmerge.curve import sweep
 from flexmerge.cli import app
 from flexmerge.errors import ConfigError
 from flexmerge.flexmodel.materialize import materialize
+from flexmerge.blocks import PartView
 from flexmerge.methods import get_method, parse_method_spec
 from tests.test_artifact import _stored_bytes_on_disk
 
@@ -210,3 +211,14 @@ def test_router_learns_separable_synthetic_features():
     torch.testing.assert_close(w.sum(-1), torch.ones(100))
     with pytest.raises(ConfigError, match=r"must cover every task 0..4 and no other; missing: \[4\]"):
         fit_router(x, labels, 5)
+
+
+def test_merged_vector_planning_compares_shared_vectors(tasks):
+    """In merged-vector mode a twin group's vector is its shared vector (TIES-trimmed rows only)."""
+    method = get_method("twin", rank=2, base="ties")
+    d = torch.randn(3, 50, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(method.merge_flat(d, [PartView("w", (5, 10))]).delta, method.shared(d))
+    path = flexmerge.plan(tasks, method=method, mode="merged")
+    assert path.num_points == flexmerge.plan(tasks, method=method).num_points
+    flex = flexmerge.materialize(tasks, path, 2.0)
+    assert flex.size <= 2.0 and any(g.residuals for b in flex.blocks for g in b.groups)
