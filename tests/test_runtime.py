@@ -208,6 +208,10 @@ def test_router_routes_unknown_inputs_and_lives_in_the_artifact(routing_zoo, tmp
         assert sum(a["weights"].values()) == pytest.approx(1, abs=1e-5)
     mixed = rt.predict_routed(texts[:3], mode="mixture")
     assert [m["task"] for m in mixed] == [a["task"] for a in routed[:3]]
+    router_file = out / "router.safetensors"
+    router_file.write_bytes(router_file.read_bytes()[:-4] + b"\0\0\0\0")
+    with pytest.raises(flexmerge.errors.ArtifactError, match="router.safetensors: missing, truncated or corrupted"):
+        flexmerge.load(out)
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "a cat"}\n')
     r = CliRunner().invoke(app, ["route", "train", str(out), "--calibration", str(bad)])
