@@ -128,7 +128,8 @@ def merge_to_disk(tasks: TaskSet, out: str | Path, *, size: float | None = None,
     pipeline = fitted_pipeline(tasks, m)
     header = ArtifactHeader(
         list(tasks.names), partition, dict(tasks.meta), assignment, m.describe(),
-        point_size(tasks, partition, m, assignment.group_sizes()), tasks.unit_bytes(), _info(path, size, tasks), collect_hf_files(tasks), dict(tasks.specific))
+        point_size(tasks, partition, m, assignment.group_sizes()), tasks.unit_bytes(), _info(path, size, tasks), collect_hf_files(tasks), dict(tasks.specific),
+        size_from_stored=m.data_dependent_size)
     return write_artifact(
         out, header, {k: tasks.base.read(k) for k in tasks.frozen},
         lambda done: materialize_blocks(tasks, partition, assignment, m, pipeline, executor, skip=done),

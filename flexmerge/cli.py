@@ -325,12 +325,12 @@ def _names(text: str) -> list[str]:
 
 def _check_names(methods: str, planners: str) -> None:
     """A typo in a method or planner fails now, before any training or validation pass."""
+    from flexmerge.curve import spec_method
     from flexmerge.errors import UnknownNameError
-    from flexmerge.methods import get_method
     from flexmerge.planning import PLANNERS
 
     for m in _names(methods):
-        get_method(m)
+        spec_method(m)  # a typo or a bad parameter (twin:rank=x)
     for p in _names(planners):
         if p not in PLANNERS:
             raise UnknownNameError("planner", p, PLANNERS)
@@ -405,7 +405,9 @@ RebuildOpt = typer.Option(False, "--rebuild", help="retrain the zoo even if a ve
 @command
 def sweep(
     suite: Optional[str] = SuiteOpt,
-    methods: str = typer.Option(DEFAULT_METHODS, "--methods", help="comma-separated merging methods"),
+    methods: str = typer.Option(DEFAULT_METHODS, "--methods",
+                                help="comma-separated merging methods, each optionally with parameters: "
+                                     "twin:rank=4:base=ties"),
     sizes: str = typer.Option(DEFAULT_SIZES, "--sizes", help="comma-separated sizes (sizes above M are dropped)"),
     planners: str = typer.Option("greedy", "--planners",
                                  help="comma-separated: greedy, left-right, right-left, random, channel, cluster"),
@@ -524,6 +526,68 @@ def serve(
     app = create_app(runtime, max_inputs=max_inputs, max_chars=max_chars, max_batch=max_batch,
                      batch_wait_ms=batch_wait_ms)
     run_server(app, host=host, port=port, log_level="info")
+
+
+route_app = typer.Typer(no_args_is_help=True, help="Routed inference (Twin-Merging): inputs of unknown task.")
+app.add_typer(route_app, name="route")
+
+
+def _calibration(path: Path) -> list[tuple[str, str]]:
+    """JSON lines {"text": ..., "task": ...}: the (input, task) examples a router learns from."""
+    pairs = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            pairs.append((str(row["text"]), str(row["task"])))
+        except (ValueError, KeyError, TypeError):
+            raise FlexMergeError(f"{path}:{n}: not a JSON object with 'text' and 'task'") from None
+    return pairs
+
+
+@route_app.command("train")
+@guarded
+def route_train(
+    artifact: Path = typer.Argument(..., help="flex-model directory (Hugging Face inputs: text tasks)"),
+    calibration: Path = typer.Option(..., "--calibration", help="JSON lines {\"text\": ..., \"task\": ...}, "
+                                     "a few hundred per task (e.g. a validation split)"),
+    epochs: int = typer.Option(50, "--epochs", min=1, help="training epochs (Twin-Merging's 50)"),
+    seed: int = typer.Option(0, "--seed", help="seed of the router's initialization, shuffling and dropout"),
+    batch_size: int = typer.Option(1024, "--batch-size", min=2, help="examples per step (Twin-Merging's 1024)"),
+) -> None:
+    """Train the router on the shared model's pooled features and store it in the artifact.
+
+    Example: flexmerge route train flex-twin --calibration val.jsonl
+    """
+    from flexmerge.flexmodel.artifact import attach_router
+    from flexmerge.serve import Runtime
+
+    pairs = _calibration(calibration)
+    runtime = Runtime.load(artifact)
+    router = runtime.train_router(pairs, epochs=epochs, seed=seed, batch_size=batch_size)
+    routed = runtime.route([t for t, _ in pairs]).argmax(-1).tolist()
+    hits = sum(r == runtime.tasks.index(k) for r, (_, k) in zip(routed, pairs))
+    attach_router(artifact, router)
+    console.print(f"router {router.shape} trained on {len(pairs)} examples; calibration routing accuracy "
+                  f"{hits / len(pairs):.3f}; stored in {escape(str(artifact))}", soft_wrap=True)
+
+
+@route_app.command("predict")
+@guarded
+def route_predict(
+    artifact: Path = typer.Argument(..., help="flex-model directory with a router"),
+    text: list[str] = typer.Option(..., "--text", help="an input (repeatable)"),
+    mode: str = typer.Option("argmax", "--mode", help="argmax (one mixed pass) | mixture (weights mixed per input)"),
+) -> None:
+    """Answer inputs without task ids: route, then run the routed weights. Prints JSON lines.
+
+    Example: flexmerge route predict flex-twin --text "a small dog" --mode mixture
+    """
+    from flexmerge.serve import Runtime
+
+    for answer in Runtime.load(artifact).predict_routed(text, mode=mode):
+        console.print(json.dumps(answer), soft_wrap=True, markup=False)
 
 
 def main() -> None:  # pragma: no cover - entry point

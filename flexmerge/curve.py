@@ -18,7 +18,7 @@ from flexmerge._progress import progress
 from flexmerge.api import discover_blocks
 from flexmerge.errors import SizeError
 from flexmerge.flexmodel.materialize import materialize
-from flexmerge.methods.base import get_method
+from flexmerge.methods.base import get_method, parse_method_spec
 from flexmerge.planning import build_path
 from flexmerge.planning.path import Assignment
 from flexmerge.size import point_size, specific_units
@@ -79,6 +79,14 @@ def is_unmerged(assignment: Assignment) -> bool:
     return all(len(g) == 1 for block in assignment.groups for g in block)
 
 
+def spec_method(spec: str, params: dict[str, dict[str, Any]] | None = None):
+    """The method a sweep entry names: 'twin:rank=4' is twin with rank 4, its curve labelled by the
+    whole spec; `params[spec]` (or `params[name]`) adds parameters to it."""
+    name, own = parse_method_spec(spec)
+    extra = (params or {}).get(spec, (params or {}).get(name, {}))
+    return get_method(name, **{**extra, **own})
+
+
 def sweep(
     tasks: TaskSet,
     evaluator: Evaluator,
@@ -96,7 +104,10 @@ def sweep(
     """Evaluate every (method, planner) at every size; sizes below a method's minimum are noted.
 
     The Mx point is the fine-tuned models (every block one group per task, stored as copies, equal
-    bit for bit), so its records reuse the fine-tuned evaluation instead of running it again."""
+    bit for bit), so its records reuse the fine-tuned evaluation instead of running it again.
+
+    A method is a name or a spec with parameters, `twin:rank=4:base=ties` (see `parse_method_spec`),
+    so one sweep holds a method at several settings, each its own curve."""
     timings: dict[str, float] = {"plan": 0.0, "materialize": 0.0, "evaluate": 0.0}
     t0 = time.perf_counter()
     finetuned = {t: evaluator(t, tasks.finetuned_state_dict(i))
@@ -107,7 +118,7 @@ def sweep(
     records: list[SweepRecord] = []
     for planner in planners:
         for name in methods:
-            method = get_method(name, **(params or {}).get(name, {}))
+            method = spec_method(name, params)
             t0 = time.perf_counter()
             path = build_path(tasks, partition, method, planner=planner, linkage=linkage, seed=seed)
             timings["plan"] += time.perf_counter() - t0

@@ -5,11 +5,14 @@ Per (block, group) what is stored is, for plain methods, one copy of the block's
 mask methods, a group of n >= 3 members stores the unified vector, n bit-packed masks (one byte
 per 8 entries, per tensor part) and, for methods with rescalers, n fp32 scalars, and the block
 then needs θ0 once. A mask group of 1 or 2 members gains nothing from masks, so its members are
-stored as plain copies (FlexMerge's rule). The artifact writer stores exactly this.
+stored as plain copies (FlexMerge's rule). For residual methods (Twin-Merging), a group of n >= 2
+stores one copy (θ0 + shared) and per member its residual: r·(rows + cols) entries for a 2-D
+tensor kept at rank r, every entry of any other tensor. The artifact writer stores exactly this.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -60,6 +63,20 @@ def stored_with_masks(method: MergeMethod, members: int) -> bool:
     return method.uses_masks and members >= MIN_MASKED_MEMBERS
 
 
+def residual_entries(method: MergeMethod, shape: tuple[int, ...]) -> int:
+    """Entries of one member's stored residual of a tensor of `shape`: the two factors at the
+    method's rank (full rank where the rank depends on the data: an upper bound), or all entries."""
+    if len(shape) != 2:
+        return math.prod(shape)
+    r = method.residual_rank(tuple(shape))
+    return (min(shape) if r is None else r) * (shape[0] + shape[1])
+
+
+def stored_units(stored_bytes: int, unit_bytes: int, specific_bytes: int = 0) -> float:
+    """The size in model units of what was really stored (methods whose storage depends on the data)."""
+    return (stored_bytes + specific_bytes) / unit_bytes
+
+
 @dataclass(frozen=True)
 class SizeModel:
     """Per-block byte counts of one partition, and the method whose storage they follow."""
@@ -68,6 +85,7 @@ class SizeModel:
     mask_bytes: tuple[int, ...]  # one member's bit-packed masks (parts padded to whole bytes)
     unit_bytes: int
     method: MergeMethod
+    residual_bytes: tuple[int, ...] = ()  # one member's stored residuals (residual methods)
 
     @classmethod
     def build(cls, partition: Partition, meta: Mapping[str, TensorMeta], method: MergeMethod) -> "SizeModel":
@@ -75,9 +93,13 @@ class SizeModel:
         stored = [sum(p.numel(meta[p.key]) * method.storage_dtype(meta[p.key].dtype).itemsize for p in b.parts)
                   for b in partition.blocks]
         masks = [sum(-(-p.numel(meta[p.key]) // 8) for p in b.parts) for b in partition.blocks]
-        return cls(tuple(stored), tuple(masks), sum(partition.nbytes(meta)), method)
+        residuals = [sum(residual_entries(method, v.shape) * method.storage_dtype(meta[v.key].dtype).itemsize
+                         for v in b.views(meta)) for b in partition.blocks] if method.uses_residuals else []
+        return cls(tuple(stored), tuple(masks), sum(partition.nbytes(meta)), method, tuple(residuals))
 
     def group_bytes(self, block: int, members: int) -> int:
+        if self.method.uses_residuals:
+            return self.block_bytes[block] + (members * self.residual_bytes[block] if members > 1 else 0)
         if stored_with_masks(self.method, members):
             scales = SCALE_BYTES * members if self.method.uses_scales else 0
             return self.block_bytes[block] + members * self.mask_bytes[block] + scales

@@ -14,7 +14,7 @@ import flexmerge
 from flexmerge.errors import ArtifactError, FlexMergeError
 from tests.conftest import HIDDEN, LAYERS, write_zoo
 
-METHODS = ["average", "task_arithmetic", "ties", "dare", "pcb", "consensus", "emr"]
+METHODS = ["average", "task_arithmetic", "ties", "dare", "pcb", "consensus", "emr", "twin"]
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -52,7 +52,7 @@ def _stored_bytes_on_disk(directory) -> int:
     return total
 
 
-@pytest.mark.parametrize("method", ["task_arithmetic", "ties", "emr", "consensus"])
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties", "emr", "consensus", "twin"])
 @pytest.mark.parametrize("granularity", ["sublayer", "split:3"])
 def test_reported_size_equals_bytes_stored(tasks, tmp_path, method, granularity):
     path = flexmerge.plan(tasks, method=method, granularity=granularity)

@@ -21,9 +21,10 @@ TEXTS = ["the cat sat on the mat", "a bird flew over the tree", "big red car", "
 
 
 def _tokenizer(directory):
-    vocab = directory / "vocab.txt"
-    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
-    return transformers.BertTokenizerFast(vocab_file=str(vocab))
+    """A word-level BERT tokenizer over WORDS (a `vocab` dict: recent transformers read a bare
+    `vocab_file` as an empty vocabulary, every word [UNK])."""
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
+    return transformers.BertTokenizerFast(vocab={w: i for i, w in enumerate(words)})
 
 
 def _config(n):
@@ -153,3 +154,126 @@ def test_task_order_makes_the_heaviest_grouping_contiguous():
     order = task_order(groups, {"big": 100, "small": 1, "shared": 1000}, 4)
     position = {t: i for i, t in enumerate(order)}
     assert abs(position[0] - position[2]) == 1 and abs(position[1] - position[3]) == 1
+
+
+def test_twin_artifact_serves_each_task_as_its_export(artifact, tmp_path):
+    """A group with per-member residuals is rebuilt per task (θ0 + shared + A·B), alone and in a mixed batch."""
+    _, root = artifact
+    tasks = flexmerge.load_tasks(root / "base", {name: root / name for name in LABELS})
+    out = tmp_path / "twin"
+    flexmerge.merge_to_disk(tasks, out, size=2.5, method="twin", params={"rank": 2})
+    flex = flexmerge.load(out)
+    assert any(g.residuals for b in flex.blocks for g in b.groups)
+    rt = Runtime(flex)
+    items = [(t, x) for x in TEXTS[:3] for t in LABELS]
+    mixed = rt.predict_mixed(items)
+    for task in LABELS:
+        exported = tmp_path / f"export-{task}"
+        flexmerge.export(flex, task, exported)
+        model = transformers.BertForSequenceClassification.from_pretrained(exported).eval()
+        tok = transformers.AutoTokenizer.from_pretrained(exported)
+        with torch.no_grad():
+            want = torch.softmax(model(**tok(TEXTS, padding=True, return_tensors="pt")).logits, -1)
+        labels = rt.task_info(task)["labels"]
+        for row, g in enumerate(rt.predict(task, TEXTS)):
+            torch.testing.assert_close(torch.tensor([g["scores"][lb] for lb in labels]), want[row], rtol=0, atol=1e-5)
+    for (task, text), g in zip(items, mixed):
+        assert g["scores"] == pytest.approx(rt.predict(task, [text])[0]["scores"], abs=1e-5)
+
+
+ROUTE_WORDS = {"a": ["cat", "dog", "bird", "mat"], "b": ["red", "blue", "big", "small"], "c": ["runs", "fast", "slow", "flew"]}
+
+
+def _routing_texts(seed: int, per_task: int) -> list[tuple[str, str]]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for task, words in ROUTE_WORDS.items():
+        for _ in range(per_task):
+            idx = torch.randint(len(words), (int(torch.randint(2, 5, (1,), generator=g)),), generator=g)
+            out.append((" ".join(words[i] for i in idx), task))
+    return out
+
+
+@pytest.fixture(scope="module")
+def routing_zoo(tmp_path_factory):
+    """Like `artifact`'s models, but with word embeddings large enough (std 1, BERT's init is 0.02)
+    that a random encoder's pooled features tell the words apart."""
+    root = tmp_path_factory.mktemp("routing")
+    torch.manual_seed(0)
+    base = transformers.BertForSequenceClassification(_config(2)).eval()
+    with torch.no_grad():
+        base.bert.embeddings.word_embeddings.weight.normal_(0, 1)
+    dirs = {}
+    for i, (name, n) in enumerate({"base": 2, **LABELS}.items()):
+        torch.manual_seed(20 + i)
+        ft = transformers.BertForSequenceClassification(_config(n)).eval()
+        ft.load_state_dict({k: v + (0.005 * torch.randn_like(v) if name != "base" else 0) for k, v in
+                            base.state_dict().items() if not k.startswith("classifier")}, strict=False)
+        (root / name).mkdir()
+        ft.save_pretrained(root / name)
+        _tokenizer(root / name).save_pretrained(root / name)
+        dirs[name] = root / name
+    return flexmerge.load_tasks(dirs.pop("base"), dirs)
+
+
+def test_router_routes_unknown_inputs_and_lives_in_the_artifact(routing_zoo, tmp_path):
+    from typer.testing import CliRunner
+
+    from flexmerge.cli import app
+
+    tasks = routing_zoo
+    out = tmp_path / "twin"
+    flexmerge.merge_to_disk(tasks, out, size=2.5, method="twin", params={"rank": 2})
+    with pytest.raises(ConfigError, match="no router"):
+        Runtime.load(out).predict_routed(["a cat"])
+    calib = tmp_path / "calib.jsonl"
+    calib.write_text("\n".join(f'{{"text": "{t}", "task": "{k}"}}' for t, k in _routing_texts(0, 40)))
+    r = CliRunner().invoke(app, ["route", "train", str(out), "--calibration", str(calib), "--epochs", "60",
+                                 "--batch-size", "16"])
+    assert r.exit_code == 0, r.output
+    assert "calibration routing accuracy 1.000" in r.output
+    assert flexmerge.flexmodel.artifact.is_artifact(out)
+    rt = Runtime.load(out)
+    assert rt.flex.router is not None and rt.flex.router.shape == {"features": 32, "hidden": 64, "tasks": 3}
+    test = _routing_texts(1, 10)
+    texts = [t for t, _ in test]
+    routed = rt.predict_routed(texts)
+    assert sum(a["task"] == k for a, (_, k) in zip(routed, test)) >= 0.9 * len(test)
+    for a, text in zip(routed, texts):  # argmax mode answers as the routed task's own model
+        assert a["scores"] == pytest.approx(rt.predict(a["task"], [text])[0]["scores"], abs=1e-5)
+        assert sum(a["weights"].values()) == pytest.approx(1, abs=1e-5)
+    mixed = rt.predict_routed(texts[:3], mode="mixture")
+    assert [m["task"] for m in mixed] == [a["task"] for a in routed[:3]]
+    router_file = out / "router.safetensors"
+    router_file.write_bytes(router_file.read_bytes()[:-4] + b"\0\0\0\0")
+    with pytest.raises(flexmerge.errors.ArtifactError, match="router.safetensors: missing, truncated or corrupted"):
+        flexmerge.load(out)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "a cat"}\n')
+    r = CliRunner().invoke(app, ["route", "train", str(out), "--calibration", str(bad)])
+    assert r.exit_code == 2 and "not a JSON object with 'text' and 'task'" in r.output
+
+
+def test_mixture_weights_rebuild_shared_plus_weighted_residuals(artifact):
+    """At a Twin-Merging point, Σ_t w_t θ_t = θ* + Σ_t w_t A_t B_t; one-hot weights give the task itself."""
+    _, root = artifact
+    tasks = flexmerge.load_tasks(root / "base", {name: root / name for name in LABELS})
+    method = flexmerge.get_method("twin", rank=2)
+    path = flexmerge.plan(tasks, method=method)
+    from flexmerge.flexmodel.materialize import materialize
+
+    flex = materialize(tasks, flexmerge.discover_blocks(tasks), path.assignment(len(path.steps)), method)
+    w = torch.tensor([0.2, 0.5, 0.3])
+    mix, shared = flex.mixture_state_dict(w), flex.shared_state_dict()
+    b = next(i for i, blk in enumerate(flex.partition.blocks) if len(blk.parts[0].key) and any(
+        len(tasks.meta[p.key].shape) == 2 for p in blk.parts))
+    (group,) = flex.blocks[b].groups
+    for p, part in enumerate(flex.partition.blocks[b].parts):
+        want = shared[part.key] + sum(w[t] * (r[0] @ r[1] if len(r) == 2 else r[0])
+                                      for t, r in enumerate(m[p] for m in group.residuals))
+        torch.testing.assert_close(mix[part.key], want, rtol=1e-5, atol=1e-6)
+    one_hot = flex.mixture_state_dict(torch.tensor([0.0, 1.0, 0.0]))
+    own = flex.state_dict("b")
+    assert all(torch.allclose(one_hot[k], own[k], atol=1e-7) for k in tasks.mergeable)
+    with pytest.raises(ConfigError, match="summing to 1"):
+        flex.mixture_state_dict(torch.tensor([0.5, 0.5, 0.5]))

@@ -40,6 +40,7 @@ from flexmerge.flexmodel.model import BlockStore, FlexModel, StoredGroup
 from flexmerge.io.source import HF_SIDE_FILES, TensorMeta, rows_shape
 from flexmerge.paths import UnsafePathError, check_task_name, inside
 from flexmerge.planning.path import Assignment
+from flexmerge.size import stored_units
 
 FORMAT = "flexmerge-artifact/1"
 MANIFEST = "manifest.json"
@@ -99,6 +100,7 @@ class ArtifactHeader:
     info: dict[str, Any]
     hf_files: dict[str, dict[str, bytes]]
     specific: dict[str, dict[str, TensorMeta]] = field(default_factory=dict)  # task -> its own keys
+    size_from_stored: bool = False  # the method's storage depends on the data: `size` was a bound
 
     def job_key(self, frozen_keys: list[str]) -> str:
         """Identifies a merge job, so that only the same job resumes from a partial directory."""
@@ -155,6 +157,10 @@ def write_artifact(
                     writer.add(f"blocks.{b}.groups.{g}.masks.{p}", m)
                 if group.scales is not None:
                     writer.add(f"blocks.{b}.groups.{g}.scales", group.scales)
+                for i, member in enumerate(group.residuals or []):
+                    for p, factors in enumerate(member):
+                        for name, t in zip(_factor_names(factors), factors):
+                            writer.add(f"blocks.{b}.groups.{g}.residuals.{i}.{p}.{name}", t)
             writer.end_block(b, _block_entry(header.partition.blocks[b], store, header.assignment.groups[b]))
         for key, t in frozen.items():
             writer.add(f"frozen.{key}", t)
@@ -170,14 +176,16 @@ def write_artifact(
             (tmp / "hf" / task).mkdir(parents=True, exist_ok=True)
             for name, data in files.items():
                 (tmp / "hf" / task / _side_file_name(name)).write_bytes(data)
+        stored_bytes = sum(entries[b]["stored_bytes"] for b in entries)
         manifest = {
             "format": FORMAT,
             "flexmerge_version": __version__,
             "tasks": header.tasks,
             "method": header.method,
-            "size": header.size,
+            "size": stored_units(stored_bytes, header.unit_bytes, specific_bytes) if header.size_from_stored
+            else header.size,
             "unit_bytes": header.unit_bytes,
-            "stored_bytes": sum(entries[b]["stored_bytes"] for b in entries),
+            "stored_bytes": stored_bytes,
             "frozen_bytes": sum(t.nbytes for t in frozen.values()),
             "task_specific_bytes": specific_bytes,
             "task_specific": {t: {k: {"shape": list(m.shape), "dtype": str(m.dtype)} for k, m in own.items()}
@@ -228,10 +236,46 @@ def save(flex: FlexModel, path: str | Path, overwrite: bool = False) -> dict[str
     specific_meta = {t: {k: TensorMeta(tuple(v.shape), v.dtype) for k, v in own.items()}
                      for t, own in flex.specific.items()}
     header = ArtifactHeader(flex.tasks, flex.partition, flex.meta, flex.assignment, flex.method, flex.size,
-                            flex.unit_bytes, flex.info, flex.hf_files, specific_meta)
-    return write_artifact(path, header, flex.frozen,
-                          lambda done: ((b, s) for b, s in enumerate(flex.blocks) if b not in done),
-                          overwrite=overwrite, specific=lambda: flex.specific.items())
+                            flex.unit_bytes, flex.info, flex.hf_files, specific_meta)  # flex.size is exact
+    manifest = write_artifact(path, header, flex.frozen,
+                              lambda done: ((b, s) for b, s in enumerate(flex.blocks) if b not in done),
+                              overwrite=overwrite, specific=lambda: flex.specific.items())
+    return attach_router(path, flex.router) if flex.router is not None else manifest
+
+
+ROUTER_FILE = "router.safetensors"
+
+
+def attach_router(path: str | Path, router) -> dict[str, Any]:
+    """Store a trained router (`flexmerge.routing.RouterMLP`) in an existing artifact: its tensors in
+    `router.safetensors`, its shape and checksum in the manifest (rewritten atomically)."""
+    from flexmerge.routing import router_tensors
+
+    directory = Path(path)
+    manifest = read_manifest(directory)
+    if router.shape["tasks"] != len(manifest["tasks"]):
+        raise ArtifactError(f"{directory}: a router for {router.shape['tasks']} tasks, the artifact has "
+                            f"{len(manifest['tasks'])}")
+    tmp = directory / f".{ROUTER_FILE}.tmp"
+    write_safetensors(router_tensors(router), tmp)
+    os.replace(tmp, directory / ROUTER_FILE)
+    f = directory / ROUTER_FILE
+    manifest["router"] = {"file": ROUTER_FILE, "bytes": f.stat().st_size, "sha256": sha256_file(f), **router.shape}
+    write_text_atomic(directory / MANIFEST, json.dumps(manifest, indent=1, allow_nan=False))
+    return manifest
+
+
+def _load_router(directory: Path, entry: dict[str, Any], verify: bool):
+    from flexmerge.routing import router_from_tensors
+
+    f = inside(directory, ROUTER_FILE, "router")
+    if not f.is_file() or f.stat().st_size != entry["bytes"] or (verify and sha256_file(f) != entry["sha256"]):
+        raise ArtifactError(f"{f}: missing, truncated or corrupted (the manifest's size/checksum differ)")
+    try:
+        with safe_open(str(f), framework="pt") as h:
+            return router_from_tensors({k: h.get_tensor(k) for k in h.keys()}, entry)
+    except Exception as e:
+        raise ArtifactError(f"{f}: not the router the manifest describes ({e})") from e
 
 
 def is_artifact(path: Path) -> bool:
@@ -242,7 +286,7 @@ def is_artifact(path: Path) -> bool:
     except ArtifactError:
         return False
     path = Path(path)
-    ours = lambda f: f.name in (MANIFEST, JOURNAL) or SHARD_NAME.fullmatch(f.name) or f.name == "hf"  # noqa: E731
+    ours = lambda f: f.name in (MANIFEST, JOURNAL, ROUTER_FILE) or SHARD_NAME.fullmatch(f.name) or f.name == "hf"  # noqa: E731
     return not path.is_symlink() and all(ours(f) for f in path.iterdir())
 
 
@@ -331,6 +375,12 @@ def check_manifest(m: dict[str, Any]) -> str | None:
     hf = m.get("hf_tasks", [])
     if not is_list(hf, str) or any(t not in tasks for t in hf):
         return "'hf_tasks' names tasks that are not in 'tasks'"
+    router = m.get("router")
+    if router is not None and not (isinstance(router, dict) and router.get("file") == "router.safetensors"
+                                   and all(isinstance(router.get(k), int) and not isinstance(router.get(k), bool)
+                                           and router[k] > 0 for k in ("bytes", "features", "hidden", "tasks"))
+                                   and router["tasks"] == len(tasks) and isinstance(router.get("sha256"), str)):
+        return "'router' must be {file: router.safetensors, bytes, sha256, features, hidden, tasks = #tasks}"
     own = m.get("task_specific", {})
     if not isinstance(own, dict) or any(t not in tasks or not isinstance(keys, dict) for t, keys in own.items()):
         return "'task_specific' must map tasks of 'tasks' to their own keys"
@@ -372,6 +422,11 @@ def _check_block_entry(e: Any, keys: dict[str, Any], everyone: set[int], is_list
             return "a stored group needs 'masked' and 'scales' flags"
         if s["masked"] and not e["has_base"]:
             return "a masked group needs the block's base ('has_base')"
+        if "residuals" in s:
+            r = s["residuals"]
+            if s["masked"] or not (isinstance(r, list) and len(r) == len(s["members"]) and all(
+                    is_list(x, int) and len(x) == len(e["parts"]) and all(c in (1, 2) for c in x) for x in r)):
+                return "'residuals' must give, per member and per part, 1 (exact) or 2 (factors), unmasked"
     return None
 
 
@@ -396,11 +451,14 @@ def load(path: str | Path, verify: bool = True) -> FlexModel:
         except Exception as e:
             raise ArtifactError(f"{f}: unreadable shard ({e})") from e
     try:
-        return _assemble(manifest, tensors, directory)
+        flex = _assemble(manifest, tensors, directory)
     except KeyError as e:
         raise ArtifactError(f"{directory}: tensor {e} named by the manifest is missing from the shards") from e
     except (ValueError, TypeError, IndexError, RuntimeError) as e:
         raise ArtifactError(f"{directory}: the shards do not fit the manifest ({e})") from e
+    if "router" in manifest:
+        flex.router = _load_router(directory, manifest["router"], verify)
+    return flex
 
 
 def _assemble(manifest: dict[str, Any], tensors: dict[str, torch.Tensor], directory: Path) -> FlexModel:
@@ -418,6 +476,7 @@ def _assemble(manifest: dict[str, Any], tensors: dict[str, torch.Tensor], direct
                 [_fitting(tensors[f"{prefix}.parts.{p}"], part, meta) for p, part in enumerate(parts)],
                 [tensors[f"{prefix}.masks.{p}"] for p in range(len(parts))] if s["masked"] else None,
                 tensors[f"{prefix}.scales"] if s.get("scales") else None,
+                _residuals(tensors, prefix, s["residuals"], parts, meta) if "residuals" in s else None,
             ))
         stores.append(BlockStore(stored, base))
         groups.append(tuple(tuple(g) for g in entry["groups"]))
@@ -430,6 +489,25 @@ def _assemble(manifest: dict[str, Any], tensors: dict[str, torch.Tensor], direct
         specific={task: {k: _fitting_meta(tensors[f"tasks.{task}.{k}"], k, v) for k, v in keys.items()}
                   for task, keys in manifest.get("task_specific", {}).items()},
     )
+
+
+def _residuals(tensors: dict[str, torch.Tensor], prefix: str, counts: list[list[int]], parts: tuple[Part, ...],
+               meta: dict[str, TensorMeta]) -> list[list[tuple[torch.Tensor, ...]]]:
+    """Per member, per part, the stored residual factors, checked to rebuild the part's shape."""
+    out = []
+    for i, member in enumerate(counts):
+        row = []
+        for p, (count, part) in enumerate(zip(member, parts)):
+            names = ("a", "b") if count == 2 else ("r",)
+            factors = tuple(tensors[f"{prefix}.residuals.{i}.{p}.{n}"] for n in names)
+            want = tuple(rows_shape(meta[part.key].shape, part.rows))
+            got = tuple(factors[0].shape) if count == 1 else (factors[0].shape[0], factors[1].shape[-1])
+            if got != want or (count == 2 and (factors[0].dim(), factors[1].dim(), factors[0].shape[1])
+                                != (2, 2, factors[1].shape[0])):
+                raise ValueError(f"residual {i} of {part.key!r} does not rebuild its shape {list(want)}")
+            row.append(factors)
+        out.append(row)
+    return out
 
 
 def _fitting_meta(t: torch.Tensor, key: str, want: dict[str, Any]) -> torch.Tensor:
@@ -479,9 +557,16 @@ def _block_entry(block: Block, store: BlockStore, groups) -> dict[str, Any]:
         "parts": [{"key": p.key, "rows": list(p.rows) if p.rows else None} for p in block.parts],
         "groups": [list(g) for g in groups],
         "has_base": store.base is not None,
-        "stored": [{"members": list(g.members), "masked": g.masked, "scales": g.scales is not None}
+        "stored": [{"members": list(g.members), "masked": g.masked, "scales": g.scales is not None,
+                    **({"residuals": [[len(r) for r in member] for member in g.residuals]}
+                       if g.residuals is not None else {})}
                    for g in store.groups],
     }
+
+
+def _factor_names(factors: tuple[torch.Tensor, ...]) -> tuple[str, ...]:
+    """A residual is stored as factors a, b (residual = a @ b) or exactly as r."""
+    return ("a", "b") if len(factors) == 2 else ("r",)
 
 
 def _unshare(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

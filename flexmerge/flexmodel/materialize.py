@@ -17,7 +17,7 @@ from flexmerge.io.source import rows_shape
 from flexmerge.methods.base import MergeMethod
 from flexmerge.planning.path import Assignment
 from flexmerge.preprocess import Pipeline, fitted_pipeline
-from flexmerge.size import point_size, stored_with_masks
+from flexmerge.size import point_size, stored_units, stored_with_masks
 from flexmerge.taskvec import Chunk, TaskSet, as_taskset, for_executor
 
 
@@ -70,6 +70,11 @@ def materialize_block(
             tensors = [x.view(bt.shape).to(dt) for x, bt, dt in zip(pieces, base, dtypes)]
             scales = result.scales.float() if method.uses_scales else None
             stored.append(StoredGroup(tuple(g), tensors, masks, scales))
+        elif method.uses_residuals:
+            tensors = [x.view(bt.shape).add_(bt).to(dt) for x, bt, dt in zip(pieces, base, dtypes)]  # θ0 + shared
+            residuals = [[tuple(f.to(dt).contiguous() for f in r) for r, dt in zip(member, dtypes)]
+                         for member in result.residuals]
+            stored.append(StoredGroup(tuple(g), tensors, residuals=residuals))
         else:
             tensors = [x.view(bt.shape).add_(bt).to(dt) for x, bt, dt in zip(pieces, base, dtypes)]  # θ0 + τ
             stored.append(StoredGroup(tuple(g), tensors))
@@ -80,7 +85,8 @@ def materialize_block(
 def _check_finite_result(group: StoredGroup, block: str, method: MergeMethod) -> None:
     """A merge of finite inputs that is not finite (a huge λ, an overflow in fp16 storage) is an error,
     not an artifact of NaN/Inf weights."""
-    for t in [*group.tensors, *([group.scales] if group.scales is not None else [])]:
+    factors = [f for member in group.residuals or [] for r in member for f in r]
+    for t in [*group.tensors, *factors, *([group.scales] if group.scales is not None else [])]:
         if t.dtype.is_floating_point and not bool(torch.isfinite(t).all()):
             raise ConfigError(f"method {method.describe()} gives NaN or infinite weights in block {block!r} "
                               "(a hyperparameter too large, or values beyond the storage dtype's range)")
@@ -112,11 +118,14 @@ def materialize(
     pipeline = fitted_pipeline(tasks, method)
     stores = dict(materialize_blocks(tasks, partition, assignment, method, pipeline, executor))
     blocks = [stores[b] for b in range(len(partition))]
+    size = point_size(tasks, partition, method, assignment.group_sizes())
+    if method.data_dependent_size:  # the planned size was an upper bound; this is what is stored
+        size = stored_units(sum(s.nbytes() for s in blocks), tasks.unit_bytes(), tasks.specific_bytes())
     return FlexModel(
         tasks=list(tasks.names), partition=partition, meta=dict(tasks.meta),
         frozen={k: tasks.base.read(k) for k in tasks.frozen}, blocks=blocks, assignment=assignment,
         method=method.describe(),
-        size=point_size(tasks, partition, method, assignment.group_sizes()),
+        size=size,
         unit_bytes=tasks.unit_bytes(), info=dict(info or {}), hf_files=collect_hf_files(tasks),
         specific={name: tasks.read_specific(t) for t, name in enumerate(tasks.names)},
     )

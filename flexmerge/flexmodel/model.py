@@ -20,13 +20,16 @@ class StoredGroup:
 
     Plain: `tensors` are the weights themselves (per part). Masked: `tensors` are the unified
     task vector, `masks` the members' bit-packed masks (n, ⌈numel/8⌉) and `scales` optional
-    per-member rescalers; member i reads θ0 + scale_i · unpack(mask_i) ⊙ tensor.
+    per-member rescalers; member i reads θ0 + scale_i · unpack(mask_i) ⊙ tensor. With residuals
+    (Twin-Merging): `tensors` are θ0 + shared and member i reads tensor + A·B (or + R) of
+    `residuals[i][p]`.
     """
 
     members: tuple[int, ...]
     tensors: list[torch.Tensor]
     masks: list[torch.Tensor] | None = None
     scales: torch.Tensor | None = None
+    residuals: list[list[tuple[torch.Tensor, ...]]] | None = None  # [member][part]
 
     @property
     def masked(self) -> bool:
@@ -35,6 +38,7 @@ class StoredGroup:
     def nbytes(self) -> int:
         n = sum(t.nbytes for t in self.tensors)
         n += sum(m.nbytes for m in self.masks or [])
+        n += sum(t.nbytes for member in self.residuals or [] for r in member for t in r)
         return n + (self.scales.nbytes if self.scales is not None else 0)
 
 
@@ -80,6 +84,7 @@ class FlexModel:
     info: dict[str, Any] = field(default_factory=dict)  # plan options, provenance, version
     hf_files: dict[str, dict[str, bytes]] = field(default_factory=dict)  # task -> config/tokenizer files
     specific: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # task -> its own parameters
+    router: Any = None  # a trained `flexmerge.routing.RouterMLP` (Twin-Merging's routed inference), or None
 
     def specific_bytes(self) -> int:
         """Bytes of the tasks' own parameters (heads, ...), stored once per task, outside the blocks."""
@@ -112,6 +117,47 @@ class FlexModel:
         out.update(self.specific.get(task, {}))
         return out
 
+    def shared_state_dict(self) -> dict[str, torch.Tensor]:
+        """The weights every task starts from, without its own residual or mask: per block the
+        tensors of its largest group (θ0 + shared for a residual group, θ0 + unified vector for a
+        masked one). At a pure Twin-Merging point this is the reference's shared model θ*."""
+        def read(store: BlockStore, p: int) -> torch.Tensor:
+            g = max(store.groups, key=lambda x: len(x.members))
+            return g.tensors[p] if not g.masked else (store.base[p].float() + g.tensors[p].float()).to(g.tensors[p].dtype)
+
+        return self._assemble(read, self.specific.get(self.tasks[0], {}))
+
+    def mixture_state_dict(self, weights: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Σ_t w_t · (task t's weights) for mixture weights w (M,) summing to 1: at a Twin-Merging
+        point θ0 + shared + Σ_t w_t · A_t B_t, the routed model of the reference. Task-specific
+        parameters are not mixed (the caller picks a task's head)."""
+        w = torch.as_tensor(weights, dtype=torch.float32).flatten()
+        if len(w) != len(self.tasks) or not bool(torch.isfinite(w).all()) or abs(float(w.sum()) - 1) > 1e-4:
+            raise ConfigError(f"mixture weights must be {len(self.tasks)} finite numbers summing to 1, got {w.tolist()}")
+
+        def read(store: BlockStore, p: int) -> torch.Tensor:
+            acc = None
+            for g in store.groups:
+                if not g.masked and g.residuals is None:  # one tensor for every member: weigh it once
+                    term = g.tensors[p].float() * float(w[list(g.members)].sum())
+                else:
+                    term = sum(self._read_part(store, g, t, p, "").float() * float(w[t]) for t in g.members)
+                acc = term if acc is None else acc + term
+            return acc.to(store.groups[0].tensors[p].dtype)
+
+        return self._assemble(read, {})
+
+    def _assemble(self, read, specific: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A full state dict from `read(store, part index)` per block part (row slices concatenated)."""
+        pieces: dict[str, list[tuple[int, torch.Tensor]]] = {}
+        for block, store in zip(self.partition.blocks, self.blocks):
+            for p, part in enumerate(block.parts):
+                pieces.setdefault(part.key, []).append((part.rows[0] if part.rows else 0, read(store, p)))
+        out = {k: self.frozen[k] if k in self.frozen else torch.cat([x for _, x in sorted(pieces[k], key=lambda r: r[0])])
+               for k in self.meta}
+        out.update(specific)
+        return out
+
     def module(self, task: str, model: torch.nn.Module, strict: bool = True) -> torch.nn.Module:
         """Load the task's weights into `model` without copying: shared blocks share memory."""
         model.load_state_dict(self.state_dict(task), strict=strict, assign=True)
@@ -124,6 +170,11 @@ class FlexModel:
 
     def _read_part(self, store: BlockStore, group: StoredGroup, task: int, p: int, key: str) -> torch.Tensor:
         stored = group.tensors[p]
+        if group.residuals is not None:
+            from flexmerge.methods.twin import rebuild
+
+            residual = rebuild(group.residuals[group.members.index(task)][p]).view(stored.shape)
+            return (stored.float() + residual).to(stored.dtype)
         if not group.masked:
             return stored
         i = group.members.index(task)

@@ -11,13 +11,15 @@ from flexmerge.methods import (  # noqa: F401
     task_arithmetic,
     ties,
     tsv,
+    twin,
 )
 from flexmerge.methods.base import (
     GroupResult,
     MergeMethod,
     available_methods,
     get_method,
+    parse_method_spec,
     register,
 )
 
-__all__ = ["GroupResult", "MergeMethod", "available_methods", "get_method", "register"]
+__all__ = ["GroupResult", "MergeMethod", "available_methods", "get_method", "parse_method_spec", "register"]

@@ -19,13 +19,19 @@ from flexmerge.errors import ConfigError, UnknownNameError
 from flexmerge.preprocess import DareDrop, Pipeline, Transform
 
 
+# One member's residual on one tensor: (A, B) low-rank factors with residual = A @ B, or (R,) exactly.
+Residual = tuple[torch.Tensor, ...]
+
+
 @dataclass
 class GroupResult:
-    """What one group stores: a merged task vector, and for mask methods per-member masks/scales."""
+    """What one group stores: a merged task vector, for mask methods per-member masks/scales, and
+    for residual methods (Twin-Merging) per member, per tensor of the block, its residual."""
 
     delta: torch.Tensor  # (D,) fp32
     masks: torch.Tensor | None = None  # (n, D) bool
     scales: torch.Tensor | None = None  # (n,) fp32
+    residuals: list[list[Residual]] | None = None  # [member][part]
 
     @staticmethod
     def concat(parts: list["GroupResult"]) -> "GroupResult":
@@ -65,6 +71,17 @@ class MergeMethod:
     uses_masks: ClassVar[bool] = False  # stores θ0 + unified vector + 1-bit mask per member
     uses_scales: ClassVar[bool] = False  # and one fp32 rescaler per member
     elementwise: ClassVar[bool] = False  # merging a slice of entries needs only that slice
+    uses_residuals: ClassVar[bool] = False  # stores θ0 + shared and per member a residual per tensor
+
+    def residual_rank(self, shape: tuple[int, ...]) -> int | None:
+        """Residual methods: the rank stored for a 2-D tensor of `shape`; None: stored exactly
+        (or, with `data_dependent_size`, chosen from the data at merge time)."""
+        return None
+
+    @property
+    def data_dependent_size(self) -> bool:
+        """Whether what a group stores depends on the values (then planned sizes are upper bounds)."""
+        return False
 
     @property
     def uses_untransformed(self) -> bool:
@@ -156,6 +173,27 @@ def get_method(name: str | MergeMethod, **params: object) -> MergeMethod:
 
 def available_methods() -> dict[str, type[MergeMethod]]:
     return dict(sorted(_REGISTRY.items()))
+
+
+def parse_method_spec(spec: str) -> tuple[str, dict[str, object]]:
+    """'twin:rank=4:base=ties' -> ('twin', {'rank': 4, 'base': 'ties'}): one method and its parameters
+    in one word, so a sweep can hold the same method at several settings. Values are read as JSON
+    (numbers, true/false, null) or else kept as text."""
+    import json
+
+    name, *pairs = [x.strip() for x in spec.split(":")]
+    params: dict[str, object] = {}
+    for pair in pairs:
+        key, eq, value = pair.partition("=")
+        if not eq or not key.strip():
+            raise ConfigError(f"method spec {spec!r}: {pair!r} is not key=value (write e.g. twin:rank=4:base=ties)")
+        try:
+            params[key.strip()] = json.loads(value)
+        except ValueError:
+            params[key.strip()] = value.strip()
+    if not name:
+        raise ConfigError(f"method spec {spec!r} names no method")
+    return name, params
 
 
 def _short(e: ValidationError) -> str:

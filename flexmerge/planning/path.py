@@ -100,7 +100,7 @@ class MergePath:
             own = f", of which {extra:.4f}x are the tasks' own parameters" if extra else ""
             raise SizeError(
                 f"size {size:g}x is below the smallest size {self.min_size + extra:.4f}x that method "
-                f"{self.method.get('name')!r} reaches on this path (masks and θ0 copies count{own})"
+                f"{self.method.get('name')!r} reaches on this path (masks, residuals and θ0 copies count{own})"
             )
         best = max(self.sizes[p] for p in fits)
         return min(p for p in fits if self.sizes[p] == best)

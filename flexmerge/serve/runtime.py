@@ -4,7 +4,9 @@ and mixed-task batches that run as one forward pass.
 Memory: the artifact is loaded once; `module(task)` loads the task's weights with `assign=True`, so
 a block stored once (one group shared by several tasks) is one tensor in memory however many tasks
 read it. Exceptions, by what is stored: a masked group (EMR, Consensus) is rebuilt per task
-(θ0 + mask ⊙ τ), and a tensor split into row groups (`split:K`) is concatenated per task.
+(θ0 + mask ⊙ τ), so is a residual group (Twin-Merging: θ0 + shared + A·B), and a tensor split into
+row groups (`split:K`) is concatenated per task. Inputs of unknown task are routed by a router
+stored in the artifact (`route`, `predict_routed`; see `flexmerge.routing`).
 
 Mixed batches: every module that holds parameters of its own is replaced, in one routing copy of
 the model, by a `RoutedModule` that applies each *distinct* weight set to the rows of the tasks
@@ -155,6 +157,7 @@ class Runtime:
         self._tokenizers: dict[str, Any] = {}
         self._dirs: dict[str, Path] = {}
         self._mixed: tuple[torch.nn.Module, Router] | None = None
+        self._shared: torch.nn.Module | None = None  # the router's feature model (shared weights)
         self._info: dict[str, dict[str, Any]] = {}
         self._scratch: tempfile.TemporaryDirectory | None = None
 
@@ -268,6 +271,71 @@ class Runtime:
             return {"label": info["labels"][best], "score": float(probs[best]),
                     "scores": {label: float(p) for label, p in zip(info["labels"], probs)}}
         return {"embedding": mean_pool(output.last_hidden_state[row], attention_mask[row]).tolist()}
+
+    # routed inference (inputs of unknown task) ---------------------------------------------------
+
+    def features(self, texts: Sequence[str]) -> torch.Tensor:
+        """(N, H): the shared model's last hidden state mean-pooled over each input's tokens, the
+        router's features (Twin-Merging pools the shared expert's last hidden state)."""
+        task = self.flex.tasks[0]
+        with self._lock:
+            if self._shared is None:
+                model = self._hf_model(task)
+                model.load_state_dict(self.flex.shared_state_dict(), strict=True, assign=True)
+                self._shared = model.eval()
+        enc = self._encode(task, list(texts))
+        with torch.inference_mode():
+            out = self._shared(**enc, output_hidden_states=True)
+        return mean_pool(out.hidden_states[-1], enc["attention_mask"]).float()
+
+    def train_router(self, calibration: Sequence[tuple[str, str]], **options: Any):
+        """Fit the router on (text, task) calibration pairs (`fit_router` options) and keep it on the model."""
+        from flexmerge.routing import fit_router
+
+        if not calibration:
+            raise ConfigError("no calibration data: routing needs (input, task) examples of every task")
+        for _, task in calibration:
+            self._check(task)
+        x = torch.cat([self.features([t for t, _ in calibration[i:i + 64]]) for i in range(0, len(calibration), 64)])
+        y = [self.flex.tasks.index(task) for _, task in calibration]
+        self.flex.router = fit_router(x, y, len(self.flex.tasks), **options)
+        return self.flex.router
+
+    def route(self, texts: Sequence[str]) -> torch.Tensor:
+        """(N, M) routing weights of texts whose task is unknown: softmax of the router's logits."""
+        from flexmerge.routing import route_weights
+
+        if self.flex.router is None:
+            raise ConfigError("this model has no router: train one first (`flexmerge route train`, "
+                              "Runtime.train_router) on calibration examples (input, task)")
+        return route_weights(self.flex.router, self.features(texts))
+
+    def predict_routed(self, texts: Sequence[str], mode: str = "argmax") -> list[dict[str, Any]]:
+        """Predictions for texts without task ids. `argmax`: each text runs as the task of its
+        largest weight, the batch as one mixed pass (cost: one routing pass + one forward).
+        `mixture`: per text, the weights Σ_t w_t θ_t (θ* + Σ_t w_t·residual_t at a Twin point) and the
+        head of its argmax task (cost: one weight rebuild + one forward per text). Each answer
+        carries `task` (the argmax) and `weights`."""
+        if mode not in ("argmax", "mixture"):
+            raise ConfigError(f"routing mode {mode!r}; choose one of: argmax, mixture")
+        if not texts:
+            return []
+        w = self.route(texts)
+        tasks = [self.flex.tasks[int(i)] for i in w.argmax(-1)]
+        if mode == "argmax":
+            answers = self.predict_mixed(list(zip(tasks, texts)))
+        else:
+            answers = [self._predict_mixture(task, text, weights) for task, text, weights in zip(tasks, texts, w)]
+        return [{**a, "task": t, "weights": dict(zip(self.flex.tasks, ws.tolist()))}
+                for a, t, ws in zip(answers, tasks, w)]
+
+    def _predict_mixture(self, task: str, text: str, weights: torch.Tensor) -> dict[str, Any]:
+        state = {**self.flex.mixture_state_dict(weights), **self.flex.specific.get(task, {})}
+        model = self._hf_model(task)
+        model.load_state_dict(state, strict=True, assign=True)
+        enc = self._encode(task, [text])
+        with torch.inference_mode():
+            return self._results([task], model.eval()(**enc), enc["attention_mask"])[0]
 
     # building blocks ---------------------------------------------------------------------------
 
