@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 import torch
 
 from flexmerge._progress import progress
+from flexmerge._scratch import scratch
+from flexmerge.io.source import rows_shape
 from flexmerge.taskvec import Chunk, TaskSet
 
 _BINS = 1 << 15  # top 16 bits of a non-negative float32's bit pattern (sign bit is 0)
@@ -32,6 +34,12 @@ class Transform:
     def apply(self, task: int, chunk: Chunk, offset: int, delta: torch.Tensor) -> torch.Tensor:
         """Transform one task's delta on `chunk`; `offset` is the chunk's first flat element."""
         raise NotImplementedError
+
+    def apply_rows(self, tasks: Sequence[int], chunk: Chunk, offset: int, deltas: torch.Tensor) -> None:
+        """Transform the (n, ...) deltas of `tasks` in place (row i is task tasks[i]); transforms
+        that can act on all rows at once override it, so no per-task copies are made."""
+        for i, t in enumerate(tasks):
+            deltas[i].copy_(self.apply(t, chunk, offset, deltas[i]))
 
     def params(self) -> dict[str, object]:
         return {}
@@ -55,7 +63,8 @@ class Pipeline:
         d = tasks.deltas(chunk, idx, base32=base32, out=out)
         if self.transforms:
             offset = chunk_offset(tasks, chunk)
-            d = torch.stack([self.apply_one(t, chunk, offset, d[i]) for i, t in enumerate(idx)])
+            for tr in self.transforms:  # in place: `d` is the caller's buffer or a fresh tensor
+                tr.apply_rows(idx, chunk, offset, d)
         return d
 
     def apply_one(self, task: int, chunk: Chunk, offset: int, delta: torch.Tensor) -> torch.Tensor:
@@ -88,13 +97,25 @@ class TopKTrim(Transform):
             raise ConfigError(f"trim rule must be 'reference' or 'exact', got {rule!r}")
         self.keep, self.rule = keep, rule
         self.thresholds: list[float] = []
+        self._limits = torch.zeros(0, dtype=torch.int32)  # the thresholds' fp32 bit patterns
 
     def fit(self, tasks: TaskSet, before: Pipeline) -> None:
         total = sum(tasks.meta[k].numel for k in tasks.mergeable)
         self.thresholds = kth_largest_abs(tasks, before, trim_rank(total, self.keep, self.rule))
+        self._limits = torch.tensor(self.thresholds, dtype=torch.float32).view(torch.int32)
 
     def apply(self, task: int, chunk: Chunk, offset: int, delta: torch.Tensor) -> torch.Tensor:
         return torch.where(delta.abs() >= self.thresholds[task], delta, torch.zeros((), dtype=delta.dtype))
+
+    def apply_rows(self, tasks: Sequence[int], chunk: Chunk, offset: int, deltas: torch.Tensor) -> None:
+        """Zero |τ| < threshold in place, all rows at once, comparing fp32 bit patterns with the
+        sign bit cleared (ordered as the magnitudes: exact, denormals included, and no abs copy)."""
+        if deltas.dtype != torch.float32 or not deltas.is_contiguous():
+            return super().apply_rows(tasks, chunk, offset, deltas)
+        limits = self._limits[list(tasks)].view(-1, *[1] * (deltas.dim() - 1))
+        drop = scratch("trim.drop", deltas.shape, torch.bool)
+        torch.lt(magnitude_bits(deltas, "trim.bits"), limits, out=drop)
+        deltas.masked_fill_(drop, 0.0)
 
     def params(self) -> dict[str, object]:
         return {"keep": self.keep, "rule": self.rule}
@@ -147,25 +168,29 @@ def hashed_uniform(seed: int, task: int, key: str, offset: int, n: int) -> torch
 def kth_largest_abs(tasks: TaskSet, before: Pipeline, k: int) -> list[float]:
     """Exact k-th largest |τ_t| over all mergeable entries, per task, in two streaming passes."""
     chunks = [c for key in tasks.mergeable for c in tasks.chunks(key)]
-    return kth_largest(
-        lambda: ((before.deltas(tasks, c).abs()) for c in chunks),
-        k, tasks.num_tasks, len(chunks), "trim thresholds",
-    )
+
+    def stream() -> Iterable[torch.Tensor]:
+        for c in chunks:
+            shape = (tasks.num_tasks, *rows_shape(tasks.meta[c.key].shape, c.rows))
+            yield before.deltas(tasks, c, out=scratch("kth.deltas", shape, tasks.compute_dtype))
+
+    return kth_largest(stream, k, tasks.num_tasks, len(chunks), "trim thresholds")
 
 
 def kth_largest(
     stream: Callable[[], Iterable[torch.Tensor]], k: int, rows: int, total: int | None, desc: str
 ) -> list[float]:
-    """Exact k-th largest value per row over a stream of non-negative (rows, ...) tensors.
+    """Exact k-th largest magnitude per row over a stream of (rows, ...) float tensors.
 
-    Pass 1 histograms the top 16 bits of each float32 bit pattern (monotone for x >= 0) and
-    finds the bin holding the k-th value; pass 2 keeps only that bin's values and selects in it.
-    """
-    hist = torch.zeros(rows, _BINS, dtype=torch.int64)
+    Pass 1 histograms the top 16 bits of each |x|'s fp32 bit pattern (monotone in |x|) with one
+    bincount for all rows; pass 2 keeps only the values in the bin holding the k-th one and
+    selects in them. Memory: the histograms, one chunk, and the candidate bins."""
+    hist = torch.zeros(rows * _BINS, dtype=torch.int64)
+    offsets = (torch.arange(rows, dtype=torch.int32) * _BINS).view(rows, 1)
     for x in progress(stream(), f"{desc} (1/2)", total=total):
-        bins = _bits(x).reshape(rows, -1) >> 16
-        for r in range(rows):
-            hist[r] += torch.bincount(bins[r], minlength=_BINS)
+        bins = magnitude_bits(_rows32(x, rows), "kth.bits").bitwise_right_shift_(16).add_(offsets)
+        hist += torch.bincount(bins.view(-1), minlength=rows * _BINS)
+    hist = hist.view(rows, _BINS)
     above = hist.flip(1).cumsum(1).flip(1)  # above[r, b] = count of values in bins >= b
     target_bin, rank_in_bin = [], []
     for r in range(rows):
@@ -177,13 +202,15 @@ def kth_largest(
     # small tensors instead fragments the heap and inflates the resident memory.
     kept = [torch.empty(int(hist[r, target_bin[r]])) for r in range(rows)]
     filled = [0] * rows
+    target = torch.tensor(target_bin, dtype=torch.int32).view(rows, 1)
     for x in progress(stream(), f"{desc} (2/2)", total=total):
-        flat = x.reshape(rows, -1).float()
-        bins = _bits(flat) >> 16
-        for r in range(rows):
-            vals = flat[r][bins[r] == target_bin[r]]
-            kept[r][filled[r]:filled[r] + vals.numel()] = vals
-            filled[r] += vals.numel()
+        flat = _rows32(x, rows)
+        bins = magnitude_bits(flat, "kth.bits").bitwise_right_shift_(16)
+        hit = torch.eq(bins, target, out=scratch("kth.hit", bins.shape, torch.bool))
+        counts = hit.sum(1).tolist()
+        for r, vals in enumerate(torch.split(flat[hit].abs_(), counts)):
+            kept[r][filled[r]:filled[r] + counts[r]] = vals
+            filled[r] += counts[r]
     out = []
     for r in range(rows):
         vals = kept[r] if kept[r].numel() else torch.zeros(1)
@@ -192,8 +219,14 @@ def kth_largest(
     return out
 
 
-def _bits(x: torch.Tensor) -> torch.Tensor:
-    return x.float().contiguous().view(torch.int32).to(torch.int64)
+def magnitude_bits(x: torch.Tensor, name: str) -> torch.Tensor:
+    """The int32 bit patterns of |x| for contiguous fp32 `x` (sign bit cleared), in a scratch buffer."""
+    return torch.bitwise_and(x.view(torch.int32), 0x7FFFFFFF, out=scratch(name, x.shape, torch.int32))
+
+
+def _rows32(x: torch.Tensor, rows: int) -> torch.Tensor:
+    """`x` as a contiguous (rows, n) fp32 tensor (fp16/bf16 converted exactly)."""
+    return x.reshape(rows, -1).to(torch.float32).contiguous()
 
 
 def fitted_pipeline(tasks: TaskSet, method) -> Pipeline:

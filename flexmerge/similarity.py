@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import torch
 
+from flexmerge._scratch import scratch
 from flexmerge.blocks import Partition
 from flexmerge.executors import get_executor
+from flexmerge.io.source import rows_shape
 from flexmerge.preprocess import Pipeline
 from flexmerge.taskvec import TaskSet, as_taskset, for_executor
 
@@ -38,7 +40,8 @@ def block_gram(tasks, partition: Partition, pipeline: Pipeline, b: int) -> torch
     gram = torch.zeros(m, m, dtype=torch.float64)
     for p in partition.blocks[b].parts:
         for chunk in ts.chunks(p.key, p.rows):
-            d = pipeline.deltas(ts, chunk).reshape(m, -1)
+            shape = (m, *rows_shape(ts.meta[chunk.key].shape, chunk.rows))
+            d = pipeline.deltas(ts, chunk, out=scratch("gram.deltas", shape, ts.compute_dtype)).reshape(m, -1)
             gram += (d @ d.T).double()
     return gram
 

@@ -4,6 +4,18 @@ from __future__ import annotations
 
 import torch
 
+from flexmerge._scratch import scratch
+
+SCRATCH_MAX = 1 << 25  # larger temporaries (whole blocks in merged-vector planning) are not kept
+
+
+def _temp(name: str, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A temporary shaped as `like`: a reused per-thread buffer for chunk-sized work (a fresh
+    multi-MB tensor page-faults on every page), a plain new tensor beyond SCRATCH_MAX."""
+    if like.numel() > SCRATCH_MAX:
+        return torch.empty(like.shape, dtype=dtype)
+    return scratch(name, tuple(like.shape), dtype)
+
 
 def elect_sign(deltas: torch.Tensor) -> torch.Tensor:
     """Per entry, the sign of the summed values; an exact tie (sum 0) elects +.
@@ -20,8 +32,10 @@ def agrees(deltas: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
 
 def disjoint_mean(deltas: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
     """Mean over the members that agree with the elected sign (TIES' disjoint merge)."""
-    keep = agrees(deltas, sign)
-    return (deltas * keep).sum(0) / keep.sum(0).clamp_min(1)
+    signed = torch.mul(deltas, sign, out=_temp("kernels.signed", deltas, deltas.dtype))
+    keep = torch.gt(signed, 0, out=_temp("kernels.keep", deltas, torch.bool))  # == agrees(): sign is ±1
+    kept = torch.mul(deltas, keep, out=signed)  # same values (and signed zeros) as deltas * keep
+    return kept.sum(0) / keep.sum(0).clamp_min(1)
 
 
 def minmax_normalize(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
