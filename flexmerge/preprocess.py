@@ -108,14 +108,16 @@ class TopKTrim(Transform):
         return torch.where(delta.abs() >= self.thresholds[task], delta, torch.zeros((), dtype=delta.dtype))
 
     def apply_rows(self, tasks: Sequence[int], chunk: Chunk, offset: int, deltas: torch.Tensor) -> None:
-        """Zero |τ| < threshold in place, all rows at once, comparing fp32 bit patterns with the
-        sign bit cleared (ordered as the magnitudes: exact, denormals included, and no abs copy)."""
+        """Zero |τ| < threshold in place, all rows at once, on fp32 bit patterns: with the sign bit
+        cleared they are ordered as the magnitudes (denormals included), and (limit − 1 − |τ|) >> 31
+        is all ones exactly where |τ| >= limit, a mask that keeps the kept bits (signed zeros
+        too) and writes +0 elsewhere, as `apply`'s where() does; 5x faster than a bool mask here."""
         if deltas.dtype != torch.float32 or not deltas.is_contiguous():
             return super().apply_rows(tasks, chunk, offset, deltas)
-        limits = self._limits[list(tasks)].view(-1, *[1] * (deltas.dim() - 1))
-        drop = scratch("trim.drop", deltas.shape, torch.bool)
-        torch.lt(magnitude_bits(deltas, "trim.bits"), limits, out=drop)
-        deltas.masked_fill_(drop, 0.0)
+        limits = (self._limits[list(tasks)] - 1).view(-1, *[1] * (deltas.dim() - 1))
+        mask = magnitude_bits(deltas, "trim.bits")
+        torch.sub(limits, mask, out=mask).bitwise_right_shift_(31)
+        deltas.view(torch.int32).bitwise_and_(mask)
 
     def params(self) -> dict[str, object]:
         return {"keep": self.keep, "rule": self.rule}
@@ -189,7 +191,7 @@ def kth_largest(
     offsets = (torch.arange(rows, dtype=torch.int32) * _BINS).view(rows, 1)
     for x in progress(stream(), f"{desc} (1/2)", total=total):
         bins = magnitude_bits(_rows32(x, rows), "kth.bits").bitwise_right_shift_(16).add_(offsets)
-        hist += torch.bincount(bins.view(-1), minlength=rows * _BINS)
+        _count_into(hist, bins.view(-1))
     hist = hist.view(rows, _BINS)
     above = hist.flip(1).cumsum(1).flip(1)  # above[r, b] = count of values in bins >= b
     target_bin, rank_in_bin = [], []
@@ -207,16 +209,25 @@ def kth_largest(
         flat = _rows32(x, rows)
         bins = magnitude_bits(flat, "kth.bits").bitwise_right_shift_(16)
         hit = torch.eq(bins, target, out=scratch("kth.hit", bins.shape, torch.bool))
-        counts = hit.sum(1).tolist()
-        for r, vals in enumerate(torch.split(flat[hit].abs_(), counts)):
-            kept[r][filled[r]:filled[r] + counts[r]] = vals
-            filled[r] += counts[r]
+        for r in range(rows):
+            vals = flat[r][hit[r]].abs_()
+            kept[r][filled[r]:filled[r] + vals.numel()] = vals
+            filled[r] += vals.numel()
     out = []
     for r in range(rows):
         vals = kept[r] if kept[r].numel() else torch.zeros(1)
         rank = min(max(rank_in_bin[r], 1), vals.numel())
         out.append(float(torch.topk(vals, rank).values[-1]))
     return out
+
+
+def _count_into(hist: torch.Tensor, bins: torch.Tensor) -> None:
+    """hist[b] += how often b occurs in `bins` (int32). bincount costs ~10 ms per call whatever the
+    input's size (it sizes its output), index_add_ is fast on small inputs and slower on large."""
+    if bins.numel() >= 1 << 20:
+        hist += torch.bincount(bins, minlength=hist.numel())
+    else:
+        hist.index_add_(0, bins, torch.ones(1, dtype=hist.dtype).expand(bins.numel()))
 
 
 def magnitude_bits(x: torch.Tensor, name: str) -> torch.Tensor:
