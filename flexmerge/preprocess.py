@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from flexmerge._progress import progress
-from flexmerge._scratch import scratch
+from flexmerge._scratch import DELTAS, TEMP_A, TEMP_B, release, scratch
 from flexmerge.io.source import rows_shape
 from flexmerge.taskvec import Chunk, TaskSet
 
@@ -115,7 +115,7 @@ class TopKTrim(Transform):
         if deltas.dtype != torch.float32 or not deltas.is_contiguous():
             return super().apply_rows(tasks, chunk, offset, deltas)
         limits = (self._limits[list(tasks)] - 1).view(-1, *[1] * (deltas.dim() - 1))
-        mask = magnitude_bits(deltas, "trim.bits")
+        mask = magnitude_bits(deltas, TEMP_A)
         torch.sub(limits, mask, out=mask).bitwise_right_shift_(31)
         deltas.view(torch.int32).bitwise_and_(mask)
 
@@ -174,9 +174,12 @@ def kth_largest_abs(tasks: TaskSet, before: Pipeline, k: int) -> list[float]:
     def stream() -> Iterable[torch.Tensor]:
         for c in chunks:
             shape = (tasks.num_tasks, *rows_shape(tasks.meta[c.key].shape, c.rows))
-            yield before.deltas(tasks, c, out=scratch("kth.deltas", shape, tasks.compute_dtype))
+            yield before.deltas(tasks, c, out=scratch(DELTAS, shape, tasks.compute_dtype))
 
-    return kth_largest(stream, k, tasks.num_tasks, len(chunks), "trim thresholds")
+    try:
+        return kth_largest(stream, k, tasks.num_tasks, len(chunks), "trim thresholds")
+    finally:
+        release()  # the pass's buffers do not outlive it
 
 
 def kth_largest(
@@ -190,7 +193,7 @@ def kth_largest(
     hist = torch.zeros(rows * _BINS, dtype=torch.int64)
     offsets = (torch.arange(rows, dtype=torch.int32) * _BINS).view(rows, 1)
     for x in progress(stream(), f"{desc} (1/2)", total=total):
-        bins = magnitude_bits(_rows32(x, rows), "kth.bits").bitwise_right_shift_(16).add_(offsets)
+        bins = magnitude_bits(_rows32(x, rows), TEMP_A).bitwise_right_shift_(16).add_(offsets)
         _count_into(hist, bins.view(-1))
     hist = hist.view(rows, _BINS)
     above = hist.flip(1).cumsum(1).flip(1)  # above[r, b] = count of values in bins >= b
@@ -207,8 +210,8 @@ def kth_largest(
     target = torch.tensor(target_bin, dtype=torch.int32).view(rows, 1)
     for x in progress(stream(), f"{desc} (2/2)", total=total):
         flat = _rows32(x, rows)
-        bins = magnitude_bits(flat, "kth.bits").bitwise_right_shift_(16)
-        hit = torch.eq(bins, target, out=scratch("kth.hit", bins.shape, torch.bool))
+        bins = magnitude_bits(flat, TEMP_A).bitwise_right_shift_(16)
+        hit = torch.eq(bins, target, out=scratch(TEMP_B, bins.shape, torch.bool))
         for r in range(rows):
             vals = flat[r][hit[r]].abs_()
             kept[r][filled[r]:filled[r] + vals.numel()] = vals
