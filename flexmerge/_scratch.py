@@ -5,7 +5,9 @@ page-faults and is zeroed by the kernel, on every chunk: on a 1B-parameter model
 thirds of the first pass's time. Passes that use each chunk at once (validation and Gram
 matrices, elementwise merging) take their buffers from here instead. A buffer must not escape
 the function that asked for it: the next request with the same name on the same thread
-overwrites it.
+overwrites it. A name holds one buffer whatever the dtype asked for (bytes viewed as it), so
+passes that run one after another share their temporaries: `TEMP_A`/`TEMP_B` are the
+short-lived ones, filled and consumed within one call (trim mask, histogram bins, TIES masks).
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ import threading
 import torch
 
 _local = threading.local()
+TEMP_A, TEMP_B = "temp.a", "temp.b"
+DELTAS = "pass.deltas"  # the (n, *chunk) task vectors of the chunk a pass works on
 
 
 def scratch(name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -23,11 +27,12 @@ def scratch(name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tens
     numel = 1
     for s in shape:
         numel *= s
-    buf = bufs.get((name, dtype))
-    if buf is None or buf.numel() < numel:
-        bufs.pop((name, dtype), None)  # free the old one before allocating its successor
-        buf = bufs[(name, dtype)] = _allocate(numel, dtype)
-    return buf[:numel].view(shape)
+    nbytes = numel * dtype.itemsize
+    buf = bufs.get(name)
+    if buf is None or buf.numel() < nbytes:
+        bufs.pop(name, None)  # free the old one before allocating its successor
+        buf = bufs[name] = _allocate(-(-nbytes // 8), torch.float64).view(torch.uint8)  # 8-byte aligned
+    return buf[:nbytes].view(dtype).view(shape)
 
 
 def release() -> None:

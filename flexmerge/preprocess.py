@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 import torch
 
 from flexmerge._progress import progress
+from flexmerge._scratch import DELTAS, TEMP_A, TEMP_B, release, scratch
+from flexmerge.io.source import rows_shape
 from flexmerge.taskvec import Chunk, TaskSet
 
 _BINS = 1 << 15  # top 16 bits of a non-negative float32's bit pattern (sign bit is 0)
@@ -32,6 +34,12 @@ class Transform:
     def apply(self, task: int, chunk: Chunk, offset: int, delta: torch.Tensor) -> torch.Tensor:
         """Transform one task's delta on `chunk`; `offset` is the chunk's first flat element."""
         raise NotImplementedError
+
+    def apply_rows(self, tasks: Sequence[int], chunk: Chunk, offset: int, deltas: torch.Tensor) -> None:
+        """Transform the (n, ...) deltas of `tasks` in place (row i is task tasks[i]); transforms
+        that can act on all rows at once override it, so no per-task copies are made."""
+        for i, t in enumerate(tasks):
+            deltas[i].copy_(self.apply(t, chunk, offset, deltas[i]))
 
     def params(self) -> dict[str, object]:
         return {}
@@ -55,7 +63,8 @@ class Pipeline:
         d = tasks.deltas(chunk, idx, base32=base32, out=out)
         if self.transforms:
             offset = chunk_offset(tasks, chunk)
-            d = torch.stack([self.apply_one(t, chunk, offset, d[i]) for i, t in enumerate(idx)])
+            for tr in self.transforms:  # in place: `d` is the caller's buffer or a fresh tensor
+                tr.apply_rows(idx, chunk, offset, d)
         return d
 
     def apply_one(self, task: int, chunk: Chunk, offset: int, delta: torch.Tensor) -> torch.Tensor:
@@ -93,25 +102,46 @@ class TopKTrim(Transform):
         self.keep, self.rule, self.scope = keep, rule, scope
         self.thresholds: list[float] = []  # per task (scope "model")
         self.tensor_thresholds: dict[str, list[float]] = {}  # key -> per task (scope "tensor")
+        self._limits: dict[str | None, torch.Tensor] = {}  # the thresholds' fp32 bit patterns, by key (None: model)
 
     def fit(self, tasks: TaskSet, before: Pipeline) -> None:
         if self.scope == "model":
             total = sum(tasks.meta[k].numel for k in tasks.mergeable)
             self.thresholds = kth_largest_abs(tasks, before, trim_rank(total, self.keep, self.rule))
+            self._limits = {None: _bit_patterns(self.thresholds)}
             return
         self.tensor_thresholds = {
             key: kth_largest_abs(tasks, before, trim_rank(tasks.meta[key].numel, self.keep, self.rule), keys=[key])
             for key in tasks.mergeable if tasks.meta[key].numel}
+        self._limits = {key: _bit_patterns(v) for key, v in self.tensor_thresholds.items()}
 
     def apply(self, task: int, chunk: Chunk, offset: int, delta: torch.Tensor) -> torch.Tensor:
         by_task = self.thresholds if self.scope == "model" else self.tensor_thresholds[chunk.key]
         return torch.where(delta.abs() >= by_task[task], delta, torch.zeros((), dtype=delta.dtype))
+
+    def apply_rows(self, tasks: Sequence[int], chunk: Chunk, offset: int, deltas: torch.Tensor) -> None:
+        """Zero |τ| < threshold in place, all rows at once, on fp32 bit patterns: with the sign bit
+        cleared they are ordered as the magnitudes (denormals included), and (limit − 1 − |τ|) >> 31
+        is all ones exactly where |τ| >= limit, a mask that keeps the kept bits (signed zeros
+        too) and writes +0 elsewhere, as `apply`'s where() does; 5x faster than a bool mask here."""
+        if deltas.dtype != torch.float32 or not deltas.is_contiguous():
+            return super().apply_rows(tasks, chunk, offset, deltas)
+        by_key = self._limits[None if self.scope == "model" else chunk.key]
+        limits = (by_key[list(tasks)] - 1).view(-1, *[1] * (deltas.dim() - 1))
+        mask = magnitude_bits(deltas, TEMP_A)
+        torch.sub(limits, mask, out=mask).bitwise_right_shift_(31)
+        deltas.view(torch.int32).bitwise_and_(mask)
 
     def params(self) -> dict[str, object]:
         return {"keep": self.keep, "rule": self.rule, **({"scope": self.scope} if self.scope != "model" else {})}
 
 
 TRIM_RULES = ("reference", "exact", "floor")
+
+
+def _bit_patterns(thresholds: list[float]) -> torch.Tensor:
+    """fp32 thresholds as their int32 bit patterns (ordered as the magnitudes, see `apply_rows`)."""
+    return torch.tensor(thresholds, dtype=torch.float32).view(torch.int32)
 
 
 def trim_rank(total: int, keep: float, rule: str = "reference") -> int:
@@ -166,25 +196,32 @@ def kth_largest_abs(tasks: TaskSet, before: Pipeline, k: int, keys: Sequence[str
     chunks = [c for key in (tasks.mergeable if keys is None else keys) for c in tasks.chunks(key)]
     if len(chunks) == 1:
         return before.deltas(tasks, chunks[0]).abs().flatten(1).float().topk(k, dim=1).values[:, -1].tolist()
-    return kth_largest(
-        lambda: ((before.deltas(tasks, c).abs()) for c in chunks),
-        k, tasks.num_tasks, len(chunks), "trim thresholds",
-    )
+
+    def stream() -> Iterable[torch.Tensor]:
+        for c in chunks:
+            shape = (tasks.num_tasks, *rows_shape(tasks.meta[c.key].shape, c.rows))
+            yield before.deltas(tasks, c, out=scratch(DELTAS, shape, tasks.compute_dtype))
+
+    try:
+        return kth_largest(stream, k, tasks.num_tasks, len(chunks), "trim thresholds")
+    finally:
+        release()  # the pass's buffers do not outlive it
 
 
 def kth_largest(
     stream: Callable[[], Iterable[torch.Tensor]], k: int, rows: int, total: int | None, desc: str
 ) -> list[float]:
-    """Exact k-th largest value per row over a stream of non-negative (rows, ...) tensors.
+    """Exact k-th largest magnitude per row over a stream of (rows, ...) float tensors.
 
-    Pass 1 histograms the top 16 bits of each float32 bit pattern (monotone for x >= 0) and
-    finds the bin holding the k-th value; pass 2 keeps only that bin's values and selects in it.
-    """
-    hist = torch.zeros(rows, _BINS, dtype=torch.int64)
+    Pass 1 histograms the top 16 bits of each |x|'s fp32 bit pattern (monotone in |x|) with one
+    bincount for all rows; pass 2 keeps only the values in the bin holding the k-th one and
+    selects in them. Memory: the histograms, one chunk, and the candidate bins."""
+    hist = torch.zeros(rows * _BINS, dtype=torch.int64)
+    offsets = (torch.arange(rows, dtype=torch.int32) * _BINS).view(rows, 1)
     for x in progress(stream(), f"{desc} (1/2)", total=total):
-        bins = _bits(x).reshape(rows, -1) >> 16
-        for r in range(rows):
-            hist[r] += torch.bincount(bins[r], minlength=_BINS)
+        bins = magnitude_bits(_rows32(x, rows), TEMP_A).bitwise_right_shift_(16).add_(offsets)
+        _count_into(hist, bins.view(-1))
+    hist = hist.view(rows, _BINS)
     above = hist.flip(1).cumsum(1).flip(1)  # above[r, b] = count of values in bins >= b
     target_bin, rank_in_bin = [], []
     for r in range(rows):
@@ -196,11 +233,13 @@ def kth_largest(
     # small tensors instead fragments the heap and inflates the resident memory.
     kept = [torch.empty(int(hist[r, target_bin[r]])) for r in range(rows)]
     filled = [0] * rows
+    target = torch.tensor(target_bin, dtype=torch.int32).view(rows, 1)
     for x in progress(stream(), f"{desc} (2/2)", total=total):
-        flat = x.reshape(rows, -1).float()
-        bins = _bits(flat) >> 16
+        flat = _rows32(x, rows)
+        bins = magnitude_bits(flat, TEMP_A).bitwise_right_shift_(16)
+        hit = torch.eq(bins, target, out=scratch(TEMP_B, bins.shape, torch.bool))
         for r in range(rows):
-            vals = flat[r][bins[r] == target_bin[r]]
+            vals = flat[r][hit[r]].abs_()
             kept[r][filled[r]:filled[r] + vals.numel()] = vals
             filled[r] += vals.numel()
     out = []
@@ -211,8 +250,23 @@ def kth_largest(
     return out
 
 
-def _bits(x: torch.Tensor) -> torch.Tensor:
-    return x.float().contiguous().view(torch.int32).to(torch.int64)
+def _count_into(hist: torch.Tensor, bins: torch.Tensor) -> None:
+    """hist[b] += how often b occurs in `bins` (int32). bincount costs ~10 ms per call whatever the
+    input's size (it sizes its output), index_add_ is fast on small inputs and slower on large."""
+    if bins.numel() >= 1 << 20:
+        hist += torch.bincount(bins, minlength=hist.numel())
+    else:
+        hist.index_add_(0, bins, torch.ones(1, dtype=hist.dtype).expand(bins.numel()))
+
+
+def magnitude_bits(x: torch.Tensor, name: str) -> torch.Tensor:
+    """The int32 bit patterns of |x| for contiguous fp32 `x` (sign bit cleared), in a scratch buffer."""
+    return torch.bitwise_and(x.view(torch.int32), 0x7FFFFFFF, out=scratch(name, x.shape, torch.int32))
+
+
+def _rows32(x: torch.Tensor, rows: int) -> torch.Tensor:
+    """`x` as a contiguous (rows, n) fp32 tensor (fp16/bf16 converted exactly)."""
+    return x.reshape(rows, -1).to(torch.float32).contiguous()
 
 
 def fitted_pipeline(tasks: TaskSet, method) -> Pipeline:

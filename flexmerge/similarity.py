@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import torch
 
+from flexmerge._scratch import DELTAS, release, scratch
 from flexmerge.blocks import Partition
 from flexmerge.executors import get_executor
+from flexmerge.io.source import rows_shape
 from flexmerge.preprocess import Pipeline
 from flexmerge.taskvec import TaskSet, as_taskset, for_executor
 
@@ -28,6 +30,7 @@ def block_grams(tasks: TaskSet, partition: Partition, pipeline: Pipeline | None 
     for b, g in enumerate(ex.map(block_gram, range(len(partition)), for_executor(tasks, ex), partition, pipeline,
                                  desc="similarity pass")):
         grams[b] = g
+    release()  # this thread's buffers do not outlive the pass
     return grams
 
 
@@ -38,7 +41,8 @@ def block_gram(tasks, partition: Partition, pipeline: Pipeline, b: int) -> torch
     gram = torch.zeros(m, m, dtype=torch.float64)
     for p in partition.blocks[b].parts:
         for chunk in ts.chunks(p.key, p.rows):
-            d = pipeline.deltas(ts, chunk).reshape(m, -1)
+            shape = (m, *rows_shape(ts.meta[chunk.key].shape, chunk.rows))
+            d = pipeline.deltas(ts, chunk, out=scratch(DELTAS, shape, ts.compute_dtype)).reshape(m, -1)
             gram += (d @ d.T).double()
     return gram
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from flexmerge._scratch import release, scratch
+from flexmerge._scratch import DELTAS, release, scratch
 from flexmerge.errors import CheckpointError, ConfigError
 from flexmerge.executors import get_executor
 from flexmerge.paths import check_task_name
@@ -353,7 +353,7 @@ def scan_key(tasks: TaskSet | TaskSetSpec, key: str) -> KeyScan:
         if not math.isfinite(sq):  # NaN/Inf in the base (or finite values whose squares overflow)
             _check_finite(b, ts.base, key)
         base_sq += sq
-        d = ts.deltas(chunk, base32=bf, out=scratch("scan.deltas", (m, *shape), ts.compute_dtype),
+        d = ts.deltas(chunk, base32=bf, out=scratch(DELTAS, (m, *shape), ts.compute_dtype),
                       hashers=hashers[1:]).view(m, -1)
         g = d @ d.T
         if not bool(torch.isfinite(g.diagonal()).all()):  # rare: find the culprit exactly

@@ -45,7 +45,7 @@ from flexmerge.size import stored_units
 FORMAT = "flexmerge-artifact/1"
 MANIFEST = "manifest.json"
 JOURNAL = "journal.json"
-SHARD_BYTES = 1 << 30
+SHARD_BYTES = 256 << 20  # the writer buffers one shard: its size bounds the memory of writing
 _DTYPES = {str(d): d for d in (torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64,
                                torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool)}
 

@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import torch
 
-from flexmerge._scratch import scratch
+from flexmerge._scratch import DELTAS, scratch
 from flexmerge.blocks import Partition
 from flexmerge.errors import ConfigError
 from flexmerge.executors import get_executor
@@ -103,7 +103,7 @@ def _member_deltas(tasks: TaskSet, pipeline: Pipeline, method: MergeMethod, memb
             shape = rows_shape(tasks.meta[c.key].shape, c.rows)
             rows = part_base if c.rows is None else part_base[c.rows[0] - first_row: c.rows[1] - first_row]
             base32 = scratch("merge.base32", shape, tasks.compute_dtype).copy_(rows)
-            out = scratch("merge.deltas", (len(members), *shape), tasks.compute_dtype) if method.elementwise else None
+            out = scratch(DELTAS, (len(members), *shape), tasks.compute_dtype) if method.elementwise else None
             deltas = pipeline.deltas(tasks, c, members, base32=base32, out=out).flatten(1)
             if method.uses_untransformed:  # the raw task vectors below the transformed ones
                 deltas = torch.cat([deltas, tasks.deltas(c, members, base32=base32).flatten(1)])

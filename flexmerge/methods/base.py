@@ -123,7 +123,7 @@ class MergeMethod:
         Elementwise methods merge chunk by chunk, so memory holds one chunk of the members at a
         time, and the chunks may be one reused buffer; others see the whole block, per tensor."""
         if self.elementwise:
-            return GroupResult.concat([_not_aliasing(self.merge(c), c) for _, c in chunks])
+            return _merge_into(self, chunks, sum(p.numel for p in parts))
         pieces: list[list[torch.Tensor]] = [[] for _ in parts]
         for p, c in chunks:
             pieces[p].append(c)  # fresh tensors: only elementwise methods get a reused buffer
@@ -143,11 +143,27 @@ class MergeMethod:
         return {"name": self.name, **self.params()}
 
 
-def _not_aliasing(result: GroupResult, chunk: torch.Tensor) -> GroupResult:
-    """A result that does not share memory with its input chunk, which the caller may overwrite."""
-    ptr = chunk.untyped_storage().data_ptr()
-    own = lambda t: t.clone() if t is not None and t.untyped_storage().data_ptr() == ptr else t  # noqa: E731
-    return GroupResult(own(result.delta), own(result.masks), own(result.scales))
+def _merge_into(method: MergeMethod, chunks: BlockChunks, total: int) -> GroupResult:
+    """Merge chunk by chunk into one preallocated result of the block's `total` entries: no list
+    of per-chunk results to concatenate (a second block-sized copy), and no result aliases a
+    chunk (the caller may reuse its buffer)."""
+    out: GroupResult | None = None
+    at = 0
+    for _, c in chunks:
+        r = method.merge(c)
+        if out is None:
+            masks = None if r.masks is None else torch.empty((r.masks.shape[0], total), dtype=r.masks.dtype)
+            out = GroupResult(torch.empty(total, dtype=r.delta.dtype), masks, r.scales)
+        width = r.delta.numel()
+        if at + width > total:
+            raise ValueError(f"the chunks hold more than the parts' {total} entries")
+        out.delta[at:at + width] = r.delta
+        if masks is not None:
+            out.masks[:, at:at + width] = r.masks
+        at += width
+    if out is None or at != total:
+        raise ValueError(f"the chunks hold {at} entries, the parts {total}")
+    return out
 
 
 _REGISTRY: dict[str, type[MergeMethod]] = {}

@@ -1,0 +1,200 @@
+"""flexmerge against mergekit on the same job: 8 fine-tunes of a Llama-architecture model, fp16.
+
+The small job has SmolLM-135M's shapes (134.5M parameters, hidden 576, 30 layers, tied
+embeddings: 269 MB per model, 2.4 GB of inputs); `--large` scales hidden and MLP width by 2
+(hidden 1152, ~4x the parameters). The base is random, each fine-tune is base + small noise,
+written as a Hugging Face directory (config.json + model.safetensors, the layout of
+`save_pretrained`) once under --cache-dir.
+
+mergekit 0.1.5 is installed by the script into its own venv under --cache-dir, torch pinned to
+this interpreter's version and installed first, so that no other (CUDA) build is pulled.
+
+    python benchmarks/vs_mergekit.py [--large] [--skip-mergekit] [--csv results.csv]
+
+Every row runs in a fresh process after one untimed warm-up read of all inputs (page cache
+warm), and reports wall time, the process's peak RSS (wait4) and the warm-read floor: the time
+of reading every input byte from the page cache. A benchmark, not a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+SMALL = dict(hidden=576, mlp=1536, layers=30, heads=9, kv_heads=3, vocab=49152)
+LARGE = dict(hidden=1152, mlp=3072, layers=30, heads=18, kv_heads=6, vocab=49152)
+MERGEKIT = "mergekit==0.1.5"
+
+
+def shapes(c: dict) -> dict[str, tuple[int, ...]]:
+    """Parameter shapes of a LlamaForCausalLM with tied embeddings (no lm_head.weight stored)."""
+    h, kv = c["hidden"], c["hidden"] // c["heads"] * c["kv_heads"]
+    s: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (c["vocab"], h)}
+    for i in range(c["layers"]):
+        p = f"model.layers.{i}"
+        s.update({
+            f"{p}.input_layernorm.weight": (h,), f"{p}.self_attn.q_proj.weight": (h, h),
+            f"{p}.self_attn.k_proj.weight": (kv, h), f"{p}.self_attn.v_proj.weight": (kv, h),
+            f"{p}.self_attn.o_proj.weight": (h, h), f"{p}.post_attention_layernorm.weight": (h,),
+            f"{p}.mlp.gate_proj.weight": (c["mlp"], h), f"{p}.mlp.up_proj.weight": (c["mlp"], h),
+            f"{p}.mlp.down_proj.weight": (h, c["mlp"]),
+        })
+    s["model.norm.weight"] = (h,)
+    return s
+
+
+def hf_config(c: dict) -> dict:
+    return {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": c["hidden"],
+        "intermediate_size": c["mlp"], "num_hidden_layers": c["layers"], "num_attention_heads": c["heads"],
+        "num_key_value_heads": c["kv_heads"], "vocab_size": c["vocab"], "max_position_embeddings": 2048,
+        "rms_norm_eps": 1e-5, "hidden_act": "silu", "tie_word_embeddings": True, "torch_dtype": "float16",
+        "rope_theta": 10000.0, "bos_token_id": 0, "eos_token_id": 0,
+    }
+
+
+def write_model(directory: Path, tensors: dict[str, torch.Tensor], config: dict) -> None:
+    """config.json + model.safetensors (format "pt"), as `save_pretrained` writes them."""
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(directory / "model.safetensors.tmp"), metadata={"format": "pt"})
+    (directory / "config.json").write_text(json.dumps(config, indent=2))
+    os.replace(directory / "model.safetensors.tmp", directory / "model.safetensors")
+
+
+def generate(root: Path, c: dict, num_tasks: int) -> list[Path]:
+    """Base ~ N(0, 0.02); task t = base + 1e-3·(0.5·shared drift + own noise), fp16. Cached."""
+    dirs = [root / "base", *[root / f"task{t:02d}" for t in range(num_tasks)]]
+    if all((d / "model.safetensors").exists() for d in dirs):
+        return dirs
+    s, cfg = shapes(c), hf_config(c)
+    g = torch.Generator().manual_seed(0)
+    base = {k: (0.02 * torch.randn(v, generator=g)).half() for k, v in s.items()}
+    for k in base:
+        if k.endswith("norm.weight"):
+            base[k] = torch.ones_like(base[k])
+    write_model(dirs[0], base, cfg)
+    drift = {k: 0.5e-3 * torch.randn(v, generator=g) for k, v in s.items()}
+    for d in dirs[1:]:
+        write_model(d, {k: (base[k].float() + drift[k] + 1e-3 * torch.randn(s[k], generator=g)).half()
+                        for k in s}, cfg)
+    return dirs
+
+
+def read_all(paths: list[Path]) -> float:
+    """Seconds to read every byte of `paths` (1 MiB reads into one buffer)."""
+    buf = bytearray(1 << 20)
+    t0 = time.perf_counter()
+    for p in paths:
+        with open(p, "rb", buffering=0) as f:
+            while f.readinto(buf):
+                pass
+    return time.perf_counter() - t0
+
+
+def mergekit_env(cache: Path) -> Path:
+    """A venv with mergekit, torch installed first at this interpreter's version (CPU wheel)."""
+    venv = cache / "venv"
+    exe = venv / "bin" / "mergekit-yaml"
+    if exe.exists():
+        return exe
+    pin = f"torch=={torch.__version__.split('+')[0]}"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    pip = [str(venv / "bin" / "pip"), "install", "-q"]
+    subprocess.run([*pip, pin], check=True)
+    subprocess.run([*pip, MERGEKIT, pin], check=True)  # mergekit asks torch>=2.0: the pin holds
+    return exe
+
+
+def mergekit_yaml(method: str, dirs: list[Path], keep: float) -> str:
+    """TA as λ·mean with λ = 1 (weights 1/M, as flexmerge's lam=1); TIES with density = keep."""
+    base, tasks = dirs[0], dirs[1:]
+    if method == "ties":
+        params = f"{{density: {keep}, weight: 1.0}}"
+        extra = "parameters: {normalize: true}\n"
+    else:
+        params = f"{{weight: {1.0 / len(tasks)}}}"
+        extra = "parameters: {normalize: false}\n"
+    models = "".join(f"  - model: {t}\n    parameters: {params}\n" for t in tasks)
+    return f"merge_method: {method}\nbase_model: {base}\nmodels:\n{models}{extra}dtype: float16\n"
+
+
+def measure(cmd: list[str], env: dict | None = None) -> tuple[float, float]:
+    """(wall seconds, peak RSS GiB) of one fresh process; fails loudly if it fails."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t0
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd[:4])}... failed ({proc.returncode}): {proc.stderr.read().decode()[-2000:]}")
+    return wall, usage.ru_maxrss / 2**20
+
+
+def flexmerge_cmd(method: str, size: float, dirs: list[Path], out: Path, keep: float, executor: str) -> list[str]:
+    models = [x for t in dirs[1:] for x in ("--model", f"{t.name}={t}")]
+    params = ["--param", f"keep={keep}"] if method == "ties" else ["--param", "lam=1.0"]
+    return [sys.executable, "-m", "flexmerge", "merge", "--base", str(dirs[0]), *models, "--method", method,
+            *params, "--size", str(size), "--out", str(out), "--overwrite", "--no-resume", "--executor", executor]
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "flexmerge" / "vs_mergekit")
+    ap.add_argument("--tasks", type=int, default=8)
+    ap.add_argument("--keep", type=float, default=0.2, help="TIES density / keep")
+    ap.add_argument("--large", action="store_true", help="hidden 1152, MLP 3072 (~4x the parameters)")
+    ap.add_argument("--skip-mergekit", action="store_true")
+    ap.add_argument("--methods", default="task_arithmetic,ties")
+    ap.add_argument("--sizes", default="1,2,4", help="flexmerge sizes (mergekit: 1x only)")
+    ap.add_argument("--executor", default="local", help="flexmerge --executor")
+    ap.add_argument("--csv", type=Path, default=Path("vs_mergekit.csv"))
+    args = ap.parse_args(argv)
+
+    job = "large" if args.large else "small"
+    cfg = LARGE if args.large else SMALL
+    dirs = generate(args.cache_dir / f"{job}-m{args.tasks}", cfg, args.tasks)
+    inputs = [d / "model.safetensors" for d in dirs]
+    numel = sum(torch.Size(s).numel() for s in shapes(cfg).values())
+    print(f"job {job}: {args.tasks} fine-tunes of {numel / 1e6:.1f}M parameters, fp16, "
+          f"{sum(p.stat().st_size for p in inputs) / 1e9:.2f} GB of inputs")
+    kit = None if args.skip_mergekit else mergekit_env(args.cache_dir)
+    out = args.cache_dir / "out"
+    out.mkdir(exist_ok=True)
+    rows = []
+    for method in args.methods.split(","):
+        runs: list[tuple[str, float, list[str]]] = []
+        if kit is not None:
+            yml = out / f"{method}.yml"
+            yml.write_text(mergekit_yaml(method, dirs, args.keep))
+            runs.append(("mergekit", 1.0, [str(kit), str(yml), str(out / f"mk-{method}"), "--no-cuda",
+                                           "-j", "2", "--allow-crimes"]))
+        for size in map(float, args.sizes.split(",")):
+            runs.append(("flexmerge", size, flexmerge_cmd(method, size, dirs, out / f"fm-{method}-{size:g}x",
+                                                          args.keep, args.executor)))
+        for tool, size, cmd in runs:
+            read_all(inputs)  # warm the page cache
+            floor = read_all(inputs)
+            wall, rss = measure(cmd)
+            rows.append(dict(job=job, tool=tool, method=method, size=size, wall_s=round(wall, 2),
+                             peak_rss_gib=round(rss, 2), warm_read_s=round(floor, 3),
+                             wall_over_floor=round(wall / floor, 1)))
+            print(f"{tool:9s} {method:16s} {size:g}x  {wall:7.2f} s  {rss:5.2f} GiB peak  "
+                  f"warm read {floor:.3f} s  ({wall / floor:.1f}x)", flush=True)
+    with open(args.csv, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    print(f"wrote {args.csv}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,74 @@
+"""The fast streaming paths equal their plain definitions bit for bit: the exact K-th largest
+magnitude (against torch.kthvalue), the in-place trim (against torch.where), TIES' disjoint mean
+on reused buffers (against the textbook expression)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from flexmerge.methods.kernels import disjoint_mean, elect_sign
+from flexmerge.preprocess import TopKTrim, kth_largest, trim_rank
+from flexmerge.taskvec import Chunk
+
+
+def _adversarial(kind: str, rows: int, n: int, g: torch.Generator) -> torch.Tensor:
+    x = torch.randn(rows, n, generator=g)
+    if kind == "ties":  # few distinct magnitudes: huge ties at every rank
+        x = torch.randint(-3, 4, (rows, n), generator=g).float() * 0.25
+    elif kind == "zeros":  # mostly zeros, signed zeros included
+        x = torch.where(torch.rand(rows, n, generator=g) < 0.9, 0.0, x)
+        x[:, ::7] = -0.0
+    elif kind == "denormals":  # subnormal fp32 magnitudes next to normal ones
+        x = torch.where(torch.rand(rows, n, generator=g) < 0.5, x * 1e-40, x * 1e-3)
+    elif kind == "one_bin":  # every value in the same top-16-bit bin: pass 2 does all the work
+        x = 1.0 + torch.rand(rows, n, generator=g) * 2**-8
+    return x
+
+
+def _stream(x: torch.Tensor, piece: int):
+    return lambda: (x[:, i:i + piece] for i in range(0, x.shape[1], piece))
+
+
+@pytest.mark.parametrize("kind", ["random", "ties", "zeros", "denormals", "one_bin"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_kth_largest_equals_kthvalue(kind, dtype):
+    g = torch.Generator().manual_seed(sum(map(ord, kind + str(dtype))))
+    x = _adversarial(kind, 3, 5000, g).to(dtype)
+    mags = x.abs().float()
+    d = x.shape[1]
+    for k in [1, 2, 17, int(0.2 * d) + 1, trim_rank(d, 0.2, "exact"), d - 1, d]:
+        expected = mags.kthvalue(d - k + 1, dim=1).values.tolist()  # k-th largest = (D−k+1)-th smallest
+        assert kth_largest(_stream(x, 777), k, 3, None, "t") == expected, (kind, dtype, k)
+
+
+def test_kth_largest_is_independent_of_chunking():
+    x = torch.randn(2, 3001, generator=torch.Generator().manual_seed(1))
+    k = trim_rank(x.shape[1], 0.2)
+    assert kth_largest(_stream(x, 1), k, 2, None, "t") == kth_largest(_stream(x, 3001), k, 2, None, "t")
+
+
+def test_trim_in_place_equals_where_bitwise():
+    g = torch.Generator().manual_seed(2)
+    x = _adversarial("zeros", 4, 4000, g) + _adversarial("denormals", 4, 4000, g) * (torch.rand(4, 4000) < 0.5)
+    x[0, :5] = -0.0
+    trim = TopKTrim(0.3)
+    trim.thresholds = [0.0, 1e-41, 0.5, float(x[3].abs().max())]
+    trim._limits = {None: torch.tensor(trim.thresholds, dtype=torch.float32).view(torch.int32)}
+    expected = torch.stack([trim.apply(t, Chunk("k", None), 0, x[t]) for t in range(4)])
+    got = x.clone()
+    trim.apply_rows(range(4), Chunk("k", None), 0, got)
+    assert torch.equal(got.view(torch.int32), expected.view(torch.int32))  # signed zeros too
+    assert (got[1] == 0).sum() > (x[1] == 0).sum()  # the threshold bit: something was dropped
+
+
+@pytest.mark.parametrize("kind", ["random", "ties", "zeros"])
+def test_disjoint_mean_equals_the_textbook_expression_bitwise(kind):
+    d = _adversarial(kind, 5, 3000, torch.Generator().manual_seed(3))
+    sign = elect_sign(d)
+    keep = torch.where(sign > 0, d > 0, d < 0)
+    expected = (d * keep).sum(0) / keep.sum(0).clamp_min(1)
+    before = d.clone()
+    got = disjoint_mean(d, sign)
+    assert torch.equal(got.view(torch.int32), expected.view(torch.int32))
+    assert torch.equal(d, before)  # the kernel does not touch its input
