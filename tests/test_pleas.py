@@ -16,8 +16,8 @@ from flexmerge.cli import app
 from flexmerge.errors import CheckpointError, ConfigError
 from flexmerge.pleas import modeling
 from flexmerge.pleas.lstsq import NormalEquations
-from flexmerge.pleas.matching import hungarian
-from flexmerge.pleas.merge import allowed_inputs, correlations, original_model, pleas_merge, splits_for
+from flexmerge.pleas.matching import Split, hungarian
+from flexmerge.pleas.merge import allowed_inputs, correlations, original_model, pleas_merge
 from flexmerge.pleas.schedule import greedy, size_of, uniform
 from flexmerge.pleas.spec import residual_mlp_spec
 
@@ -119,8 +119,7 @@ def test_refit_respects_the_private_mask_and_fits_better(calib):
     refit = runs[True]
     assert refit.config["refitted"]
     stream, hidden = refit.config["stream"], refit.config["hidden"][0]
-    mask = allowed_inputs(*(type("S", (), {"merged": m, "private": p, "width": m + 2 * p})()
-                            for m, p in (hidden, stream)), 0)
+    mask = allowed_inputs(*(Split(torch.arange(m + p), torch.arange(m + p), m) for m, p in (hidden, stream)), 0)
     assert (refit.state["layers.0.mlp.0.weight"][~mask] == 0).all()
     x = torch.randn(200, IN, generator=torch.Generator().manual_seed(9))
     err = {ls: sum(float((merged_logits(m, t, x) - logits(s, h, x)).pow(2).mean())

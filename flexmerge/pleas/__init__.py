@@ -20,8 +20,8 @@ from flexmerge.pleas.spec import SPECS, PermSpec, spec_for
 Model = str | Path | Mapping[str, torch.Tensor]
 
 
-def read_state(model: Model, what: str) -> dict[str, torch.Tensor]:
-    """A checkpoint (any format flexmerge reads) or a state dict, as float tensors."""
+def read_state(model: Model) -> dict[str, torch.Tensor]:
+    """A checkpoint (any format flexmerge reads) or a state dict, as a dict of tensors."""
     if isinstance(model, Mapping):
         return {k: v.detach() for k, v in model.items()}
     from flexmerge.io.source import open_checkpoint
@@ -75,8 +75,8 @@ def pleas(models: Mapping[str, Model], size: float, calibration: torch.Tensor | 
         raise ConfigError(f"unknown PLeaS schedule {schedule!r}; choose one of: {', '.join(SCHEDULES)}")
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1; got {batch_size}")
-    states = {name: read_state(m, name) for name, m in models.items()}
-    head_states = {name: read_state(h, f"head {name}") for name, h in (heads or {}).items()}
+    states = {name: read_state(m) for name, m in models.items()}
+    head_states = {name: read_state(h) for name, h in (heads or {}).items()}
     x = calibration_inputs(calibration, list(models))
     merged = pleas_merge(states, x, size, heads=head_states, schedule_name=schedule, matching=matching,
                          least_squares=least_squares, ridge=ridge, batch_size=batch_size)

@@ -56,10 +56,15 @@ class PleasModel:
 
 def original_model(spec: PermSpec, state: State) -> modeling.WideResidualMLP:
     """An input model as the widened class with no private units (the same function exactly)."""
-    hidden = [[spec.sizes[f"hidden.{i}"], 0] for i in range(len(spec.groups) - 1)]
+    hidden = [[spec.sizes[g], 0] for g in _hidden_groups(spec)]
     model = modeling.WideResidualMLP(spec.in_features, [spec.sizes["stream"], 0], hidden)
     model.load_state_dict(state)
     return model.eval()
+
+
+def _hidden_groups(spec: PermSpec) -> list[str]:
+    """The residual MLP's per-layer hidden groups, in layer order."""
+    return [g for g in spec.sizes if g.startswith("hidden.")]
 
 
 @contextmanager
@@ -245,7 +250,7 @@ def pleas_merge(states: Mapping[str, State], calibration: torch.Tensor, size: fl
     config = {
         "architecture": "pleas-residual-mlp", "in_features": spec.in_features,
         "stream": [splits["stream"].merged, splits["stream"].private],
-        "hidden": [[splits[f"hidden.{i}"].merged, splits[f"hidden.{i}"].private] for i in range(len(spec.groups) - 1)],
+        "hidden": [[splits[g].merged, splits[g].private] for g in _hidden_groups(spec)],
         "tasks": [na, nb], "feature_slices": {na: "merged + first private block", nb: "merged + second private block"},
         "size": size_of(spec, shapes, private), "dense_size": dense_size(spec, shapes, private),
         "requested_size": size, "schedule": schedule_name, "matching": matching,
