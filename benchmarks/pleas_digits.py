@@ -2,7 +2,7 @@
 matching and plain weight averaging, for two fine-tunes of one base and for two models whose bases
 were trained from different random initializations (where task vectors mean nothing).
 
-    python benchmarks/pleas_digits.py [--tasks rot90 invert_mod3] [--sizes 1 1.25 1.5 2] [--schedule greedy]
+    python -m benchmarks.pleas_digits [--tasks rot90 invert_mod3] [--sizes 1 1.25 1.5 2] [--schedule greedy]
 
 Models are trained here with the suite's own data, splits and training loop (seconds); both bases see
 the same pretraining data, only their initialization (and batch order) differs. Calibration: the two
