@@ -13,8 +13,10 @@ from flexmerge.api import (  # noqa: E402
 from flexmerge.flexmodel import FlexModel, export, load, save  # noqa: E402
 from flexmerge.methods import available_methods, get_method  # noqa: E402
 from flexmerge.planning import MergePath  # noqa: E402
+from flexmerge.pleas import pleas  # noqa: E402
 
 __all__ = [
     "__version__", "load_tasks", "discover_blocks", "plan", "materialize", "merge", "merge_to_disk",
     "save", "load", "export", "FlexModel", "MergePath", "get_method", "available_methods",
+    "pleas",
 ]

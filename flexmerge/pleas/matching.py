@@ -1,0 +1,82 @@
+"""Unit matching by activation correlation (Hungarian assignment), and the merged/private split.
+
+The correlation of every unit of model a with every unit of model b is accumulated over the
+calibration batches from running sums (memory: O(units^2) per group, not O(samples)).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+class CorrelationStats:
+    """Streaming Pearson correlation between the columns of two feature matrices."""
+
+    def __init__(self, n: int):
+        self.count = 0
+        self.sa = torch.zeros(n, dtype=torch.float64)
+        self.sb = torch.zeros(n, dtype=torch.float64)
+        self.saa = torch.zeros(n, dtype=torch.float64)
+        self.sbb = torch.zeros(n, dtype=torch.float64)
+        self.sab = torch.zeros(n, n, dtype=torch.float64)
+
+    def add(self, a: torch.Tensor, b: torch.Tensor) -> None:
+        a, b = a.reshape(-1, a.shape[-1]).double(), b.reshape(-1, b.shape[-1]).double()
+        self.count += a.shape[0]
+        self.sa += a.sum(0)
+        self.sb += b.sum(0)
+        self.saa += (a * a).sum(0)
+        self.sbb += (b * b).sum(0)
+        self.sab += a.T @ b
+
+    def correlation(self) -> torch.Tensor:
+        """(n, n): entry [i, j] = corr(unit i of a, unit j of b); constant units correlate 0."""
+        n = max(self.count, 1)
+        ma, mb = self.sa / n, self.sb / n
+        cov = self.sab / n - torch.outer(ma, mb)
+        sd_a = (self.saa / n - ma * ma).clamp_min(0).sqrt()
+        sd_b = (self.sbb / n - mb * mb).clamp_min(0).sqrt()
+        return cov / torch.outer(sd_a, sd_b).clamp_min(1e-12)
+
+
+def hungarian(score: torch.Tensor) -> torch.Tensor:
+    """perm with perm[i] = the unit of b matched to unit i of a, maximizing the total score."""
+    from scipy.optimize import linear_sum_assignment
+
+    rows, cols = linear_sum_assignment(score.double().numpy(), maximize=True)
+    perm = torch.empty(score.shape[0], dtype=torch.long)
+    perm[torch.as_tensor(rows)] = torch.as_tensor(cols)
+    return perm
+
+
+@dataclass(frozen=True)
+class Split:
+    """One group's layout in the merged model: [merged | a private | b private].
+
+    a_order/b_order list the original unit indices in that layout: a_order[:m] and b_order[:m]
+    are merged pairwise; a_order[m:] and b_order[m:] are kept private (p = n - m each)."""
+
+    a_order: torch.Tensor
+    b_order: torch.Tensor
+    merged: int
+
+    @property
+    def private(self) -> int:
+        return len(self.a_order) - self.merged
+
+    @property
+    def width(self) -> int:
+        return self.merged + 2 * self.private
+
+
+def split(perm: torch.Tensor, quality: torch.Tensor, merged: int) -> Split:
+    """Merge the `merged` best-matching pairs (highest quality), keep the others private."""
+    order = torch.argsort(quality, descending=True, stable=True)
+    return Split(order, perm[order], merged)
+
+
+def pair_quality(corr: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    """Correlation of each unit of a with its partner in b."""
+    return corr[torch.arange(len(perm)), perm]

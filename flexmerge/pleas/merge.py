@@ -1,0 +1,287 @@
+"""PLeaS (Nasery et al., CVPR 2025): merge two models of one architecture, even from different bases.
+
+1. match each permutation group's units by activation correlation on calibration inputs (Hungarian);
+2. per group, merge the best-matching pairs and keep the rest of both models' units side by side,
+   with widths chosen to meet a size S in [1, 2] (flexmerge.pleas.schedule);
+3. refit every linear layer by masked least squares so its outputs match the two models' permuted
+   features (merged units: their mean), from the two models' own permuted inputs (closed form,
+   streamed: flexmerge.pleas.lstsq).
+Without step 3 ("permutation only") merged weights are means and cross blocks are copied, as in the
+reference's `build_partial_merge_model`.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from flexmerge.errors import CheckpointError, ConfigError
+from flexmerge.pleas import modeling
+from flexmerge.pleas.lstsq import DEFAULT_RIDGE, NormalEquations
+from flexmerge.pleas.matching import CorrelationStats, Split, hungarian, pair_quality, split
+from flexmerge.pleas.schedule import dense_size, schedule, size_of
+from flexmerge.pleas.spec import PermSpec, spec_for
+
+State = dict[str, torch.Tensor]
+MATCHINGS = ("activation", "identity")
+
+
+@dataclass
+class PleasModel:
+    """The merged encoder, one widened head per task, and what was decided on the way."""
+
+    config: dict
+    state: State
+    heads: dict[str, State] = field(default_factory=dict)
+
+    def module(self) -> modeling.WideResidualMLP:
+        model = modeling.build(self.config)
+        model.load_state_dict(self.state)
+        return model.eval()
+
+    def head(self, task: str) -> torch.nn.Linear:
+        w = self.heads[task]["weight"]
+        head = torch.nn.Linear(w.shape[1], w.shape[0])
+        head.load_state_dict(self.heads[task])
+        return head.eval()
+
+
+# ---- models and features ---------------------------------------------------------------------------
+
+def original_model(spec: PermSpec, state: State) -> modeling.WideResidualMLP:
+    """An input model as the widened class with no private units (the same function exactly)."""
+    hidden = [[spec.sizes[g], 0] for g in _hidden_groups(spec)]
+    model = modeling.WideResidualMLP(spec.in_features, [spec.sizes["stream"], 0], hidden)
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def _hidden_groups(spec: PermSpec) -> list[str]:
+    """The residual MLP's per-layer hidden groups, in layer order."""
+    return [g for g in spec.sizes if g.startswith("hidden.")]
+
+
+@contextmanager
+def recording(model: torch.nn.Module, names: set[str]) -> Iterator[dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """Each named module's (input, output) of the last forward pass."""
+    seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    modules = dict(model.named_modules())
+    hooks = [modules[n].register_forward_hook(lambda m, i, o, n=n: seen.__setitem__(n, (i[0], o))) for n in names]
+    try:
+        yield seen
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def _batches(x: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
+    yield from x.split(batch_size)
+
+
+def _layout(ta: torch.Tensor, tb: torch.Tensor, dim: int, s: Split) -> torch.Tensor:
+    """[mean of merged | a private | b private] along `dim`, from a's tensor `ta` and b's `tb`."""
+    m = s.merged
+    ta, tb = ta.index_select(dim, s.a_order), tb.index_select(dim, s.b_order)
+    return torch.cat([(ta.narrow(dim, 0, m) + tb.narrow(dim, 0, m)) / 2,
+                      ta.narrow(dim, m, s.private), tb.narrow(dim, m, s.private)], dim)
+
+
+# ---- 1. matching ------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def correlations(spec: PermSpec, a: torch.nn.Module, b: torch.nn.Module, calibration: torch.Tensor,
+                 batch_size: int) -> dict[str, torch.Tensor]:
+    """Per group, the (n, n) correlation of a's units with b's over every tap and calibration input."""
+    stats = {g: CorrelationStats(n) for g, n in spec.sizes.items()}
+    names = {name for taps in spec.taps.values() for name, _ in taps}
+    with recording(a, names) as fa, recording(b, names) as fb:
+        for x in _batches(calibration, batch_size):
+            a(x), b(x)
+            for g, taps in spec.taps.items():
+                for name, side in taps:
+                    k = 0 if side == "in" else 1
+                    stats[g].add(fa[name][k], fb[name][k])
+    return {g: s.correlation() for g, s in stats.items()}
+
+
+def splits_for(spec: PermSpec, shapes: Mapping[str, tuple[int, ...]], corr: Mapping[str, torch.Tensor],
+               size: float, schedule_name: str, matching: str) -> dict[str, Split]:
+    """Match units (Hungarian on correlation, or identity), pick widths for `size`, lay groups out."""
+    if matching not in MATCHINGS:
+        raise ConfigError(f"unknown PLeaS matching {matching!r}; choose one of: {', '.join(MATCHINGS)}")
+    perms = {g: hungarian(c) if matching == "activation" else torch.arange(c.shape[0]) for g, c in corr.items()}
+    quality = {g: pair_quality(corr[g], p) for g, p in perms.items()}
+    ranked = {g: sorted(q.tolist(), reverse=True) for g, q in quality.items()}
+    private = schedule(schedule_name, spec, shapes, size, ranked)
+    return {g: split(perms[g], quality[g], spec.sizes[g] - private[g]) for g in spec.sizes}
+
+
+# ---- 2. the widened model (permutation only) ---------------------------------------------------------
+
+def widen(spec: PermSpec, sa: State, sb: State, splits: Mapping[str, Split]) -> State:
+    """Both models' weights in the [merged | a | b] layout of every group (the reference's blocks)."""
+    out = {}
+    for key in spec.keys():
+        axes = spec.axes_of(key)
+        if len(axes) == 1:
+            (dim, g), = axes.items()
+            out[key] = _layout(sa[key], sb[key], dim, splits[g])
+        else:
+            out[key] = _widen_matrix(sa[key], sb[key], splits[axes[0]], splits[axes[1]])
+    return out
+
+
+def _widen_matrix(wa: torch.Tensor, wb: torch.Tensor, so: Split, si: Split) -> torch.Tensor:
+    wa, wb = wa[so.a_order][:, si.a_order], wb[so.b_order][:, si.b_order]
+    mo, po, mi, pi = so.merged, so.private, si.merged, si.private
+    w = torch.zeros(so.width, si.width, dtype=wa.dtype)
+    w[:mo, :mi] = (wa[:mo, :mi] + wb[:mo, :mi]) / 2
+    w[:mo, mi:mi + pi], w[:mo, mi + pi:] = wa[:mo, mi:] / 2, wb[:mo, mi:] / 2
+    w[mo:mo + po, :mi], w[mo:mo + po, mi:mi + pi] = wa[mo:, :mi], wa[mo:, mi:]
+    w[mo + po:, :mi], w[mo + po:, mi + pi:] = wb[mo:, :mi], wb[mo:, mi:]
+    return w
+
+
+def allowed_inputs(so: Split, si: Split | None, n_in: int) -> torch.Tensor:
+    """(out, in) mask: a's private outputs never read b's private inputs, nor b's read a's."""
+    if si is None:
+        return torch.ones(so.width, n_in, dtype=torch.bool)
+    mask = torch.ones(so.width, si.width, dtype=torch.bool)
+    mo, po, mi, pi = so.merged, so.private, si.merged, si.private
+    mask[mo:mo + po, mi + pi:] = False
+    mask[mo + po:, mi:mi + pi] = False
+    return mask
+
+
+# ---- 3. least-squares refit --------------------------------------------------------------------------
+
+@torch.no_grad()
+def refit(spec: PermSpec, a: torch.nn.Module, b: torch.nn.Module, calibration: torch.Tensor,
+          splits: Mapping[str, Split], state: State, batch_size: int, ridge: float) -> list[str]:
+    """Replace each linear layer that has merged units by its masked least-squares fit; returns their names.
+
+    A layer with no merged inputs or outputs keeps its permuted weights: they already are the exact
+    solution (each private output is its own model's function of its own model's inputs)."""
+    todo = [lin for lin in spec.linears
+            if splits[lin.out].merged > 0 or (lin.inp is not None and splits[lin.inp].merged > 0)]
+    if not todo:
+        return []
+    eqs = {lin.name: NormalEquations(state[f"{lin.name}.weight"].shape[1], splits[lin.out].width) for lin in todo}
+    with recording(a, set(eqs)) as fa, recording(b, set(eqs)) as fb:
+        for x in _batches(calibration, batch_size):
+            a(x), b(x)
+            for lin in todo:
+                (xa, ya), (xb, yb) = fa[lin.name], fb[lin.name]
+                xin = xa if lin.inp is None else _layout(xa, xb, -1, splits[lin.inp])
+                eqs[lin.name].add(xin, _layout(ya, yb, -1, splits[lin.out]))
+    for lin in todo:
+        n_in = state[f"{lin.name}.weight"].shape[1]
+        mask = allowed_inputs(splits[lin.out], None if lin.inp is None else splits[lin.inp], n_in)
+        w, bias = eqs[lin.name].solve(mask, ridge)
+        dtype = state[f"{lin.name}.weight"].dtype
+        state[f"{lin.name}.weight"], state[f"{lin.name}.bias"] = w.to(dtype), bias.to(dtype)
+    return [lin.name for lin in todo]
+
+
+# ---- heads --------------------------------------------------------------------------------------------
+
+def widen_head(head: State, s: Split, which: str) -> State:
+    """A task's head reading its own slice of the features (zeros on the other model's private units)."""
+    w = head["weight"]
+    if w.shape[1] != len(s.a_order):
+        raise CheckpointError(f"a head reads {w.shape[1]} features but the encoder has {len(s.a_order)}")
+    order = s.a_order if which == "a" else s.b_order
+    wo = w[:, order]
+    out = torch.zeros(w.shape[0], s.width, dtype=w.dtype)
+    out[:, :s.merged] = wo[:, :s.merged]
+    start = s.merged if which == "a" else s.merged + s.private
+    out[:, start:start + s.private] = wo[:, s.merged:]
+    return {"weight": out, "bias": head["bias"].clone()}
+
+
+# ---- the whole method -----------------------------------------------------------------------------------
+
+def check_pair(sa: State, sb: State, names: tuple[str, str]) -> None:
+    if set(sa) != set(sb):
+        diff = sorted(set(sa) ^ set(sb))
+        raise CheckpointError(f"models {names[0]!r} and {names[1]!r} have different parameters "
+                              f"(e.g. {', '.join(diff[:4])}); PLeaS merges two models of one architecture")
+    for k in sa:
+        if sa[k].shape != sb[k].shape:
+            raise CheckpointError(f"{k!r} is {tuple(sa[k].shape)} in {names[0]!r} but {tuple(sb[k].shape)} in "
+                                  f"{names[1]!r}; PLeaS merges two models of one architecture")
+
+
+def check_calibration(x: torch.Tensor, in_features: int) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[1] != in_features or x.shape[0] == 0:
+        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ConfigError(f"calibration inputs must be a non-empty (N, {in_features}) tensor; got {shape}")
+    if not x.is_floating_point() or not torch.isfinite(x).all():
+        raise ConfigError("calibration inputs must be finite floating-point values")
+    return x.float()
+
+
+def pleas_merge(states: Mapping[str, State], calibration: torch.Tensor, size: float, *,
+                heads: Mapping[str, State] | None = None, schedule_name: str = "greedy",
+                matching: str = "activation", least_squares: bool = True, ridge: float = DEFAULT_RIDGE,
+                batch_size: int = 256, architecture: str | None = None) -> PleasModel:
+    """Two models (name -> state dict) merged by PLeaS to `size` in [1, 2]."""
+    if len(states) != 2:
+        raise ConfigError(f"PLeaS merges exactly two models; got {len(states)} ({', '.join(states) or 'none'})")
+    (na, sa), (nb, sb) = states.items()
+    check_pair(sa, sb, (na, nb))
+    spec = spec_for(sa, architecture)
+    x = check_calibration(calibration, spec.in_features)
+    unknown = sorted(set(heads or {}) - {na, nb})
+    if unknown:
+        raise ConfigError(f"heads given for {', '.join(unknown)}, which are not the merged models ({na}, {nb})")
+    ma, mb = original_model(spec, sa), original_model(spec, sb)
+    shapes = {k: tuple(v.shape) for k, v in sa.items()}
+    splits = splits_for(spec, shapes, correlations(spec, ma, mb, x, batch_size), size, schedule_name, matching)
+    state = widen(spec, sa, sb, splits)
+    refitted = refit(spec, ma, mb, x, splits, state, batch_size, ridge) if least_squares else []
+    private = {g: s.private for g, s in splits.items()}
+    config = {
+        "architecture": "pleas-residual-mlp", "in_features": spec.in_features,
+        "stream": [splits["stream"].merged, splits["stream"].private],
+        "hidden": [[splits[g].merged, splits[g].private] for g in _hidden_groups(spec)],
+        "tasks": [na, nb], "feature_slices": {na: "merged + first private block", nb: "merged + second private block"},
+        "size": size_of(spec, shapes, private), "dense_size": dense_size(spec, shapes, private),
+        "requested_size": size, "schedule": schedule_name, "matching": matching,
+        "least_squares": least_squares, "ridge": ridge, "refitted": refitted, "calibration_samples": x.shape[0],
+        "permutations": {g: {na: s.a_order.tolist(), nb: s.b_order.tolist()} for g, s in splits.items()},
+    }
+    wide_heads = {t: widen_head(h, splits["stream"], "a" if t == na else "b") for t, h in (heads or {}).items()}
+    return PleasModel(config, state, wide_heads)
+
+
+def save_pleas(model: PleasModel, out: str | Path, overwrite: bool = False) -> Path:
+    """Write DIR/model.safetensors, DIR/heads/<task>.safetensors, config.json and modeling_pleas.py, atomically."""
+    from safetensors.torch import save_file
+
+    from flexmerge._atomic import atomic_directory
+
+    out = Path(out)
+    with atomic_directory(out, overwrite=overwrite, replaceable=is_pleas_dir, what="a PLeaS model") as tmp:
+        save_file({k: v.contiguous() for k, v in model.state.items()}, str(tmp / modeling.WEIGHTS))
+        (tmp / "heads").mkdir()
+        for task, head in model.heads.items():
+            save_file({k: v.contiguous() for k, v in head.items()}, str(tmp / "heads" / f"{task}.safetensors"))
+        (tmp / modeling.CONFIG).write_text(json.dumps(model.config, indent=1))
+        shutil.copyfile(modeling.__file__, tmp / "modeling_pleas.py")
+    return out
+
+
+def is_pleas_dir(path: Path) -> bool:
+    """A directory `save_pleas` wrote (what --overwrite may replace)."""
+    try:
+        cfg = json.loads((path / modeling.CONFIG).read_text())
+    except (OSError, ValueError):
+        return False
+    return path.is_dir() and isinstance(cfg, dict) and cfg.get("architecture") == "pleas-residual-mlp"
