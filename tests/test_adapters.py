@@ -211,9 +211,8 @@ def test_an_adapter_task_exports_with_its_own_config_and_the_base_tokenizer(tmp_
     there); the tokenizer comes from the base. Each export loads with from_pretrained and gives
     the fine-tune's logits at Mx."""
     base, dirs, merged = _two_adapters(tmp_path, labels=(3, 5))
-    vocab = base / "vocab.txt"
-    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *[f"w{i}" for i in range(35)]]) + "\n")
-    transformers.BertTokenizerFast(vocab_file=str(vocab)).save_pretrained(base)
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *[f"w{i}" for i in range(35)]]
+    transformers.BertTokenizerFast(vocab={w: i for i, w in enumerate(words)}).save_pretrained(base)
     for name, n in zip("ab", (3, 5)):
         _bert(n).config.save_pretrained(dirs[name])
     flexmerge.merge_to_disk(flexmerge.load_tasks(base, dirs), tmp_path / "flex", max_bytes=10**12)

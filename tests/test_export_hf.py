@@ -24,8 +24,11 @@ TEMPLATE = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
 
 
 def _tokenizer(root: Path, lower: bool):
-    (root / "vocab.txt").write_text("\n".join(VOCAB) + "\n")
-    return transformers.BertTokenizer(vocab_file=str(root / "vocab.txt"), do_lower_case=lower)
+    """Cased or not, so the export's tokenizer can be told apart ("W1" is [UNK] only when cased);
+    a `vocab` dict: recent transformers read a bare vocab_file as empty (every word [UNK])."""
+    tokenizer = transformers.BertTokenizerFast(vocab={w: i for i, w in enumerate(VOCAB)}, do_lower_case=lower)
+    assert (tokenizer("W1")["input_ids"][1] == VOCAB.index("w1")) == lower
+    return tokenizer
 
 
 @pytest.fixture

@@ -44,9 +44,8 @@ def _config(vocab_size: int, labels: list[str]):
 def build_artifact(root: Path) -> Path:
     """A base BERT and three fine-tunes with 2, 3 and 5 labels, merged to a 2x artifact."""
     root.mkdir(parents=True, exist_ok=True)
-    vocab = root / "vocab.txt"
-    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
-    tokenizer = transformers.BertTokenizerFast(vocab_file=str(vocab))
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]  # a vocab dict: a bare vocab_file reads as empty
+    tokenizer = transformers.BertTokenizerFast(vocab={w: i for i, w in enumerate(words)})
     torch.manual_seed(0)
     base = transformers.BertForSequenceClassification(_config(len(tokenizer), ["l0", "l1"])).eval()
     base.save_pretrained(root / "base")

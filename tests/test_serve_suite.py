@@ -36,9 +36,8 @@ def write_hf_dir(directory: Path) -> Path:
     """What the suite's `minilm_dir()` is to MiniLM: config.json and the tokenizer's files."""
     directory.mkdir(parents=True, exist_ok=True)
     _config().save_pretrained(directory)
-    vocab = directory / "vocab.txt"
-    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
-    transformers.BertTokenizerFast(vocab_file=str(vocab)).save_pretrained(directory)
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]  # a vocab dict: a bare vocab_file reads as empty
+    transformers.BertTokenizerFast(vocab={w: i for i, w in enumerate(words)}).save_pretrained(directory)
     return directory
 
 

@@ -25,9 +25,8 @@ def _config(names):
 
 
 def _tokenizer(directory):
-    vocab = directory / "vocab.txt"
-    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
-    transformers.BertTokenizerFast(vocab_file=str(vocab)).save_pretrained(directory)
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]  # a vocab dict: a bare vocab_file reads as empty
+    transformers.BertTokenizerFast(vocab={w: i for i, w in enumerate(words)}).save_pretrained(directory)
 
 
 @pytest.fixture
