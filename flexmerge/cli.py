@@ -473,7 +473,8 @@ def serve(
     suite: Optional[str] = typer.Option(None, "--suite", help="instead of DIR: a text suite's zoo (wordnet | "
                                                                "wordnet20), merged to --size (built or reused)"),
     size: Optional[float] = typer.Option(None, "--size", help="with --suite: size to merge to, 1 <= size <= M"),
-    method: Optional[str] = typer.Option(None, "--method", help="with --suite: merging method [default: task_arithmetic]"),
+    method: Optional[str] = typer.Option(None, "--method", help="with --suite: merging method, optionally with its "
+                                         "parameters, e.g. twin:rank=7 [default: task_arithmetic]"),
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="with --suite: where zoos and served artifacts "
                                                                        "are cached [default: ~/.cache/flexmerge]"),
     host: str = typer.Option("127.0.0.1", "--host", help="address to listen on (0.0.0.0: every interface)"),

@@ -4,6 +4,7 @@ a mixed batch is one encoder pass, and `flexmerge serve --suite` merges, caches 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -229,6 +230,18 @@ def test_suite_artifact_merges_once_and_is_reused(setup, tmp_path):
     assert (path / MANIFEST).stat().st_mtime_ns == stamp  # reused, not rewritten
     rt = Runtime.from_suite(suite, 2, cache_dir=tmp_path, log=logs.append)
     assert rt.task_info("c")["labels"] == LABELS["c"] and len(rt.predict("c", ["dog"])) == 1
+
+
+def test_suite_artifact_takes_a_method_with_its_parameters(setup, tmp_path):
+    _, hf, _ = setup
+    suite = TinySuite(hf)
+    with pytest.raises(ConfigError):
+        suite_artifact(suite, 2, method="twin:rank=-1", cache_dir=tmp_path)
+    assert suite.builds == 0  # a bad parameter fails before the zoo is built
+    path, zoo = suite_artifact(suite, 2, method="twin:rank=2", cache_dir=tmp_path, log=lambda m: None)
+    assert path.name == f"{zoo.directory.name}-twin_rank=2-2x"
+    method = json.loads((path / MANIFEST).read_text())["method"]
+    assert method["name"] == "twin" and method["rank"] == 2, method
 
 
 def test_suite_artifact_refuses_suites_that_take_no_text_before_building(tmp_path):

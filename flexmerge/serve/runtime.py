@@ -25,6 +25,7 @@ mean-pooled over non-padding tokens, and each task's head runs on the rows of th
 
 from __future__ import annotations
 
+import re
 import tempfile
 import threading
 from collections.abc import Sequence
@@ -458,24 +459,34 @@ def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tenso
 def suite_artifact(suite: Any, size: float, method: str = "task_arithmetic", cache_dir: str | Path | None = None,
                    log=print) -> tuple[Path, Any]:
     """(artifact, zoo): the suite's zoo (built or reused) merged to `size` with `method`, cached as
-    `<cache>/served/<zoo>-<method>-<size>x` and reused when present. Only suites that take text
+    `<cache>/served/<zoo>-<method>-<size>x` and reused when present; `method` may carry its
+    parameters (`twin:rank=7`, as in `flexmerge sweep --methods`). Only suites that take text
     (`suite.serving_reason()` is None) are served."""
     from flexmerge.api import merge_to_disk
     from flexmerge.flexmodel.artifact import is_artifact
     from flexmerge.methods import get_method
+    from flexmerge.methods.base import parse_method_spec
     from flexmerge.suites import default_cache_dir, get_zoo
     from flexmerge.taskvec import load_tasks
 
     reason = suite.serving_reason()
     if reason:
         raise ConfigError(reason)
-    get_method(method)  # a typo fails now, not after building the zoo
+    name, params = parse_method_spec(method)  # 'twin:rank=7': a method with its parameters
+    get_method(name, **params)  # a typo or a bad parameter fails now, not after building the zoo
     zoo = get_zoo(suite, Path(cache_dir) if cache_dir else None, log=log)
-    out = Path(cache_dir or default_cache_dir()) / "served" / f"{zoo.directory.name}-{method}-{float(size):g}x"
+    name_of_entry = f"{zoo.directory.name}-{_cache_label(method)}-{float(size):g}x"
+    out = Path(cache_dir or default_cache_dir()) / "served" / name_of_entry
     if not is_artifact(out):
         log(f"merging the {suite.name!r} zoo to {float(size):g}x with {method} into {out} (cached for later runs)")
-        merge_to_disk(load_tasks(zoo.base, zoo.models, **suite.load_options()), out, size=size, method=method)
+        merge_to_disk(load_tasks(zoo.base, zoo.models, **suite.load_options()), out, size=size, method=name,
+                     params=params)
     return out, zoo
+
+
+def _cache_label(method: str) -> str:
+    """A method spec as part of a directory name: 'twin:rank=7' -> 'twin_rank=7' (only [A-Za-z0-9._=-])."""
+    return re.sub(r"[^A-Za-z0-9._=-]", "_", method)[:100]
 
 
 def _kind(config) -> str:
