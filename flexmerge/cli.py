@@ -357,7 +357,6 @@ def _run_own(cfg, out: Path, methods: str, sizes: str, planners: str, evaluator:
     from flexmerge.curve import sweep as sweep_fn
     from flexmerge.evaluation import TextClassificationEvaluator, load_evaluator
     from flexmerge.report import write_results
-    from flexmerge.size import specific_units
     from flexmerge.taskvec import parse_task_specs
 
     _check_names(methods, planners)
@@ -369,9 +368,7 @@ def _run_own(cfg, out: Path, methods: str, sizes: str, planners: str, evaluator:
     if score is None:
         score = TextClassificationEvaluator(tasks, parse_task_specs(eval_data), limit=eval_limit,
                                             batch_size=eval_batch_size)
-    top = tasks.num_tasks + specific_units(tasks)  # Mx: every task's own weights and head
-    usable = [s for s in _floats(sizes, "--sizes") if s <= top + 1e-9]
-    result = sweep_fn(tasks, score, methods=_names(methods), sizes=usable, planners=_names(planners),
+    result = sweep_fn(tasks, score, methods=_names(methods), sizes=_floats(sizes, "--sizes"), planners=_names(planners),
                       params={cfg.method: cfg.params} if cfg.params else None, granularity=cfg.granularity,
                       linkage=cfg.linkage, seed=cfg.seed, log=lambda msg: err.print(f"[dim]{msg}[/]"))
     result.meta.update({"base": str(cfg.base), "models": {k: str(v) for k, v in cfg.models.items()},

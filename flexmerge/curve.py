@@ -20,7 +20,7 @@ from flexmerge.errors import SizeError
 from flexmerge.flexmodel.materialize import materialize
 from flexmerge.methods.base import get_method, parse_method_spec
 from flexmerge.planning import build_path
-from flexmerge.planning.path import Assignment
+from flexmerge.planning.path import SIZE_TOLERANCE, Assignment
 from flexmerge.size import point_size, specific_units
 from flexmerge.taskvec import TaskSet
 
@@ -101,7 +101,8 @@ def sweep(
     base_accuracy: dict[str, float] | None = None,
     log: Callable[[str], None] = lambda s: None,
 ) -> SweepResult:
-    """Evaluate every (method, planner) at every size; sizes below a method's minimum are noted.
+    """Evaluate every (method, planner) at every size; sizes below a method's minimum are noted,
+    sizes above the unmerged models' (M, plus the tasks' own parameters) are dropped.
 
     The Mx point is the fine-tuned models (every block one group per task, stored as copies, equal
     bit for bit), so its records reuse the fine-tuned evaluation instead of running it again.
@@ -115,6 +116,7 @@ def sweep(
     timings["evaluate"] += time.perf_counter() - t0
     partition = discover_blocks(tasks, granularity)
     extra = specific_units(tasks)
+    sizes = [s for s in sizes if s <= tasks.num_tasks + extra + SIZE_TOLERANCE]
     records: list[SweepRecord] = []
     for planner in planners:
         for name in methods:
@@ -127,8 +129,9 @@ def sweep(
                 try:
                     assignment = path.cut(size, extra)  # as `flexmerge merge --size`: heads count
                 except SizeError:
-                    records += [SweepRecord(name, planner, size, None, t, None, finetuned[t], None,
-                                            f"below the minimum size {path.min_size + extra:.4f}x") for t in tasks.names]
+                    note = f"below the minimum size {path.min_size + extra:.4f}x"
+                    records += [SweepRecord(name, planner, size, None, t, None, finetuned[t], None, note)
+                                for t in tasks.names]
                     continue
                 if is_unmerged(assignment):  # Mx: the fine-tuned models themselves, already evaluated
                     mx = point_size(tasks, partition, method, assignment.group_sizes())

@@ -40,9 +40,7 @@ def run_sweep(suite: Suite, out: str | Path, *, methods, sizes, planners=("greed
     zoo = get_zoo(suite, cache_dir, rebuild=rebuild, log=log)
     t1 = time.perf_counter()
     tasks = load_tasks(zoo.base, zoo.models, **suite.load_options())
-    m = tasks.num_tasks
-    usable = [s for s in sizes if s <= m]
-    result = sweep(tasks, suite.evaluator(zoo), methods=methods, sizes=usable, planners=planners,
+    result = sweep(tasks, suite.evaluator(zoo), methods=methods, sizes=sizes, planners=planners,
                    granularity=granularity, base_accuracy=zoo.info.get("base_with_head"), log=log, **sweep_options)
     result.timings = {"zoo (build or verify)": t1 - t0, **result.timings, "total": time.perf_counter() - t0}
     result.meta.update({"suite": suite.name, "zoo": str(zoo.directory), "zoo_build_seconds": zoo.info.get("build_seconds"),
