@@ -16,7 +16,8 @@ def _register() -> None:
     from flexmerge.suites.digits import DigitsSuite
     from flexmerge.suites.wordnet import WordNetSuite
 
-    SUITES.update({"wordnet": WordNetSuite, "wordnet20": lambda: WordNetSuite(num_tasks=20), "digits": DigitsSuite})
+    SUITES.update({"wordnet": WordNetSuite, "wordnet20": lambda: WordNetSuite(num_tasks=20),
+                   "wordnet30": lambda: WordNetSuite(num_tasks=30), "digits": DigitsSuite})
 
 
 def get_suite(name: str) -> Suite:
