@@ -21,9 +21,12 @@ TEMP_A, TEMP_B = "temp.a", "temp.b"
 DELTAS = "pass.deltas"  # the (n, *chunk) task vectors of the chunk a pass works on
 
 
-def scratch(name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """An uninitialized tensor of `shape`, reusing this thread's buffer called `name`."""
+def scratch(name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | None = None) -> torch.Tensor:
+    """An uninitialized tensor of `shape`, reusing this thread's buffer called `name` (one per
+    device: a chunk merged on a GPU takes its temporaries there)."""
     bufs: dict = _local.__dict__.setdefault("bufs", {})
+    if device is not None and device.type != "cpu":
+        name = f"{name}@{device}"
     numel = 1
     for s in shape:
         numel *= s
@@ -31,7 +34,7 @@ def scratch(name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tens
     buf = bufs.get(name)
     if buf is None or buf.numel() < nbytes:
         bufs.pop(name, None)  # free the old one before allocating its successor
-        buf = bufs[name] = _allocate(-(-nbytes // 8), torch.float64).view(torch.uint8)  # 8-byte aligned
+        buf = bufs[name] = _allocate(-(-nbytes // 8), torch.float64, device).view(torch.uint8)  # 8-byte aligned
     return buf[:nbytes].view(dtype).view(shape)
 
 
@@ -40,5 +43,5 @@ def release() -> None:
     _local.__dict__.pop("bufs", None)
 
 
-def _allocate(numel: int, dtype: torch.dtype) -> torch.Tensor:  # tests wrap it to count bytes
-    return torch.empty(numel, dtype=dtype)
+def _allocate(numel: int, dtype: torch.dtype, device: torch.device | None = None) -> torch.Tensor:
+    return torch.empty(numel, dtype=dtype, device=device)  # tests wrap it to count bytes

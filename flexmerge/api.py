@@ -10,6 +10,7 @@ from typing import Any
 from flexmerge import blocks as _blocks
 from flexmerge.blocks import Partition
 from flexmerge._atomic import check_target
+from flexmerge.device import resolve_device
 from flexmerge.flexmodel.artifact import SHARD_BYTES, ArtifactHeader, is_artifact, write_artifact
 from flexmerge.flexmodel.card import input_names
 from flexmerge.flexmodel.materialize import collect_hf_files, materialize_blocks
@@ -52,35 +53,46 @@ def plan(
     measure: str = "cosine",
     seed: int = 0,
     executor=None,
+    device: str | None = None,
 ) -> MergePath:
-    """The merge path from M× to the method's smallest size; cut it with `path.cut(size)`."""
+    """The merge path from M× to the method's smallest size; cut it with `path.cut(size)`.
+
+    `device`: "cpu" (default), "auto" (CUDA when available) or "cuda[:N]", where preprocessing
+    and the similarity pass compute (docs/scale.md, "Devices")."""
     partition = partition or discover_blocks(tasks, granularity, patterns)
     return build_path(tasks, partition, _method(method, params), planner=planner, linkage=linkage,
-                      mode=mode, measure=measure, seed=seed, executor=executor)
+                      mode=mode, measure=measure, seed=seed, executor=executor, device=device)
 
 
 def materialize(
     tasks: TaskSet, path: MergePath, size: float, *, partition: Partition | None = None,
     method: str | MergeMethod | None = None, params: Mapping[str, Any] | None = None,
+    device: str | None = None,
 ) -> FlexModel:
-    """The flex model at `size` along `path`, with the method the path was planned for.
+    """The flex model at `size` along `path`, with the method the path was planned for, merged on
+    `device` (as `plan`'s).
 
     `size` counts the tasks' own parameters too (see `cut`)."""
     m = _method(method or path.method["name"], params if method else _path_params(path))
     partition = partition or discover_blocks(tasks, path.options["granularity"])
     _check_same_blocks(partition, path)
-    return _materialize(tasks, partition, cut(tasks, path, size), m, info=_info(path, size, tasks))
+    device = resolve_device(device)
+    return _materialize(tasks, partition, cut(tasks, path, size), m, info=_info(path, size, tasks, device),
+                        device=device)
 
 
 def merge(tasks: TaskSet, *, size: float | None = None, max_bytes: int | None = None,
           method: str | MergeMethod = "task_arithmetic", params: Mapping[str, Any] | None = None,
-          **plan_options: Any) -> FlexModel:
-    """Plan and materialize in one call: the flex model of `tasks` at `size` (or within `max_bytes`)."""
+          device: str | None = None, **plan_options: Any) -> FlexModel:
+    """Plan and materialize in one call: the flex model of `tasks` at `size` (or within `max_bytes`),
+    planned and merged on `device` (as `plan`'s)."""
+    device = resolve_device(device, plan_options.get("executor"))
     m = _method(method, params)
     partition = discover_blocks(tasks, plan_options.pop("granularity", "sublayer"), plan_options.pop("patterns", None))
-    path = plan(tasks, partition, method=m, **plan_options)
+    path = plan(tasks, partition, method=m, device=device, **plan_options)
     size = _target(tasks, path, size, max_bytes)
-    return _materialize(tasks, partition, cut(tasks, path, size), m, info=_info(path, size, tasks))
+    return _materialize(tasks, partition, cut(tasks, path, size), m, info=_info(path, size, tasks, device),
+                        device=device)
 
 
 def cut(tasks: TaskSet, path: MergePath, size: float) -> Assignment:
@@ -113,26 +125,30 @@ def _target(tasks: TaskSet, path: MergePath, size: float | None, max_bytes: int 
 def merge_to_disk(tasks: TaskSet, out: str | Path, *, size: float | None = None, max_bytes: int | None = None,
                   method: str | MergeMethod = "task_arithmetic",
                   params: Mapping[str, Any] | None = None, overwrite: bool = False, executor=None,
-                  resume: bool = True, shard_bytes: int = SHARD_BYTES, **plan_options: Any) -> dict[str, Any]:
+                  resume: bool = True, shard_bytes: int = SHARD_BYTES, device: str | None = None,
+                  **plan_options: Any) -> dict[str, Any]:
     """Plan, then materialize block by block straight into an artifact; returns its manifest.
 
     Memory holds one block's merge and one shard's buffer, not the model. With `resume`, an
-    interrupted run of the same job continues where its last written shard ended.
+    interrupted run of the same job continues where its last written shard ended. `device`: where
+    planning and merging compute (as `plan`'s); what is written comes from host memory.
     """
     check_target(Path(out), overwrite, is_artifact, "a flex-model artifact")  # fail before the work, not after
+    device = resolve_device(device, executor)  # an unavailable device fails before the work, too
     m = _method(method, params)
     partition = discover_blocks(tasks, plan_options.pop("granularity", "sublayer"), plan_options.pop("patterns", None))
-    path = plan(tasks, partition, method=m, executor=executor, **plan_options)
+    path = plan(tasks, partition, method=m, executor=executor, device=device, **plan_options)
     size = _target(tasks, path, size, max_bytes)
     assignment = cut(tasks, path, size)
-    pipeline = fitted_pipeline(tasks, m)
+    pipeline = fitted_pipeline(tasks, m, device)
     header = ArtifactHeader(
         list(tasks.names), partition, dict(tasks.meta), assignment, m.describe(),
-        point_size(tasks, partition, m, assignment.group_sizes()), tasks.unit_bytes(), _info(path, size, tasks), collect_hf_files(tasks), dict(tasks.specific),
+        point_size(tasks, partition, m, assignment.group_sizes()), tasks.unit_bytes(), _info(path, size, tasks, device),
+        collect_hf_files(tasks), dict(tasks.specific),
         size_from_stored=m.data_dependent_size)
     return write_artifact(
         out, header, {k: tasks.base.read(k) for k in tasks.frozen},
-        lambda done: materialize_blocks(tasks, partition, assignment, m, pipeline, executor, skip=done),
+        lambda done: materialize_blocks(tasks, partition, assignment, m, pipeline, executor, skip=done, device=device),
         overwrite=overwrite, shard_bytes=shard_bytes, resumable=resume,
         specific=lambda: ((name, tasks.read_specific(t)) for t, name in enumerate(tasks.names)))
 
@@ -146,7 +162,11 @@ def _check_same_blocks(partition: Partition, path: MergePath) -> None:
         raise ConfigError("the partition differs from the one the path was planned on (block names differ)")
 
 
-def _info(path: MergePath, size: float, tasks: TaskSet) -> dict[str, Any]:
-    return {"requested_size": size, "planner": path.planner, "plan_options": path.options,
+def _info(path: MergePath, size: float, tasks: TaskSet, device=None) -> dict[str, Any]:
+    """The artifact's provenance; a GPU it was merged on is named (a CPU merge's info is as it was)."""
+    info = {"requested_size": size, "planner": path.planner, "plan_options": path.options,
             "path_point": path.point_at(size, specific_units(tasks)), "path_points": path.num_points,
             "inputs": tasks.provenance, "names": input_names(tasks.base, dict(zip(tasks.names, tasks.sources)))}
+    if device is not None and device.type != "cpu":
+        info["device"] = str(device)
+    return info

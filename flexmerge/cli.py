@@ -40,6 +40,8 @@ ConfigOpt = typer.Option(None, "--config", help="YAML file with the same fields,
 ExecOpt = typer.Option(None, "--executor",
                        help="where block work runs: local (default, one block at a time) | threads (two at once) | ray")
 RayOpt = typer.Option(None, "--ray-address", help="Ray cluster address (default with --executor ray: a local instance)")
+DeviceOpt = typer.Option(None, "--device", help="where preprocessing, the similarity pass and merging compute: "
+                                                "cpu (default) | auto (CUDA when available) | cuda | cuda:N")
 RelOpt = typer.Option(None, "--max-relative-change",
                       help="largest ||θ_t − θ0|| / ||θ0|| accepted before the base is rejected [default: 0.5]")
 SpecificOpt = typer.Option(None, "--task-specific",
@@ -120,7 +122,7 @@ def _parse_params(items: list[str] | None) -> dict[str, Any]:
 
 def _config(config, base, model, method, param, granularity, planner, linkage, mode, measure, seed, mixed,
             size=None, executor=None, ray_address=None, max_relative_change=None, task_specific=None,
-            max_bytes=None):
+            max_bytes=None, device=None):
     from flexmerge.config import build_config
     from flexmerge.taskvec import parse_task_specs
 
@@ -130,7 +132,7 @@ def _config(config, base, model, method, param, granularity, planner, linkage, m
         "granularity": granularity, "planner": planner, "linkage": linkage, "mode": mode,
         "measure": measure, "seed": seed, "allow_mixed_dtypes": mixed, "size": size,
         "executor": executor, "ray_address": ray_address, "max_relative_change": max_relative_change,
-        "task_specific": task_specific or None, "max_bytes": max_bytes,
+        "task_specific": task_specific or None, "max_bytes": max_bytes, "device": device,
     })
 
 
@@ -170,7 +172,7 @@ def plan(
     executor: Optional[str] = ExecOpt, ray_address: Optional[str] = RayOpt,
     max_relative_change: Optional[float] = RelOpt,
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing path file at --out"),
-    task_specific: Optional[list[str]] = SpecificOpt,
+    task_specific: Optional[list[str]] = SpecificOpt, device: Optional[str] = DeviceOpt,
 ) -> None:
     """Compute the whole merge path (Mx down to the smallest size) and write it as JSON.
 
@@ -183,10 +185,10 @@ def plan(
 
     check_target(out, overwrite, is_path_file, "a flexmerge path file")  # before minutes of work, not after
     cfg = _config(config, base, model, method, param, granularity, planner, linkage, mode, measure, seed,
-                  allow_mixed_dtypes, None, executor, ray_address, max_relative_change, task_specific)
+                  allow_mixed_dtypes, None, executor, ray_address, max_relative_change, task_specific, device=device)
     ex = _executor(cfg)
     tasks = _load(cfg, ex)
-    path = plan_fn(tasks, method=cfg.method, params=cfg.params, executor=ex, **cfg.plan_options())
+    path = plan_fn(tasks, method=cfg.method, params=cfg.params, executor=ex, device=cfg.device, **cfg.plan_options())
     path.save(out, overwrite=overwrite)
     console.print(f"{len(path.block_names)} blocks, {path.num_points} points, sizes {path.sizes[0]:.3f}x -> "
                   f"{path.min_size:.3f}x; similarity pass {path.timings['similarity_pass']:.2f}s, "
@@ -212,6 +214,7 @@ def merge(
     max_bytes: Optional[str] = typer.Option(None, "--max-bytes",
                                             help="storage budget instead of --size, e.g. 300MB or 1.5GiB: the largest "
                                                  "point whose artifact (frozen, task-specific, masks, θ0 included) fits"),
+    device: Optional[str] = DeviceOpt,
 ) -> None:
     """Merge to a target size (or within a storage budget) and write the flex-model artifact.
 
@@ -224,12 +227,14 @@ def merge(
 
     check_target(out, overwrite, is_artifact, "a flex-model artifact")  # before the validation pass, not after
     cfg = _config(config, base, model, method, param, granularity, planner, linkage, mode, measure, seed,
-                  allow_mixed_dtypes, size, executor, ray_address, max_relative_change, task_specific, max_bytes)
+                  allow_mixed_dtypes, size, executor, ray_address, max_relative_change, task_specific, max_bytes,
+                  device)
     if cfg.size is None and cfg.max_bytes is None:
         raise FlexMergeError("--size or --max-bytes (or `size:` / `max_bytes:` in --config) is required")
     ex = _executor(cfg)
     manifest = merge_to_disk(_load(cfg, ex), out, size=cfg.size, max_bytes=cfg.max_bytes, method=cfg.method,
-                             params=cfg.params, overwrite=overwrite, executor=ex, resume=resume, **cfg.plan_options())
+                             params=cfg.params, overwrite=overwrite, executor=ex, resume=resume, device=cfg.device,
+                             **cfg.plan_options())
     asked = f"{cfg.size:g}x" if cfg.size is not None else f"at most {format_bytes(cfg.max_bytes)}"
     total = manifest["stored_bytes"] + manifest["frozen_bytes"] + manifest["task_specific_bytes"]
     console.print(f"wrote {escape(str(out))}: {len(manifest['tasks'])} tasks, method {manifest['method']['name']}, "
@@ -370,7 +375,7 @@ def _run_own(cfg, out: Path, methods: str, sizes: str, planners: str, evaluator:
                                             batch_size=eval_batch_size)
     result = sweep_fn(tasks, score, methods=_names(methods), sizes=_floats(sizes, "--sizes"), planners=_names(planners),
                       params={cfg.method: cfg.params} if cfg.params else None, granularity=cfg.granularity,
-                      linkage=cfg.linkage, seed=cfg.seed, log=lambda msg: err.print(f"[dim]{msg}[/]"))
+                      linkage=cfg.linkage, seed=cfg.seed, device=cfg.device, log=lambda msg: err.print(f"[dim]{msg}[/]"))
     result.meta.update({"base": str(cfg.base), "models": {k: str(v) for k, v in cfg.models.items()},
                         "evaluator": evaluator or {"eval_data": list(eval_data or []), "limit": eval_limit}})
     _print_sweep(result, write_results(result, out), "mean normalized score (merged / fine-tuned)")
@@ -422,6 +427,8 @@ def sweep(
                                                        "CSV file with text and label columns (one per task)"),
     eval_limit: int = typer.Option(1000, "--eval-limit", help="with --eval-data: examples per task, at most"),
     eval_batch_size: int = typer.Option(32, "--eval-batch-size", help="with --eval-data: inputs per forward pass"),
+    device: Optional[str] = typer.Option(None, "--device", help="own models: where preprocessing, the similarity "
+                                         "pass and merging compute: cpu (default) | auto | cuda | cuda:N"),
 ) -> None:
     """Sweep sizes and methods: the accuracy-size curves, on a benchmark suite or on your own models.
 
@@ -436,14 +443,14 @@ def sweep(
     own = base is not None or model or config is not None
     if own and suite is not None:
         raise FlexMergeError("give either --suite or your own models (--base/--model or --config), not both")
-    if not own and (evaluator or eval_data or task_specific):
-        raise FlexMergeError("--evaluator, --eval-data and --task-specific go with your own models "
+    if not own and (evaluator or eval_data or task_specific or device):
+        raise FlexMergeError("--evaluator, --eval-data, --task-specific and --device go with your own models "
                              "(--base and --model, or --config)")
     if not own:
         _run_suite(suite or "wordnet", out, methods, sizes, planners, granularity or "sublayer", cache_dir, rebuild)
         return
     cfg = _config(config, base, model, None, None, granularity, None, None, None, None, None, None,
-                  task_specific=task_specific)
+                  task_specific=task_specific, device=device)
     _run_own(cfg, out, methods, sizes, planners, evaluator, eval_data, eval_limit, eval_batch_size)
 
 

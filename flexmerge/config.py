@@ -39,6 +39,8 @@ class MergeConfig(BaseModel):
     max_relative_change: float = Field(0.5, gt=0, allow_inf_nan=False)
     executor: Literal["local", "threads", "ray"] = "local"
     ray_address: str | None = Field(None, description="an existing Ray cluster (default: start a local one)")
+    device: str = Field("cpu", description="where preprocessing, the similarity pass and merging compute: "
+                        "cpu | auto (CUDA when available) | cuda | cuda:N")
 
     @field_validator("models")
     @classmethod
@@ -60,6 +62,17 @@ class MergeConfig(BaseModel):
     def _one_target(self) -> "MergeConfig":
         if self.size is not None and self.max_bytes is not None:
             raise ValueError("give either size or max_bytes, not both")
+        return self
+
+    @model_validator(mode="after")
+    def _usable_device(self) -> "MergeConfig":
+        """An unknown or absent device fails here, before the validation pass reads any model."""
+        from flexmerge.device import resolve_device
+
+        try:
+            resolve_device(self.device, self.executor)
+        except ConfigError as e:
+            raise ValueError(str(e)) from None
         return self
 
     def plan_options(self) -> dict[str, Any]:

@@ -100,6 +100,7 @@ def sweep(
     seed: int = 0,
     base_accuracy: dict[str, float] | None = None,
     log: Callable[[str], None] = lambda s: None,
+    device: str | None = None,
 ) -> SweepResult:
     """Evaluate every (method, planner) at every size; sizes below a method's minimum are noted,
     sizes above the unmerged models' (M, plus the tasks' own parameters) are dropped.
@@ -108,7 +109,8 @@ def sweep(
     bit for bit), so its records reuse the fine-tuned evaluation instead of running it again.
 
     A method is a name or a spec with parameters, `twin:rank=4:base=ties` (see `parse_method_spec`),
-    so one sweep holds a method at several settings, each its own curve."""
+    so one sweep holds a method at several settings, each its own curve. `device`: where planning
+    and merging compute (see `flexmerge.device`); evaluation is the evaluator's business."""
     timings: dict[str, float] = {"plan": 0.0, "materialize": 0.0, "evaluate": 0.0}
     t0 = time.perf_counter()
     finetuned = {t: evaluator(t, tasks.finetuned_state_dict(i))
@@ -122,7 +124,7 @@ def sweep(
         for name in methods:
             method = spec_method(name, params)
             t0 = time.perf_counter()
-            path = build_path(tasks, partition, method, planner=planner, linkage=linkage, seed=seed)
+            path = build_path(tasks, partition, method, planner=planner, linkage=linkage, seed=seed, device=device)
             timings["plan"] += time.perf_counter() - t0
             log(f"{name}/{planner}: path of {path.num_points} points, {path.sizes[0]:.2f}x -> {path.min_size:.3f}x")
             for size in sizes:
@@ -140,7 +142,7 @@ def sweep(
                                 for t in tasks.names]
                     continue
                 t1 = time.perf_counter()
-                flex = materialize(tasks, partition, assignment, method)
+                flex = materialize(tasks, partition, assignment, method, device=device)
                 t2 = time.perf_counter()
                 for t in progress(tasks.names, f"evaluating {name} at {size:g}x"):
                     acc = evaluator(t, flex.state_dict(t))

@@ -17,6 +17,7 @@ import torch
 
 from flexmerge._progress import progress
 from flexmerge._scratch import DELTAS, TEMP_A, TEMP_B, release, scratch
+from flexmerge.device import to_device
 from flexmerge.io.source import rows_shape
 from flexmerge.taskvec import Chunk, TaskSet
 
@@ -28,8 +29,9 @@ class Transform:
 
     name = "transform"
 
-    def fit(self, tasks: TaskSet, before: "Pipeline") -> None:
-        """Compute global statistics; `before` are the transforms that run ahead of this one."""
+    def fit(self, tasks: TaskSet, before: "Pipeline", device: torch.device | None = None) -> None:
+        """Compute global statistics; `before` are the transforms that run ahead of this one;
+        `device`: where the streamed chunks are computed on (the statistics do not depend on it)."""
 
     def apply(self, task: int, chunk: Chunk, offset: int, delta: torch.Tensor) -> torch.Tensor:
         """Transform one task's delta on `chunk`; `offset` is the chunk's first flat element."""
@@ -51,16 +53,19 @@ class Pipeline:
 
     transforms: list[Transform] = field(default_factory=list)
 
-    def fit(self, tasks: TaskSet) -> "Pipeline":
+    def fit(self, tasks: TaskSet, device: torch.device | None = None) -> "Pipeline":
         for i, tr in enumerate(self.transforms):
-            tr.fit(tasks, Pipeline(self.transforms[:i]))
+            tr.fit(tasks, Pipeline(self.transforms[:i]), device)
         return self
 
     def deltas(self, tasks: TaskSet, chunk: Chunk, members: Sequence[int] | None = None,
-               base32: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
-        """The members' task vectors on `chunk`, transformed (`base32`, `out`: see `TaskSet.deltas`)."""
+               base32: torch.Tensor | None = None, out: torch.Tensor | None = None,
+               device: torch.device | None = None) -> torch.Tensor:
+        """The members' task vectors on `chunk`, transformed (`base32`, `out`: see `TaskSet.deltas`).
+
+        They are read on the host and moved to `device` (None: stay there), where the transforms run."""
         idx = list(range(tasks.num_tasks)) if members is None else list(members)
-        d = tasks.deltas(chunk, idx, base32=base32, out=out)
+        d = to_device(tasks.deltas(chunk, idx, base32=base32, out=out), device)
         if self.transforms:
             offset = chunk_offset(tasks, chunk)
             for tr in self.transforms:  # in place: `d` is the caller's buffer or a fresh tensor
@@ -104,20 +109,21 @@ class TopKTrim(Transform):
         self.tensor_thresholds: dict[str, list[float]] = {}  # key -> per task (scope "tensor")
         self._limits: dict[str | None, torch.Tensor] = {}  # the thresholds' fp32 bit patterns, by key (None: model)
 
-    def fit(self, tasks: TaskSet, before: Pipeline) -> None:
+    def fit(self, tasks: TaskSet, before: Pipeline, device: torch.device | None = None) -> None:
         if self.scope == "model":
             total = sum(tasks.meta[k].numel for k in tasks.mergeable)
-            self.thresholds = kth_largest_abs(tasks, before, trim_rank(total, self.keep, self.rule))
+            self.thresholds = kth_largest_abs(tasks, before, trim_rank(total, self.keep, self.rule), device=device)
             self._limits = {None: _bit_patterns(self.thresholds)}
             return
         self.tensor_thresholds = {
-            key: kth_largest_abs(tasks, before, trim_rank(tasks.meta[key].numel, self.keep, self.rule), keys=[key])
+            key: kth_largest_abs(tasks, before, trim_rank(tasks.meta[key].numel, self.keep, self.rule), keys=[key],
+                                 device=device)
             for key in tasks.mergeable if tasks.meta[key].numel}
         self._limits = {key: _bit_patterns(v) for key, v in self.tensor_thresholds.items()}
 
     def apply(self, task: int, chunk: Chunk, offset: int, delta: torch.Tensor) -> torch.Tensor:
         by_task = self.thresholds if self.scope == "model" else self.tensor_thresholds[chunk.key]
-        return torch.where(delta.abs() >= by_task[task], delta, torch.zeros((), dtype=delta.dtype))
+        return torch.where(delta.abs() >= by_task[task], delta, torch.zeros((), dtype=delta.dtype, device=delta.device))
 
     def apply_rows(self, tasks: Sequence[int], chunk: Chunk, offset: int, deltas: torch.Tensor) -> None:
         """Zero |τ| < threshold in place, all rows at once, on fp32 bit patterns: with the sign bit
@@ -127,7 +133,7 @@ class TopKTrim(Transform):
         if deltas.dtype != torch.float32 or not deltas.is_contiguous():
             return super().apply_rows(tasks, chunk, offset, deltas)
         by_key = self._limits[None if self.scope == "model" else chunk.key]
-        limits = (by_key[list(tasks)] - 1).view(-1, *[1] * (deltas.dim() - 1))
+        limits = (by_key[list(tasks)] - 1).to(deltas.device).view(-1, *[1] * (deltas.dim() - 1))
         mask = magnitude_bits(deltas, TEMP_A)
         torch.sub(limits, mask, out=mask).bitwise_right_shift_(31)
         deltas.view(torch.int32).bitwise_and_(mask)
@@ -171,17 +177,19 @@ class DareDrop(Transform):
         self.p, self.seed = p, seed
 
     def apply(self, task: int, chunk: Chunk, offset: int, delta: torch.Tensor) -> torch.Tensor:
-        u = hashed_uniform(self.seed, task, chunk.key, offset, delta.numel()).view_as(delta)
-        return torch.where(u >= self.p, delta / (1.0 - self.p), torch.zeros((), dtype=delta.dtype))
+        u = hashed_uniform(self.seed, task, chunk.key, offset, delta.numel(), delta.device).view_as(delta)
+        return torch.where(u >= self.p, delta / (1.0 - self.p), torch.zeros((), dtype=delta.dtype, device=delta.device))
 
     def params(self) -> dict[str, object]:
         return {"p": self.p, "seed": self.seed}
 
 
-def hashed_uniform(seed: int, task: int, key: str, offset: int, n: int) -> torch.Tensor:
-    """Uniform [0, 1) numbers for elements offset..offset+n of one tensor, chunking-independent."""
+def hashed_uniform(seed: int, task: int, key: str, offset: int, n: int,
+                   device: torch.device | None = None) -> torch.Tensor:
+    """Uniform [0, 1) numbers for elements offset..offset+n of one tensor, chunking-independent
+    (integer arithmetic: the same numbers on every device)."""
     salt = int.from_bytes(hashlib.blake2b(f"{seed}/{task}/{key}".encode(), digest_size=7).digest(), "little")
-    x = torch.arange(offset, offset + n, dtype=torch.int64) + salt
+    x = torch.arange(offset, offset + n, dtype=torch.int64, device=device) + salt
     # SplitMix64-style finalizer with wrapping int64 arithmetic (constants fit in int64).
     x = x * 0x1E3779B97F4A7C15
     x = x ^ (x >> 31)
@@ -190,17 +198,19 @@ def hashed_uniform(seed: int, task: int, key: str, offset: int, n: int) -> torch
     return ((x >> 11) & ((1 << 24) - 1)).to(torch.float32) / float(1 << 24)
 
 
-def kth_largest_abs(tasks: TaskSet, before: Pipeline, k: int, keys: Sequence[str] | None = None) -> list[float]:
+def kth_largest_abs(tasks: TaskSet, before: Pipeline, k: int, keys: Sequence[str] | None = None,
+                    device: torch.device | None = None) -> list[float]:
     """Exact k-th largest |τ_t| over all mergeable entries (or those of `keys`), per task, in two
-    streaming passes; entries that fit in one chunk are selected directly."""
+    streaming passes (on `device`); entries that fit in one chunk are selected directly."""
     chunks = [c for key in (tasks.mergeable if keys is None else keys) for c in tasks.chunks(key)]
     if len(chunks) == 1:
-        return before.deltas(tasks, chunks[0]).abs().flatten(1).float().topk(k, dim=1).values[:, -1].tolist()
+        d = before.deltas(tasks, chunks[0], device=device)
+        return d.abs().flatten(1).float().topk(k, dim=1).values[:, -1].tolist()
 
     def stream() -> Iterable[torch.Tensor]:
         for c in chunks:
             shape = (tasks.num_tasks, *rows_shape(tasks.meta[c.key].shape, c.rows))
-            yield before.deltas(tasks, c, out=scratch(DELTAS, shape, tasks.compute_dtype))
+            yield before.deltas(tasks, c, out=scratch(DELTAS, shape, tasks.compute_dtype), device=device)
 
     try:
         return kth_largest(stream, k, tasks.num_tasks, len(chunks), "trim thresholds")
@@ -215,12 +225,19 @@ def kth_largest(
 
     Pass 1 histograms the top 16 bits of each |x|'s fp32 bit pattern (monotone in |x|) with one
     bincount for all rows; pass 2 keeps only the values in the bin holding the k-th one and
-    selects in them. Memory: the histograms, one chunk, and the candidate bins."""
-    hist = torch.zeros(rows * _BINS, dtype=torch.int64)
-    offsets = (torch.arange(rows, dtype=torch.int32) * _BINS).view(rows, 1)
+    selects in them. Memory: the histograms, one chunk, and the candidate bins. The work runs
+    on the stream's device; counts and selections are exact, so the thresholds are the same on
+    every device."""
+    hist = offsets = None
     for x in progress(stream(), f"{desc} (1/2)", total=total):
+        if hist is None:  # on the device the chunks come on
+            hist = torch.zeros(rows * _BINS, dtype=torch.int64, device=x.device)
+            offsets = (torch.arange(rows, dtype=torch.int32, device=x.device) * _BINS).view(rows, 1)
         bins = magnitude_bits(_rows32(x, rows), TEMP_A).bitwise_right_shift_(16).add_(offsets)
         _count_into(hist, bins.view(-1))
+    if hist is None:  # an empty stream: no values, every threshold 0 as before
+        hist = torch.zeros(rows * _BINS, dtype=torch.int64)
+    device = hist.device
     hist = hist.view(rows, _BINS)
     above = hist.flip(1).cumsum(1).flip(1)  # above[r, b] = count of values in bins >= b
     target_bin, rank_in_bin = [], []
@@ -231,20 +248,20 @@ def kth_largest(
         rank_in_bin.append(k - higher)
     # The bin sizes are known, so the candidates go into preallocated buffers: collecting many
     # small tensors instead fragments the heap and inflates the resident memory.
-    kept = [torch.empty(int(hist[r, target_bin[r]])) for r in range(rows)]
+    kept = [torch.empty(int(hist[r, target_bin[r]]), device=device) for r in range(rows)]
     filled = [0] * rows
-    target = torch.tensor(target_bin, dtype=torch.int32).view(rows, 1)
+    target = torch.tensor(target_bin, dtype=torch.int32, device=device).view(rows, 1)
     for x in progress(stream(), f"{desc} (2/2)", total=total):
         flat = _rows32(x, rows)
         bins = magnitude_bits(flat, TEMP_A).bitwise_right_shift_(16)
-        hit = torch.eq(bins, target, out=scratch(TEMP_B, bins.shape, torch.bool))
+        hit = torch.eq(bins, target, out=scratch(TEMP_B, bins.shape, torch.bool, bins.device))
         for r in range(rows):
             vals = flat[r][hit[r]].abs_()
             kept[r][filled[r]:filled[r] + vals.numel()] = vals
             filled[r] += vals.numel()
     out = []
     for r in range(rows):
-        vals = kept[r] if kept[r].numel() else torch.zeros(1)
+        vals = kept[r] if kept[r].numel() else torch.zeros(1, device=device)
         rank = min(max(rank_in_bin[r], 1), vals.numel())
         out.append(float(torch.topk(vals, rank).values[-1]))
     return out
@@ -256,12 +273,12 @@ def _count_into(hist: torch.Tensor, bins: torch.Tensor) -> None:
     if bins.numel() >= 1 << 20:
         hist += torch.bincount(bins, minlength=hist.numel())
     else:
-        hist.index_add_(0, bins, torch.ones(1, dtype=hist.dtype).expand(bins.numel()))
+        hist.index_add_(0, bins, torch.ones(1, dtype=hist.dtype, device=hist.device).expand(bins.numel()))
 
 
 def magnitude_bits(x: torch.Tensor, name: str) -> torch.Tensor:
     """The int32 bit patterns of |x| for contiguous fp32 `x` (sign bit cleared), in a scratch buffer."""
-    return torch.bitwise_and(x.view(torch.int32), 0x7FFFFFFF, out=scratch(name, x.shape, torch.int32))
+    return torch.bitwise_and(x.view(torch.int32), 0x7FFFFFFF, out=scratch(name, x.shape, torch.int32, x.device))
 
 
 def _rows32(x: torch.Tensor, rows: int) -> torch.Tensor:
@@ -269,12 +286,13 @@ def _rows32(x: torch.Tensor, rows: int) -> torch.Tensor:
     return x.reshape(rows, -1).to(torch.float32).contiguous()
 
 
-def fitted_pipeline(tasks: TaskSet, method) -> Pipeline:
-    """The method's preprocessing, fitted on `tasks`; cached on the task set (fitting streams)."""
+def fitted_pipeline(tasks: TaskSet, method, device: torch.device | None = None) -> Pipeline:
+    """The method's preprocessing, fitted on `tasks` (streaming on `device`); cached on the task
+    set (fitting streams; what it finds is the same on every device)."""
     import json
 
     pipeline = method.pipeline()
     key = json.dumps(pipeline.describe(), sort_keys=True)
     if key not in tasks.fitted:
-        tasks.fitted[key] = pipeline.fit(tasks)
+        tasks.fitted[key] = pipeline.fit(tasks, device)
     return tasks.fitted[key]

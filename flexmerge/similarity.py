@@ -9,14 +9,17 @@ import torch
 
 from flexmerge._scratch import DELTAS, release, scratch
 from flexmerge.blocks import Partition
+from flexmerge.device import to_host
 from flexmerge.executors import get_executor
 from flexmerge.io.source import rows_shape
 from flexmerge.preprocess import Pipeline
 from flexmerge.taskvec import TaskSet, as_taskset, for_executor
 
 
-def block_grams(tasks: TaskSet, partition: Partition, pipeline: Pipeline | None = None, executor=None) -> torch.Tensor:
-    """(B, M, M) float64 Gram matrices: G[b, i, j] = <τ_i, τ_j> restricted to block b."""
+def block_grams(tasks: TaskSet, partition: Partition, pipeline: Pipeline | None = None, executor=None,
+                device: torch.device | None = None) -> torch.Tensor:
+    """(B, M, M) float64 Gram matrices: G[b, i, j] = <τ_i, τ_j> restricted to block b, the
+    products computed on `device` (None: the host), the matrices returned on the host."""
     pipeline = pipeline or Pipeline()
     m = tasks.num_tasks
     grams = torch.zeros(len(partition), m, m, dtype=torch.float64)
@@ -28,23 +31,25 @@ def block_grams(tasks: TaskSet, partition: Partition, pipeline: Pipeline | None 
         return grams
     ex = get_executor(executor)
     for b, g in enumerate(ex.map(block_gram, range(len(partition)), for_executor(tasks, ex), partition, pipeline,
-                                 desc="similarity pass")):
+                                 device, desc="similarity pass")):
         grams[b] = g
     release()  # this thread's buffers do not outlive the pass
     return grams
 
 
-def block_gram(tasks, partition: Partition, pipeline: Pipeline, b: int) -> torch.Tensor:
-    """One block's (M, M) Gram matrix, chunk by chunk (runs in a worker too)."""
+def block_gram(tasks, partition: Partition, pipeline: Pipeline, device: torch.device | None, b: int) -> torch.Tensor:
+    """One block's (M, M) Gram matrix, chunk by chunk, on `device` (runs in a worker too)."""
     ts = as_taskset(tasks)
     m = ts.num_tasks
-    gram = torch.zeros(m, m, dtype=torch.float64)
+    gram = None
     for p in partition.blocks[b].parts:
         for chunk in ts.chunks(p.key, p.rows):
             shape = (m, *rows_shape(ts.meta[chunk.key].shape, chunk.rows))
-            d = pipeline.deltas(ts, chunk, out=scratch(DELTAS, shape, ts.compute_dtype)).reshape(m, -1)
+            d = pipeline.deltas(ts, chunk, out=scratch(DELTAS, shape, ts.compute_dtype), device=device).reshape(m, -1)
+            if gram is None:  # on the device the chunks come on
+                gram = torch.zeros(m, m, dtype=torch.float64, device=d.device)
             gram += (d @ d.T).double()
-    return gram
+    return to_host(gram)
 
 
 def cosine_from_gram(gram: torch.Tensor) -> torch.Tensor:

@@ -103,11 +103,15 @@ class ArtifactHeader:
     size_from_stored: bool = False  # the method's storage depends on the data: `size` was a bound
 
     def job_key(self, frozen_keys: list[str]) -> str:
-        """Identifies a merge job, so that only the same job resumes from a partial directory."""
-        blob = json.dumps({"tasks": self.tasks, "method": self.method, "blocks": self.partition.names(),
-                           "groups": [list(map(list, g)) for g in self.assignment.groups], "frozen": frozen_keys,
-                           "inputs": self.info.get("inputs"), "version": __version__,
-                           "specific": {t: sorted(k) for t, k in self.specific.items()}}, sort_keys=True, default=str)
+        """Identifies a merge job, so that only the same job resumes from a partial directory (a GPU
+        merge's bits may differ from a CPU merge's: the device it runs on is part of the job)."""
+        job = {"tasks": self.tasks, "method": self.method, "blocks": self.partition.names(),
+               "groups": [list(map(list, g)) for g in self.assignment.groups], "frozen": frozen_keys,
+               "inputs": self.info.get("inputs"), "version": __version__,
+               "specific": {t: sorted(k) for t, k in self.specific.items()}}
+        if self.info.get("device"):
+            job["device"] = self.info["device"]
+        blob = json.dumps(job, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

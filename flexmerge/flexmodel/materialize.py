@@ -8,6 +8,7 @@ import torch
 
 from flexmerge._scratch import DELTAS, scratch
 from flexmerge.blocks import Partition
+from flexmerge.device import resolve_device, to_device
 from flexmerge.errors import ConfigError
 from flexmerge.executors import get_executor
 from flexmerge.flexmodel.model import BlockStore, FlexModel, StoredGroup, pack_masks
@@ -23,31 +24,37 @@ from flexmerge.taskvec import Chunk, TaskSet, as_taskset, for_executor
 
 def materialize_blocks(
     tasks: TaskSet, partition: Partition, assignment: Assignment, method: MergeMethod, pipeline: Pipeline,
-    executor=None, skip: set[int] = frozenset(),
+    executor=None, skip: set[int] = frozenset(), device=None,
 ) -> Iterator[tuple[int, BlockStore]]:
-    """Yield (index, storage) of every block not in `skip`, computed by `executor`.
+    """Yield (index, storage) of every block not in `skip`, computed by `executor`, merged on
+    `device` ("cpu", "auto", "cuda[:N]"; the stores are always in host memory).
 
     Blocks come in the reverse of the order the validation pass read their tensors in: the page
     cache then still holds the first ones asked for, and a model that (partly) fits in memory is
     (partly) not read from disk twice. In-process, one block's tensors are alive at a time
     (plus what the consumer keeps)."""
     ex = get_executor(executor)
+    device = resolve_device(device, ex)
     read_order = {k: i for i, k in enumerate(tasks.meta)}
     last_read = lambda b: max(read_order[p.key] for p in partition.blocks[b].parts)  # noqa: E731
     todo = sorted((b for b in range(len(partition)) if b not in skip), key=last_read, reverse=True)
-    stores = ex.map(_block_job, todo, for_executor(tasks, ex), partition, assignment, method, pipeline,
+    stores = ex.map(_block_job, todo, for_executor(tasks, ex), partition, assignment, method, pipeline, device,
                     desc="merging blocks")
     yield from zip(todo, stores)
 
 
 def _block_job(tasks, partition: Partition, assignment: Assignment, method: MergeMethod, pipeline: Pipeline,
-               b: int) -> BlockStore:
-    return materialize_block(as_taskset(tasks), partition, b, assignment.groups[b], method, pipeline)
+               device: torch.device, b: int) -> BlockStore:
+    return materialize_block(as_taskset(tasks), partition, b, assignment.groups[b], method, pipeline, device)
 
 
 def materialize_block(
-    tasks: TaskSet, partition: Partition, b: int, groups, method: MergeMethod, pipeline: Pipeline
+    tasks: TaskSet, partition: Partition, b: int, groups, method: MergeMethod, pipeline: Pipeline,
+    device: torch.device | None = None,
 ) -> BlockStore:
+    """One block's storage: each merged group's task vectors go to `device` chunk by chunk, are
+    merged there, and the result comes back to the host, where θ0 is added and it is cast to the
+    storage dtype."""
     parts = partition.blocks[b].parts
     chunks = [Chunk(p.key, p.rows) for p in parts]
     numels = [p.numel(tasks.meta[p.key]) for p in parts]
@@ -63,7 +70,8 @@ def materialize_block(
             continue
         if base is None:  # read once per block: every merged group's task vectors subtract it
             base = [tasks.read_base(c).contiguous() for c in chunks]
-        result = method.merge_chunks(_member_deltas(tasks, pipeline, method, list(g), chunks, base), views)
+        result = method.merge_chunks(_member_deltas(tasks, pipeline, method, list(g), chunks, base, device),
+                                     views).to_host()
         pieces = torch.split(result.delta, numels)
         if stored_with_masks(method, len(g)):
             masks = [pack_masks(m) for m in torch.split(result.masks, numels, dim=1)]
@@ -93,10 +101,11 @@ def _check_finite_result(group: StoredGroup, block: str, method: MergeMethod) ->
 
 
 def _member_deltas(tasks: TaskSet, pipeline: Pipeline, method: MergeMethod, members: list[int],
-                   parts: list[Chunk], base: list[torch.Tensor]) -> Iterator[tuple[int, torch.Tensor]]:
-    """The members' task vectors on a block, chunk by chunk, as (part index, (n, d_i)), against the
-    block's θ0 (`base`, one tensor per part). Elementwise methods consume each chunk before the
-    next, so one reused buffer holds them (no per-chunk page faults)."""
+                   parts: list[Chunk], base: list[torch.Tensor],
+                   device: torch.device | None = None) -> Iterator[tuple[int, torch.Tensor]]:
+    """The members' task vectors on a block, chunk by chunk, as (part index, (n, d_i)) on `device`,
+    against the block's θ0 (`base`, one tensor per part). Elementwise methods consume each chunk
+    before the next, so one reused buffer holds them (no per-chunk page faults)."""
     for p, (part, part_base) in enumerate(zip(parts, base)):
         first_row = part.rows[0] if part.rows is not None else 0
         for c in tasks.chunks(part.key, part.rows):
@@ -104,19 +113,22 @@ def _member_deltas(tasks: TaskSet, pipeline: Pipeline, method: MergeMethod, memb
             rows = part_base if c.rows is None else part_base[c.rows[0] - first_row: c.rows[1] - first_row]
             base32 = scratch("merge.base32", shape, tasks.compute_dtype).copy_(rows)
             out = scratch(DELTAS, (len(members), *shape), tasks.compute_dtype) if method.elementwise else None
-            deltas = pipeline.deltas(tasks, c, members, base32=base32, out=out).flatten(1)
+            deltas = pipeline.deltas(tasks, c, members, base32=base32, out=out, device=device).flatten(1)
             if method.uses_untransformed:  # the raw task vectors below the transformed ones
-                deltas = torch.cat([deltas, tasks.deltas(c, members, base32=base32).flatten(1)])
+                raw = to_device(tasks.deltas(c, members, base32=base32), device)
+                deltas = torch.cat([deltas, raw.flatten(1)])
             yield p, deltas
 
 
 def materialize(
     tasks: TaskSet, partition: Partition, assignment: Assignment, method: MergeMethod,
-    info: dict | None = None, executor=None,
+    info: dict | None = None, executor=None, device=None,
 ) -> FlexModel:
-    """The flex model of one assignment, in memory (`api.merge_to_disk` streams to disk instead)."""
-    pipeline = fitted_pipeline(tasks, method)
-    stores = dict(materialize_blocks(tasks, partition, assignment, method, pipeline, executor))
+    """The flex model of one assignment, in memory (`api.merge_to_disk` streams to disk instead),
+    merged on `device` (see `materialize_blocks`)."""
+    device = resolve_device(device, executor)
+    pipeline = fitted_pipeline(tasks, method, device)
+    stores = dict(materialize_blocks(tasks, partition, assignment, method, pipeline, executor, device=device))
     blocks = [stores[b] for b in range(len(partition))]
     size = point_size(tasks, partition, method, assignment.group_sizes())
     if method.data_dependent_size:  # the planned size was an upper bound; this is what is stored

@@ -16,5 +16,5 @@ class Average(MergeMethod):
     def merge(self, deltas: torch.Tensor) -> GroupResult:
         return GroupResult(deltas.mean(0))
 
-    def linear_weights(self, n: int) -> torch.Tensor:
-        return torch.full((n,), 1.0 / n, dtype=torch.float64)
+    def linear_weights(self, n: int, device: torch.device | None = None) -> torch.Tensor:
+        return torch.full((n,), 1.0 / n, dtype=torch.float64, device=device)

@@ -15,6 +15,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from flexmerge.blocks import PartView
+from flexmerge.device import to_host
 from flexmerge.errors import ConfigError, UnknownNameError
 from flexmerge.preprocess import DareDrop, Pipeline, Transform
 
@@ -38,6 +39,13 @@ class GroupResult:
         """Join the results of consecutive chunks of a block (elementwise methods)."""
         masks = torch.cat([p.masks for p in parts], 1) if parts[0].masks is not None else None
         return GroupResult(torch.cat([p.delta for p in parts]), masks, parts[0].scales)
+
+    def to_host(self) -> "GroupResult":
+        """This result in host memory (merging may have run on a GPU); on the CPU, itself."""
+        host = lambda t: None if t is None else to_host(t)  # noqa: E731
+        residuals = None if self.residuals is None else [[tuple(map(to_host, r)) for r in member]
+                                                         for member in self.residuals]
+        return GroupResult(to_host(self.delta), host(self.masks), host(self.scales), residuals)
 
     def task_delta(self, i: int) -> torch.Tensor:
         """The task vector that member i of the group reads."""
@@ -135,8 +143,9 @@ class MergeMethod:
         pieces = torch.split(deltas, [p.numel for p in parts], dim=1)
         return self.merge_chunks(list(enumerate(pieces)), parts)
 
-    def linear_weights(self, n: int) -> torch.Tensor | None:
-        """w with merged = Σ w_i τ_i when the method is linear (lets planning use Gram matrices)."""
+    def linear_weights(self, n: int, device: torch.device | None = None) -> torch.Tensor | None:
+        """w with merged = Σ w_i τ_i when the method is linear (lets planning use Gram matrices);
+        on `device` (None: the host)."""
         return None
 
     def describe(self) -> dict[str, object]:
@@ -152,8 +161,9 @@ def _merge_into(method: MergeMethod, chunks: BlockChunks, total: int) -> GroupRe
     for _, c in chunks:
         r = method.merge(c)
         if out is None:
-            masks = None if r.masks is None else torch.empty((r.masks.shape[0], total), dtype=r.masks.dtype)
-            out = GroupResult(torch.empty(total, dtype=r.delta.dtype), masks, r.scales)
+            masks = None if r.masks is None else torch.empty((r.masks.shape[0], total), dtype=r.masks.dtype,
+                                                             device=r.masks.device)
+            out = GroupResult(torch.empty(total, dtype=r.delta.dtype, device=r.delta.device), masks, r.scales)
         width = r.delta.numel()
         if at + width > total:
             raise ValueError(f"the chunks hold more than the parts' {total} entries")

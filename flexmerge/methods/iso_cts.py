@@ -53,9 +53,10 @@ def iso_cts_tensor(deltas: torch.Tensor, fraction: float) -> torch.Tensor:
     c, p = common_and_task_dims(k, n, fraction)
     u, s, vh = torch.linalg.svd(left_sum(deltas), full_matrices=False)
     u_c, s_c, v_c = u[:, :c], s[:c], vh[:c, :]
-    comb_u = torch.zeros(m, k, dtype=deltas.dtype)
-    comb_s = torch.zeros(k, dtype=deltas.dtype)
-    comb_v = torch.zeros(k, cols, dtype=deltas.dtype)
+    like = {"dtype": deltas.dtype, "device": deltas.device}
+    comb_u = torch.zeros(m, k, **like)
+    comb_s = torch.zeros(k, **like)
+    comb_v = torch.zeros(k, cols, **like)
     for i in range(n):
         w = deltas[i]
         u_t, s_t, vh_t = torch.linalg.svd(w - u_c @ u_c.T @ w, full_matrices=False)

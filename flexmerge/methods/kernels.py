@@ -11,10 +11,11 @@ SCRATCH_MAX = 1 << 25  # larger temporaries (whole blocks in merged-vector plann
 
 def _temp(name: str, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """A temporary shaped as `like`: a reused per-thread buffer for chunk-sized work (a fresh
-    multi-MB tensor page-faults on every page), a plain new tensor beyond SCRATCH_MAX."""
+    multi-MB tensor page-faults on every page), a plain new tensor beyond SCRATCH_MAX; on
+    `like`'s device."""
     if like.numel() > SCRATCH_MAX:
-        return torch.empty(like.shape, dtype=dtype)
-    return scratch(name, tuple(like.shape), dtype)
+        return torch.empty(like.shape, dtype=dtype, device=like.device)
+    return scratch(name, tuple(like.shape), dtype, like.device)
 
 
 def elect_sign(deltas: torch.Tensor) -> torch.Tensor:

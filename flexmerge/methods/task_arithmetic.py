@@ -26,10 +26,10 @@ class TaskArithmetic(MergeMethod):
     Params = TaskArithmeticParams
 
     def merge(self, deltas: torch.Tensor) -> GroupResult:
-        return GroupResult(self.linear_weights(deltas.shape[0]).to(deltas.dtype) @ deltas)
+        return GroupResult(self.linear_weights(deltas.shape[0], deltas.device).to(deltas.dtype) @ deltas)
 
-    def linear_weights(self, n: int) -> torch.Tensor:
+    def linear_weights(self, n: int, device: torch.device | None = None) -> torch.Tensor:
         if n == 1:
-            return torch.ones(1, dtype=torch.float64)
+            return torch.ones(1, dtype=torch.float64, device=device)
         w = self.p.lam / n if self.p.convention == "mean" else self.p.lam
-        return torch.full((n,), w, dtype=torch.float64)
+        return torch.full((n,), w, dtype=torch.float64, device=device)

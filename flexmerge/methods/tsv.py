@@ -40,9 +40,10 @@ def tsv_tensor(deltas: torch.Tensor) -> torch.Tensor:
     n, m, cols = deltas.shape
     k = min(m, cols)
     r = int(k * (1.0 / n))
-    sum_u = torch.zeros(m, k, dtype=deltas.dtype)
-    sum_s = torch.zeros(k, dtype=deltas.dtype)
-    sum_vh = torch.zeros(k, cols, dtype=deltas.dtype)
+    like = {"dtype": deltas.dtype, "device": deltas.device}
+    sum_u = torch.zeros(m, k, **like)
+    sum_s = torch.zeros(k, **like)
+    sum_vh = torch.zeros(k, cols, **like)
     for i in range(n):
         u, s, vh = torch.linalg.svd(deltas[i], full_matrices=False)
         sum_u[:, i * r:(i + 1) * r] = u[:, :r]

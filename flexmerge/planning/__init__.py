@@ -41,8 +41,11 @@ def build_path(
     measure: str = "cosine",
     seed: int = 0,
     executor=None,
+    device=None,
 ) -> MergePath:
-    """Plan the whole path from M× to the method's smallest size, with exact sizes per point."""
+    """Plan the whole path from M× to the method's smallest size, with exact sizes per point.
+
+    `device` ("cpu", "auto", "cuda[:N]"): where preprocessing and the similarity pass compute."""
     if planner not in PLANNERS:
         raise UnknownNameError("planner", planner, PLANNERS)
     if mode not in MODES:
@@ -51,12 +54,14 @@ def build_path(
         raise UnknownNameError("linkage", linkage, LINKAGES)
     if mode == "merged" and planner in ("channel", "cluster"):
         raise ConfigError(f"planner {planner!r} clusters task vectors; merged-vector mode applies to greedy orders")
+    from flexmerge.device import resolve_device
     from flexmerge.preprocess import fitted_pipeline
 
+    device = resolve_device(device, executor)
     t0 = time.perf_counter()
-    pipeline = fitted_pipeline(tasks, method)
+    pipeline = fitted_pipeline(tasks, method, device)
     t1 = time.perf_counter()
-    grams = block_grams(tasks, partition, pipeline, executor).numpy()
+    grams = block_grams(tasks, partition, pipeline, executor, device).numpy()
     t2 = time.perf_counter()
     sizer = SizeModel.build(partition, tasks.meta, method)
     options: dict[str, Any] = {"linkage": linkage, "mode": mode, "measure": measure, "seed": seed,
