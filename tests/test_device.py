@@ -256,3 +256,34 @@ def test_cli_merge_on_device_cpu_writes_the_default_artifact(zoo, tmp_path):
         assert names == sorted(p.name for p in (tmp_path / "b").iterdir())
         for n in names:
             assert (tmp_path / "a" / n).read_bytes() == (tmp_path / "b" / n).read_bytes(), n
+
+
+def test_own_model_sweep_plans_and_merges_on_the_device(tasks, monkeypatch):
+    """`flexmerge sweep --device` for own models: curve.sweep threads it to planning and merging."""
+    from flexmerge.curve import sweep
+
+    def score(task, state):
+        return float(sum(v.double().sum() for v in state.values()))
+
+    default = sweep(tasks, score, methods=["ties"], sizes=[2])
+    moves = _fake_cuda(monkeypatch)
+    on_gpu = sweep(tasks, score, methods=["ties"], sizes=[2], device="cuda")
+    assert [r.accuracy for r in on_gpu.records] == [r.accuracy for r in default.records]
+    assert any(d == "cuda:0" for _, d in moves) and any(d == "cpu" for _, d in moves)
+
+
+def test_a_gpu_merge_to_disk_names_its_device_and_is_its_own_job(zoo, tmp_path, monkeypatch):
+    """The artifact says where it was merged; a CPU job's key (and manifest) are as before."""
+    from flexmerge.flexmodel.artifact import ArtifactHeader, read_manifest
+
+    keys, real = [], ArtifactHeader.job_key
+    monkeypatch.setattr(ArtifactHeader, "job_key", lambda self, frozen: keys.append(real(self, frozen)) or keys[-1])
+    base, models = zoo
+    tasks = flexmerge.load_tasks(base, models)
+    flexmerge.merge_to_disk(tasks, tmp_path / "cpu", size=2, method="ties")
+    _fake_cuda(monkeypatch)
+    flexmerge.merge_to_disk(tasks, tmp_path / "gpu", size=2, method="ties", device="cuda")
+    cpu, gpu = read_manifest(tmp_path / "cpu"), read_manifest(tmp_path / "gpu")
+    assert "device" not in cpu["info"] and gpu["info"]["device"] == "cuda:0"
+    assert cpu["shards"] == gpu["shards"]  # the same bytes (the fake device computes on the CPU)
+    assert len(keys) == 2 and keys[0] != keys[1]  # a partial CPU merge does not resume on the GPU
