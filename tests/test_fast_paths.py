@@ -72,3 +72,17 @@ def test_disjoint_mean_equals_the_textbook_expression_bitwise(kind):
     got = disjoint_mean(d, sign)
     assert torch.equal(got.view(torch.int32), expected.view(torch.int32))
     assert torch.equal(d, before)  # the kernel does not touch its input
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_plus_base_equals_add_then_convert_bitwise(dtype, monkeypatch):
+    from flexmerge.flexmodel import materialize
+
+    monkeypatch.setattr(materialize, "CHUNK_ELEMENTS", 1000)  # several slices, a ragged last one
+    g = torch.Generator().manual_seed(4)
+    base = torch.randn(37, 61, generator=g).to(dtype)
+    delta = _adversarial("zeros", 1, 37 * 61, g).view(-1) * 1e-2
+    expected = delta.clone().view(base.shape).add_(base).to(dtype)
+    got = materialize.plus_base(delta.clone(), base, dtype)
+    assert got.dtype == dtype and got.shape == base.shape
+    assert torch.equal(got.view(torch.uint8), expected.view(torch.uint8))

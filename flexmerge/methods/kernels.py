@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from flexmerge._scratch import TEMP_A, TEMP_B, scratch
+from flexmerge._scratch import TEMP_A, scratch
 
 SCRATCH_MAX = 1 << 25  # larger temporaries (whole blocks in merged-vector planning) are not kept
 
@@ -33,12 +33,12 @@ def agrees(deltas: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
 
 def disjoint_mean(deltas: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
     """Mean over the members that agree with the elected sign (TIES' disjoint merge)."""
-    signed = torch.mul(deltas, sign, out=_temp(TEMP_B, deltas, deltas.dtype))
     # agrees() as 0/1 floats (sign is ±1): float products run ~5x faster than bool masks, and
-    # deltas * 1.0 / * 0.0 are the values (signed zeros included) of deltas * bool_mask
-    keep = torch.gt(signed, 0, out=_temp(TEMP_A, deltas, deltas.dtype))
-    kept = torch.mul(deltas, keep, out=signed)
-    return kept.sum(0) / keep.sum(0).clamp_min(1)
+    # deltas * 1.0 / * 0.0 are the values (signed zeros included) of deltas * bool_mask. One
+    # temporary: the mask is counted first, then multiplied in place (keep * d == d * keep).
+    keep = torch.mul(deltas, sign, out=_temp(TEMP_A, deltas, deltas.dtype)).gt_(0)
+    count = keep.sum(0).clamp_min_(1)
+    return keep.mul_(deltas).sum(0).div_(count)
 
 
 def disjoint_sum(deltas: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
