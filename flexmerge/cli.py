@@ -377,13 +377,15 @@ def _run_own(cfg, out: Path, methods: str, sizes: str, planners: str, evaluator:
 
 
 def _print_sweep(result, paths, title: str) -> None:
-    from flexmerge.report import summary_rows
+    from flexmerge.report import AREA_LABEL, area_ranking, summary_rows
 
     header, rows = summary_rows(result)
     table = Table(*header, title=title)
     for row in rows:
         table.add_row(*row)
     console.print(table)
+    console.print(f"ranking by {AREA_LABEL} (mean normalized accuracy over that span): "
+                  + " > ".join(f"{c} {a:.3f}" for c, a in area_ranking(result)), soft_wrap=True)
     ft = sum(result.finetuned.values()) / len(result.finetuned)
     line = f"fine-tuned mean accuracy {ft:.3f} (" + ", ".join(f"{t} {v:.3f}" for t, v in result.finetuned.items()) + ")"
     if result.base:
@@ -391,7 +393,7 @@ def _print_sweep(result, paths, title: str) -> None:
     console.print(line, soft_wrap=True)
     console.print("time: " + ", ".join(f"{k} {v:.1f}s" for k, v in result.timings.items()), soft_wrap=True)
     console.print(f"plots: {paths['normalized_plot']}  {paths['accuracy_plot']}", soft_wrap=True)
-    console.print(f"tables: {paths['csv']}  {paths['json']}  {paths['ranking']}", soft_wrap=True)
+    console.print(f"tables: {paths['csv']}  {paths['json']}  {paths['ranking']}  {paths['areas']}", soft_wrap=True)
 
 
 SuiteOpt = typer.Option(None, "--suite", help="benchmark suite: wordnet (default) | wordnet20 | digits")
@@ -409,7 +411,7 @@ def sweep(
     planners: str = typer.Option("greedy", "--planners",
                                  help="comma-separated: greedy, left-right, right-left, random, channel, cluster"),
     granularity: Optional[str] = GranOpt,
-    out: Path = typer.Option(Path("results"), "--out", help="directory for results.csv/json, ranking.md, plots"),
+    out: Path = typer.Option(Path("results"), "--out", help="directory for results.csv/json, areas.csv, ranking.md, plots"),
     cache_dir: Optional[Path] = CacheOpt,
     rebuild: bool = RebuildOpt,
     base: Optional[Path] = BaseOpt, model: Optional[list[str]] = ModelOpt, config: Optional[Path] = ConfigOpt,
