@@ -231,7 +231,7 @@ def _replay(path, num_tasks):
 @pytest.mark.parametrize("planner", ["recon", "output"])
 @pytest.mark.parametrize("method", ["task_arithmetic", "ties"])
 def test_cost_planner_paths_are_valid_and_deterministic(tasks, planner, method):
-    cal = _calibration(tasks) if planner == "output" else None
+    cal = _calibration(tasks) if planner != "recon" else None
     path = flexmerge.plan(tasks, method=method, planner=planner, calibration=cal, seed=3)
     m = tasks.num_tasks
     assert len(path.steps) == len(path.block_names) * (m - 1)
@@ -241,7 +241,7 @@ def test_cost_planner_paths_are_valid_and_deterministic(tasks, planner, method):
     again = flexmerge.plan(tasks, method=method, planner=planner, calibration=_calibration(tasks)
                            if cal else None, seed=3)
     assert [(s.block, s.left, s.right) for s in again.steps] == [(s.block, s.left, s.right) for s in path.steps]
-    assert path.options["norm"] == "task" and path.options["per_byte"] is True
+    assert path.options["norm"] == "block" and path.options["byte_power"] == 1.0
 
 
 def test_output_metric_is_the_change_of_the_layer_outputs(tasks):
@@ -307,7 +307,7 @@ def test_cost_greedy_against_every_assignment():
             x = rng.normal(size=(m, 6)) + rng.normal(size=6)  # shared direction: tasks are alike
             quad[b, t] = x @ x.T
     cost = QuadraticCost(quad, lambda n: np.full(n, 1.5 / n))
-    steps = run_cost_greedy(cost, lambda b, groups, i, j: block_units[b], per_byte=True)
+    steps = run_cost_greedy(cost, lambda b, groups, i, j: block_units[b], byte_power=1.0)
     partitions = list(_set_partitions(list(range(m))))
     best: dict[float, float] = {}
     for pa, pb in itertools.product(partitions, partitions):

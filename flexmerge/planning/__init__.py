@@ -57,7 +57,7 @@ def build_path(
     """Plan the whole path from M× to the method's smallest size, with exact sizes per point.
 
     `calibration`: unlabelled inputs per task, needed by the data-aware planners (DATA_PLANNERS);
-    `cost_options`: settings of the cost planners (`norm`, `per_byte`, `rank`, see `costs`)."""
+    `cost_options`: settings of the cost planners (`norm`, `byte_power`, `rank`, see `costs`)."""
     if planner not in PLANNERS:
         raise UnknownNameError("planner", planner, PLANNERS)
     if mode not in MODES:
@@ -105,7 +105,7 @@ def build_path(
     return path
 
 
-COST_DEFAULTS: dict[str, Any] = {"norm": "task", "per_byte": True, "rank": DEFAULT_RANK}
+COST_DEFAULTS: dict[str, Any] = {"norm": "block", "byte_power": 1.0, "rank": DEFAULT_RANK}
 
 
 def _cost_path(tasks, partition, method, pipeline, grams, sizer: SizeModel, planner: str,
@@ -114,10 +114,10 @@ def _cost_path(tasks, partition, method, pipeline, grams, sizer: SizeModel, plan
     unknown = sorted(set(costs) - set(COST_DEFAULTS))
     if unknown:
         raise ConfigError(f"unknown cost planner options {unknown}; known: {sorted(COST_DEFAULTS)}")
-    if planner == "output":
-        quad = output_quadratics(tasks, partition, pipeline, task_metrics(tasks, calibration, int(costs["rank"])))
-    else:
+    if planner == "recon":
         quad = parameter_quadratics(grams)
+    else:
+        quad = output_quadratics(tasks, partition, pipeline, task_metrics(tasks, calibration, int(costs["rank"])))
     cost = QuadraticCost(quad, method_weights(method), costs["norm"])
 
     def saved(b: int, groups: list[list[int]], i: int, j: int) -> float:
@@ -125,7 +125,7 @@ def _cost_path(tasks, partition, method, pipeline, grams, sizer: SizeModel, plan
         fused = [len(g) for k, g in enumerate(groups) if g and k not in (i, j)] + [len(groups[i]) + len(groups[j])]
         return (sizer.block_total(b, sizes) - sizer.block_total(b, fused)) / sizer.unit_bytes
 
-    raw = run_cost_greedy(cost, saved, per_byte=bool(costs["per_byte"]))
+    raw = run_cost_greedy(cost, saved, byte_power=float(costs["byte_power"]))
     return _sized_steps(raw, len(partition), tasks.num_tasks, sizer)
 
 

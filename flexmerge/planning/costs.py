@@ -8,8 +8,8 @@ are not linear are scored as the plain mean). Task t ∈ S then sees Δ_t = merg
 
 where K[b, t][i, j] = <τ_i, τ_j> on block b measured in task t's metric: the plain parameter inner
 product (data-free) or the change of the block's outputs on task t's calibration inputs
-(`activations`). A step fuses the pair with the least cost(A ∪ B) − cost(A) − cost(B), per byte
-saved when `per_byte`. `norm_t` is task t's whole fine-tuning change Σ_b K[b, t][t, t] ("task"), or
+(`activations`). A step fuses the pair with the least cost(A ∪ B) − cost(A) − cost(B), divided by
+(size saved)^byte_power. `norm_t` is task t's whole fine-tuning change Σ_b K[b, t][t, t] ("task"), or
 per block K[b, t][t, t] ("block", scale-free per block like a cosine).
 """
 
@@ -69,7 +69,7 @@ def _measured(d: torch.Tensor, metric: Metric, lo: int) -> torch.Tensor:
 class QuadraticCost:
     """cost_t(S) of every group from K, the method's weights and the chosen normalization."""
 
-    def __init__(self, quad: np.ndarray, weights: Weights, norm: str = "task"):
+    def __init__(self, quad: np.ndarray, weights: Weights, norm: str = "block"):
         if norm not in NORMS:
             raise UnknownNameError("cost normalization", norm, NORMS)
         self.quad, self.weights = quad, weights
@@ -101,8 +101,9 @@ def method_weights(method) -> Weights:
 
 
 def run_cost_greedy(cost: QuadraticCost, saved: Callable[[int, list[list[int]], int, int], float],
-                    per_byte: bool = True) -> list[RawStep]:
-    """Fuse the cheapest pair (per unit size saved when `per_byte`) until each block has one group.
+                    byte_power: float = 1.0) -> list[RawStep]:
+    """Fuse the cheapest pair, cost / saved^byte_power (1: per unit of size saved, 0: cost alone),
+    until each block has one group.
 
     The recorded similarity is minus the chosen score (higher = fused earlier, as greedy's).
     `saved(b, groups, i, j)` is the size a fusion of groups i and j of block b frees. Ties go to
@@ -116,7 +117,7 @@ def run_cost_greedy(cost: QuadraticCost, saved: Callable[[int, list[list[int]], 
         a, c = sorted((i, j))
         merged = sorted(groups[b][a] + groups[b][c])
         delta = cost.group(b, merged) - own[b][a] - own[b][c]
-        score[b, a, c] = delta / max(saved(b, groups[b], a, c), 1e-12) if per_byte else delta
+        score[b, a, c] = delta / max(saved(b, groups[b], a, c), 1e-12) ** byte_power if byte_power else delta
 
     for b in range(num_blocks):
         for i in range(m):
