@@ -30,7 +30,8 @@ ModelOpt = typer.Option(None, "--model", help="a fine-tuned model as NAME=PATH (
 MethodOpt = typer.Option(None, "--method", help="merging method (see `flexmerge methods`) [default: task_arithmetic]")
 ParamOpt = typer.Option(None, "--param", help="method hyperparameter KEY=VALUE, e.g. lam=1.0 (repeatable)")
 GranOpt = typer.Option(None, "--granularity", help="layer | sublayer | tensor | split:K [default: sublayer]")
-PlannerOpt = typer.Option(None, "--planner", help="greedy | left-right | right-left | random | channel | cluster")
+PlannerOpt = typer.Option(None, "--planner", help="greedy | recon | left-right | right-left | random | channel | "
+                                                  "cluster (output: data-aware, suites only; docs/planners.md)")
 LinkageOpt = typer.Option(None, "--linkage", help="constituent linkage: min (default) | avg | max")
 ModeOpt = typer.Option(None, "--mode", help="similarity: constituent (default) | merged")
 MeasureOpt = typer.Option(None, "--measure", help="merged-vector measure: cosine | euclidean | sign")
@@ -409,7 +410,9 @@ def sweep(
                                      "twin:rank=4:base=ties"),
     sizes: str = typer.Option(DEFAULT_SIZES, "--sizes", help="comma-separated sizes (sizes above M are dropped)"),
     planners: str = typer.Option("greedy", "--planners",
-                                 help="comma-separated: greedy, left-right, right-left, random, channel, cluster"),
+                                 help="comma-separated: greedy, output (data-aware: the suite's unlabelled "
+                                      "validation inputs), recon, left-right, right-left, random, channel, "
+                                      "cluster"),
     granularity: Optional[str] = GranOpt,
     out: Path = typer.Option(Path("results"), "--out", help="directory for results.csv/json, areas.csv, ranking.md, plots"),
     cache_dir: Optional[Path] = CacheOpt,

@@ -324,7 +324,7 @@ def test_cost_greedy_against_every_assignment():
         gaps.append(total / best[size] if best[size] > 0 else 1.0)
     assert gaps[0] == pytest.approx(1.0)  # the first fusion is the cheapest one of all
     assert gaps[-1] == pytest.approx(1.0)  # one group per block: a single assignment
-    assert max(gaps) < 1.25, gaps  # measured: within 25% of the optimum at every point of this case
+    assert max(gaps) < 1.15, gaps  # measured: optimal at 5 of the 6 points, 1.127x the optimum at the 2nd
 
 
 # The 1x-3x area of a curve ----------------------------------------------------------------------
