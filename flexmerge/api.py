@@ -18,6 +18,7 @@ from flexmerge.flexmodel.materialize import materialize as _materialize
 from flexmerge.flexmodel.model import FlexModel
 from flexmerge.methods.base import MergeMethod, get_method
 from flexmerge.planning import MergePath, build_path
+from flexmerge.planning.activations import Calibration
 from flexmerge.preprocess import fitted_pipeline
 from flexmerge.errors import ConfigError, SizeError
 from flexmerge.planning.path import Assignment
@@ -54,14 +55,19 @@ def plan(
     seed: int = 0,
     executor=None,
     device: str | None = None,
+    calibration: Calibration | None = None,
+    cost_options: Mapping[str, Any] | None = None,
 ) -> MergePath:
     """The merge path from M× to the method's smallest size; cut it with `path.cut(size)`.
 
     `device`: "cpu" (default), "auto" (CUDA when available) or "cuda[:N]", where preprocessing
-    and the similarity pass compute (docs/scale.md, "Devices")."""
+    and the similarity pass compute (docs/scale.md, "Devices"). `calibration`: unlabelled inputs
+    per task for the data-aware planners (`planner="output"`); `cost_options`: settings of the
+    cost planners (see `flexmerge.planning.costs`)."""
     partition = partition or discover_blocks(tasks, granularity, patterns)
     return build_path(tasks, partition, _method(method, params), planner=planner, linkage=linkage,
-                      mode=mode, measure=measure, seed=seed, executor=executor, device=device)
+                      mode=mode, measure=measure, seed=seed, executor=executor, device=device,
+                      calibration=calibration, cost_options=dict(cost_options) if cost_options else None)
 
 
 def materialize(

@@ -30,7 +30,8 @@ ModelOpt = typer.Option(None, "--model", help="a fine-tuned model as NAME=PATH (
 MethodOpt = typer.Option(None, "--method", help="merging method (see `flexmerge methods`) [default: task_arithmetic]")
 ParamOpt = typer.Option(None, "--param", help="method hyperparameter KEY=VALUE, e.g. lam=1.0 (repeatable)")
 GranOpt = typer.Option(None, "--granularity", help="layer | sublayer | tensor | split:K [default: sublayer]")
-PlannerOpt = typer.Option(None, "--planner", help="greedy | left-right | right-left | random | channel | cluster")
+PlannerOpt = typer.Option(None, "--planner", help="greedy | recon | left-right | right-left | random | channel | "
+                                                  "cluster (output: data-aware, suites only; docs/planners.md)")
 LinkageOpt = typer.Option(None, "--linkage", help="constituent linkage: min (default) | avg | max")
 ModeOpt = typer.Option(None, "--mode", help="similarity: constituent (default) | merged")
 MeasureOpt = typer.Option(None, "--measure", help="merged-vector measure: cosine | euclidean | sign")
@@ -382,13 +383,15 @@ def _run_own(cfg, out: Path, methods: str, sizes: str, planners: str, evaluator:
 
 
 def _print_sweep(result, paths, title: str) -> None:
-    from flexmerge.report import summary_rows
+    from flexmerge.report import AREA_LABEL, area_ranking, summary_rows
 
     header, rows = summary_rows(result)
     table = Table(*header, title=title)
     for row in rows:
         table.add_row(*row)
     console.print(table)
+    console.print(f"ranking by {AREA_LABEL} (mean normalized accuracy over that span): "
+                  + " > ".join(f"{c} {a:.3f}" for c, a in area_ranking(result)), soft_wrap=True)
     ft = sum(result.finetuned.values()) / len(result.finetuned)
     line = f"fine-tuned mean accuracy {ft:.3f} (" + ", ".join(f"{t} {v:.3f}" for t, v in result.finetuned.items()) + ")"
     if result.base:
@@ -396,7 +399,7 @@ def _print_sweep(result, paths, title: str) -> None:
     console.print(line, soft_wrap=True)
     console.print("time: " + ", ".join(f"{k} {v:.1f}s" for k, v in result.timings.items()), soft_wrap=True)
     console.print(f"plots: {paths['normalized_plot']}  {paths['accuracy_plot']}", soft_wrap=True)
-    console.print(f"tables: {paths['csv']}  {paths['json']}  {paths['ranking']}", soft_wrap=True)
+    console.print(f"tables: {paths['csv']}  {paths['json']}  {paths['ranking']}  {paths['areas']}", soft_wrap=True)
 
 
 SuiteOpt = typer.Option(None, "--suite", help="benchmark suite: wordnet (default) | wordnet20 | digits")
@@ -412,9 +415,11 @@ def sweep(
                                      "twin:rank=4:base=ties"),
     sizes: str = typer.Option(DEFAULT_SIZES, "--sizes", help="comma-separated sizes (sizes above M are dropped)"),
     planners: str = typer.Option("greedy", "--planners",
-                                 help="comma-separated: greedy, left-right, right-left, random, channel, cluster"),
+                                 help="comma-separated: greedy, output (data-aware: the suite's unlabelled "
+                                      "validation inputs), recon, left-right, right-left, random, channel, "
+                                      "cluster"),
     granularity: Optional[str] = GranOpt,
-    out: Path = typer.Option(Path("results"), "--out", help="directory for results.csv/json, ranking.md, plots"),
+    out: Path = typer.Option(Path("results"), "--out", help="directory for results.csv/json, areas.csv, ranking.md, plots"),
     cache_dir: Optional[Path] = CacheOpt,
     rebuild: bool = RebuildOpt,
     base: Optional[Path] = BaseOpt, model: Optional[list[str]] = ModelOpt, config: Optional[Path] = ConfigOpt,

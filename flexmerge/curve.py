@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from flexmerge._progress import progress
@@ -19,12 +20,38 @@ from flexmerge.api import discover_blocks
 from flexmerge.errors import SizeError
 from flexmerge.flexmodel.materialize import materialize
 from flexmerge.methods.base import get_method, parse_method_spec
-from flexmerge.planning import build_path
+from flexmerge.planning import COST_PLANNERS, build_path
+from flexmerge.planning.activations import Calibration
 from flexmerge.planning.path import SIZE_TOLERANCE, Assignment
 from flexmerge.size import point_size, specific_units
 from flexmerge.taskvec import TaskSet
 
 Evaluator = Callable[[str, dict[str, torch.Tensor]], float]
+AREA_SPAN = (1.0, 3.0)
+
+
+def curve_area(points: Sequence[tuple[float, float]], lo: float = AREA_SPAN[0], hi: float = AREA_SPAN[1]) -> float | None:
+    """Mean height of the piecewise-linear curve through (exact size, value) points over [lo, hi]:
+    the trapezoid area between lo and hi divided by hi - lo (so a flat curve at 0.9 scores 0.9).
+
+    Points are sorted by size (equal sizes averaged). The value at a bound is linear interpolation
+    between the nearest points on either side; a point exactly at a bound is that value; points
+    outside [lo, hi] enter only through that interpolation. Past the largest point the curve stays
+    flat up to hi (a budget of hi deploys the largest point at or below it). None when no point is
+    at or below lo (nothing is deployable at lo, so the area is undefined)."""
+    if not lo < hi:
+        raise ValueError(f"area bounds must satisfy lo < hi, got [{lo}, {hi}]")
+    by_size: dict[float, list[float]] = {}
+    for size, value in points:
+        by_size.setdefault(float(size), []).append(float(value))
+    xs = sorted(by_size)
+    if not xs or xs[0] > lo + SIZE_TOLERANCE:
+        return None
+    ys = [sum(by_size[x]) / len(by_size[x]) for x in xs]
+    inner = [(lo, float(np.interp(lo, xs, ys)))] + [(x, y) for x, y in zip(xs, ys) if lo < x < hi]
+    inner.append((hi, float(np.interp(hi, xs, ys))))  # np.interp is flat past the largest point
+    area = sum((x1 - x0) * (y0 + y1) / 2 for (x0, y0), (x1, y1) in zip(inner, inner[1:]))
+    return area / (hi - lo)
 
 
 @dataclass
@@ -69,9 +96,15 @@ class SweepResult:
             })
         return out
 
+    def areas(self, lo: float = AREA_SPAN[0], hi: float = AREA_SPAN[1]) -> dict[str, float | None]:
+        """Per curve, `curve_area` of its mean normalized accuracy over exact sizes [lo, hi]."""
+        return {curve: curve_area([(p["size"], p["normalized"]) for p in points], lo, hi)
+                for curve, points in self.curves().items()}
+
     def to_dict(self) -> dict[str, Any]:
         return {"records": [asdict(r) for r in self.records], "finetuned": self.finetuned, "base": self.base,
-                "curves": self.curves(), "timings_s": self.timings, "meta": self.meta}
+                "curves": self.curves(), "areas": {"span": list(AREA_SPAN), "normalized": self.areas()},
+                "timings_s": self.timings, "meta": self.meta}
 
 
 def is_unmerged(assignment: Assignment) -> bool:
@@ -101,6 +134,8 @@ def sweep(
     base_accuracy: dict[str, float] | None = None,
     log: Callable[[str], None] = lambda s: None,
     device: str | None = None,
+    calibration: Calibration | None = None,
+    cost_options: dict[str, Any] | None = None,
 ) -> SweepResult:
     """Evaluate every (method, planner) at every size; sizes below a method's minimum are noted,
     sizes above the unmerged models' (M, plus the tasks' own parameters) are dropped.
@@ -110,7 +145,9 @@ def sweep(
 
     A method is a name or a spec with parameters, `twin:rank=4:base=ties` (see `parse_method_spec`),
     so one sweep holds a method at several settings, each its own curve. `device`: where planning
-    and merging compute (see `flexmerge.device`); evaluation is the evaluator's business."""
+    and merging compute (see `flexmerge.device`); evaluation is the evaluator's business.
+    `calibration` (unlabelled inputs per task) is what the data-aware planners read; `cost_options`
+    set the cost planners."""
     timings: dict[str, float] = {"plan": 0.0, "materialize": 0.0, "evaluate": 0.0}
     t0 = time.perf_counter()
     finetuned = {t: evaluator(t, tasks.finetuned_state_dict(i))
@@ -124,7 +161,8 @@ def sweep(
         for name in methods:
             method = spec_method(name, params)
             t0 = time.perf_counter()
-            path = build_path(tasks, partition, method, planner=planner, linkage=linkage, seed=seed, device=device)
+            path = build_path(tasks, partition, method, planner=planner, linkage=linkage, seed=seed, device=device,
+                              calibration=calibration, cost_options=cost_options if planner in COST_PLANNERS else None)
             timings["plan"] += time.perf_counter() - t0
             log(f"{name}/{planner}: path of {path.num_points} points, {path.sizes[0]:.2f}x -> {path.min_size:.3f}x")
             for size in sizes:

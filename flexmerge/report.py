@@ -9,7 +9,7 @@ from dataclasses import asdict, fields
 from pathlib import Path
 
 from flexmerge._atomic import write_bytes_atomic, write_text_atomic
-from flexmerge.curve import SweepRecord, SweepResult
+from flexmerge.curve import AREA_SPAN, SweepRecord, SweepResult
 
 
 def ranking(result: SweepResult) -> list[tuple[float, list[tuple[str, float]]]]:
@@ -21,16 +21,30 @@ def ranking(result: SweepResult) -> list[tuple[float, list[tuple[str, float]]]]:
     return [(s, sorted(v, key=lambda x: -x[1])) for s, v in sorted(by_size.items())]
 
 
+AREA_LABEL = f"area {AREA_SPAN[0]:g}-{AREA_SPAN[1]:g}x"
+
+
+def _area_text(area: float | None) -> str:
+    return "-" if area is None else f"{area:.3f}"
+
+
 def summary_rows(result: SweepResult) -> tuple[list[str], list[list[str]]]:
-    """A table: one row per curve, one column per requested size (mean normalized accuracy)."""
+    """A table: one row per curve, one column per requested size (mean normalized accuracy), and the
+    curve's area over 1x-3x (`curve_area`: its mean normalized accuracy over that span)."""
     sizes = result.meta.get("sizes") or sorted({r.requested_size for r in result.records})
-    curves = result.curves()
-    header = ["curve", *[f"{s:g}x" for s in sizes]]
+    curves, areas = result.curves(), result.areas()
+    header = ["curve", *[f"{s:g}x" for s in sizes], AREA_LABEL]
     rows = []
     for curve in sorted(curves):
         at = {p["requested_size"]: p for p in curves[curve]}
-        rows.append([curve, *[f"{at[s]['normalized']:.3f}" if s in at else "-" for s in sizes]])
+        rows.append([curve, *[f"{at[s]['normalized']:.3f}" if s in at else "-" for s in sizes],
+                     _area_text(areas[curve])])
     return header, rows
+
+
+def area_ranking(result: SweepResult) -> list[tuple[str, float]]:
+    """Curves with a defined 1x-3x area, best first."""
+    return sorted(((c, a) for c, a in result.areas().items() if a is not None), key=lambda x: -x[1])
 
 
 def write_results(result: SweepResult, out: str | Path) -> dict[str, Path]:
@@ -46,9 +60,22 @@ def write_results(result: SweepResult, out: str | Path) -> dict[str, Path]:
     write_text_atomic(out / "results.csv", buf.getvalue())
     write_text_atomic(out / "results.json", json.dumps(result.to_dict(), indent=1))
     write_text_atomic(out / "ranking.md", ranking_markdown(result))
-    paths = {"csv": out / "results.csv", "json": out / "results.json", "ranking": out / "ranking.md"}
+    write_text_atomic(out / "areas.csv", areas_csv(result))
+    paths = {"csv": out / "results.csv", "json": out / "results.json", "ranking": out / "ranking.md",
+             "areas": out / "areas.csv"}
     paths.update(plot_curves(result, out))
     return paths
+
+
+def areas_csv(result: SweepResult) -> str:
+    """One row per curve: method, planner and its 1x-3x area of mean normalized accuracy (empty: undefined)."""
+    planner_of = {r.curve: (r.method, r.planner) for r in result.records}
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(["curve", "method", "planner", "area_from", "area_to", "normalized_area"])
+    for curve, area in sorted(result.areas().items()):
+        writer.writerow([curve, *planner_of[curve], *AREA_SPAN, "" if area is None else area])
+    return buf.getvalue()
 
 
 def ranking_markdown(result: SweepResult) -> str:
@@ -59,6 +86,7 @@ def ranking_markdown(result: SweepResult) -> str:
     lines += ["", "## Ranking at each size", "", "| size | ranking (best first) |", "|---|---|"]
     for size, order in ranking(result):
         lines.append(f"| {size:g}x | " + " > ".join(f"{c} ({v:.3f})" for c, v in order) + " |")
+    lines.append(f"| {AREA_LABEL} | " + " > ".join(f"{c} ({v:.3f})" for c, v in area_ranking(result)) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -70,7 +98,7 @@ def plot_curves(result: SweepResult, out: str | Path) -> dict[str, Path]:
     import matplotlib.pyplot as plt
 
     out = Path(out)
-    curves = result.curves()
+    curves, areas = result.curves(), result.areas()
     ft_mean = sum(result.finetuned.values()) / len(result.finetuned)
     base_mean = sum(result.base.values()) / len(result.base) if result.base else None
     base_norm = (sum(result.base[t] / result.finetuned[t] for t in result.finetuned) / len(result.finetuned)
@@ -82,7 +110,8 @@ def plot_curves(result: SweepResult, out: str | Path) -> dict[str, Path]:
     ]:
         fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
         for curve, points in sorted(curves.items()):
-            ax.plot([p["size"] for p in points], [p[key] for p in points], marker="o", label=curve)
+            label = f"{curve} ({AREA_LABEL} {_area_text(areas[curve])})" if key == "normalized" else curve
+            ax.plot([p["size"] for p in points], [p[key] for p in points], marker="o", label=label)
         ax.axhline(ft_level, color="black", linestyle="--", linewidth=1, label="fine-tuned (Mx)")
         if base_level is not None:
             ax.axhline(base_level, color="gray", linestyle=":", linewidth=1, label="base + trained head")

@@ -176,3 +176,189 @@ def test_grams_from_the_validation_pass_equal_a_fresh_streaming_pass(tasks, monk
     monkeypatch.setattr(taskvec, "CHUNK_ELEMENTS", 64)
     streamed = block_grams(tasks, part)
     torch.testing.assert_close(from_scan, streamed, rtol=1e-5, atol=1e-9)
+
+
+# Cost planners (recon: data-free, output: data-aware) -------------------------------------------
+
+class TinyNet(torch.nn.Module):
+    """The architecture of conftest's tiny checkpoints, so calibration can run them."""
+
+    def __init__(self):
+        from tests.conftest import HIDDEN, LAYERS
+
+        super().__init__()
+        self.embed = torch.nn.Embedding(20, HIDDEN)
+        self.layers = torch.nn.ModuleList()
+        for _ in range(LAYERS):
+            layer = torch.nn.Module()
+            layer.attn = torch.nn.Module()
+            layer.attn.qkv = torch.nn.Linear(HIDDEN, 3 * HIDDEN)
+            layer.norm1 = torch.nn.LayerNorm(HIDDEN, bias=False)
+            layer.mlp = torch.nn.Module()
+            layer.mlp.fc1 = torch.nn.Linear(HIDDEN, 2 * HIDDEN, bias=False)
+            layer.mlp.fc2 = torch.nn.Linear(2 * HIDDEN, HIDDEN, bias=False)
+            layer.norm2 = torch.nn.LayerNorm(HIDDEN, bias=False)
+            self.layers.append(layer)
+        self.final_norm = torch.nn.LayerNorm(HIDDEN, bias=False)
+
+    def forward(self, ids):
+        h = self.embed(ids)
+        for layer in self.layers:
+            q = layer.attn.qkv(layer.norm1(h))[..., : h.shape[-1]]
+            h = h + q
+            h = h + layer.mlp.fc2(torch.nn.functional.gelu(layer.mlp.fc1(layer.norm2(h))))
+        return self.final_norm(h)
+
+
+def _calibration(tasks):
+    from flexmerge.planning.activations import Calibration
+
+    inputs = {t: torch.randint(0, 20, (6, 5), generator=torch.Generator().manual_seed(k))
+              for k, t in enumerate(tasks.names)}
+    return Calibration(TinyNet(), inputs, lambda model, x: model(x))
+
+
+def _replay(path, num_tasks):
+    """Apply the steps to explicit groups, checking each fuses two groups that exist."""
+    groups = [{(t,) for t in range(num_tasks)} for _ in path.block_names]
+    for s in path.steps:
+        assert s.left in groups[s.block] and s.right in groups[s.block] and s.left != s.right
+        groups[s.block] -= {s.left, s.right}
+        groups[s.block].add(tuple(sorted(s.left + s.right)))
+    return groups
+
+
+@pytest.mark.parametrize("planner", ["recon", "output"])
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties"])
+def test_cost_planner_paths_are_valid_and_deterministic(tasks, planner, method):
+    cal = _calibration(tasks) if planner != "recon" else None
+    path = flexmerge.plan(tasks, method=method, planner=planner, calibration=cal, seed=3)
+    m = tasks.num_tasks
+    assert len(path.steps) == len(path.block_names) * (m - 1)
+    assert all(a >= b - 1e-12 for a, b in zip(path.sizes, path.sizes[1:]))  # sizes never grow
+    assert path.sizes[0] == pytest.approx(m) and path.min_size == pytest.approx(1.0)
+    assert all(g == {tuple(range(m))} for g in _replay(path, m))  # one group per block at the end
+    again = flexmerge.plan(tasks, method=method, planner=planner, calibration=_calibration(tasks)
+                           if cal else None, seed=3)
+    assert [(s.block, s.left, s.right) for s in again.steps] == [(s.block, s.left, s.right) for s in path.steps]
+    assert path.options["norm"] == "block" and path.options["byte_power"] == 1.0
+
+
+def test_output_metric_is_the_change_of_the_layer_outputs(tasks):
+    """K[b, t][i, j] = <τ_i X_tᵀ, τ_j X_tᵀ> + N <δ_i, δ_j> on the attention block (qkv weight + bias),
+    with X_t the qkv inputs that task t's own fine-tuned model sees on its calibration inputs."""
+    from flexmerge.planning.activations import task_metrics
+    from flexmerge.planning.costs import output_quadratics
+    from flexmerge.preprocess import Pipeline
+    from flexmerge.taskvec import Chunk
+
+    cal = _calibration(tasks)
+    part = flexmerge.discover_blocks(tasks)
+    quad = output_quadratics(tasks, part, Pipeline(), task_metrics(tasks, cal, rank=64))
+    b = part.names().index("layers.1.attn")
+    for t in range(tasks.num_tasks):
+        seen = []
+        net = TinyNet()
+        net.load_state_dict(tasks.finetuned_state_dict(t), strict=False)
+        h = net.layers[1].attn.qkv.register_forward_hook(lambda mod, args, out: seen.append(args[0].reshape(-1, 16)))
+        with torch.no_grad():
+            net(cal.inputs[tasks.names[t]])
+        h.remove()
+        x = seen[0].double()
+        dw, db = ([tasks.deltas(Chunk(f"layers.1.attn.qkv.{k}", None))[i].double() for i in range(tasks.num_tasks)]
+                  for k in ("weight", "bias"))
+        direct = np.array([[float(((dw[i] @ x.T) * (dw[j] @ x.T)).sum() + x.shape[0] * (db[i] @ db[j]))
+                            for j in range(tasks.num_tasks)] for i in range(tasks.num_tasks)])
+        np.testing.assert_allclose(quad[b, t], direct, rtol=1e-4)
+
+
+def test_data_aware_planner_says_it_needs_data(tasks):
+    from flexmerge.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="needs unlabelled calibration inputs"):
+        flexmerge.plan(tasks, planner="output")
+    with pytest.raises(ConfigError, match="unknown cost planner options"):
+        flexmerge.plan(tasks, planner="recon", cost_options={"nrom": "task"})
+
+
+def _set_partitions(items):
+    if not items:
+        yield []
+        return
+    first, rest = items[0], items[1:]
+    for part in _set_partitions(rest):
+        for k in range(len(part)):
+            yield part[:k] + [[first] + part[k]] + part[k + 1:]
+        yield [[first]] + part
+
+
+def test_cost_greedy_against_every_assignment():
+    """2 blocks of different byte sizes, 4 tasks: at every path point, the greedy's total cost
+    (its stated objective) next to the least cost of any assignment of the same exact size."""
+    import itertools
+
+    from flexmerge.planning.costs import QuadraticCost, run_cost_greedy
+
+    rng = np.random.default_rng(0)
+    m, block_units = 4, [1.0, 3.0]  # TA stores one copy per group: a fusion saves the block's size
+    quad = np.zeros((2, m, m, m))
+    for b in range(2):
+        for t in range(m):
+            x = rng.normal(size=(m, 6)) + rng.normal(size=6)  # shared direction: tasks are alike
+            quad[b, t] = x @ x.T
+    cost = QuadraticCost(quad, lambda n: np.full(n, 1.5 / n))
+    steps = run_cost_greedy(cost, lambda b, groups, i, j: block_units[b], byte_power=1.0)
+    partitions = list(_set_partitions(list(range(m))))
+    best: dict[float, float] = {}
+    for pa, pb in itertools.product(partitions, partitions):
+        size = sum(u * len(p) for u, p in zip(block_units, (pa, pb)))
+        total = sum(cost.group(0, g) for g in pa) + sum(cost.group(1, g) for g in pb)
+        best[size] = min(best.get(size, np.inf), total)
+    groups = [[(t,) for t in range(m)] for _ in range(2)]
+    gaps = []
+    for b, left, right, _ in steps:
+        groups[b] = [g for g in groups[b] if g not in (left, right)] + [tuple(sorted(left + right))]
+        size = sum(u * len(g) for u, g in zip(block_units, groups))
+        total = sum(cost.group(k, g) for k in range(2) for g in groups[k])
+        assert total >= best[size] - 1e-9
+        gaps.append(total / best[size] if best[size] > 0 else 1.0)
+    assert gaps[0] == pytest.approx(1.0)  # the first fusion is the cheapest one of all
+    assert gaps[-1] == pytest.approx(1.0)  # one group per block: a single assignment
+    assert max(gaps) < 1.15, gaps  # measured: optimal at 5 of the 6 points, 1.127x the optimum at the 2nd
+
+
+# The 1x-3x area of a curve ----------------------------------------------------------------------
+
+def test_curve_area_is_the_hand_computed_trapezoid():
+    from flexmerge.curve import curve_area
+
+    # inside points only; flat from 2.5 to 3: (0.7 + 0.4625 + 0.475) / 2
+    assert curve_area([(1.0, 0.5), (2.0, 0.9), (2.5, 0.95)]) == pytest.approx(0.81875)
+    # points outside [1, 3] enter by interpolation: 0.45 at 1x, 0.975 at 3x
+    pts = [(0.8, 0.3), (1.2, 0.6), (2.0, 0.9), (2.5, 0.95), (3.5, 1.0)]
+    assert curve_area(pts) == pytest.approx((0.105 + 0.6 + 0.4625 + 0.48125) / 2)
+    assert curve_area([(3.0, 0.9), (1.0, 0.5), (1.0, 0.7)]) == pytest.approx(0.75)  # equal sizes averaged
+    assert curve_area([(1.1, 0.9), (2.0, 1.0)]) is None  # nothing deployable at 1x
+    assert curve_area([(1.0, 0.8)]) == pytest.approx(0.8)
+    with pytest.raises(ValueError):
+        curve_area([(1.0, 0.8)], lo=3.0, hi=1.0)
+
+
+def test_sweep_reports_areas_in_json_csv_and_ranking(tasks, tmp_path):
+    import json
+
+    from flexmerge.curve import sweep
+    from flexmerge.report import write_results
+
+    def evaluate(task, sd):  # a deterministic score that falls as weights move off the task's own
+        own = tasks.finetuned_state_dict(tasks.names.index(task))
+        return 1.0 / (1.0 + sum(float((sd[k] - own[k]).norm()) for k in own))
+
+    result = sweep(tasks, evaluate, methods=["task_arithmetic"], sizes=[1, 2, 3], planners=["greedy", "recon"])
+    paths = write_results(result, tmp_path)
+    areas = result.areas()
+    assert set(areas) == {"task_arithmetic", "task_arithmetic/recon"}
+    assert json.loads(paths["json"].read_text())["areas"]["normalized"] == areas
+    rows = paths["areas"].read_text().splitlines()
+    assert rows[0] == "curve,method,planner,area_from,area_to,normalized_area" and len(rows) == 3
+    assert "| area 1-3x |" in paths["ranking"].read_text()

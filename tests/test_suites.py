@@ -25,22 +25,27 @@ def digits_cache(tmp_path_factory):
 def test_digits_sweep_end_to_end_through_the_cli(digits_cache, tmp_path):
     out = tmp_path / "results"
     r = CliRunner().invoke(app, ["sweep", "--suite", "digits", "--methods", "task_arithmetic,ties,emr",
-                                 "--sizes", "1,2,4,8", "--planners", "greedy,channel", "--out", str(out),
+                                 "--sizes", "1,2,4,8", "--planners", "greedy,channel,output", "--out", str(out),
                                  "--cache-dir", str(digits_cache)])
     assert r.exit_code == 0, r.output
     assert "mean normalized accuracy" in r.output and "normalized_accuracy.png" in r.output
-    for name in ["results.csv", "results.json", "ranking.md", "normalized_accuracy.png", "absolute_accuracy.png"]:
+    assert "area 1-3x" in r.output and "ranking by area 1-3x" in r.output
+    for name in ["results.csv", "results.json", "ranking.md", "areas.csv", "normalized_accuracy.png",
+                 "absolute_accuracy.png"]:
         assert (out / name).is_file(), name
     assert (out / "normalized_accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     data = json.loads((out / "results.json").read_text())
     records = data["records"]
     assert {r["method"] for r in records} == {"task_arithmetic", "ties", "emr"}
-    assert {r["planner"] for r in records} == {"greedy", "channel"}
+    assert {r["planner"] for r in records} == {"greedy", "channel", "output"}
+    assert set(data["areas"]["normalized"]) == {f"{m}{p}" for m in ("task_arithmetic", "ties", "emr")
+                                                for p in ("", "/channel", "/output")}
     zoo = get_zoo(get_suite("digits"), digits_cache)
     for rec in records:
         if rec["requested_size"] == 8:  # Mx: exactly the fine-tuned model, so exactly its accuracy
             assert rec["accuracy"] == rec["finetuned"] == zoo.info["finetuned"][rec["task"]]
             assert rec["normalized"] == 1.0
+    assert data["areas"]["normalized"]["emr"] is None  # emr cannot reach 1x: its area is undefined
     emr_1x = [r for r in records if r["method"] == "emr" and r["requested_size"] == 1]
     assert all(r["accuracy"] is None and "below the minimum size" in r["note"] for r in emr_1x)
     curves = data["curves"]["task_arithmetic"]

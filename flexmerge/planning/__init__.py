@@ -10,7 +10,15 @@ import numpy as np
 from flexmerge.blocks import Partition
 from flexmerge.errors import ConfigError, UnknownNameError
 from flexmerge.methods.base import MergeMethod
+from flexmerge.planning.activations import DEFAULT_RANK, Calibration, task_metrics
 from flexmerge.planning.baselines import channel_assignments, cluster_assignments
+from flexmerge.planning.costs import (
+    QuadraticCost,
+    method_weights,
+    output_quadratics,
+    parameter_quadratics,
+    run_cost_greedy,
+)
 from flexmerge.planning.greedy import (
     LINKAGES,
     ORDERS,
@@ -24,10 +32,12 @@ from flexmerge.similarity import block_deltas, block_grams, cosine_from_gram
 from flexmerge.size import SizeModel
 from flexmerge.taskvec import TaskSet
 
-PLANNERS = (*ORDERS, "channel", "cluster")
+COST_PLANNERS = ("output", "recon")
+DATA_PLANNERS = ("output",)  # need unlabelled calibration inputs per task (`activations.Calibration`)
+PLANNERS = (*ORDERS, "channel", "cluster", *COST_PLANNERS)
 MODES = ("constituent", "merged")
 
-__all__ = ["PLANNERS", "MODES", "LINKAGES", "MEASURES", "Assignment", "MergePath", "MergeStep", "build_path"]
+__all__ = ["PLANNERS", "DATA_PLANNERS", "MODES", "LINKAGES", "MEASURES", "Assignment", "MergePath", "MergeStep", "build_path"]
 
 
 def build_path(
@@ -42,10 +52,14 @@ def build_path(
     seed: int = 0,
     executor=None,
     device=None,
+    calibration: Calibration | None = None,
+    cost_options: dict[str, Any] | None = None,
 ) -> MergePath:
     """Plan the whole path from M× to the method's smallest size, with exact sizes per point.
 
-    `device` ("cpu", "auto", "cuda[:N]"): where preprocessing and the similarity pass compute."""
+    `device` ("cpu", "auto", "cuda[:N]"): where preprocessing and the similarity pass compute.
+    `calibration`: unlabelled inputs per task, needed by the data-aware planners (DATA_PLANNERS);
+    `cost_options`: settings of the cost planners (`norm`, `byte_power`, `rank`, see `costs`)."""
     if planner not in PLANNERS:
         raise UnknownNameError("planner", planner, PLANNERS)
     if mode not in MODES:
@@ -54,6 +68,10 @@ def build_path(
         raise UnknownNameError("linkage", linkage, LINKAGES)
     if mode == "merged" and planner in ("channel", "cluster"):
         raise ConfigError(f"planner {planner!r} clusters task vectors; merged-vector mode applies to greedy orders")
+    if planner in DATA_PLANNERS and calibration is None:
+        raise ConfigError(f"planner {planner!r} is data-aware: it needs unlabelled calibration inputs per task "
+                          "(a suite provides them: `flexmerge sweep --suite`); plan your own models with a "
+                          "data-free planner (greedy, recon, ...)")
     from flexmerge.device import resolve_device
     from flexmerge.preprocess import fitted_pipeline
 
@@ -73,6 +91,11 @@ def build_path(
         raw = run_greedy(rescorer, order=planner, seed=seed)
         steps, sizes = _sized_steps(raw, len(partition), tasks.num_tasks, sizer)
         path = MergePath(sizes=sizes, steps=steps, **common)
+    elif planner in COST_PLANNERS:
+        costs = dict(COST_DEFAULTS, **(cost_options or {}))
+        options.update(costs)
+        steps, sizes = _cost_path(tasks, partition, method, pipeline, grams, sizer, planner, calibration, costs)
+        path = MergePath(sizes=sizes, steps=steps, **common)
     else:
         cos = cosine_from_gram(_as_torch(grams)).numpy()
         if planner == "channel":
@@ -84,6 +107,30 @@ def build_path(
         path = MergePath(sizes=sizes, assignments=assignments, **common)
     path.timings = {"preprocess": t1 - t0, "similarity_pass": t2 - t1, "path": time.perf_counter() - t2}
     return path
+
+
+COST_DEFAULTS: dict[str, Any] = {"norm": "block", "byte_power": 1.0, "rank": DEFAULT_RANK}
+
+
+def _cost_path(tasks, partition, method, pipeline, grams, sizer: SizeModel, planner: str,
+               calibration: Calibration | None, costs: dict[str, Any]) -> tuple[list[MergeStep], list[float]]:
+    """The path of a cost planner: parameter-space (recon) or output-space (output) quadratics."""
+    unknown = sorted(set(costs) - set(COST_DEFAULTS))
+    if unknown:
+        raise ConfigError(f"unknown cost planner options {unknown}; known: {sorted(COST_DEFAULTS)}")
+    if planner == "recon":
+        quad = parameter_quadratics(grams)
+    else:
+        quad = output_quadratics(tasks, partition, pipeline, task_metrics(tasks, calibration, int(costs["rank"])))
+    cost = QuadraticCost(quad, method_weights(method), costs["norm"])
+
+    def saved(b: int, groups: list[list[int]], i: int, j: int) -> float:
+        sizes = [len(g) for g in groups if g]
+        fused = [len(g) for k, g in enumerate(groups) if g and k not in (i, j)] + [len(groups[i]) + len(groups[j])]
+        return (sizer.block_total(b, sizes) - sizer.block_total(b, fused)) / sizer.unit_bytes
+
+    raw = run_cost_greedy(cost, saved, byte_power=float(costs["byte_power"]))
+    return _sized_steps(raw, len(partition), tasks.num_tasks, sizer)
 
 
 def _as_torch(a: np.ndarray):

@@ -20,10 +20,13 @@ from typing import Any
 import torch
 
 from flexmerge._atomic import atomic_directory
-from flexmerge.errors import FlexMergeError
+from flexmerge.errors import FlexMergeError, UnknownNameError
+from flexmerge.planning.activations import Calibration
 
 Evaluator = Callable[[str, dict[str, torch.Tensor]], float]
 ZOO_MANIFEST = "zoo.json"
+CALIBRATION_EXAMPLES = 64
+SPLITS = ("train", "val", "test")
 
 
 def default_cache_dir() -> Path:
@@ -72,8 +75,15 @@ class Suite(ABC):
         (per-task fine-tuned and base-with-head test accuracy, timings)."""
 
     @abstractmethod
-    def evaluator(self, zoo: Zoo) -> Evaluator:
-        """(task, full state dict of the encoder) -> accuracy on the task's test split."""
+    def evaluator(self, zoo: Zoo, split: str = "test") -> Evaluator:
+        """(task, full state dict of the encoder) -> accuracy on the task's `split` ("test"; "val" to
+        tune settings without looking at test)."""
+
+    def calibration(self, zoo: Zoo, per_task: int = CALIBRATION_EXAMPLES) -> Calibration:
+        """Up to `per_task` UNLABELLED inputs of each task's validation split and how to run the
+        encoder on them: what a data-aware planner (`flexmerge.planning.DATA_PLANNERS`) reads."""
+        raise FlexMergeError(f"suite {self.name!r} provides no calibration inputs, so data-aware planners "
+                             "cannot run on it")
 
     def unavailable_reason(self) -> str | None:
         """None when the suite can run here, else why not (missing data or weights)."""
@@ -92,6 +102,12 @@ class Suite(ABC):
         """`flexmerge.serve.Runtime` options (heads, labels, hf_dir, max_length) serving the zoo's
         merged encoders; only for suites whose `serving_reason()` is None."""
         raise FlexMergeError(self.serving_reason() or f"suite {self.name!r} defines no serve options")
+
+
+def check_split(split: str) -> str:
+    if split not in SPLITS:
+        raise UnknownNameError("split", split, SPLITS)
+    return split
 
 
 def config_hash(suite: Suite) -> str:

@@ -16,7 +16,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from flexmerge.suites.base import Evaluator, Suite, Zoo
+from flexmerge.planning.activations import Calibration
+from flexmerge.suites.base import CALIBRATION_EXAMPLES, Evaluator, Suite, Zoo, check_split
 from flexmerge.suites.training import accuracy, train
 
 WIDTH, HIDDEN, LAYERS = 64, 128, 3
@@ -144,7 +145,8 @@ class DigitsSuite(Suite):
             info["finetuned"][task.name] = accuracy(lambda i: head(model(xs[i])), ys)
         return info
 
-    def evaluator(self, zoo: Zoo) -> Evaluator:
+    def evaluator(self, zoo: Zoo, split: str = "test") -> Evaluator:
+        check_split(split)
         data = self.data()
         heads = {}
         for task in TASKS:
@@ -155,7 +157,13 @@ class DigitsSuite(Suite):
 
         def evaluate(task: str, state_dict: dict[str, torch.Tensor]) -> float:
             model.load_state_dict(state_dict)
-            xs, ys = data["tasks"][task]["test"]
+            xs, ys = data["tasks"][task][split]
             return accuracy(lambda i: heads[task](model(xs[i])), ys)
 
         return evaluate
+
+    def calibration(self, zoo: Zoo, per_task: int = CALIBRATION_EXAMPLES) -> Calibration:
+        """The first `per_task` validation images of each task (its own view), labels dropped."""
+        data = self.data()
+        inputs = {t.name: data["tasks"][t.name]["val"][0][:per_task] for t in TASKS}
+        return Calibration(DigitsNet(), inputs, lambda model, x: model(x))

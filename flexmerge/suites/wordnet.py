@@ -20,7 +20,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from flexmerge.suites.base import Evaluator, Suite, Zoo
+from flexmerge.planning.activations import Calibration
+from flexmerge.suites.base import CALIBRATION_EXAMPLES, Evaluator, Suite, Zoo, check_split
 from flexmerge.suites.training import accuracy, train
 
 WORDNET_DIR = Path(os.environ.get("FLEXMERGE_WORDNET_DIR", "/usr/share/wordnet"))
@@ -229,7 +230,8 @@ class WordNetSuite(Suite):
               seed=self.seed + k, desc="head on frozen base")
         return accuracy(lambda i: head(f_test[i]), y_test)
 
-    def evaluator(self, zoo: Zoo) -> Evaluator:
+    def evaluator(self, zoo: Zoo, split: str = "test") -> Evaluator:
+        check_split(split)
         heads, batches = {}, {}
         for task in zoo.tasks:
             sd = load_file(zoo.head(task))
@@ -239,12 +241,27 @@ class WordNetSuite(Suite):
 
         def evaluate(task: str, state_dict: dict[str, torch.Tensor]) -> float:
             if task not in batches:
-                batches[task] = self.encode(self.splits()[task]["test"].texts)
+                batches[task] = self.encode(self.splits()[task][split].texts)
             model.load_state_dict(state_dict)
-            labels = self.splits()[task]["test"].labels
+            labels = self.splits()[task][split].labels
             return accuracy(lambda i: heads[task](self.pooled(model, batches[task], i)), labels, 128)
 
         return evaluate
+
+    def calibration(self, zoo: Zoo, per_task: int = CALIBRATION_EXAMPLES) -> Calibration:
+        """`per_task` validation glosses of each task (a seeded draw across its classes), labels dropped;
+        run one gloss at a time so no padding token enters the layers' input statistics."""
+        inputs = {}
+        for k, task in enumerate(zoo.tasks):
+            texts = self.splits()[task]["val"].texts
+            pick = sorted(random.Random(self.seed + k).sample(range(len(texts)), min(per_task, len(texts))))
+            inputs[task] = [self.encode([texts[i]]) for i in pick]
+
+        def forward(model, batches) -> None:
+            for batch in batches:
+                model(**batch)
+
+        return Calibration(self.encoder().eval(), inputs, forward)
 
     # serving ---------------------------------------------------------------------------------
     def serving_reason(self) -> str | None:
