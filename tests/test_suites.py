@@ -193,12 +193,12 @@ def test_fashion_task_views_are_what_they_claim():
     data = suite.data()
     src, idx = data["sources"], data["indices"]
     x, y = data["tasks"]["rot90"]["train"]
-    originals = src["fashion"]["train"][0][idx["rot90"]["train"]]
+    originals = src["fashion"]["train"][0][idx["rot90"]["train"]].float() / 255  # stored as bytes
     assert x.shape == (96, 1, 28, 28) and torch.equal(x[:, 0], torch.rot90(originals, 1, (1, 2)))
     assert torch.equal(y, src["fashion"]["train"][1][idx["rot90"]["train"]])  # all 10 classes, as labelled
     x, y = data["tasks"]["inverted_groups"]["test"]
     raw_y = src["fashion"]["test"][1][idx["inverted_groups"]["test"]]
-    assert torch.equal(x[:, 0], 1 - src["fashion"]["test"][0][idx["inverted_groups"]["test"]])
+    assert torch.equal(x[:, 0], 1 - src["fashion"]["test"][0][idx["inverted_groups"]["test"]].float() / 255)
     shoes = [CLASSES.index(c) for c in ("sandal", "sneaker", "ankle boot")]
     assert torch.equal(y == 2, torch.isin(raw_y, torch.tensor(shoes)))  # group 2: footwear
     x, y = data["tasks"]["digits"]["test"]

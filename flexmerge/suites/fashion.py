@@ -173,7 +173,8 @@ def read_fashion(root: Path | None = None) -> dict[str, tuple[torch.Tensor, torc
 
 
 def _unit(images: torch.Tensor) -> torch.Tensor:
-    return images.float() / 255.0
+    """Pixels in [0, 1]: Fashion-MNIST's bytes scaled, digits (already 28x28 floats) as they are."""
+    return images.float() / 255.0 if images.dtype == torch.uint8 else images
 
 
 def _take(order: torch.Tensor, keep: torch.Tensor, n: int, what: str) -> torch.Tensor:
@@ -226,7 +227,8 @@ class FashionSuite(Suite):
 
     def data(self) -> dict[str, Any]:
         """Pretraining images and labels; per task: train/val/test inputs (N, 1, 28, 28) and labels;
-        `indices`: per task and split, the positions in `sources[task.source][split's pool]`."""
+        `indices`: per task and split, the positions in `sources[task.source][split]` (images as
+        stored: Fashion-MNIST's uint8 bytes, digits as 28x28 floats in [0, 1])."""
         if self._data is None:
             self._data = self._make_data()
         return self._data
@@ -237,7 +239,6 @@ class FashionSuite(Suite):
         fashion = read_fashion()
         raw = load_digits()
         digits = (digits_28(torch.tensor(raw.images, dtype=torch.float32)), torch.tensor(raw.target, dtype=torch.long))
-        fashion = {split: (_unit(x), y) for split, (x, y) in fashion.items()}
         gen = torch.Generator().manual_seed(self.seed)
         x_train, y_train = fashion["train"]
         order = torch.randperm(len(y_train), generator=gen)
@@ -247,29 +248,35 @@ class FashionSuite(Suite):
         sources = {"fashion": {"train": fashion["train"], "val": fashion["train"], "test": fashion["test"]},
                    "digits": {"train": digits, "val": digits, "test": digits}}
         tasks, indices = {}, {}
-        n_train, n_val, n_test = self.sizes
         digit_order = torch.randperm(len(digits[1]), generator=gen)
         for k, task in enumerate(TASKS):  # all 8, so that a subset draws the same examples
-            tgen = torch.Generator().manual_seed(self.seed * 1000 + k)
-            if task.source == "fashion":
-                keep = torch.isin(y_train, torch.tensor(task.classes))
-                pool = task_pool[torch.randperm(len(task_pool), generator=tgen)]
-                train_val = _take(pool, keep, n_train + n_val, f"task {task.name} train+val")
-                y_test = fashion["test"][1]
-                test = _take(torch.randperm(len(y_test), generator=tgen),
-                             torch.isin(y_test, torch.tensor(task.classes)), n_test, f"task {task.name} test")
-                cut = {"train": train_val[:n_train], "val": train_val[n_train:], "test": test}
-            else:  # 1797 digits: 50/15/35% train/val/test (at most `sizes`), the same for every digits task
-                a, b = int(0.5 * len(digit_order)), int(0.65 * len(digit_order))
-                cut = {"train": digit_order[:a][:n_train], "val": digit_order[a:b][:n_val],
-                       "test": digit_order[b:][:n_test]}
+            cut = (self._fashion_cut(k, task, y_train, task_pool, fashion["test"][1]) if task.source == "fashion"
+                   else self._digits_cut(digit_order))
             if task.name not in self.task_names():
                 continue
             indices[task.name] = cut
-            tasks[task.name] = {split: (task.view(sources[task.source][split][0][idx])[:, None],
+            tasks[task.name] = {split: (task.view(_unit(sources[task.source][split][0][idx]))[:, None],
                                         task.labels(sources[task.source][split][1][idx])) for split, idx in cut.items()}
-        return {"pretrain": (x_train[pre][:, None], y_train[pre]), "tasks": tasks, "indices": indices,
+        return {"pretrain": (_unit(x_train[pre])[:, None], y_train[pre]), "tasks": tasks, "indices": indices,
                 "sources": sources, "pretrain_indices": pre}
+
+    def _fashion_cut(self, k: int, task: FashionTask, y_train: torch.Tensor, task_pool: torch.Tensor,
+                     y_test: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Train/val from the tasks' half of the train set, test from the test set; the task's classes only."""
+        n_train, n_val, n_test = self.sizes
+        tgen = torch.Generator().manual_seed(self.seed * 1000 + k)
+        pool = task_pool[torch.randperm(len(task_pool), generator=tgen)]
+        train_val = _take(pool, torch.isin(y_train, torch.tensor(task.classes)), n_train + n_val,
+                          f"task {task.name} train+val")
+        test = _take(torch.randperm(len(y_test), generator=tgen), torch.isin(y_test, torch.tensor(task.classes)),
+                     n_test, f"task {task.name} test")
+        return {"train": train_val[:n_train], "val": train_val[n_train:], "test": test}
+
+    def _digits_cut(self, order: torch.Tensor) -> dict[str, torch.Tensor]:
+        """1797 digits: 50/15/35% train/val/test (at most `sizes`), the same for every digits task."""
+        a, b = int(0.5 * len(order)), int(0.65 * len(order))
+        n_train, n_val, n_test = self.sizes
+        return {"train": order[:a][:n_train], "val": order[a:b][:n_val], "test": order[b:][:n_test]}
 
     def build(self, directory: Path) -> dict[str, Any]:
         torch.manual_seed(self.seed)
