@@ -54,8 +54,8 @@ class ConvLayer(torch.nn.Module):
 
 class FashionNet(torch.nn.Module):
     """Encoder (N, 1, 28, 28) -> (N, 64): stem, layers.0-4 (two at 14x14, a strided one, two at
-    7x7), 3x3 average pool, projection, final norm. No BatchNorm: every buffer-free parameter is a
-    float that task vectors can merge."""
+    7x7), 3x3 average pool, projection, final norm. GroupNorm, not BatchNorm: the state dict holds
+    float parameters only (no running statistics or integer counters), all of them mergeable."""
 
     def __init__(self):
         super().__init__()
