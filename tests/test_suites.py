@@ -144,3 +144,119 @@ def test_tiny_wordnet_zoo(tmp_path):
     result = sweep(tasks, tiny.evaluator(zoo), methods=["task_arithmetic"], sizes=[1, 2])
     at_2x = [r for r in result.records if r.requested_size == 2]
     assert all(r.accuracy == zoo.info["finetuned"][r.task] for r in at_2x)
+
+
+# fashion: a tiny config (few examples, 1 epoch, 3 tasks) through the public API --------------
+FASHION_TINY = dict(task_subset=["rot90", "inverted_groups", "digits"], pretrain_examples=256, pretrain_epochs=1,
+                    sizes=(96, 32, 64), finetune_epochs=1)
+
+
+def _fashion_or_skip():
+    from flexmerge.suites.fashion import FashionSuite
+
+    suite = FashionSuite(**FASHION_TINY)
+    reason = suite.unavailable_reason()
+    if reason:
+        pytest.skip(f"fashion suite unavailable here: {reason}")
+    return suite
+
+
+@pytest.fixture(scope="session")
+def fashion_tiny(tmp_path_factory):
+    suite = _fashion_or_skip()
+    cache = tmp_path_factory.mktemp("fashion-cache")
+    return suite, get_zoo(suite, cache, log=lambda s: None), cache
+
+
+def test_tiny_fashion_zoo_scores_and_sweeps(fashion_tiny, tmp_path):
+    from safetensors.torch import load_file
+
+    from flexmerge.suites import run_sweep
+
+    suite, zoo, cache = fashion_tiny
+    assert zoo.tasks == FASHION_TINY["task_subset"] and zoo.info["build_seconds"] > 0
+    assert zoo.info["test_examples"] == {"rot90": 64, "inverted_groups": 64, "digits": 64}
+    evaluate = suite.evaluator(zoo)
+    for task in zoo.tasks:  # the evaluator reproduces the accuracy the build measured on the test split
+        assert evaluate(task, load_file(zoo.models[task])) == zoo.info["finetuned"][task]
+    assert suite.evaluator(zoo, "val")("rot90", load_file(zoo.models["rot90"])) == zoo.info["val_finetuned"]["rot90"]
+    tasks = flexmerge.load_tasks(zoo.base, zoo.models, **suite.load_options())
+    blocks = flexmerge.discover_blocks(tasks).names()
+    assert {"stem", "layers.0.norm", "layers.0.mlp", "layers.4.mlp", "proj", "final_norm"} <= set(blocks)
+    result, paths = run_sweep(suite, tmp_path / "out", methods=["task_arithmetic"], sizes=[1, 3], cache_dir=cache,
+                              log=lambda s: None)
+    assert json.loads(paths["json"].read_text())["meta"]["suite"] == "fashion"
+    at_3x = [r for r in result.records if r.requested_size == 3]
+    assert {r.task for r in at_3x} == set(zoo.tasks)
+    assert all(r.accuracy == zoo.info["finetuned"][r.task] for r in at_3x)  # Mx = the fine-tuned models
+
+
+def test_fashion_task_views_are_what_they_claim():
+    from flexmerge.suites.fashion import CLASSES, digits_28, zoom
+
+    suite = _fashion_or_skip()
+    data = suite.data()
+    src, idx = data["sources"], data["indices"]
+    x, y = data["tasks"]["rot90"]["train"]
+    originals = src["fashion"]["train"][0][idx["rot90"]["train"]].float() / 255  # stored as bytes
+    assert x.shape == (96, 1, 28, 28) and torch.equal(x[:, 0], torch.rot90(originals, 1, (1, 2)))
+    assert torch.equal(y, src["fashion"]["train"][1][idx["rot90"]["train"]])  # all 10 classes, as labelled
+    x, y = data["tasks"]["inverted_groups"]["test"]
+    raw_y = src["fashion"]["test"][1][idx["inverted_groups"]["test"]]
+    assert torch.equal(x[:, 0], 1 - src["fashion"]["test"][0][idx["inverted_groups"]["test"]].float() / 255)
+    shoes = [CLASSES.index(c) for c in ("sandal", "sneaker", "ankle boot")]
+    assert torch.equal(y == 2, torch.isin(raw_y, torch.tensor(shoes)))  # group 2: footwear
+    x, y = data["tasks"]["digits"]["test"]
+    from sklearn.datasets import load_digits
+
+    raw = load_digits()
+    picked = idx["digits"]["test"]
+    assert torch.equal(y, torch.tensor(raw.target)[picked])
+    assert torch.allclose(x[:, 0], digits_28(torch.tensor(raw.images, dtype=torch.float32)[picked]))
+    assert torch.equal(x[:, 0, :4], torch.zeros(len(x), 4, 28))  # a 4-pixel margin, as MNIST has
+    img = torch.zeros(1, 28, 28)
+    img[0, 6:22, 6:22] = torch.linspace(0, 1, 16 * 16).reshape(16, 16)
+    zoomed = zoom(img)  # the central 16x16 crop, rescaled to 28x28: its corners are the crop's corners
+    assert zoomed.shape == (1, 28, 28) and zoomed[0, 0, 0] < 0.02 and zoomed[0, -1, -1] > 0.98
+    # no example of a task's test split is trained on; the tasks' fashion images are not the base's
+    pre = set(data["pretrain_indices"].tolist())
+    for task, cut in idx.items():
+        train, val, test = (set(cut[s].tolist()) for s in ("train", "val", "test"))
+        assert not train & val
+        if task.startswith("digits"):  # one pool of 1797 digits, split three ways
+            assert not (train | val) & test
+        else:  # train/val from the tasks' half of Fashion-MNIST's train set, test from its test set
+            assert not pre & (train | val)
+
+
+def test_fashion_reader_rejects_missing_and_damaged_files(tmp_path, monkeypatch):
+    import gzip
+    import struct
+
+    from flexmerge.errors import FlexMergeError
+    from flexmerge.suites import fashion
+
+    good = tmp_path / "labels.gz"
+    good.write_bytes(gzip.compress(bytes([0, 0, 8, 1]) + struct.pack(">I", 3) + bytes([7, 0, 9])))
+    assert fashion.read_idx(good, 1).tolist() == [7, 0, 9]
+    with pytest.raises(FlexMergeError, match="is missing .*apt-get install dataset-fashion-mnist"):
+        fashion.read_idx(tmp_path / "nope.gz", 1)
+    truncated = tmp_path / "truncated.gz"
+    truncated.write_bytes(gzip.compress(bytes([0, 0, 8, 1]) + struct.pack(">I", 5) + bytes([7, 0])))
+    with pytest.raises(FlexMergeError, match="holds 2 bytes of data, its header says 5"):
+        fashion.read_idx(truncated, 1)
+    with pytest.raises(FlexMergeError, match="not an idx file of 3-D"):
+        fashion.read_idx(good, 3)
+    not_gzip = tmp_path / "plain.gz"
+    not_gzip.write_bytes(b"\x00\x00\x08\x01 not compressed")
+    with pytest.raises(FlexMergeError, match="not a readable gzip file"):
+        fashion.read_idx(not_gzip, 1)
+    cut_gzip = tmp_path / "cut.gz"
+    cut_gzip.write_bytes(good.read_bytes()[:-6])
+    with pytest.raises(FlexMergeError, match="not a readable gzip file"):
+        fashion.read_idx(cut_gzip, 1)
+    monkeypatch.setattr(fashion, "FASHION_DIR", tmp_path)
+    reason = fashion.FashionSuite().unavailable_reason()
+    assert "Fashion-MNIST not found" in reason and "apt-get install dataset-fashion-mnist" in reason
+    with pytest.raises(FlexMergeError, match="cannot run here: Fashion-MNIST not found"):
+        get_zoo(fashion.FashionSuite(), tmp_path / "cache")

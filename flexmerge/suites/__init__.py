@@ -14,10 +14,11 @@ SUITES: dict[str, Callable[[], Suite]] = {}
 
 def _register() -> None:
     from flexmerge.suites.digits import DigitsSuite
+    from flexmerge.suites.fashion import FashionSuite
     from flexmerge.suites.wordnet import WordNetSuite
 
     SUITES.update({"wordnet": WordNetSuite, "wordnet20": lambda: WordNetSuite(num_tasks=20),
-                   "wordnet30": lambda: WordNetSuite(num_tasks=30), "digits": DigitsSuite})
+                   "wordnet30": lambda: WordNetSuite(num_tasks=30), "digits": DigitsSuite, "fashion": FashionSuite})
 
 
 def get_suite(name: str) -> Suite:
