@@ -184,10 +184,10 @@ def test_tiny_fashion_zoo_scores_and_sweeps(fashion_tiny, tmp_path):
     blocks = flexmerge.discover_blocks(tasks).names()
     assert {"stem", "layers.0.norm", "layers.0.mlp", "layers.4.mlp", "proj", "final_norm"} <= set(blocks)
     result, paths = run_sweep(suite, tmp_path / "out", methods=["task_arithmetic"], sizes=[1, 3], cache_dir=cache,
-                              log=lambda s: None)
+                              planners=["greedy", "output"], log=lambda s: None)
     assert json.loads(paths["json"].read_text())["meta"]["suite"] == "fashion"
     at_3x = [r for r in result.records if r.requested_size == 3]
-    assert {r.task for r in at_3x} == set(zoo.tasks)
+    assert {(r.task, r.planner) for r in at_3x} == {(t, p) for t in zoo.tasks for p in ("greedy", "output")}
     assert all(r.accuracy == zoo.info["finetuned"][r.task] for r in at_3x)  # Mx = the fine-tuned models
 
 

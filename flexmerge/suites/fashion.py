@@ -25,7 +25,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from flexmerge.errors import FlexMergeError
-from flexmerge.suites.base import Evaluator, Suite, Zoo
+from flexmerge.planning.activations import Calibration
+from flexmerge.suites.base import CALIBRATION_EXAMPLES, Evaluator, Suite, Zoo, check_split
 from flexmerge.suites.training import accuracy, train
 
 FASHION_DIR = Path(os.environ.get("FLEXMERGE_FASHION_DIR", "/usr/share/datasets/fashion-mnist"))
@@ -330,8 +331,7 @@ class FashionSuite(Suite):
 
     def evaluator(self, zoo: Zoo, split: str = "test") -> Evaluator:
         """Accuracy on the task's `split` ("test" for reports; "val" for tuning the suite or a planner)."""
-        if split not in ("val", "test"):
-            raise FlexMergeError(f"split must be 'val' or 'test', got {split!r}")
+        check_split(split)
         data = self.data()
         heads = {}
         for task in zoo.tasks:
@@ -346,3 +346,10 @@ class FashionSuite(Suite):
             return accuracy(lambda i: heads[task](model(xs[i])), ys)
 
         return evaluate
+
+    def calibration(self, zoo: Zoo, per_task: int = CALIBRATION_EXAMPLES) -> Calibration:
+        """The first `per_task` validation images of each task (its own view), labels dropped: what the
+        data-aware planners read (convolutions count by the plain inner product, see `planning.costs`)."""
+        data = self.data()
+        inputs = {t: data["tasks"][t]["val"][0][:per_task] for t in zoo.tasks}
+        return Calibration(FashionNet(), inputs, lambda model, x: model(x))
