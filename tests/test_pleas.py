@@ -198,8 +198,8 @@ def test_bad_inputs_are_clear_errors(calib):
     with pytest.raises(ConfigError, match="does not know how to permute: head.weight"):
         pleas_merge({"a": {**sa, "head.weight": torch.zeros(2, WIDTH)}, "b": {**sb, "head.weight": torch.zeros(2, WIDTH)}},
                     calib, 1.5)
-    with pytest.raises(ConfigError, match="unknown PLeaS matching 'weights'"):
-        pleas_merge({"a": sa, "b": sb}, calib, 1.5, matching="weights")
+    with pytest.raises(ConfigError, match="unknown PLeaS matching 'zipit'"):
+        pleas_merge({"a": sa, "b": sb}, calib, 1.5, matching="zipit")
 
 
 def test_digits_suite_validation_inputs_calibrate():
@@ -208,3 +208,27 @@ def test_digits_suite_validation_inputs_calibrate():
 
     x = calibration_inputs("digits", ["rot90", "transpose"])
     assert x.shape[1] == 64 and x.shape[0] > 100 and x.dtype == torch.float32
+
+
+def test_weight_matching_finds_a_permuted_copy_without_data(tmp_path):
+    sa, ha = tiny(0)
+    gen = torch.Generator().manual_seed(4)
+    perms = {"stream": torch.randperm(WIDTH, generator=gen),
+             **{f"hidden.{i}": torch.randperm(HIDDEN, generator=gen) for i in range(DEPTH)}}
+    sb = permute(sa, perms)
+    hb = {"weight": ha["weight"][:, perms["stream"]], "bias": ha["bias"]}
+    merged = flexmerge.pleas({"a": sa, "b": sb}, 1.0, heads={"a": ha, "b": hb})  # no calibration
+    cfg = merged.config
+    assert cfg["matching"] == "weights" and not cfg["least_squares"] and cfg["calibration_samples"] == 0
+    for g, perm in perms.items():  # b's unit matched to a's unit i is the one a's unit i was moved to
+        assert torch.equal(perm[torch.tensor(cfg["permutations"][g]["b"])], torch.tensor(cfg["permutations"][g]["a"])), g
+    x = torch.randn(30, IN)
+    torch.testing.assert_close(merged_logits(merged, "a", x), logits(sa, ha, x), atol=1e-5, rtol=0)
+    torch.testing.assert_close(merged_logits(merged, "b", x), logits(sb, hb, x), atol=1e-5, rtol=0)
+    for k in ("a", "b", "ha", "hb"):
+        save_file({"a": sa, "b": sb, "ha": ha, "hb": hb}[k], str(tmp_path / f"{k}.safetensors"))
+    res = CliRunner().invoke(app, ["pleas", "--model", f"a={tmp_path / 'a.safetensors'}", "--model",
+                                   f"b={tmp_path / 'b.safetensors'}", "--size", "1.3", "--out", str(tmp_path / "o")])
+    assert res.exit_code == 0 and "weights matching (no calibration data)" in res.output, res.output
+    with pytest.raises(ConfigError, match="least-squares refit needs calibration inputs"):
+        flexmerge.pleas({"a": sa, "b": sb}, 1.5, least_squares=True)

@@ -63,12 +63,14 @@ def calibration_inputs(calibration: torch.Tensor | str | Path, tasks: list[str] 
                       f"(suites: {', '.join(sorted(SUITES) or ['digits', 'wordnet'])})")
 
 
-def pleas(models: Mapping[str, Model], size: float, calibration: torch.Tensor | str | Path, *,
+def pleas(models: Mapping[str, Model], size: float, calibration: torch.Tensor | str | Path | None = None, *,
           heads: Mapping[str, Model] | None = None, out: str | Path | None = None, overwrite: bool = False,
-          schedule: str = "greedy", matching: str = "activation", least_squares: bool = True,
+          schedule: str = "greedy", matching: str | None = None, least_squares: bool | None = None,
           ridge: float = DEFAULT_RIDGE, batch_size: int = 256) -> PleasModel:
     """Merge two models (name -> checkpoint or state dict) to `size` in [1, 2]; write to `out` if given.
 
+    With calibration inputs the defaults are activation matching + least squares; without them,
+    weight matching and no refit (the refit needs inputs; another domain's inputs will do).
     Example: flexmerge.pleas({"a": "a.safetensors", "b": "b.safetensors"}, 1.5, "digits", out="ab-1.5x")
     """
     if schedule not in SCHEDULES:
@@ -77,7 +79,10 @@ def pleas(models: Mapping[str, Model], size: float, calibration: torch.Tensor | 
         raise ConfigError(f"batch_size must be >= 1; got {batch_size}")
     states = {name: read_state(m) for name, m in models.items()}
     head_states = {name: read_state(h) for name, h in (heads or {}).items()}
-    x = calibration_inputs(calibration, list(models))
+    has_data = calibration is not None
+    matching = matching or ("activation" if has_data else "weights")
+    least_squares = has_data if least_squares is None else least_squares
+    x = calibration_inputs(calibration, list(models)) if has_data else None
     merged = pleas_merge(states, x, size, heads=head_states, schedule_name=schedule, matching=matching,
                          least_squares=least_squares, ridge=ridge, batch_size=batch_size)
     if out is not None:

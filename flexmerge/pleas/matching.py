@@ -80,3 +80,45 @@ def split(perm: torch.Tensor, quality: torch.Tensor, merged: int) -> Split:
 def pair_quality(corr: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
     """Correlation of each unit of a with its partner in b."""
     return corr[torch.arange(len(perm)), perm]
+
+
+def _unit_rows(w: torch.Tensor, axis: int) -> torch.Tensor:
+    """A tensor as one row per unit of `axis` (every other axis flattened)."""
+    return w.movedim(axis, 0).reshape(w.shape[axis], -1).double()
+
+
+def weight_matching(groups: dict[str, list[tuple[str, int]]], axes_of, sa: dict[str, torch.Tensor],
+                    sb: dict[str, torch.Tensor], rounds: int = 20) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Git Re-Basin weight matching: per group, the Hungarian assignment maximizing Σ <a's unit i, b's unit j>
+    over every tensor axis the group permutes, with b's other axes aligned by the other groups' current
+    permutations; groups are revisited (coordinate ascent) until no permutation changes or `rounds` pass.
+
+    Returns (perm, quality) per group: perm[i] = b's unit matched to a's unit i, quality = the cosine of
+    the two units' concatenated weight vectors (what the greedy schedule ranks by)."""
+    perms = {g: torch.arange(sa[axes[0][0]].shape[axes[0][1]]) for g, axes in groups.items()}
+
+    def aligned(g: str) -> tuple[torch.Tensor, torch.Tensor]:
+        ra, rb = [], []
+        for key, axis in groups[g]:
+            wb = sb[key]
+            for other, h in axes_of(key).items():
+                if other != axis:
+                    wb = wb.index_select(other, perms[h])
+            ra.append(_unit_rows(sa[key], axis))
+            rb.append(_unit_rows(wb, axis))
+        return torch.cat(ra, 1), torch.cat(rb, 1)
+
+    for _ in range(rounds):
+        changed = False
+        for g in groups:
+            ra, rb = aligned(g)
+            new = hungarian(ra @ rb.T)
+            changed |= not torch.equal(new, perms[g])
+            perms[g] = new
+        if not changed:
+            break
+    quality = {}
+    for g in groups:
+        ra, rb = aligned(g)
+        quality[g] = torch.nn.functional.cosine_similarity(ra, rb[perms[g]], dim=1)
+    return perms, quality
