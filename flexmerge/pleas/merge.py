@@ -40,8 +40,14 @@ class PleasModel:
     state: State
     heads: dict[str, State] = field(default_factory=dict)
 
-    def module(self) -> modeling.WideResidualMLP:
-        model = modeling.build(self.config)
+    def module(self) -> torch.nn.Module:
+        """The merged encoder: a WideResidualMLP, or a plain transformers model for BERT-style encoders."""
+        if self.config["architecture"] == "pleas-bert":
+            from flexmerge.pleas.bert import build_hf
+
+            model = build_hf(self.config)
+        else:
+            model = modeling.build(self.config)
         model.load_state_dict(self.state)
         return model.eval()
 
@@ -283,13 +289,19 @@ def pleas_merge(states: Mapping[str, State], calibration: torch.Tensor | None, s
 
 
 def save_pleas(model: PleasModel, out: str | Path, overwrite: bool = False) -> Path:
-    """Write DIR/model.safetensors, DIR/heads/<task>.safetensors, config.json and modeling_pleas.py, atomically."""
+    """Write DIR/model.safetensors, DIR/heads/<task>.safetensors, config.json and modeling_pleas.py, atomically
+    (BERT-style encoders: a standard HF checkpoint plus pleas.json, see flexmerge.pleas.bert)."""
     from safetensors.torch import save_file
 
     from flexmerge._atomic import atomic_directory
 
     out = Path(out)
     with atomic_directory(out, overwrite=overwrite, replaceable=is_pleas_dir, what="a PLeaS model") as tmp:
+        if model.config["architecture"] == "pleas-bert":
+            from flexmerge.pleas.bert import save_bert
+
+            save_bert(model, tmp)
+            return out
         save_file({k: v.contiguous() for k, v in model.state.items()}, str(tmp / modeling.WEIGHTS))
         (tmp / "heads").mkdir()
         for task, head in model.heads.items():
@@ -301,8 +313,11 @@ def save_pleas(model: PleasModel, out: str | Path, overwrite: bool = False) -> P
 
 def is_pleas_dir(path: Path) -> bool:
     """A directory `save_pleas` wrote (what --overwrite may replace)."""
-    try:
-        cfg = json.loads((path / modeling.CONFIG).read_text())
-    except (OSError, ValueError):
-        return False
-    return path.is_dir() and isinstance(cfg, dict) and cfg.get("architecture") == "pleas-residual-mlp"
+    for name, arch in ((modeling.CONFIG, "pleas-residual-mlp"), ("pleas.json", "pleas-bert")):
+        try:
+            cfg = json.loads((path / name).read_text())
+        except (OSError, ValueError):
+            continue
+        if path.is_dir() and isinstance(cfg, dict) and cfg.get("architecture") == arch:
+            return True
+    return False
