@@ -292,7 +292,7 @@ def pleas_bert(models: Mapping[str, object], size: float, calibration, *, schedu
         quality = {g: corr[g][torch.arange(len(p)), p] for g, p in perms.items()}
     else:
         head_sims = weight_similarities(sa, sb, depth)
-        perms, quality = weight_matching(spec.groups, spec.axes_of, sa, sb, rounds=20 if matching == "weights" else 0)
+        perms, quality = weight_matching(spec.groups, spec.axes_of, sa, sb, rounds=100 if matching == "weights" else 0)
     if matching == "identity":  # rounds=0 above kept the intermediate identity
         d = sa[_key(0, "query")].shape[0] // heads
         head_match = [(torch.arange(heads), torch.arange(d).repeat(heads, 1), torch.arange(d).repeat(heads, 1))] * depth

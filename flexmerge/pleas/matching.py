@@ -88,10 +88,12 @@ def _unit_rows(w: torch.Tensor, axis: int) -> torch.Tensor:
 
 
 def weight_matching(groups: dict[str, list[tuple[str, int]]], axes_of, sa: dict[str, torch.Tensor],
-                    sb: dict[str, torch.Tensor], rounds: int = 20) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+                    sb: dict[str, torch.Tensor], rounds: int = 100, seed: int = 0
+                    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Git Re-Basin weight matching: per group, the Hungarian assignment maximizing Σ <a's unit i, b's unit j>
     over every tensor axis the group permutes, with b's other axes aligned by the other groups' current
-    permutations; groups are revisited (coordinate ascent) until no permutation changes or `rounds` pass.
+    permutations. As the reference's `weight_matching`: each round visits the groups in a random order
+    (seeded), and the rounds stop when no group's objective rose by more than 1e-12, or after `rounds`.
 
     Returns (perm, quality) per group: perm[i] = b's unit matched to a's unit i, quality = the cosine of
     the two units' concatenated weight vectors (what the greedy schedule ranks by)."""
@@ -108,14 +110,18 @@ def weight_matching(groups: dict[str, list[tuple[str, int]]], axes_of, sa: dict[
             rb.append(_unit_rows(wb, axis))
         return torch.cat(ra, 1), torch.cat(rb, 1)
 
+    names, rng = list(groups), torch.Generator().manual_seed(seed)
     for _ in range(rounds):
-        changed = False
-        for g in groups:
+        progress = False
+        for k in torch.randperm(len(names), generator=rng).tolist():
+            g = names[k]
             ra, rb = aligned(g)
-            new = hungarian(ra @ rb.T)
-            changed |= not torch.equal(new, perms[g])
+            score = ra @ rb.T
+            new = hungarian(score)
+            rows = torch.arange(len(new))
+            progress |= bool(score[rows, new].sum() > score[rows, perms[g]].sum() + 1e-12)
             perms[g] = new
-        if not changed:
+        if not progress:
             break
     quality = {}
     for g in groups:

@@ -131,7 +131,7 @@ def match(spec: PermSpec, sa: State, sb: State, corr: Mapping[str, torch.Tensor]
     """Per group: perm[i] = b's unit matched to a's unit i, and each pair's quality (what the greedy
     schedule ranks by): activation correlation where there is data, else the cosine of their weights."""
     if matching == "weights" or corr is None:  # identity without data: 0 rounds keep the identity
-        return weight_matching(spec.groups, spec.axes_of, sa, sb, rounds=20 if matching == "weights" else 0)
+        return weight_matching(spec.groups, spec.axes_of, sa, sb, rounds=100 if matching == "weights" else 0)
     perms = {g: hungarian(c) if matching == "activation" else torch.arange(c.shape[0]) for g, c in corr.items()}
     return perms, {g: pair_quality(corr[g], p) for g, p in perms.items()}
 
