@@ -3,13 +3,16 @@ matching and plain weight averaging, for two fine-tunes of one base and for two 
 were trained from different random initializations (where task vectors mean nothing).
 
     python -m benchmarks.pleas_digits [--tasks rot90 invert_mod3] [--sizes 1 1.25 1.5 2] [--schedule greedy]
+                                      [--out results/pleas_digits]   # results.md + curves.png
 
 Models are trained here with the suite's own data, splits and training loop (seconds); both bases see
 the same pretraining data, only their initialization (and batch order) differs. Calibration: the two
 tasks' validation inputs. Accuracy: each task's test split, read through its own (widened) head.
 "Average (identity)" is PLeaS's pipeline with no permutation and no least squares: at 1x it is
 plain weight averaging of the two encoders; above 1x the worst-correlated units (same index) stay
-separate. For the shared base, FlexMerge (task_arithmetic, greedy path, M = 2) is shown beside it.
+separate. "Weights (no data)" is weight matching (Git Re-Basin) with no calibration and no refit.
+For the shared base, FlexMerge's curves (task_arithmetic and ties, greedy path, M = 2, planned once
+and materialized at every size) are drawn beside PLeaS's in OUT/curves.png.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
@@ -27,7 +31,10 @@ from flexmerge.suites.training import accuracy, train
 
 METHODS = {"PLeaS": {"matching": "activation", "least_squares": True},
            "perm only": {"matching": "activation", "least_squares": False},
-           "average (identity)": {"matching": "identity", "least_squares": False}}
+           "average (identity)": {"matching": "identity", "least_squares": False},
+           "weights (no data)": {"matching": "weights", "least_squares": False, "calibration": None}}
+FLEX = {"FlexMerge TA": ("task_arithmetic", {}), "FlexMerge TIES": ("ties", {})}
+FLEX_SIZES = [1 + k / 8 for k in range(9)]
 
 
 def pretrain(suite: DigitsSuite, init_seed: int) -> DigitsNet:
@@ -69,8 +76,10 @@ def pleas_rows(suite, pair, models, heads, sizes, schedule) -> list[tuple]:
     x = calibration_inputs("digits", list(models))
     rows = []
     for method, options in METHODS.items():
+        options = dict(options)
+        calib = options.pop("calibration", x)
         for s in sizes:
-            merged = pleas_merge(models, x, s, heads=heads, schedule_name=schedule, **options)
+            merged = pleas_merge(models, calib, s, heads=heads, schedule_name=schedule, **options)
             enc = merged.module()
             accs = [test_accuracy(suite, t, enc, merged.head(t)) for t in models]
             rows.append((pair, method, s, merged.config["size"], *accs))
@@ -78,7 +87,7 @@ def pleas_rows(suite, pair, models, heads, sizes, schedule) -> list[tuple]:
 
 
 def flexmerge_rows(suite, pair, base, models, heads, sizes) -> list[tuple]:
-    """FlexMerge's own curve for a shared base (task_arithmetic, greedy, sublayer blocks)."""
+    """FlexMerge's own curves for a shared base: one greedy path per method, materialized at each size."""
     import flexmerge
 
     with tempfile.TemporaryDirectory() as d:
@@ -87,11 +96,41 @@ def flexmerge_rows(suite, pair, base, models, heads, sizes) -> list[tuple]:
             save_file(st, f"{d}/{t}.safetensors")
         tasks = flexmerge.load_tasks(f"{d}/base.safetensors", {t: f"{d}/{t}.safetensors" for t in models})
         rows = []
-        for s in sizes:
-            flex = flexmerge.merge(tasks, size=s, method="task_arithmetic")
-            accs = [plain_accuracy(suite, t, flex.state_dict(t), heads[t]) for t in models]
-            rows.append((pair, "FlexMerge TA", s, flex.size, *accs))
+        for name, (method, params) in FLEX.items():
+            path = flexmerge.plan(tasks, method=method, params=params)
+            for s in sizes:
+                flex = flexmerge.materialize(tasks, path, s)
+                accs = [plain_accuracy(suite, t, flex.state_dict(t), heads[t]) for t in models]
+                rows.append((pair, name, s, flex.size, *accs))
         return rows
+
+
+def plot(rows: list[tuple], out: Path, tasks: list[str]) -> Path:
+    """Mean accuracy of the two tasks against the achieved size, one panel per pair."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pairs = list(dict.fromkeys(r[0] for r in rows))
+    fig, axes = plt.subplots(1, len(pairs), figsize=(6 * len(pairs), 4.5), sharey=True, squeeze=False)
+    for ax, pair in zip(axes[0], pairs):
+        for method in dict.fromkeys(r[1] for r in rows if r[0] == pair):
+            pts = sorted((r[3], (r[4] + r[5]) / 2) for r in rows if r[:2] == (pair, method))
+            if method == "fine-tuned":
+                ax.axhline(pts[0][1], color="gray", ls=":", label="fine-tuned (2 models)")
+                continue
+            style = "--" if method.startswith("FlexMerge") else "-"
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o", ms=4, label=method)
+        ax.set(title=f"digits, {pair}: {' + '.join(tasks)}", xlabel="size (x one model)",
+               ylabel="mean test accuracy")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    out.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out / "curves.png", dpi=120)
+    plt.close(fig)
+    return out / "curves.png"
 
 
 def main() -> None:
@@ -99,6 +138,7 @@ def main() -> None:
     ap.add_argument("--tasks", nargs=2, default=["rot90", "invert_mod3"])
     ap.add_argument("--sizes", nargs="+", type=float, default=[1.0, 1.25, 1.5, 2.0])
     ap.add_argument("--schedule", default="greedy", choices=["greedy", "uniform"])
+    ap.add_argument("--out", type=Path, default=Path("results/pleas_digits"), help="results.md and curves.png here")
     args = ap.parse_args()
     t0 = time.perf_counter()
     suite, (ta, tb) = DigitsSuite(), args.tasks
@@ -112,12 +152,15 @@ def main() -> None:
         rows.append((pair, "fine-tuned", 2.0, 2.0, *(plain_accuracy(suite, t, models[t], heads[t]) for t in models)))
         rows += pleas_rows(suite, pair, models, heads, args.sizes, args.schedule)
         if pair == "same base":
-            rows += flexmerge_rows(suite, pair, base0, models, heads, args.sizes)
-    print(f"| pair | method | S | size | {ta} | {tb} | mean |")
-    print("|---|---|---|---|---|---|---|")
-    for pair, method, s, size, a, b in rows:
-        print(f"| {pair} | {method} | {s:g} | {size:.3f} | {a:.3f} | {b:.3f} | {(a + b) / 2:.3f} |")
-    print(f"\nschedule={args.schedule}; {time.perf_counter() - t0:.0f} s in all")
+            rows += flexmerge_rows(suite, pair, base0, models, heads, sorted({*args.sizes, *FLEX_SIZES}))
+    lines = [f"| pair | method | S | size | {ta} | {tb} | mean |", "|---|---|---|---|---|---|---|"]
+    lines += [f"| {pair} | {method} | {s:g} | {size:.3f} | {a:.3f} | {b:.3f} | {(a + b) / 2:.3f} |"
+              for pair, method, s, size, a, b in rows]
+    lines.append(f"\nschedule={args.schedule}; {time.perf_counter() - t0:.0f} s in all")
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    print(f"plot: {plot(rows, args.out, [ta, tb])}")
 
 
 if __name__ == "__main__":

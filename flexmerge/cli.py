@@ -602,19 +602,26 @@ def route_predict(
 
 @command
 def pleas(
-    model: list[str] = typer.Option(..., "--model", help="one of the two models as NAME=PATH (give it twice)"),
+    model: list[str] = typer.Option(..., "--model", help="one of the two models as NAME=PATH (give it twice): a checkpoint, "
+                                                             "or a BERT-style HF model directory"),
     size: float = typer.Option(..., "--size", help="size in [1, 2]: 1 = one merged model, 2 = both side by side"),
-    calibration: str = typer.Option(..., "--calibration",
-                                    help="calibration inputs: a safetensors file (one (N, in) tensor, or 'inputs') "
-                                         "or a suite name (digits: its validation inputs)"),
-    out: Path = typer.Option(..., "--out", help="output directory (weights, heads, config.json, modeling_pleas.py)"),
+    calibration: Optional[str] = typer.Option(None, "--calibration",
+                                              help="calibration inputs: a safetensors file (one (N, in) tensor, or "
+                                                   "'inputs'; for BERT: input_ids [+ attention_mask], or a .txt file, "
+                                                   "one input a line) or a suite name "
+                                                   "(digits: its validation inputs); omitted: weight matching, no "
+                                                   "least squares"),
+    out: Path = typer.Option(..., "--out", help="output directory (weights, heads, config.json, modeling_pleas.py; "
+                                                "BERT: a plain HF checkpoint + pleas.json)"),
     head: Optional[list[str]] = typer.Option(None, "--head", help="a task's head as NAME=PATH, widened to read "
                                                                   "its slice of the features (repeatable)"),
     schedule: str = typer.Option("greedy", "--schedule", help="per-layer widths: greedy (by matching cost) | uniform"),
-    matching: str = typer.Option("activation", "--matching",
-                                 help="activation (correlation + Hungarian) | identity (no permutation)"),
-    least_squares: bool = typer.Option(True, "--least-squares/--no-least-squares",
-                                       help="refit each layer by masked least squares (off: permutation only)"),
+    matching: Optional[str] = typer.Option(None, "--matching",
+                                           help="activation (correlation + Hungarian; default with --calibration) | "
+                                                "weights (Git Re-Basin weight matching; default without) | identity"),
+    least_squares: Optional[bool] = typer.Option(None, "--least-squares/--no-least-squares",
+                                                 help="refit layers by masked least squares (default: on with "
+                                                      "--calibration; off: permutation only)"),
     ridge: float = typer.Option(1e-6, "--ridge", help="ridge, relative to the mean input energy"),
     batch_size: int = typer.Option(256, "--batch-size", help="calibration inputs per forward pass"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing PLeaS output directory"),
@@ -623,6 +630,9 @@ def pleas(
 
     Example: flexmerge pleas --model a=a.safetensors --model b=b.safetensors --size 1.5
     --calibration digits --head a=head_a.safetensors --head b=head_b.safetensors --out ab-1.5x/
+
+    BERT-style encoders: flexmerge pleas --model a=bert_a/ --model b=bert_b/ --size 1.3 --calibration texts.txt
+    --out ab/
     """
     from flexmerge.pleas import pleas as pleas_fn
     from flexmerge.taskvec import parse_task_specs
@@ -632,8 +642,9 @@ def pleas(
     merged = pleas_fn(models, size, calibration, heads=heads, out=out, overwrite=overwrite, schedule=schedule,
                       matching=matching, least_squares=least_squares, ridge=ridge, batch_size=batch_size)
     cfg = merged.config
-    console.print(f"wrote {escape(str(out))}: size {cfg['size']:.3f}x (dense checkpoint {cfg['dense_size']:.3f}x), "
-                  f"stream {cfg['stream'][0]} merged + 2x{cfg['stream'][1]} private units, "
+    data = f"{cfg['calibration_samples']} calibration inputs" if cfg["calibration_samples"] else "no calibration data"
+    console.print(f"wrote {escape(str(out))}: {cfg['matching']} matching ({data}), size {cfg['size']:.3f}x "
+                  f"(dense checkpoint {cfg['dense_size']:.3f}x), {escape(cfg['widths'])}, "
                   f"{len(cfg['refitted'])} layers refit by least squares", soft_wrap=True)
 
 

@@ -198,8 +198,8 @@ def test_bad_inputs_are_clear_errors(calib):
     with pytest.raises(ConfigError, match="does not know how to permute: head.weight"):
         pleas_merge({"a": {**sa, "head.weight": torch.zeros(2, WIDTH)}, "b": {**sb, "head.weight": torch.zeros(2, WIDTH)}},
                     calib, 1.5)
-    with pytest.raises(ConfigError, match="unknown PLeaS matching 'weights'"):
-        pleas_merge({"a": sa, "b": sb}, calib, 1.5, matching="weights")
+    with pytest.raises(ConfigError, match="unknown PLeaS matching 'zipit'"):
+        pleas_merge({"a": sa, "b": sb}, calib, 1.5, matching="zipit")
 
 
 def test_digits_suite_validation_inputs_calibrate():
@@ -208,3 +208,161 @@ def test_digits_suite_validation_inputs_calibrate():
 
     x = calibration_inputs("digits", ["rot90", "transpose"])
     assert x.shape[1] == 64 and x.shape[0] > 100 and x.dtype == torch.float32
+
+
+def test_weight_matching_finds_a_permuted_copy_without_data(tmp_path):
+    sa, ha = tiny(0)
+    gen = torch.Generator().manual_seed(4)
+    perms = {"stream": torch.randperm(WIDTH, generator=gen),
+             **{f"hidden.{i}": torch.randperm(HIDDEN, generator=gen) for i in range(DEPTH)}}
+    sb = permute(sa, perms)
+    hb = {"weight": ha["weight"][:, perms["stream"]], "bias": ha["bias"]}
+    merged = flexmerge.pleas({"a": sa, "b": sb}, 1.0, heads={"a": ha, "b": hb})  # no calibration
+    cfg = merged.config
+    assert cfg["matching"] == "weights" and not cfg["least_squares"] and cfg["calibration_samples"] == 0
+    for g, perm in perms.items():  # b's unit matched to a's unit i is the one a's unit i was moved to
+        assert torch.equal(perm[torch.tensor(cfg["permutations"][g]["b"])], torch.tensor(cfg["permutations"][g]["a"])), g
+    x = torch.randn(30, IN)
+    torch.testing.assert_close(merged_logits(merged, "a", x), logits(sa, ha, x), atol=1e-5, rtol=0)
+    torch.testing.assert_close(merged_logits(merged, "b", x), logits(sb, hb, x), atol=1e-5, rtol=0)
+    for k in ("a", "b", "ha", "hb"):
+        save_file({"a": sa, "b": sb, "ha": ha, "hb": hb}[k], str(tmp_path / f"{k}.safetensors"))
+    res = CliRunner().invoke(app, ["pleas", "--model", f"a={tmp_path / 'a.safetensors'}", "--model",
+                                   f"b={tmp_path / 'b.safetensors'}", "--size", "1.3", "--out", str(tmp_path / "o")])
+    assert res.exit_code == 0 and "weights matching (no calibration data)" in res.output, res.output
+    with pytest.raises(ConfigError, match="least-squares refit needs calibration inputs"):
+        flexmerge.pleas({"a": sa, "b": sb}, 1.5, least_squares=True)
+
+
+# ---- BERT-style encoders -----------------------------------------------------------------------------
+
+WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *"the a cat dog sat ran on mat fast slow red big".split()]
+HEADS, HEAD_DIM, INTER, LAYERS = 2, 4, 12, 2
+
+
+def tiny_bert(seed: int):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(seed)
+    cfg = transformers.BertConfig(vocab_size=len(WORDS), hidden_size=HEADS * HEAD_DIM, num_hidden_layers=LAYERS,
+                                  num_attention_heads=HEADS, intermediate_size=INTER, max_position_embeddings=32,
+                                  hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    return transformers.BertModel(cfg).eval()
+
+
+def bert_tokens(n: int = 24, seed: int = 0) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, len(WORDS), (n, 7), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[::3, 5:] = 0  # some padded inputs
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def bert_out(model, tokens):
+    with torch.no_grad():
+        return model(**tokens).last_hidden_state
+
+
+def permuted_bert(model, seed: int = 5):
+    """The same function: heads, within-head Q/K dims and V/O dims, and intermediate units reordered."""
+    import copy
+
+    gen = torch.Generator().manual_seed(seed)
+    out = copy.deepcopy(model)
+    sd = out.state_dict()
+    perms = {}
+    for i in range(LAYERS):
+        p = f"encoder.layer.{i}."
+        heads = torch.randperm(HEADS, generator=gen)
+        qk = torch.cat([int(h) * HEAD_DIM + torch.randperm(HEAD_DIM, generator=gen) for h in heads])
+        vo = torch.cat([int(h) * HEAD_DIM + torch.randperm(HEAD_DIM, generator=gen) for h in heads])
+        inter = torch.randperm(INTER, generator=gen)
+        perms[i] = (heads, inter)
+        for name, order in (("attention.self.query", qk), ("attention.self.key", qk),
+                            ("attention.self.value", vo), ("intermediate.dense", inter)):
+            sd[p + name + ".weight"], sd[p + name + ".bias"] = sd[p + name + ".weight"][order], sd[p + name + ".bias"][order]
+        sd[p + "attention.output.dense.weight"] = sd[p + "attention.output.dense.weight"][:, vo]
+        sd[p + "output.dense.weight"] = sd[p + "output.dense.weight"][:, inter]
+    out.load_state_dict(sd)
+    return out, perms
+
+
+@pytest.mark.parametrize("matching", ["activation", "weights"])
+def test_bert_permuted_copy_is_matched_back_exactly(matching):
+    a = tiny_bert(0)
+    b, perms = permuted_bert(a)
+    tokens = bert_tokens()
+    for size in (1.0, 2.0):  # 1: every unit merged with its true partner; 2: every unit private
+        merged = flexmerge.pleas({"a": a, "b": b}, size, tokens if matching == "activation" else None,
+                                 matching=matching, least_squares=False)
+        cfg = merged.config
+        assert cfg["matching"] == matching and cfg["hf_config"]["num_attention_heads"] == HEADS
+        for i, (heads, inter) in perms.items():
+            assert torch.equal(heads[torch.tensor(cfg["permutations"][f"heads.{i}"]["b"])], torch.arange(HEADS))
+            a_order, b_order = (torch.tensor(cfg["permutations"][f"inter.{i}"][t]) for t in "ab")
+            assert torch.equal(inter[b_order], a_order)
+        torch.testing.assert_close(bert_out(merged.module(), tokens), bert_out(a, tokens), atol=1e-5, rtol=0)
+    assert cfg["intermediate"] == [[0, INTER]] * LAYERS and cfg["hf_config"]["intermediate_size"] == 2 * INTER
+
+
+def test_bert_no_merged_units_is_both_models_mlps_side_by_side():
+    """At S = 2 no intermediate unit is merged: each layer's MLP is exactly the mean of both models' MLPs
+    (the shared stream makes the mean the only exact target; see docs/pleas.md)."""
+    a, b = tiny_bert(0), tiny_bert(1)
+    merged = flexmerge.pleas({"a": a, "b": b}, 2.0, bert_tokens(), least_squares=False).module()
+    h = torch.randn(3, 5, HEADS * HEAD_DIM)
+    mlp = lambda m, i: m.encoder.layer[i].output.dense(m.encoder.layer[i].intermediate(h))  # noqa: E731
+    with torch.no_grad():
+        for i in range(LAYERS):
+            torch.testing.assert_close(mlp(merged, i), (mlp(a, i) + mlp(b, i)) / 2, atol=1e-6, rtol=0)
+
+
+def test_bert_refit_checkpoint_loads_with_plain_transformers(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    a, b = tiny_bert(0), tiny_bert(1)
+    tokens = bert_tokens()
+    runs = {ls: flexmerge.pleas({"a": a, "b": b}, 1.4, tokens, least_squares=ls, out=tmp_path / f"o{ls}")
+            for ls in (True, False)}
+    merged = runs[True]
+    cfg = merged.config
+    widths = [m + 2 * p for m, p in cfg["intermediate"]]
+    assert 1.0 < cfg["size"] <= 1.4 and cfg["refitted"] and cfg["hf_config"]["intermediate_size"] == max(widths)
+    for i, w in enumerate(widths):  # zero padding where a layer is narrower
+        assert (merged.state[f"encoder.layer.{i}.intermediate.dense.weight"][w:] == 0).all()
+        assert (merged.state[f"encoder.layer.{i}.output.dense.weight"][:, w:] == 0).all()
+    loaded = transformers.AutoModel.from_pretrained(str(tmp_path / "oTrue")).eval()
+    assert type(loaded).__name__ == "BertModel" and loaded.config.intermediate_size == max(widths)
+    torch.testing.assert_close(bert_out(loaded, tokens), bert_out(merged.module(), tokens), atol=1e-6, rtol=0)
+    # the refit lowers the layer-wise objective: layer 0's intermediate.dense against both models' own features
+    from flexmerge.pleas.merge import _layout, recording
+
+    name = "encoder.layer.0.intermediate.dense"
+    with recording(a, {name}) as fa, recording(b, {name}) as fb, torch.no_grad():
+        a(**tokens), b(**tokens)
+    keep = tokens["attention_mask"].bool()
+    (xa, ya), (xb, yb) = fa[name], fb[name]
+    perm = cfg["permutations"]["inter.0"]
+    s = Split(torch.tensor(perm["a"]), torch.tensor(perm["b"]), cfg["intermediate"][0][0])
+    x, y = (xa[keep] + xb[keep]) / 2, _layout(ya[keep], yb[keep], -1, s)
+    err = {ls: float((x @ m.state[name + ".weight"][:s.width].T + m.state[name + ".bias"][:s.width] - y).pow(2).mean())
+           for ls, m in runs.items()}
+    assert err[True] < 0.9 * err[False], err
+    assert json.loads((tmp_path / "oTrue" / "pleas.json").read_text())["matching"] == "activation"
+
+
+def test_bert_cli_with_text_calibration_and_unsupported_architectures(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    for name, seed in (("a", 0), ("b", 1)):
+        tiny_bert(seed).save_pretrained(tmp_path / name)
+        transformers.BertTokenizerFast(vocab={w: i for i, w in enumerate(WORDS)}).save_pretrained(tmp_path / name)
+    (tmp_path / "calib.txt").write_text("the cat sat on the mat\na big red dog ran fast\nthe dog sat\n")
+    args = ["pleas", "--model", f"a={tmp_path / 'a'}", "--model", f"b={tmp_path / 'b'}", "--size", "1.5"]
+    res = CliRunner().invoke(app, [*args, "--calibration", str(tmp_path / "calib.txt"), "--out", str(tmp_path / "o")])
+    assert res.exit_code == 0 and "activation matching (3 calibration inputs)" in res.output, res.output
+    loaded, tok = (cls.from_pretrained(str(tmp_path / "o")) for cls in (transformers.AutoModel, transformers.AutoTokenizer))
+    assert loaded.config.intermediate_size > INTER and tok("the cat")["input_ids"][1] == WORDS.index("the")
+    gpt = transformers.GPT2Model(transformers.GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=20, n_positions=8))
+    with pytest.raises(ConfigError, match=r"GPT2Config: the bert spec needs encoder\.layer\.0\.attention\.self\.query"):
+        flexmerge.pleas({"a": gpt, "b": gpt}, 1.5)
+    res = CliRunner().invoke(app, [*args, "--calibration", str(tmp_path / "o" / "config.json"), "--out",
+                                   str(tmp_path / "bad")])
+    assert res.exit_code == 2 and "give a .safetensors file" in res.output and not (tmp_path / "bad").exists()

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from flexmerge.errors import CheckpointError, ConfigError
+from flexmerge.pleas.bert import is_bert, pleas_bert
 from flexmerge.pleas.lstsq import DEFAULT_RIDGE
 from flexmerge.pleas.merge import PleasModel, pleas_merge, save_pleas
 from flexmerge.pleas.schedule import SCHEDULES
@@ -63,21 +64,57 @@ def calibration_inputs(calibration: torch.Tensor | str | Path, tasks: list[str] 
                       f"(suites: {', '.join(sorted(SUITES) or ['digits', 'wordnet'])})")
 
 
-def pleas(models: Mapping[str, Model], size: float, calibration: torch.Tensor | str | Path, *,
+def bert_calibration(calibration):
+    """BERT calibration: None, a dict of token tensors, a safetensors file of them, or a .txt file (kept as a
+    path: it is tokenized by model a's tokenizer)."""
+    if calibration is None or isinstance(calibration, Mapping):
+        return calibration
+    path = Path(calibration)
+    if not path.is_file():
+        raise ConfigError(f"BERT calibration {str(calibration)!r} is not a file (safetensors with input_ids, or text)")
+    if path.suffix == ".txt":
+        return path
+    if path.suffix != ".safetensors":
+        raise ConfigError(f"BERT calibration {path.name!r}: give a .safetensors file (input_ids [+ attention_mask]) "
+                          "or a .txt file (one input a line)")
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"calibration file {path} is not a readable safetensors file: {e}") from None
+
+
+def pleas(models: Mapping[str, Model], size: float, calibration: torch.Tensor | str | Path | None = None, *,
           heads: Mapping[str, Model] | None = None, out: str | Path | None = None, overwrite: bool = False,
-          schedule: str = "greedy", matching: str = "activation", least_squares: bool = True,
+          schedule: str = "greedy", matching: str | None = None, least_squares: bool | None = None,
           ridge: float = DEFAULT_RIDGE, batch_size: int = 256) -> PleasModel:
     """Merge two models (name -> checkpoint or state dict) to `size` in [1, 2]; write to `out` if given.
 
+    With calibration inputs the defaults are activation matching + least squares; without them,
+    weight matching and no refit (the refit needs inputs; another domain's inputs will do).
     Example: flexmerge.pleas({"a": "a.safetensors", "b": "b.safetensors"}, 1.5, "digits", out="ab-1.5x")
     """
     if schedule not in SCHEDULES:
         raise ConfigError(f"unknown PLeaS schedule {schedule!r}; choose one of: {', '.join(SCHEDULES)}")
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1; got {batch_size}")
+    has_data = calibration is not None
+    matching = matching or ("activation" if has_data else "weights")
+    least_squares = has_data if least_squares is None else least_squares
+    if any(is_bert(m) for m in models.values()):
+        if heads:
+            raise ConfigError("BERT-style encoders keep their task heads unchanged (the residual stream is shared, "
+                              "so every head reads it as before); give no heads")
+        merged = pleas_bert(models, size, bert_calibration(calibration), schedule_name=schedule, matching=matching,
+                            least_squares=least_squares, ridge=ridge, batch_size=min(batch_size, 64))
+        if out is not None:
+            save_pleas(merged, out, overwrite=overwrite)
+        return merged
     states = {name: read_state(m) for name, m in models.items()}
     head_states = {name: read_state(h) for name, h in (heads or {}).items()}
-    x = calibration_inputs(calibration, list(models))
+    x = calibration_inputs(calibration, list(models)) if has_data else None
     merged = pleas_merge(states, x, size, heads=head_states, schedule_name=schedule, matching=matching,
                          least_squares=least_squares, ridge=ridge, batch_size=batch_size)
     if out is not None:

@@ -80,3 +80,51 @@ def split(perm: torch.Tensor, quality: torch.Tensor, merged: int) -> Split:
 def pair_quality(corr: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
     """Correlation of each unit of a with its partner in b."""
     return corr[torch.arange(len(perm)), perm]
+
+
+def _unit_rows(w: torch.Tensor, axis: int) -> torch.Tensor:
+    """A tensor as one row per unit of `axis` (every other axis flattened)."""
+    return w.movedim(axis, 0).reshape(w.shape[axis], -1).double()
+
+
+def weight_matching(groups: dict[str, list[tuple[str, int]]], axes_of, sa: dict[str, torch.Tensor],
+                    sb: dict[str, torch.Tensor], rounds: int = 100, seed: int = 0
+                    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Git Re-Basin weight matching: per group, the Hungarian assignment maximizing Σ <a's unit i, b's unit j>
+    over every tensor axis the group permutes, with b's other axes aligned by the other groups' current
+    permutations. As the reference's `weight_matching`: each round visits the groups in a random order
+    (seeded), and the rounds stop when no group's objective rose by more than 1e-12, or after `rounds`.
+
+    Returns (perm, quality) per group: perm[i] = b's unit matched to a's unit i, quality = the cosine of
+    the two units' concatenated weight vectors (what the greedy schedule ranks by)."""
+    perms = {g: torch.arange(sa[axes[0][0]].shape[axes[0][1]]) for g, axes in groups.items()}
+
+    def aligned(g: str) -> tuple[torch.Tensor, torch.Tensor]:
+        ra, rb = [], []
+        for key, axis in groups[g]:
+            wb = sb[key]
+            for other, h in axes_of(key).items():
+                if other != axis:
+                    wb = wb.index_select(other, perms[h])
+            ra.append(_unit_rows(sa[key], axis))
+            rb.append(_unit_rows(wb, axis))
+        return torch.cat(ra, 1), torch.cat(rb, 1)
+
+    names, rng = list(groups), torch.Generator().manual_seed(seed)
+    for _ in range(rounds):
+        progress = False
+        for k in torch.randperm(len(names), generator=rng).tolist():
+            g = names[k]
+            ra, rb = aligned(g)
+            score = ra @ rb.T
+            new = hungarian(score)
+            rows = torch.arange(len(new))
+            progress |= bool(score[rows, new].sum() > score[rows, perms[g]].sum() + 1e-12)
+            perms[g] = new
+        if not progress:
+            break
+    quality = {}
+    for g in groups:
+        ra, rb = aligned(g)
+        quality[g] = torch.nn.functional.cosine_similarity(ra, rb[perms[g]], dim=1)
+    return perms, quality

@@ -24,12 +24,12 @@ import torch
 from flexmerge.errors import CheckpointError, ConfigError
 from flexmerge.pleas import modeling
 from flexmerge.pleas.lstsq import DEFAULT_RIDGE, NormalEquations
-from flexmerge.pleas.matching import CorrelationStats, Split, hungarian, pair_quality, split
+from flexmerge.pleas.matching import CorrelationStats, Split, hungarian, pair_quality, split, weight_matching
 from flexmerge.pleas.schedule import dense_size, schedule, size_of
 from flexmerge.pleas.spec import PermSpec, spec_for
 
 State = dict[str, torch.Tensor]
-MATCHINGS = ("activation", "identity")
+MATCHINGS = ("activation", "weights", "identity")
 
 
 @dataclass
@@ -40,8 +40,14 @@ class PleasModel:
     state: State
     heads: dict[str, State] = field(default_factory=dict)
 
-    def module(self) -> modeling.WideResidualMLP:
-        model = modeling.build(self.config)
+    def module(self) -> torch.nn.Module:
+        """The merged encoder: a WideResidualMLP, or a plain transformers model for BERT-style encoders."""
+        if self.config["architecture"] == "pleas-bert":
+            from flexmerge.pleas.bert import build_hf
+
+            model = build_hf(self.config)
+        else:
+            model = modeling.build(self.config)
         model.load_state_dict(self.state)
         return model.eval()
 
@@ -110,13 +116,29 @@ def correlations(spec: PermSpec, a: torch.nn.Module, b: torch.nn.Module, calibra
     return {g: s.correlation() for g, s in stats.items()}
 
 
-def splits_for(spec: PermSpec, shapes: Mapping[str, tuple[int, ...]], corr: Mapping[str, torch.Tensor],
-               size: float, schedule_name: str, matching: str) -> dict[str, Split]:
-    """Match units (Hungarian on correlation, or identity), pick widths for `size`, lay groups out."""
+def check_matching(matching: str, has_data: bool, least_squares: bool) -> None:
     if matching not in MATCHINGS:
         raise ConfigError(f"unknown PLeaS matching {matching!r}; choose one of: {', '.join(MATCHINGS)}")
+    if not has_data and matching == "activation":
+        raise ConfigError("activation matching needs calibration inputs; give them, or use matching='weights'")
+    if not has_data and least_squares:
+        raise ConfigError("the least-squares refit needs calibration inputs (inputs from another domain will do); "
+                          "without them use least_squares=False (--no-least-squares)")
+
+
+def match(spec: PermSpec, sa: State, sb: State, corr: Mapping[str, torch.Tensor] | None, matching: str
+          ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Per group: perm[i] = b's unit matched to a's unit i, and each pair's quality (what the greedy
+    schedule ranks by): activation correlation where there is data, else the cosine of their weights."""
+    if matching == "weights" or corr is None:  # identity without data: 0 rounds keep the identity
+        return weight_matching(spec.groups, spec.axes_of, sa, sb, rounds=100 if matching == "weights" else 0)
     perms = {g: hungarian(c) if matching == "activation" else torch.arange(c.shape[0]) for g, c in corr.items()}
-    quality = {g: pair_quality(corr[g], p) for g, p in perms.items()}
+    return perms, {g: pair_quality(corr[g], p) for g, p in perms.items()}
+
+
+def splits_for(spec: PermSpec, shapes: Mapping[str, tuple[int, ...]], perms: Mapping[str, torch.Tensor],
+               quality: Mapping[str, torch.Tensor], size: float, schedule_name: str) -> dict[str, Split]:
+    """Pick widths for `size` from the pairs' quality and lay every group out [merged | a | b]."""
     ranked = {g: sorted(q.tolist(), reverse=True) for g, q in quality.items()}
     private = schedule(schedule_name, spec, shapes, size, ranked)
     return {g: split(perms[g], quality[g], spec.sizes[g] - private[g]) for g in spec.sizes}
@@ -227,23 +249,27 @@ def check_calibration(x: torch.Tensor, in_features: int) -> torch.Tensor:
     return x.float()
 
 
-def pleas_merge(states: Mapping[str, State], calibration: torch.Tensor, size: float, *,
+def pleas_merge(states: Mapping[str, State], calibration: torch.Tensor | None, size: float, *,
                 heads: Mapping[str, State] | None = None, schedule_name: str = "greedy",
                 matching: str = "activation", least_squares: bool = True, ridge: float = DEFAULT_RIDGE,
                 batch_size: int = 256, architecture: str | None = None) -> PleasModel:
-    """Two models (name -> state dict) merged by PLeaS to `size` in [1, 2]."""
+    """Two models (name -> state dict) merged by PLeaS to `size` in [1, 2].
+
+    calibration None: no data, so matching must be 'weights' (or 'identity') and least_squares False."""
     if len(states) != 2:
         raise ConfigError(f"PLeaS merges exactly two models; got {len(states)} ({', '.join(states) or 'none'})")
     (na, sa), (nb, sb) = states.items()
     check_pair(sa, sb, (na, nb))
     spec = spec_for(sa, architecture)
-    x = check_calibration(calibration, spec.in_features)
+    check_matching(matching, calibration is not None, least_squares)
+    x = None if calibration is None else check_calibration(calibration, spec.in_features)
     unknown = sorted(set(heads or {}) - {na, nb})
     if unknown:
         raise ConfigError(f"heads given for {', '.join(unknown)}, which are not the merged models ({na}, {nb})")
     ma, mb = original_model(spec, sa), original_model(spec, sb)
     shapes = {k: tuple(v.shape) for k, v in sa.items()}
-    splits = splits_for(spec, shapes, correlations(spec, ma, mb, x, batch_size), size, schedule_name, matching)
+    corr = None if x is None or matching == "weights" else correlations(spec, ma, mb, x, batch_size)
+    splits = splits_for(spec, shapes, *match(spec, sa, sb, corr, matching), size, schedule_name)
     state = widen(spec, sa, sb, splits)
     refitted = refit(spec, ma, mb, x, splits, state, batch_size, ridge) if least_squares else []
     private = {g: s.private for g, s in splits.items()}
@@ -251,10 +277,11 @@ def pleas_merge(states: Mapping[str, State], calibration: torch.Tensor, size: fl
         "architecture": "pleas-residual-mlp", "in_features": spec.in_features,
         "stream": [splits["stream"].merged, splits["stream"].private],
         "hidden": [[splits[g].merged, splits[g].private] for g in _hidden_groups(spec)],
+        "widths": f"stream {splits['stream'].merged} merged + 2x{splits['stream'].private} private units",
         "tasks": [na, nb], "feature_slices": {na: "merged + first private block", nb: "merged + second private block"},
         "size": size_of(spec, shapes, private), "dense_size": dense_size(spec, shapes, private),
         "requested_size": size, "schedule": schedule_name, "matching": matching,
-        "least_squares": least_squares, "ridge": ridge, "refitted": refitted, "calibration_samples": x.shape[0],
+        "least_squares": least_squares, "ridge": ridge, "refitted": refitted, "calibration_samples": 0 if x is None else x.shape[0],
         "permutations": {g: {na: s.a_order.tolist(), nb: s.b_order.tolist()} for g, s in splits.items()},
     }
     wide_heads = {t: widen_head(h, splits["stream"], "a" if t == na else "b") for t, h in (heads or {}).items()}
@@ -262,13 +289,19 @@ def pleas_merge(states: Mapping[str, State], calibration: torch.Tensor, size: fl
 
 
 def save_pleas(model: PleasModel, out: str | Path, overwrite: bool = False) -> Path:
-    """Write DIR/model.safetensors, DIR/heads/<task>.safetensors, config.json and modeling_pleas.py, atomically."""
+    """Write DIR/model.safetensors, DIR/heads/<task>.safetensors, config.json and modeling_pleas.py, atomically
+    (BERT-style encoders: a standard HF checkpoint plus pleas.json, see flexmerge.pleas.bert)."""
     from safetensors.torch import save_file
 
     from flexmerge._atomic import atomic_directory
 
     out = Path(out)
     with atomic_directory(out, overwrite=overwrite, replaceable=is_pleas_dir, what="a PLeaS model") as tmp:
+        if model.config["architecture"] == "pleas-bert":
+            from flexmerge.pleas.bert import save_bert
+
+            save_bert(model, tmp)
+            return out
         save_file({k: v.contiguous() for k, v in model.state.items()}, str(tmp / modeling.WEIGHTS))
         (tmp / "heads").mkdir()
         for task, head in model.heads.items():
@@ -280,8 +313,11 @@ def save_pleas(model: PleasModel, out: str | Path, overwrite: bool = False) -> P
 
 def is_pleas_dir(path: Path) -> bool:
     """A directory `save_pleas` wrote (what --overwrite may replace)."""
-    try:
-        cfg = json.loads((path / modeling.CONFIG).read_text())
-    except (OSError, ValueError):
-        return False
-    return path.is_dir() and isinstance(cfg, dict) and cfg.get("architecture") == "pleas-residual-mlp"
+    for name, arch in ((modeling.CONFIG, "pleas-residual-mlp"), ("pleas.json", "pleas-bert")):
+        try:
+            cfg = json.loads((path / name).read_text())
+        except (OSError, ValueError):
+            continue
+        if path.is_dir() and isinstance(cfg, dict) and cfg.get("architecture") == arch:
+            return True
+    return False

@@ -4,7 +4,8 @@ A spec is data. `groups` maps a permutation group (a set of hidden units) to the
 pairs it permutes; `linears` lists each linear layer with the group its inputs and outputs live
 in (None: the model's raw input, never permuted); `taps` names where a group's features are read
 for matching (the inputs of the layers that read the group, and the final features).
-Shipped: the residual MLP (`residual-mlp`, the digits suite's `DigitsNet` and any depth/width of it).
+Shipped: the residual MLP (`residual-mlp`, the digits suite's `DigitsNet` and any depth/width of it);
+BERT-style HF encoders have their spec in flexmerge.pleas.bert (`BERT`).
 """
 
 from __future__ import annotations
@@ -81,7 +82,8 @@ SPECS = {"residual-mlp": residual_mlp_spec}
 def unsupported_message(state: dict[str, torch.Tensor], missing: list[str]) -> str:
     shown = ", ".join(sorted(state)[:6]) + (", ..." if len(state) > 6 else "")
     return (f"no PLeaS permutation spec fits this model: the residual-mlp spec needs {', '.join(missing[:6])}, "
-            f"which it lacks (its parameters: {shown}); supported architectures: {', '.join(SPECS)}")
+            f"which it lacks (its parameters: {shown}); supported architectures: {', '.join(SPECS)}, and BERT-style "
+            "Hugging Face encoders given as model directories")
 
 
 def spec_for(state: dict[str, torch.Tensor], architecture: str | None = None) -> PermSpec:
