@@ -169,7 +169,7 @@ def sweep(
 
 def _routed_records(score: RoutedScore, name: str, planner: str, size: float, actual: float,
                     finetuned: dict[str, float]) -> list[SweepRecord]:
-    """One task's routed record per task: its accuracy without task ids, normalized as the others."""
+    """A routed point's records, one per task: its accuracy without task ids, normalized as the others."""
     return [SweepRecord(name, planner, size, actual, t, acc, finetuned[t], acc / finetuned[t] if finetuned[t] else None,
                         f"routed ({score.router_overall:.3f} of all inputs to their task)", routed=True,
                         router_accuracy=score.router_accuracy[t])
