@@ -343,14 +343,14 @@ def _check_names(methods: str, planners: str) -> None:
 
 
 def _run_suite(suite_name: str, out: Path, methods: str, sizes: str, planners: str, granularity: str,
-               cache_dir: Optional[Path], rebuild: bool) -> None:
+               cache_dir: Optional[Path], rebuild: bool, routed: bool = False) -> None:
     from flexmerge.suites import get_suite, run_sweep
 
     _check_names(methods, planners)
     suite = get_suite(suite_name)
     result, paths = run_sweep(suite, out, methods=_names(methods), sizes=_floats(sizes, "--sizes"),
                               planners=_names(planners), granularity=granularity, cache_dir=cache_dir,
-                              rebuild=rebuild, log=lambda msg: err.print(f"[dim]{msg}[/]"))
+                              rebuild=rebuild, routed=routed, log=lambda msg: err.print(f"[dim]{msg}[/]"))
     _print_sweep(result, paths, f"{suite.name}: mean normalized accuracy (merged / fine-tuned)")
 
 
@@ -397,6 +397,10 @@ def _print_sweep(result, paths, title: str) -> None:
     if result.base:
         line += f"; base encoder + trained head {sum(result.base.values()) / len(result.base):.3f}"
     console.print(line, soft_wrap=True)
+    for curve, points in result.curves().items():
+        if "router_accuracy" in points[0]:
+            console.print(f"{curve}: router accuracy (mean over tasks) " + ", ".join(
+                f"{p['router_accuracy']:.3f} at {p['size']:.3f}x" for p in points), soft_wrap=True)
     console.print("time: " + ", ".join(f"{k} {v:.1f}s" for k, v in result.timings.items()), soft_wrap=True)
     console.print(f"plots: {paths['normalized_plot']}  {paths['accuracy_plot']}", soft_wrap=True)
     console.print(f"tables: {paths['csv']}  {paths['json']}  {paths['ranking']}  {paths['areas']}", soft_wrap=True)
@@ -434,6 +438,10 @@ def sweep(
     eval_batch_size: int = typer.Option(32, "--eval-batch-size", help="with --eval-data: inputs per forward pass"),
     device: Optional[str] = typer.Option(None, "--device", help="own models: where preprocessing, the similarity "
                                          "pass and merging compute: cpu (default) | auto | cuda | cuda:N"),
+    routed: bool = typer.Option(False, "--routed",
+                                help="text suites, twin methods: also evaluate each twin point on the mixed test set "
+                                     "WITHOUT task ids, routed by a router trained on the validation split "
+                                     "(curves '<spec> routed', with the router's accuracy)"),
 ) -> None:
     """Sweep sizes and methods: the accuracy-size curves, on a benchmark suite or on your own models.
 
@@ -444,6 +452,8 @@ def sweep(
     --eval-data sst2=sst2-dev.jsonl --eval-data mnli=mnli-dev.csv --sizes 1,1.5,2 --out results/
 
     flexmerge sweep --config merge.yaml --evaluator myproject.evals:score --out results/
+
+    flexmerge sweep --suite wordnet --methods task_arithmetic,twin:rank=2,twin:rank=15 --sizes 1,1.1,1.5 --routed
     """
     own = base is not None or model or config is not None
     if own and suite is not None:
@@ -451,8 +461,11 @@ def sweep(
     if not own and (evaluator or eval_data or task_specific or device):
         raise FlexMergeError("--evaluator, --eval-data, --task-specific and --device go with your own models "
                              "(--base and --model, or --config)")
+    if own and routed:
+        raise FlexMergeError("--routed goes with --suite (a text suite's validation split trains the router)")
     if not own:
-        _run_suite(suite or "wordnet", out, methods, sizes, planners, granularity or "sublayer", cache_dir, rebuild)
+        _run_suite(suite or "wordnet", out, methods, sizes, planners, granularity or "sublayer", cache_dir, rebuild,
+                   routed)
         return
     cfg = _config(config, base, model, None, None, granularity, None, None, None, None, None, None,
                   task_specific=task_specific, device=device)
@@ -556,12 +569,39 @@ def _calibration(path: Path) -> list[tuple[str, str]]:
     return pairs
 
 
+def _suite_runtime(artifact: Path, name: str, cache_dir: Optional[Path]) -> tuple[Any, dict[str, Any]]:
+    """(suite, Runtime options: tokenizer, config, heads) for an artifact merged from a text suite's
+    zoo (whose files hold no Hugging Face config); the artifact's tasks must be the suite's."""
+    from flexmerge.flexmodel.artifact import read_manifest
+    from flexmerge.suites import get_suite, get_zoo
+
+    suite = get_suite(name)
+    reason = suite.serving_reason() or suite.unavailable_reason()
+    if reason:
+        raise FlexMergeError(f"--suite {name}: {reason}")
+    tasks = read_manifest(artifact)["tasks"]
+    if sorted(tasks) != sorted(suite.task_names()):
+        raise FlexMergeError(f"{artifact} holds the tasks {', '.join(tasks)}, not the {name} suite's "
+                             f"({', '.join(suite.task_names())})")
+    return suite, suite.serve_options(get_zoo(suite, cache_dir, log=lambda msg: err.print(f"[dim]{msg}[/]")))
+
+
+RouteSuiteOpt = typer.Option(None, "--suite", help="the artifact is a merge of this text suite's zoo (wordnet | "
+                             "wordnet20 | wordnet30): its tokenizer and heads are the suite's")
+
+
 @route_app.command("train")
 @guarded
 def route_train(
-    artifact: Path = typer.Argument(..., help="flex-model directory (Hugging Face inputs: text tasks)"),
-    calibration: Path = typer.Option(..., "--calibration", help="JSON lines {\"text\": ..., \"task\": ...}, "
-                                     "a few hundred per task (e.g. a validation split)"),
+    artifact: Path = typer.Argument(..., help="flex-model directory (Hugging Face inputs, or a text suite's merge)"),
+    calibration: Optional[Path] = typer.Option(None, "--calibration", help="JSON lines {\"text\": ..., "
+                                               "\"task\": ...}, a few hundred per task (e.g. a validation split)"),
+    suite: Optional[str] = typer.Option(None, "--suite", help="instead of --calibration: the artifact is a merge of "
+                                        "this text suite's zoo (wordnet | wordnet20 | wordnet30); the router "
+                                        "learns from the suite's validation split"),
+    per_task: Optional[int] = typer.Option(None, "--per-task", min=1, help="with --suite: examples per task, "
+                                           "evenly spread over each task's split [default: all]"),
+    cache_dir: Optional[Path] = CacheOpt,
     epochs: int = typer.Option(50, "--epochs", min=1, help="training epochs (Twin-Merging's 50)"),
     seed: int = typer.Option(0, "--seed", help="seed of the router's initialization, shuffling and dropout"),
     batch_size: int = typer.Option(1024, "--batch-size", min=2, help="examples per step (Twin-Merging's 1024)"),
@@ -569,12 +609,24 @@ def route_train(
     """Train the router on the shared model's pooled features and store it in the artifact.
 
     Example: flexmerge route train flex-twin --calibration val.jsonl
+
+             flexmerge route train ~/.cache/flexmerge/served/wordnet-...-twin_rank=7-1.3x --suite wordnet
+             --batch-size 64
     """
     from flexmerge.flexmodel.artifact import attach_router
     from flexmerge.serve import Runtime
 
-    pairs = _calibration(calibration)
-    runtime = Runtime.load(artifact)
+    if (calibration is None) == (suite is None):
+        raise FlexMergeError("give exactly one of --calibration FILE (JSON lines of text and task) or "
+                             "--suite NAME (its validation split)")
+    if suite is None and (per_task is not None or cache_dir is not None):
+        raise FlexMergeError("--per-task and --cache-dir go with --suite")
+    if suite is not None:
+        the_suite, options = _suite_runtime(artifact, suite, cache_dir)
+        pairs = the_suite.router_calibration(per_task)
+    else:
+        pairs, options = _calibration(calibration), {}
+    runtime = Runtime.load(artifact, **options)
     router = runtime.train_router(pairs, epochs=epochs, seed=seed, batch_size=batch_size)
     routed = runtime.route([t for t, _ in pairs]).argmax(-1).tolist()
     hits = sum(r == runtime.tasks.index(k) for r, (_, k) in zip(routed, pairs))
@@ -589,6 +641,8 @@ def route_predict(
     artifact: Path = typer.Argument(..., help="flex-model directory with a router"),
     text: list[str] = typer.Option(..., "--text", help="an input (repeatable)"),
     mode: str = typer.Option("argmax", "--mode", help="argmax (one mixed pass) | mixture (weights mixed per input)"),
+    suite: Optional[str] = RouteSuiteOpt,
+    cache_dir: Optional[Path] = CacheOpt,
 ) -> None:
     """Answer inputs without task ids: route, then run the routed weights. Prints JSON lines.
 
@@ -596,7 +650,10 @@ def route_predict(
     """
     from flexmerge.serve import Runtime
 
-    for answer in Runtime.load(artifact).predict_routed(text, mode=mode):
+    if suite is None and cache_dir is not None:
+        raise FlexMergeError("--cache-dir goes with --suite")
+    options = _suite_runtime(artifact, suite, cache_dir)[1] if suite is not None else {}
+    for answer in Runtime.load(artifact, **options).predict_routed(text, mode=mode):
         console.print(json.dumps(answer), soft_wrap=True, markup=False)
 
 

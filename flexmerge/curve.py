@@ -23,6 +23,7 @@ from flexmerge.methods.base import get_method, parse_method_spec
 from flexmerge.planning import COST_PLANNERS, build_path
 from flexmerge.planning.activations import Calibration
 from flexmerge.planning.path import SIZE_TOLERANCE, Assignment
+from flexmerge.routed import RoutedScore, is_twin_spec
 from flexmerge.size import point_size, specific_units
 from flexmerge.taskvec import TaskSet
 
@@ -67,10 +68,13 @@ class SweepRecord:
     finetuned: float
     normalized: float | None
     note: str = ""
+    routed: bool = False  # evaluated without task ids (`sweep(routed=...)`): its curve is '<method> routed'
+    router_accuracy: float | None = None  # routed: the fraction of the task's test inputs routed to it
 
     @property
     def curve(self) -> str:
-        return self.method if self.planner == "greedy" else f"{self.method}/{self.planner}"
+        name = self.method if self.planner == "greedy" else f"{self.method}/{self.planner}"
+        return f"{name} routed" if self.routed else name
 
 
 @dataclass
@@ -89,11 +93,12 @@ class SweepResult:
             rows = [r for r in self.records if r.curve == curve and r.requested_size == req and r.accuracy is not None]
             if not rows:
                 continue
-            out.setdefault(curve, []).append({
-                "requested_size": req, "size": rows[0].size,
-                "normalized": sum(r.normalized for r in rows) / len(rows),
-                "accuracy": sum(r.accuracy for r in rows) / len(rows),
-            })
+            point = {"requested_size": req, "size": rows[0].size,
+                     "normalized": sum(r.normalized for r in rows) / len(rows),
+                     "accuracy": sum(r.accuracy for r in rows) / len(rows)}
+            if rows[0].routed:  # mean over tasks, as the accuracies
+                point["router_accuracy"] = sum(r.router_accuracy for r in rows) / len(rows)
+            out.setdefault(curve, []).append(point)
         return out
 
     def areas(self, lo: float = AREA_SPAN[0], hi: float = AREA_SPAN[1]) -> dict[str, float | None]:
@@ -132,6 +137,7 @@ def sweep(
     linkage: str = "min",
     seed: int = 0,
     base_accuracy: dict[str, float] | None = None,
+    routed: Callable[[Any], RoutedScore] | None = None,
     log: Callable[[str], None] = lambda s: None,
     device: str | None = None,
     calibration: Calibration | None = None,
@@ -147,7 +153,11 @@ def sweep(
     so one sweep holds a method at several settings, each its own curve. `device`: where planning
     and merging compute (see `flexmerge.device`); evaluation is the evaluator's business.
     `calibration` (unlabelled inputs per task) is what the data-aware planners read; `cost_options`
-    set the cost planners."""
+    set the cost planners.
+
+    `routed` (e.g. `flexmerge.routed.SuiteRouting`): called with each twin point's model, it returns
+    a `RoutedScore`, recorded as the curve '<spec> routed' (accuracy without task ids, and the
+    router's accuracy); the Mx point, the fine-tuned models, is not routed."""
     timings: dict[str, float] = {"plan": 0.0, "materialize": 0.0, "evaluate": 0.0}
     t0 = time.perf_counter()
     finetuned = {t: evaluator(t, tasks.finetuned_state_dict(i))
@@ -188,6 +198,19 @@ def sweep(
                                                acc / finetuned[t] if finetuned[t] else None))
                 timings["materialize"] += t2 - t1
                 timings["evaluate"] += time.perf_counter() - t2
+                if routed is not None and is_twin_spec(name):
+                    t3 = time.perf_counter()
+                    records += _routed_records(routed(flex), name, planner, size, flex.size, finetuned)
+                    timings["routed"] = timings.get("routed", 0.0) + time.perf_counter() - t3
     meta = {"methods": list(methods), "planners": list(planners), "sizes": list(sizes), "tasks": list(tasks.names),
             "granularity": granularity, "linkage": linkage, "seed": seed}
     return SweepResult(records, finetuned, base_accuracy, timings, meta)
+
+
+def _routed_records(score: RoutedScore, name: str, planner: str, size: float, actual: float,
+                    finetuned: dict[str, float]) -> list[SweepRecord]:
+    """A routed point's records, one per task: its accuracy without task ids, normalized as the others."""
+    return [SweepRecord(name, planner, size, actual, t, acc, finetuned[t], acc / finetuned[t] if finetuned[t] else None,
+                        f"routed ({score.router_overall:.3f} of all inputs to their task)", routed=True,
+                        router_accuracy=score.router_accuracy[t])
+            for t, acc in score.accuracy.items()]

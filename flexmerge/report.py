@@ -87,6 +87,12 @@ def ranking_markdown(result: SweepResult) -> str:
     for size, order in ranking(result):
         lines.append(f"| {size:g}x | " + " > ".join(f"{c} ({v:.3f})" for c, v in order) + " |")
     lines.append(f"| {AREA_LABEL} | " + " > ".join(f"{c} ({v:.3f})" for c, v in area_ranking(result)) + " |")
+    routed = {c: ps for c, ps in result.curves().items() if "router_accuracy" in ps[0]}
+    if routed:
+        lines += ["", "## Routed (no task ids): normalized accuracy and router accuracy at each point", "",
+                  "| curve | size | normalized | router accuracy |", "|---|---|---|---|"]
+        lines += [f"| {c} | {p['size']:.3f}x | {p['normalized']:.3f} | {p['router_accuracy']:.3f} |"
+                  for c, ps in sorted(routed.items()) for p in ps]
     return "\n".join(lines) + "\n"
 
 
@@ -110,8 +116,13 @@ def plot_curves(result: SweepResult, out: str | Path) -> dict[str, Path]:
     ]:
         fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
         for curve, points in sorted(curves.items()):
+            routed = "router_accuracy" in points[0]  # no task ids: dashed, each point labelled with its router's accuracy
             label = f"{curve} ({AREA_LABEL} {_area_text(areas[curve])})" if key == "normalized" else curve
-            ax.plot([p["size"] for p in points], [p[key] for p in points], marker="o", label=label)
+            ax.plot([p["size"] for p in points], [p[key] for p in points], marker="x" if routed else "o",
+                    linestyle="--" if routed else "-", label=label + (" (router acc. at points)" if routed else ""))
+            for p in points if routed else []:
+                ax.annotate(f"{p['router_accuracy']:.2f}", (p["size"], p[key]), fontsize=6,
+                            textcoords="offset points", xytext=(3, -8))
         ax.axhline(ft_level, color="black", linestyle="--", linewidth=1, label="fine-tuned (Mx)")
         if base_level is not None:
             ax.axhline(base_level, color="gray", linestyle=":", linewidth=1, label="base + trained head")

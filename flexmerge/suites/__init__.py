@@ -30,28 +30,35 @@ def get_suite(name: str) -> Suite:
 
 
 def run_sweep(suite: Suite, out: str | Path, *, methods, sizes, planners=("greedy",), granularity="sublayer",
-              cache_dir: Path | None = None, rebuild: bool = False, log=print, split: str = "test",
-              **sweep_options: Any):
+              cache_dir: Path | None = None, rebuild: bool = False, routed: bool = False, log=print,
+              split: str = "test", **sweep_options: Any):
     """Build or reuse the suite's zoo, sweep it (scored on `split`), and write the results; returns
-    (result, paths). Data-aware planners get the suite's unlabelled calibration inputs."""
+    (result, paths). Data-aware planners get the suite's unlabelled calibration inputs; `routed`: also
+    evaluate every twin point without task ids (`flexmerge.routed.SuiteRouting`)."""
     import time
 
     from flexmerge.curve import sweep
     from flexmerge.planning import DATA_PLANNERS
     from flexmerge.report import write_results
+    from flexmerge.routed import SuiteRouting, check_routed
     from flexmerge.taskvec import load_tasks
 
+    if routed:
+        check_routed(suite, methods)  # before the zoo is built
     t0 = time.perf_counter()
     zoo = get_zoo(suite, cache_dir, rebuild=rebuild, log=log)
     t1 = time.perf_counter()
     tasks = load_tasks(zoo.base, zoo.models, **suite.load_options())
     calibration = suite.calibration(zoo) if set(planners) & set(DATA_PLANNERS) else None
+    routing = SuiteRouting(suite, zoo) if routed else None
     result = sweep(tasks, suite.evaluator(zoo, split), methods=methods, sizes=sizes, planners=planners,
-                   granularity=granularity, base_accuracy=zoo.info.get("base_with_head"), log=log,
+                   granularity=granularity, base_accuracy=zoo.info.get("base_with_head"), routed=routing, log=log,
                    calibration=calibration, **sweep_options)
     result.timings = {"zoo (build or verify)": t1 - t0, **result.timings, "total": time.perf_counter() - t0}
     result.meta.update({"suite": suite.name, "split": split, "zoo": str(zoo.directory), "zoo_build_seconds": zoo.info.get("build_seconds"),
                         "zoo_finetuned_accuracy": zoo.info.get("finetuned")})
+    if routing is not None:
+        result.meta["routed"] = routing.describe()
     return result, write_results(result, out)
 
 

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from flexmerge._atomic import atomic_directory
-from flexmerge.errors import FlexMergeError, UnknownNameError
+from flexmerge.errors import ConfigError, FlexMergeError, UnknownNameError
 from flexmerge.planning.activations import Calibration
 
 Evaluator = Callable[[str, dict[str, torch.Tensor]], float]
@@ -96,12 +96,37 @@ class Suite(ABC):
     def serving_reason(self) -> str | None:
         """None when `flexmerge serve --suite` can serve this suite (its tasks take text), else why not."""
         return (f"suite {self.name!r} is not a text suite: its models take no text, so they cannot be served "
-                "over text; `flexmerge serve --suite` serves the text suites (wordnet, wordnet20)")
+                "or routed over text; the text suites are wordnet, wordnet20 and wordnet30")
 
     def serve_options(self, zoo: Zoo) -> dict[str, Any]:
         """`flexmerge.serve.Runtime` options (heads, labels, hf_dir, max_length) serving the zoo's
         merged encoders; only for suites whose `serving_reason()` is None."""
         raise FlexMergeError(self.serving_reason() or f"suite {self.name!r} defines no serve options")
+
+    def split_texts(self, split: str) -> dict[str, tuple[list[str], list[int]]]:
+        """Per task, the texts and label indices of its `split` ("val" or "test"); only for suites
+        whose `serving_reason()` is None (their tasks take text)."""
+        raise ConfigError(self.serving_reason() or f"suite {self.name!r} defines no labelled texts")
+
+    def labelled_texts(self, split: str, per_task: int | None = None) -> list[tuple[str, str, int]]:
+        """(text, task, label) of every task's `split`, task by task; `per_task`: that many of each
+        task, evenly spaced over its split (the splits are ordered by class, so every class keeps
+        its share)."""
+        if per_task is not None and per_task < 1:
+            raise ConfigError(f"per-task count must be at least 1, got {per_task}")
+        out: list[tuple[str, str, int]] = []
+        for task, (texts, labels) in self.split_texts(split).items():
+            n = len(texts)
+            if per_task is not None and per_task > n:
+                raise ConfigError(f"task {task!r} has {n} {split} examples, fewer than the {per_task} asked per task")
+            rows = range(n) if per_task is None else [i * n // per_task for i in range(per_task)]
+            out += [(texts[i], task, int(labels[i])) for i in rows]
+        return out
+
+    def router_calibration(self, per_task: int | None = None) -> list[tuple[str, str]]:
+        """(text, task) pairs of the tasks' validation splits: the calibration data a router
+        (`flexmerge route train --suite`, `sweep --routed`) learns from, never the test split."""
+        return [(x, t) for x, t, _ in self.labelled_texts("val", per_task)]
 
 
 def check_split(split: str) -> str:

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from flexmerge.errors import ConfigError
 from flexmerge.planning.activations import Calibration
 from flexmerge.suites.base import CALIBRATION_EXAMPLES, Evaluator, Suite, Zoo, check_split
 from flexmerge.suites.training import accuracy, train
@@ -266,6 +267,12 @@ class WordNetSuite(Suite):
     # serving ---------------------------------------------------------------------------------
     def serving_reason(self) -> str | None:
         return None  # text: served (get_zoo says so if the data or weights are missing)
+
+    def split_texts(self, split: str) -> dict[str, tuple[list[str], list[int]]]:
+        """Per task, the glosses and labels of its "val" (router calibration) or "test" split."""
+        if split not in ("val", "test"):
+            raise ConfigError(f"split {split!r}; the labelled text splits are: val, test")
+        return {t: (s[split].texts, s[split].labels.tolist()) for t, s in self.splits().items()}
 
     def serve_options(self, zoo: Zoo) -> dict[str, Any]:
         """Serve a merged encoder as this suite evaluates it: each task's head on the mean-pooled
