@@ -103,9 +103,9 @@ class TinyRoutingSuite(Suite):
             out = {names[(k + 1) % 3]: out[t] for k, t in enumerate(names)}
         return out
 
-    def evaluator(self, zoo):
+    def evaluator(self, zoo, split="test"):
         model, heads = self._model_and_heads(zoo)
-        test = self.split_texts("test")
+        test = self.split_texts(split)
 
         def evaluate(task, state_dict):
             model.load_state_dict(state_dict)
