@@ -18,10 +18,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 
 from flexmerge._atomic import atomic_directory
 from flexmerge.errors import ConfigError, FlexMergeError, UnknownNameError
 from flexmerge.planning.activations import Calibration
+from flexmerge.suites.training import accuracy
 
 Evaluator = Callable[[str, dict[str, torch.Tensor]], float]
 ZOO_MANIFEST = "zoo.json"
@@ -127,6 +129,43 @@ class Suite(ABC):
         """(text, task) pairs of the tasks' validation splits: the calibration data a router
         (`flexmerge route train --suite`, `sweep --routed`) learns from, never the test split."""
         return [(x, t) for x, t, _ in self.labelled_texts("val", per_task)]
+
+
+class TensorSuite(Suite):
+    """A suite whose task inputs are tensors, `data()["tasks"][task][split] = (inputs, labels)`, read by
+    one encoder (`network()`) and one linear head per task: evaluation and the planners'
+    calibration inputs are the same for every such suite (digits, fashion)."""
+
+    @abstractmethod
+    def data(self) -> dict[str, Any]: ...
+
+    @abstractmethod
+    def network(self) -> torch.nn.Module:
+        """A fresh encoder of the suite's architecture (weights are loaded into it)."""
+
+    def evaluator(self, zoo: Zoo, split: str = "test") -> Evaluator:
+        """Accuracy on the task's `split` ("test" for reports; "val" to tune the suite or a planner)."""
+        check_split(split)
+        data = self.data()
+        heads = {}
+        for task in zoo.tasks:
+            sd = load_file(zoo.head(task))
+            heads[task] = torch.nn.Linear(sd["weight"].shape[1], sd["weight"].shape[0])
+            heads[task].load_state_dict(sd)
+        model = self.network().eval()
+
+        def evaluate(task: str, state_dict: dict[str, torch.Tensor]) -> float:
+            model.load_state_dict(state_dict)
+            xs, ys = data["tasks"][task][split]
+            return accuracy(lambda i: heads[task](model(xs[i])), ys)
+
+        return evaluate
+
+    def calibration(self, zoo: Zoo, per_task: int = CALIBRATION_EXAMPLES) -> Calibration:
+        """The first `per_task` validation inputs of each task (its own view), labels dropped."""
+        data = self.data()
+        inputs = {t: data["tasks"][t]["val"][0][:per_task] for t in zoo.tasks}
+        return Calibration(self.network(), inputs, lambda model, x: model(x))
 
 
 def check_split(split: str) -> str:

@@ -14,10 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from flexmerge.planning.activations import Calibration
-from flexmerge.suites.base import CALIBRATION_EXAMPLES, Evaluator, Suite, Zoo, check_split
+from flexmerge.suites.base import TensorSuite
 from flexmerge.suites.training import accuracy, train
 
 WIDTH, HIDDEN, LAYERS = 64, 128, 3
@@ -69,7 +68,7 @@ TASKS = [
 ]
 
 
-class DigitsSuite(Suite):
+class DigitsSuite(TensorSuite):
     name = "digits"
     description = "sklearn 8x8 digits, small residual MLP, 8 tasks (domains x label sets); seconds"
 
@@ -145,25 +144,5 @@ class DigitsSuite(Suite):
             info["finetuned"][task.name] = accuracy(lambda i: head(model(xs[i])), ys)
         return info
 
-    def evaluator(self, zoo: Zoo, split: str = "test") -> Evaluator:
-        check_split(split)
-        data = self.data()
-        heads = {}
-        for task in TASKS:
-            head = torch.nn.Linear(WIDTH, task.classes)
-            head.load_state_dict(load_file(zoo.head(task.name)))
-            heads[task.name] = head
-        model = DigitsNet().eval()
-
-        def evaluate(task: str, state_dict: dict[str, torch.Tensor]) -> float:
-            model.load_state_dict(state_dict)
-            xs, ys = data["tasks"][task][split]
-            return accuracy(lambda i: heads[task](model(xs[i])), ys)
-
-        return evaluate
-
-    def calibration(self, zoo: Zoo, per_task: int = CALIBRATION_EXAMPLES) -> Calibration:
-        """The first `per_task` validation images of each task (its own view), labels dropped."""
-        data = self.data()
-        inputs = {t.name: data["tasks"][t.name]["val"][0][:per_task] for t in TASKS}
-        return Calibration(DigitsNet(), inputs, lambda model, x: model(x))
+    def network(self) -> DigitsNet:
+        return DigitsNet()

@@ -22,11 +22,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from flexmerge.errors import FlexMergeError
-from flexmerge.planning.activations import Calibration
-from flexmerge.suites.base import CALIBRATION_EXAMPLES, Evaluator, Suite, Zoo, check_split
+from flexmerge.suites.base import TensorSuite
 from flexmerge.suites.training import accuracy, train
 
 FASHION_DIR = Path(os.environ.get("FLEXMERGE_FASHION_DIR", "/usr/share/datasets/fashion-mnist"))
@@ -185,7 +184,7 @@ def _take(order: torch.Tensor, keep: torch.Tensor, n: int, what: str) -> torch.T
     return picked
 
 
-class FashionSuite(Suite):
+class FashionSuite(TensorSuite):
     name = "fashion"
     description = "small CNN pretrained on 3 Fashion-MNIST classes, 8 tasks (views x label sets, digits); minutes"
 
@@ -329,27 +328,5 @@ class FashionSuite(Suite):
               lr=1e-2, seed=self.seed + k, desc="head on frozen base")
         return {s: accuracy(lambda i: head(feats[s][i]), splits[s][1]) for s in ("val", "test")}
 
-    def evaluator(self, zoo: Zoo, split: str = "test") -> Evaluator:
-        """Accuracy on the task's `split` ("test" for reports; "val" for tuning the suite or a planner)."""
-        check_split(split)
-        data = self.data()
-        heads = {}
-        for task in zoo.tasks:
-            sd = load_file(zoo.head(task))
-            heads[task] = torch.nn.Linear(sd["weight"].shape[1], sd["weight"].shape[0])
-            heads[task].load_state_dict(sd)
-        model = FashionNet().eval()
-
-        def evaluate(task: str, state_dict: dict[str, torch.Tensor]) -> float:
-            model.load_state_dict(state_dict)
-            xs, ys = data["tasks"][task][split]
-            return accuracy(lambda i: heads[task](model(xs[i])), ys)
-
-        return evaluate
-
-    def calibration(self, zoo: Zoo, per_task: int = CALIBRATION_EXAMPLES) -> Calibration:
-        """The first `per_task` validation images of each task (its own view), labels dropped: what the
-        data-aware planners read (convolutions count by the plain inner product, see `planning.costs`)."""
-        data = self.data()
-        inputs = {t: data["tasks"][t]["val"][0][:per_task] for t in zoo.tasks}
-        return Calibration(FashionNet(), inputs, lambda model, x: model(x))
+    def network(self) -> FashionNet:
+        return FashionNet()
