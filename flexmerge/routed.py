@@ -71,7 +71,7 @@ def routed_score(runtime: Any, test: Sequence[tuple[str, str, int]], batch_size:
 
 class SuiteRouting:
     """Routed evaluation of a suite's flex models: per model, a router trained on the suite's
-    validation split (`Suite.calibration`), then its test split routed (`routed_score`).
+    validation split (`Suite.router_calibration`), then its test split routed (`routed_score`).
 
     `batch_size` defaults to 64, not Twin-Merging's 1024: with a few hundred examples per task,
     1024 would give the router two steps per epoch."""
