@@ -70,3 +70,32 @@ def tasks(zoo):
 
     base, models = zoo
     return flexmerge.load_tasks(base, models)
+
+
+class TinyNet(torch.nn.Module):
+    """The architecture of the tiny checkpoints below (their parameter names), with a forward pass, so
+    modules can be built from them and calibration can run them."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(20, HIDDEN)
+        self.layers = torch.nn.ModuleList()
+        for _ in range(LAYERS):
+            layer = torch.nn.Module()
+            layer.attn = torch.nn.Module()
+            layer.attn.qkv = torch.nn.Linear(HIDDEN, 3 * HIDDEN)
+            layer.norm1 = torch.nn.LayerNorm(HIDDEN, bias=False)
+            layer.mlp = torch.nn.Module()
+            layer.mlp.fc1 = torch.nn.Linear(HIDDEN, 2 * HIDDEN, bias=False)
+            layer.mlp.fc2 = torch.nn.Linear(2 * HIDDEN, HIDDEN, bias=False)
+            layer.norm2 = torch.nn.LayerNorm(HIDDEN, bias=False)
+            self.layers.append(layer)
+        self.final_norm = torch.nn.LayerNorm(HIDDEN, bias=False)
+
+    def forward(self, ids):
+        h = self.embed(ids)
+        for layer in self.layers:
+            q = layer.attn.qkv(layer.norm1(h))[..., : h.shape[-1]]
+            h = h + q
+            h = h + layer.mlp.fc2(torch.nn.functional.gelu(layer.mlp.fc1(layer.norm2(h))))
+        return self.final_norm(h)

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 import flexmerge
 from flexmerge.errors import ArtifactError, FlexMergeError
-from tests.conftest import HIDDEN, LAYERS, write_zoo
+from tests.conftest import TinyNet, write_zoo
 
 METHODS = ["average", "task_arithmetic", "ties", "dare", "pcb", "consensus", "emr", "twin"]
 
@@ -174,26 +174,6 @@ def test_a_stale_partial_of_another_job_is_not_reused(tasks, tmp_path, monkeypat
     flexmerge.merge_to_disk(tasks, out, size=3.0, shard_bytes=1)  # another job: another partial
     assert flexmerge.load(out).size <= 3.0
     assert list(tmp_path.glob(".out.partial-*")) == []  # the stale one is cleaned up on success
-
-
-class TinyNet(torch.nn.Module):
-    """A module whose parameter names match the test checkpoints."""
-
-    def __init__(self):
-        super().__init__()
-        self.embed = torch.nn.Embedding(20, HIDDEN)
-        self.layers = torch.nn.ModuleList()
-        for _ in range(LAYERS):
-            layer = torch.nn.Module()
-            layer.attn = torch.nn.Module()
-            layer.attn.qkv = torch.nn.Linear(HIDDEN, 3 * HIDDEN)
-            layer.norm1 = torch.nn.LayerNorm(HIDDEN, bias=False)
-            layer.mlp = torch.nn.Module()
-            layer.mlp.fc1 = torch.nn.Linear(HIDDEN, 2 * HIDDEN, bias=False)
-            layer.mlp.fc2 = torch.nn.Linear(2 * HIDDEN, HIDDEN, bias=False)
-            layer.norm2 = torch.nn.LayerNorm(HIDDEN, bias=False)
-            self.layers.append(layer)
-        self.final_norm = torch.nn.LayerNorm(HIDDEN, bias=False)
 
 
 def test_modules_share_the_stored_tensors(tasks):

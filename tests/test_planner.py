@@ -12,6 +12,7 @@ from flexmerge.methods import get_method
 from flexmerge.planning import MergePath
 from flexmerge.planning.greedy import ConstituentLinkage, run_greedy
 from flexmerge.similarity import block_deltas
+from tests.conftest import TinyNet
 
 AGG = {"min": min, "max": max, "avg": lambda v: sum(v) / len(v)}
 
@@ -179,36 +180,6 @@ def test_grams_from_the_validation_pass_equal_a_fresh_streaming_pass(tasks, monk
 
 
 # Cost planners (recon: data-free, output: data-aware) -------------------------------------------
-
-class TinyNet(torch.nn.Module):
-    """The architecture of conftest's tiny checkpoints, so calibration can run them."""
-
-    def __init__(self):
-        from tests.conftest import HIDDEN, LAYERS
-
-        super().__init__()
-        self.embed = torch.nn.Embedding(20, HIDDEN)
-        self.layers = torch.nn.ModuleList()
-        for _ in range(LAYERS):
-            layer = torch.nn.Module()
-            layer.attn = torch.nn.Module()
-            layer.attn.qkv = torch.nn.Linear(HIDDEN, 3 * HIDDEN)
-            layer.norm1 = torch.nn.LayerNorm(HIDDEN, bias=False)
-            layer.mlp = torch.nn.Module()
-            layer.mlp.fc1 = torch.nn.Linear(HIDDEN, 2 * HIDDEN, bias=False)
-            layer.mlp.fc2 = torch.nn.Linear(2 * HIDDEN, HIDDEN, bias=False)
-            layer.norm2 = torch.nn.LayerNorm(HIDDEN, bias=False)
-            self.layers.append(layer)
-        self.final_norm = torch.nn.LayerNorm(HIDDEN, bias=False)
-
-    def forward(self, ids):
-        h = self.embed(ids)
-        for layer in self.layers:
-            q = layer.attn.qkv(layer.norm1(h))[..., : h.shape[-1]]
-            h = h + q
-            h = h + layer.mlp.fc2(torch.nn.functional.gelu(layer.mlp.fc1(layer.norm2(h))))
-        return self.final_norm(h)
-
 
 def _calibration(tasks):
     from flexmerge.planning.activations import Calibration
