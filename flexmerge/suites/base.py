@@ -59,6 +59,15 @@ class Zoo:
     def head(self, task: str) -> Path:
         return self.directory / "heads" / f"{task}.safetensors"
 
+    def heads(self) -> dict[str, torch.nn.Linear]:
+        """Each task's linear head, shaped by its stored weight (heads are never merged)."""
+        out = {}
+        for task in self.tasks:
+            sd = load_file(self.head(task))
+            out[task] = torch.nn.Linear(sd["weight"].shape[1], sd["weight"].shape[0])
+            out[task].load_state_dict(sd)
+        return out
+
 
 class Suite(ABC):
     name: str
@@ -146,12 +155,7 @@ class TensorSuite(Suite):
     def evaluator(self, zoo: Zoo, split: str = "test") -> Evaluator:
         """Accuracy on the task's `split` ("test" for reports; "val" to tune the suite or a planner)."""
         check_split(split)
-        data = self.data()
-        heads = {}
-        for task in zoo.tasks:
-            sd = load_file(zoo.head(task))
-            heads[task] = torch.nn.Linear(sd["weight"].shape[1], sd["weight"].shape[0])
-            heads[task].load_state_dict(sd)
+        data, heads = self.data(), zoo.heads()
         model = self.network().eval()
 
         def evaluate(task: str, state_dict: dict[str, torch.Tensor]) -> float:

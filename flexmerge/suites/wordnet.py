@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from flexmerge.errors import ConfigError
 from flexmerge.planning.activations import Calibration
@@ -233,11 +233,7 @@ class WordNetSuite(Suite):
 
     def evaluator(self, zoo: Zoo, split: str = "test") -> Evaluator:
         check_split(split)
-        heads, batches = {}, {}
-        for task in zoo.tasks:
-            sd = load_file(zoo.head(task))
-            heads[task] = torch.nn.Linear(sd["weight"].shape[1], sd["weight"].shape[0])
-            heads[task].load_state_dict(sd)
+        heads, batches = zoo.heads(), {}
         model = self.encoder().eval()
 
         def evaluate(task: str, state_dict: dict[str, torch.Tensor]) -> float:
@@ -279,10 +275,5 @@ class WordNetSuite(Suite):
         features (`pooled`), its categories as label names, the MiniLM tokenizer and config, inputs
         cut at `max_length` tokens."""
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        heads = {}
-        for task in zoo.tasks:
-            sd = load_file(zoo.head(task))
-            heads[task] = torch.nn.Linear(sd["weight"].shape[1], sd["weight"].shape[0])
-            heads[task].load_state_dict(sd)
-        return {"heads": heads, "labels": {t: list(self.tasks()[t]) for t in zoo.tasks}, "hf_dir": minilm_dir(),
+        return {"heads": zoo.heads(), "labels": {t: list(self.tasks()[t]) for t in zoo.tasks}, "hf_dir": minilm_dir(),
                 "max_length": self.max_length}
