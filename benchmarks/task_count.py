@@ -3,6 +3,7 @@
     python benchmarks/task_count.py [--suites wordnet,wordnet20,wordnet30] [--methods task_arithmetic,ties]
                                     [--sizes 1,1.25,1.5,2,3] [--out task_count/] [--plot docs/task_count.png]
     python benchmarks/task_count.py --results wordnet=runs/wn/results.json --results wordnet20=...
+    (`--results` may name several files of one suite, e.g. one sweep per method)
 
 Per suite, the paper's greedy planner is swept (the library's `run_sweep`, test split) or an
 earlier sweep's results.json is read (`--results SUITE=PATH`: the same numbers `flexmerge sweep`
@@ -32,6 +33,19 @@ def size_to_reach(points: list[tuple[float, float]], target: float) -> float | N
         if a1 >= target > a0:
             return s0 + (target - a0) / (a1 - a0) * (s1 - s0)
     return None
+
+
+def read_results(paths: list[str]) -> dict:
+    """One suite's results.json files (e.g. one sweep per method), their curves and areas combined."""
+    merged: dict = {}
+    for path in paths:
+        data = json.loads(Path(path).read_text())
+        if not merged:
+            merged = data
+            continue
+        merged["curves"].update(data["curves"])
+        merged["areas"]["normalized"].update(data["areas"]["normalized"])
+    return merged
 
 
 def sweep_curves(suite: str, methods: list[str], sizes: list[float], out: Path) -> dict:
@@ -100,11 +114,14 @@ def main() -> None:
     ap.add_argument("--plot", type=Path, default=None, help="default: OUT/task_count.png")
     args = ap.parse_args()
     sizes = [float(s) for s in args.sizes.split(",")]
-    given = dict(r.split("=", 1) for r in args.results)
+    given: dict[str, list[str]] = {}
+    for r in args.results:
+        suite, _, path = r.partition("=")
+        given.setdefault(suite, []).append(path)
     results = {}
     for suite in args.suites.split(","):
         if suite in given:
-            results[suite] = json.loads(Path(given[suite]).read_text())
+            results[suite] = read_results(given[suite])
         else:
             results[suite] = sweep_curves(suite, args.methods.split(","), sizes, args.out)
     targets = tuple(float(t) for t in args.targets.split(","))
