@@ -51,8 +51,13 @@ def read_results(paths: list[str]) -> dict:
 def sweep_curves(suite: str, methods: list[str], sizes: list[float], out: Path) -> dict:
     from flexmerge.suites import get_suite, run_sweep
 
-    result, paths = run_sweep(get_suite(suite), out / suite, methods=methods, sizes=sizes)
+    _, paths = run_sweep(get_suite(suite), out / suite, methods=methods, sizes=sizes)
     return json.loads(Path(paths["json"]).read_text())
+
+
+def greedy_curves(data: dict) -> dict[str, list[dict]]:
+    """The paper's greedy curves of a results.json (other planners' curves are named METHOD/PLANNER)."""
+    return {curve: points for curve, points in data["curves"].items() if "/" not in curve}
 
 
 def table(results: dict[str, dict], sizes: list[float], targets: tuple[float, ...]) -> str:
@@ -60,10 +65,8 @@ def table(results: dict[str, dict], sizes: list[float], targets: tuple[float, ..
             *[f"size for {t:.2f}" for t in targets]]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for suite, data in results.items():
-        tasks = len(data["finetuned"]) if isinstance(data.get("finetuned"), dict) else "?"
-        for curve, points in data["curves"].items():
-            if "/" in curve:  # another planner's curve: this table is the paper's greedy
-                continue
+        tasks = len(data["finetuned"])
+        for curve, points in greedy_curves(data).items():
             at = {p["requested_size"]: p["normalized"] for p in points}
             xy = [(p["size"], p["normalized"]) for p in points]
             reach = [size_to_reach(xy, t) for t in targets]
@@ -85,10 +88,9 @@ def plot(results: dict[str, dict], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     methods: list[str] = []
     for k, (suite, data) in enumerate(results.items()):
-        for curve, points in data["curves"].items():
-            if "/" in curve:
-                continue
-            methods += [curve] if curve not in methods else []
+        for curve, points in greedy_curves(data).items():
+            if curve not in methods:
+                methods.append(curve)
             xy = sorted((p["size"], p["normalized"]) for p in points)
             ax.plot(*zip(*xy), styles[methods.index(curve) % len(styles)], marker="o", ms=3, color=f"C{k}",
                     label=f"{suite} ({len(data['finetuned'])} tasks), {curve}")

@@ -73,10 +73,19 @@ def write_model(directory: Path, tensors: dict[str, torch.Tensor], config: dict)
     os.replace(directory / "model.safetensors.tmp", directory / "model.safetensors")
 
 
+def job_dirs(root: Path, num_tasks: int) -> list[Path]:
+    """The job's model directories, base first."""
+    return [root / "base", *[root / f"task{t:02d}" for t in range(num_tasks)]]
+
+
+def is_generated(dirs: list[Path]) -> bool:
+    return all((d / "model.safetensors").exists() for d in dirs)
+
+
 def generate(root: Path, c: dict, num_tasks: int) -> list[Path]:
     """Base ~ N(0, 0.02); task t = base + 1e-3·(0.5·shared drift + own noise), fp16. Cached."""
-    dirs = [root / "base", *[root / f"task{t:02d}" for t in range(num_tasks)]]
-    if all((d / "model.safetensors").exists() for d in dirs):
+    dirs = job_dirs(root, num_tasks)
+    if is_generated(dirs):
         return dirs
     s, cfg = shapes(c), hf_config(c)
     g = torch.Generator().manual_seed(0)
@@ -95,8 +104,12 @@ def generate(root: Path, c: dict, num_tasks: int) -> list[Path]:
 def generate_apart(root: Path, c: dict, num_tasks: int) -> list[Path]:
     """`generate` in a child process. A child's peak RSS (wait4) starts at its parent's high-water
     mark (Linux records the forked copy's at exec), so this process must never hold the models:
-    generating the large job here made every later row report the generator's 5.05 GiB."""
+    generating the large job here made every later row report the generator's 5.05 GiB. A cached
+    job needs no child."""
     import multiprocessing
+
+    if is_generated(dirs := job_dirs(root, num_tasks)):
+        return dirs
 
     with multiprocessing.get_context("spawn").Pool(1) as pool:
         return pool.apply(generate, (root, c, num_tasks))
