@@ -24,7 +24,8 @@ import torch
 
 from flexmerge.errors import CheckpointError, ConfigError
 from flexmerge.pleas.lstsq import NormalEquations
-from flexmerge.pleas.matching import CorrelationStats, Split, hungarian, split, weight_matching
+from flexmerge.pleas.matching import (CorrelationStats, Split, block_hungarian, hungarian, split, unit_perm,
+                                       weight_matching)
 from flexmerge.pleas.merge import PleasModel, _layout, _widen_matrix, allowed_inputs, recording
 from flexmerge.pleas.schedule import dense_size, schedule, size_of
 from flexmerge.pleas.spec import PermSpec
@@ -137,24 +138,8 @@ def match_heads(qk: torch.Tensor, vo: torch.Tensor, heads: int) -> tuple[torch.T
     A head pair's score is its best within-head assignment's total on qk plus on vo; the Hungarian
     over those scores picks the head permutation. Returns (head perm, qk dim perms, vo dim perms),
     dim perms (heads, d) for each of a's heads, indices into its matched b head."""
-    d = qk.shape[0] // heads
-    block = lambda m, i, j: m[i * d:(i + 1) * d, j * d:(j + 1) * d]  # noqa: E731
-    score = torch.zeros(heads, heads, dtype=torch.float64)
-    inner: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
-    for i in range(heads):
-        for j in range(heads):
-            pq, pv = hungarian(block(qk, i, j)), hungarian(block(vo, i, j))
-            inner[i, j] = pq, pv
-            score[i, j] = block(qk, i, j)[torch.arange(d), pq].sum() + block(vo, i, j)[torch.arange(d), pv].sum()
-    perm = hungarian(score)
-    return perm, torch.stack([inner[i, int(perm[i])][0] for i in range(heads)]), \
-        torch.stack([inner[i, int(perm[i])][1] for i in range(heads)])
-
-
-def dim_order(perm: torch.Tensor, inner: torch.Tensor) -> torch.Tensor:
-    """b's hidden dims in a's order: for a's head i, dims of b's head perm[i] in the order inner[i]."""
-    d = inner.shape[1]
-    return torch.cat([int(perm[i]) * d + inner[i] for i in range(len(perm))])
+    perm, (pq, pv) = block_hungarian([qk, vo], qk.shape[0] // heads)
+    return perm, pq, pv
 
 
 def _head_rows(state: State, i: int, roles: tuple[str, ...]) -> torch.Tensor:
@@ -219,8 +204,8 @@ def merged_state(sa: State, sb: State, depth: int, heads: int, head_match, split
     for i in range(depth):
         perm, pq, pv = head_match[i]
         n = sa[_key(i, "query")].shape[0]
-        qk = Split(torch.arange(n), dim_order(perm, pq), n)
-        vo = Split(torch.arange(n), dim_order(perm, pv), n)
+        qk = Split(torch.arange(n), unit_perm(perm, pq), n)
+        vo = Split(torch.arange(n), unit_perm(perm, pv), n)
         dims[f"qk.{i}"], dims[f"vo.{i}"] = qk, vo
         for role, s in (("query", qk), ("key", qk), ("value", vo)):
             for t in ("weight", "bias"):

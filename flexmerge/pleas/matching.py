@@ -51,6 +51,40 @@ def hungarian(score: torch.Tensor) -> torch.Tensor:
     return perm
 
 
+def block_hungarian(scores: list[torch.Tensor], block: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Units matched in whole blocks of `block` consecutive units (attention heads, GroupNorm groups).
+
+    scores: (n, n) similarities of a's units with b's, one or more kinds sharing one block permutation.
+    A block pair's score is the sum over `scores` of its best within-block assignment; the Hungarian
+    over those picks the blocks. Returns (block perm, per score the within-block perms (n_blocks, block)
+    of a's blocks, indices into the matched b block)."""
+    n = scores[0].shape[0] // block
+    sub = lambda m, i, j: m[i * block:(i + 1) * block, j * block:(j + 1) * block]  # noqa: E731
+    total = torch.zeros(n, n, dtype=torch.float64)
+    inner: dict[tuple[int, int], list[torch.Tensor]] = {}
+    rows = torch.arange(block)
+    for i in range(n):
+        for j in range(n):
+            inner[i, j] = [hungarian(sub(m, i, j)) for m in scores]
+            total[i, j] = sum(float(sub(m, i, j)[rows, p].sum()) for m, p in zip(scores, inner[i, j]))
+    perm = hungarian(total)
+    return perm, [torch.stack([inner[i, int(perm[i])][k] for i in range(n)]) for k in range(len(scores))]
+
+
+def unit_perm(perm: torch.Tensor, inner: torch.Tensor) -> torch.Tensor:
+    """A block matching as a unit permutation: for a's block i, the units of b's block perm[i] in the order inner[i]."""
+    block = inner.shape[1]
+    return torch.cat([int(perm[i]) * block + inner[i] for i in range(len(perm))])
+
+
+def chunk_hungarian(score: torch.Tensor, chunk: int) -> torch.Tensor:
+    """perm[i] = b's unit matched to a's unit i, maximizing the total score, whole chunks to whole chunks."""
+    if chunk == 1:
+        return hungarian(score)
+    perm, (inner,) = block_hungarian([score], chunk)
+    return unit_perm(perm, inner)
+
+
 @dataclass(frozen=True)
 class Split:
     """One group's layout in the merged model: [merged | a private | b private].
@@ -71,10 +105,19 @@ class Split:
         return self.merged + 2 * self.private
 
 
-def split(perm: torch.Tensor, quality: torch.Tensor, merged: int) -> Split:
-    """Merge the `merged` best-matching pairs (highest quality), keep the others private."""
-    order = torch.argsort(quality, descending=True, stable=True)
+def split(perm: torch.Tensor, quality: torch.Tensor, merged: int, chunk: int = 1) -> Split:
+    """Merge the `merged` best-matching pairs (highest quality), keep the others private; with chunks,
+    rank a's chunks (consecutive runs of `chunk` units) by their mean quality and keep each whole."""
+    if merged % chunk:
+        raise ValueError(f"{merged} merged units is not a whole number of chunks of {chunk}")
+    chunks = torch.argsort(quality.reshape(-1, chunk).mean(1), descending=True, stable=True)
+    order = (chunks[:, None] * chunk + torch.arange(chunk)).reshape(-1)
     return Split(order, perm[order], merged)
+
+
+def chunk_quality(quality: torch.Tensor, chunk: int) -> list[float]:
+    """Each chunk's mean pair quality, best first (what the greedy schedule ranks a chunked group by)."""
+    return sorted(quality.reshape(-1, chunk).mean(1).tolist(), reverse=True)
 
 
 def pair_quality(corr: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
@@ -88,15 +131,16 @@ def _unit_rows(w: torch.Tensor, axis: int) -> torch.Tensor:
 
 
 def weight_matching(groups: dict[str, list[tuple[str, int]]], axes_of, sa: dict[str, torch.Tensor],
-                    sb: dict[str, torch.Tensor], rounds: int = 100, seed: int = 0
-                    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+                    sb: dict[str, torch.Tensor], rounds: int = 100, seed: int = 0,
+                    chunks: dict[str, int] | None = None) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Git Re-Basin weight matching: per group, the Hungarian assignment maximizing Σ <a's unit i, b's unit j>
     over every tensor axis the group permutes, with b's other axes aligned by the other groups' current
     permutations. As the reference's `weight_matching`: each round visits the groups in a random order
     (seeded), and the rounds stop when no group's objective rose by more than 1e-12, or after `rounds`.
 
     Returns (perm, quality) per group: perm[i] = b's unit matched to a's unit i, quality = the cosine of
-    the two units' concatenated weight vectors (what the greedy schedule ranks by)."""
+    the two units' concatenated weight vectors (what the greedy schedule ranks by). A group with a chunk
+    size (chunks[g] > 1) is matched whole chunks to whole chunks (`chunk_hungarian`)."""
     perms = {g: torch.arange(sa[axes[0][0]].shape[axes[0][1]]) for g, axes in groups.items()}
 
     def aligned(g: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -117,7 +161,7 @@ def weight_matching(groups: dict[str, list[tuple[str, int]]], axes_of, sa: dict[
             g = names[k]
             ra, rb = aligned(g)
             score = ra @ rb.T
-            new = hungarian(score)
+            new = chunk_hungarian(score, (chunks or {}).get(g, 1))
             rows = torch.arange(len(new))
             progress |= bool(score[rows, new].sum() > score[rows, perms[g]].sum() + 1e-12)
             perms[g] = new

@@ -24,9 +24,10 @@ import torch
 from flexmerge.errors import CheckpointError, ConfigError
 from flexmerge.pleas import modeling
 from flexmerge.pleas.lstsq import DEFAULT_RIDGE, NormalEquations
-from flexmerge.pleas.matching import CorrelationStats, Split, hungarian, pair_quality, split, weight_matching
+from flexmerge.pleas.matching import (CorrelationStats, Split, chunk_hungarian, chunk_quality, pair_quality, split,
+                                       weight_matching)
 from flexmerge.pleas.schedule import dense_size, schedule, size_of
-from flexmerge.pleas.spec import PermSpec, spec_for
+from flexmerge.pleas.spec import Linear, PermSpec, spec_for
 
 State = dict[str, torch.Tensor]
 MATCHINGS = ("activation", "weights", "identity")
@@ -41,7 +42,7 @@ class PleasModel:
     heads: dict[str, State] = field(default_factory=dict)
 
     def module(self) -> torch.nn.Module:
-        """The merged encoder: a WideResidualMLP, or a plain transformers model for BERT-style encoders."""
+        """The merged encoder: a WideResidualMLP or WideConvNet, or a plain transformers model for BERT."""
         if self.config["architecture"] == "pleas-bert":
             from flexmerge.pleas.bert import build_hf
 
@@ -60,17 +61,19 @@ class PleasModel:
 
 # ---- models and features ---------------------------------------------------------------------------
 
-def original_model(spec: PermSpec, state: State) -> modeling.WideResidualMLP:
+def model_config(spec: PermSpec, widths: Mapping[str, tuple[int, int]]) -> dict:
+    """The widened model class's config: the spec's fixed entries plus each group's [merged, private]."""
+    def of(g: str | list[str]):
+        return [of(x) for x in g] if isinstance(g, list) else list(widths[g])
+
+    return {**spec.config, **{entry: of(g) for entry, g in spec.widths.items()}}
+
+
+def original_model(spec: PermSpec, state: State) -> torch.nn.Module:
     """An input model as the widened class with no private units (the same function exactly)."""
-    hidden = [[spec.sizes[g], 0] for g in _hidden_groups(spec)]
-    model = modeling.WideResidualMLP(spec.in_features, [spec.sizes["stream"], 0], hidden)
+    model = modeling.build(model_config(spec, {g: (n, 0) for g, n in spec.sizes.items()}))
     model.load_state_dict(state)
     return model.eval()
-
-
-def _hidden_groups(spec: PermSpec) -> list[str]:
-    """The residual MLP's per-layer hidden groups, in layer order."""
-    return [g for g in spec.sizes if g.startswith("hidden.")]
 
 
 @contextmanager
@@ -98,6 +101,25 @@ def _layout(ta: torch.Tensor, tb: torch.Tensor, dim: int, s: Split) -> torch.Ten
                       ta.narrow(dim, m, s.private), tb.narrow(dim, m, s.private)], dim)
 
 
+def _layout_units(ta: torch.Tensor, tb: torch.Tensor, s: Split) -> torch.Tensor:
+    """`_layout` of activations along their unit axis (axis 1: features or channels; a flattened axis of
+    units x positions, as a linear layer reading pooled conv features sees it, is laid out per unit)."""
+    n = len(s.a_order)
+    if ta.dim() == 2 and ta.shape[1] != n:
+        return _layout(ta.unflatten(1, (n, -1)), tb.unflatten(1, (n, -1)), 1, s).flatten(1)
+    return _layout(ta, tb, 1, s)
+
+
+def unit_rows(t: torch.Tensor, n: int) -> torch.Tensor:
+    """Activations as (samples x positions, n units): channels of (N, C, H, W) maps, or an (N, n x k)
+    flattened axis read as n units at k positions each."""
+    if t.dim() > 2:
+        t = t.movedim(1, -1)
+    elif t.shape[1] != n:
+        t = t.unflatten(1, (n, -1)).movedim(1, -1)
+    return t.reshape(-1, n)
+
+
 # ---- 1. matching ------------------------------------------------------------------------------------
 
 @torch.no_grad()
@@ -111,8 +133,8 @@ def correlations(spec: PermSpec, a: torch.nn.Module, b: torch.nn.Module, calibra
             a(x), b(x)
             for g, taps in spec.taps.items():
                 for name, side in taps:
-                    k = 0 if side == "in" else 1
-                    stats[g].add(fa[name][k], fb[name][k])
+                    k, n = (0 if side == "in" else 1), spec.sizes[g]
+                    stats[g].add(unit_rows(fa[name][k], n), unit_rows(fb[name][k], n))
     return {g: s.correlation() for g, s in stats.items()}
 
 
@@ -131,17 +153,19 @@ def match(spec: PermSpec, sa: State, sb: State, corr: Mapping[str, torch.Tensor]
     """Per group: perm[i] = b's unit matched to a's unit i, and each pair's quality (what the greedy
     schedule ranks by): activation correlation where there is data, else the cosine of their weights."""
     if matching == "weights" or corr is None:  # identity without data: 0 rounds keep the identity
-        return weight_matching(spec.groups, spec.axes_of, sa, sb, rounds=100 if matching == "weights" else 0)
-    perms = {g: hungarian(c) if matching == "activation" else torch.arange(c.shape[0]) for g, c in corr.items()}
+        return weight_matching(spec.groups, spec.axes_of, spec.viewed(sa), spec.viewed(sb),
+                               rounds=100 if matching == "weights" else 0, chunks=spec.chunks)
+    perms = {g: chunk_hungarian(c, spec.chunk(g)) if matching == "activation" else torch.arange(c.shape[0])
+             for g, c in corr.items()}
     return perms, {g: pair_quality(corr[g], p) for g, p in perms.items()}
 
 
 def splits_for(spec: PermSpec, shapes: Mapping[str, tuple[int, ...]], perms: Mapping[str, torch.Tensor],
                quality: Mapping[str, torch.Tensor], size: float, schedule_name: str) -> dict[str, Split]:
     """Pick widths for `size` from the pairs' quality and lay every group out [merged | a | b]."""
-    ranked = {g: sorted(q.tolist(), reverse=True) for g, q in quality.items()}
+    ranked = {g: chunk_quality(q, spec.chunk(g)) for g, q in quality.items()}
     private = schedule(schedule_name, spec, shapes, size, ranked)
-    return {g: split(perms[g], quality[g], spec.sizes[g] - private[g]) for g in spec.sizes}
+    return {g: split(perms[g], quality[g], spec.sizes[g] - private[g], spec.chunk(g)) for g in spec.sizes}
 
 
 # ---- 2. the widened model (permutation only) ---------------------------------------------------------
@@ -150,19 +174,20 @@ def widen(spec: PermSpec, sa: State, sb: State, splits: Mapping[str, Split]) -> 
     """Both models' weights in the [merged | a | b] layout of every group (the reference's blocks)."""
     out = {}
     for key in spec.keys():
-        axes = spec.axes_of(key)
+        axes, ta, tb = spec.axes_of(key), spec.view(key, sa[key]), spec.view(key, sb[key])
         if len(axes) == 1:
             (dim, g), = axes.items()
-            out[key] = _layout(sa[key], sb[key], dim, splits[g])
+            out[key] = spec.stored(key, _layout(ta, tb, dim, splits[g]))
         else:
-            out[key] = _widen_matrix(sa[key], sb[key], splits[axes[0]], splits[axes[1]])
+            out[key] = spec.stored(key, _widen_matrix(ta, tb, splits[axes[0]], splits[axes[1]]))
     return out
 
 
 def _widen_matrix(wa: torch.Tensor, wb: torch.Tensor, so: Split, si: Split) -> torch.Tensor:
+    """A weight widened on its output (0) and input (1) axes; any further axes (kernel, positions) follow."""
     wa, wb = wa[so.a_order][:, si.a_order], wb[so.b_order][:, si.b_order]
     mo, po, mi, pi = so.merged, so.private, si.merged, si.private
-    w = torch.zeros(so.width, si.width, dtype=wa.dtype)
+    w = torch.zeros(so.width, si.width, *wa.shape[2:], dtype=wa.dtype)
     w[:mo, :mi] = (wa[:mo, :mi] + wb[:mo, :mi]) / 2
     w[:mo, mi:mi + pi], w[:mo, mi + pi:] = wa[:mo, mi:] / 2, wb[:mo, mi:] / 2
     w[mo:mo + po, :mi], w[mo:mo + po, mi:mi + pi] = wa[mo:, :mi], wa[mo:, mi:]
@@ -171,14 +196,25 @@ def _widen_matrix(wa: torch.Tensor, wb: torch.Tensor, so: Split, si: Split) -> t
 
 
 def allowed_inputs(so: Split, si: Split | None, n_in: int) -> torch.Tensor:
-    """(out, in) mask: a's private outputs never read b's private inputs, nor b's read a's."""
+    """(out, in) mask: a's private outputs never read b's private inputs, nor b's read a's. With n_in a
+    multiple of si's width, each input unit spans n_in / width consecutive inputs (a conv's kernel
+    positions, a pooled map's positions)."""
     if si is None:
         return torch.ones(so.width, n_in, dtype=torch.bool)
     mask = torch.ones(so.width, si.width, dtype=torch.bool)
     mo, po, mi, pi = so.merged, so.private, si.merged, si.private
     mask[mo:mo + po, mi + pi:] = False
     mask[mo + po:, mi:mi + pi] = False
-    return mask
+    return mask.repeat_interleave(n_in // si.width, 1) if n_in > si.width else mask
+
+
+def layer_rows(lin: Linear, x: torch.Tensor) -> torch.Tensor:
+    """A layer's inputs as the rows its weight multiplies: unfolded patches for a conv, else as they are."""
+    if lin.conv is None:
+        return x.reshape(-1, x.shape[-1])
+    kernel, stride, padding = lin.conv
+    patches = torch.nn.functional.unfold(x, kernel, padding=padding, stride=stride)  # (N, C*k*k, positions)
+    return patches.transpose(1, 2).reshape(-1, patches.shape[1])
 
 
 # ---- 3. least-squares refit --------------------------------------------------------------------------
@@ -194,20 +230,22 @@ def refit(spec: PermSpec, a: torch.nn.Module, b: torch.nn.Module, calibration: t
             if splits[lin.out].merged > 0 or (lin.inp is not None and splits[lin.inp].merged > 0)]
     if not todo:
         return []
-    eqs = {lin.name: NormalEquations(state[f"{lin.name}.weight"].shape[1], splits[lin.out].width) for lin in todo}
+    n_in = {lin.name: state[f"{lin.name}.weight"][0].numel() for lin in todo}
+    eqs = {lin.name: NormalEquations(n_in[lin.name], splits[lin.out].width) for lin in todo}
     with recording(a, set(eqs)) as fa, recording(b, set(eqs)) as fb:
         for x in _batches(calibration, batch_size):
             a(x), b(x)
             for lin in todo:
                 (xa, ya), (xb, yb) = fa[lin.name], fb[lin.name]
-                xin = xa if lin.inp is None else _layout(xa, xb, -1, splits[lin.inp])
-                eqs[lin.name].add(xin, _layout(ya, yb, -1, splits[lin.out]))
+                xin = xa if lin.inp is None else _layout_units(xa, xb, splits[lin.inp])
+                so = splits[lin.out]
+                eqs[lin.name].add(layer_rows(lin, xin), unit_rows(_layout_units(ya, yb, so), so.width))
     for lin in todo:
-        n_in = state[f"{lin.name}.weight"].shape[1]
-        mask = allowed_inputs(splits[lin.out], None if lin.inp is None else splits[lin.inp], n_in)
+        mask = allowed_inputs(splits[lin.out], None if lin.inp is None else splits[lin.inp], n_in[lin.name])
         w, bias = eqs[lin.name].solve(mask, ridge)
-        dtype = state[f"{lin.name}.weight"].dtype
-        state[f"{lin.name}.weight"], state[f"{lin.name}.bias"] = w.to(dtype), bias.to(dtype)
+        weight = state[f"{lin.name}.weight"]
+        state[f"{lin.name}.weight"], state[f"{lin.name}.bias"] = w.reshape(weight.shape).to(weight.dtype), \
+            bias.to(weight.dtype)
     return [lin.name for lin in todo]
 
 
@@ -240,10 +278,14 @@ def check_pair(sa: State, sb: State, names: tuple[str, str]) -> None:
                                   f"{names[1]!r}; PLeaS merges two models of one architecture")
 
 
-def check_calibration(x: torch.Tensor, in_features: int) -> torch.Tensor:
-    if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[1] != in_features or x.shape[0] == 0:
+def check_calibration(x: torch.Tensor, input_shape: tuple[int, ...]) -> torch.Tensor:
+    """The inputs as float32, if they are a non-empty batch of `input_shape` (-1: any size) and finite."""
+    fits = isinstance(x, torch.Tensor) and x.dim() == len(input_shape) + 1 and x.shape[0] > 0 and all(
+        want in (-1, got) for want, got in zip(input_shape, x.shape[1:]))
+    if not fits:
         shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-        raise ConfigError(f"calibration inputs must be a non-empty (N, {in_features}) tensor; got {shape}")
+        want = ", ".join("·" if d == -1 else str(d) for d in input_shape)
+        raise ConfigError(f"calibration inputs must be a non-empty (N, {want}) tensor; got {shape}")
     if not x.is_floating_point() or not torch.isfinite(x).all():
         raise ConfigError("calibration inputs must be finite floating-point values")
     return x.float()
@@ -262,29 +304,28 @@ def pleas_merge(states: Mapping[str, State], calibration: torch.Tensor | None, s
     check_pair(sa, sb, (na, nb))
     spec = spec_for(sa, architecture)
     check_matching(matching, calibration is not None, least_squares)
-    x = None if calibration is None else check_calibration(calibration, spec.in_features)
+    x = None if calibration is None else check_calibration(calibration, spec.input_shape)
     unknown = sorted(set(heads or {}) - {na, nb})
     if unknown:
         raise ConfigError(f"heads given for {', '.join(unknown)}, which are not the merged models ({na}, {nb})")
     ma, mb = original_model(spec, sa), original_model(spec, sb)
-    shapes = {k: tuple(v.shape) for k, v in sa.items()}
+    shapes = {k: tuple(v.shape) for k, v in spec.viewed(sa).items()}
     corr = None if x is None or matching == "weights" else correlations(spec, ma, mb, x, batch_size)
     splits = splits_for(spec, shapes, *match(spec, sa, sb, corr, matching), size, schedule_name)
     state = widen(spec, sa, sb, splits)
     refitted = refit(spec, ma, mb, x, splits, state, batch_size, ridge) if least_squares else []
     private = {g: s.private for g, s in splits.items()}
+    feats = splits[spec.features]
     config = {
-        "architecture": "pleas-residual-mlp", "in_features": spec.in_features,
-        "stream": [splits["stream"].merged, splits["stream"].private],
-        "hidden": [[splits[g].merged, splits[g].private] for g in _hidden_groups(spec)],
-        "widths": f"stream {splits['stream'].merged} merged + 2x{splits['stream'].private} private units",
+        **model_config(spec, {g: (s.merged, s.private) for g, s in splits.items()}),
+        "widths": "units merged + 2x private: " + ", ".join(f"{g} {s.merged}+2x{s.private}" for g, s in splits.items()),
         "tasks": [na, nb], "feature_slices": {na: "merged + first private block", nb: "merged + second private block"},
         "size": size_of(spec, shapes, private), "dense_size": dense_size(spec, shapes, private),
         "requested_size": size, "schedule": schedule_name, "matching": matching,
         "least_squares": least_squares, "ridge": ridge, "refitted": refitted, "calibration_samples": 0 if x is None else x.shape[0],
         "permutations": {g: {na: s.a_order.tolist(), nb: s.b_order.tolist()} for g, s in splits.items()},
     }
-    wide_heads = {t: widen_head(h, splits["stream"], "a" if t == na else "b") for t, h in (heads or {}).items()}
+    wide_heads = {t: widen_head(h, feats, "a" if t == na else "b") for t, h in (heads or {}).items()}
     return PleasModel(config, state, wide_heads)
 
 
@@ -313,11 +354,11 @@ def save_pleas(model: PleasModel, out: str | Path, overwrite: bool = False) -> P
 
 def is_pleas_dir(path: Path) -> bool:
     """A directory `save_pleas` wrote (what --overwrite may replace)."""
-    for name, arch in ((modeling.CONFIG, "pleas-residual-mlp"), ("pleas.json", "pleas-bert")):
+    for name, archs in ((modeling.CONFIG, ("pleas-residual-mlp", "pleas-fashion-cnn")), ("pleas.json", ("pleas-bert",))):
         try:
             cfg = json.loads((path / name).read_text())
         except (OSError, ValueError):
             continue
-        if path.is_dir() and isinstance(cfg, dict) and cfg.get("architecture") == arch:
+        if path.is_dir() and isinstance(cfg, dict) and cfg.get("architecture") in archs:
             return True
     return False

@@ -1,4 +1,4 @@
-"""A widened residual MLP (torch only): the model class of a PLeaS checkpoint.
+"""The widened model classes of a PLeaS checkpoint (torch only): a residual MLP and a GroupNorm CNN.
 
 This file imports nothing from flexmerge; `flexmerge pleas` copies it next to the weights, so
 the output loads with torch alone: `import modeling_pleas; model, heads = modeling_pleas.load(DIR)`.
@@ -7,6 +7,9 @@ Every permuted axis is laid out as [merged (m) | model a's private (p) | model b
 `ViewLayerNorm` normalizes the residual stream as each model sees it (a: merged + a's private,
 b: merged + b's private); merged units take the mean of both views. At p = 0 it is a plain
 LayerNorm, at m = 0 it is each model's own LayerNorm: exact at both ends of the size range.
+The CNN needs no view norm: its channels are merged or kept private in whole GroupNorm groups,
+and GroupNorm normalizes each group over its own channels only, so a widened stage is a plain
+GroupNorm with more groups of the same size.
 """
 
 from __future__ import annotations
@@ -72,14 +75,59 @@ class WideResidualMLP(torch.nn.Module):
         return self.final_norm(h)
 
 
-def build(config: dict) -> WideResidualMLP:
+class ConvLayer(torch.nn.Module):
+    """GroupNorm (groups of `group_size` channels) -> GELU -> 3x3 conv; residual when the stage is kept."""
+
+    def __init__(self, c_in: int, c_out: int, group_size: int, residual: bool):
+        super().__init__()
+        self.norm = torch.nn.GroupNorm(c_in // group_size, c_in)
+        self.conv = torch.nn.Conv2d(c_in, c_out, 3, 1 if residual else 2, 1)
+        self.residual = residual
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        out = self.conv(torch.nn.functional.gelu(self.norm(h)))
+        return h + out if self.residual else out
+
+
+class WideConvNet(torch.nn.Module):
+    """stem -> layers (GroupNorm residual convs, a stride-2 conv where the stage changes) -> GELU ->
+    pool -> proj -> final norm; stage widths `stages` and `features` as [merged, private]."""
+
+    def __init__(self, in_channels: int, stages: list[list[int]], group_sizes: list[int], layer_stages: list[int],
+                 features: list[int], stem: list[int], pool: int, eps: float = 1e-5):
+        super().__init__()
+        widths = [_width(s) for s in stages]
+        kernel, stride, padding = stem
+        self.pool = pool
+        self.stem = torch.nn.Conv2d(in_channels, widths[0], kernel, stride, padding)
+        self.layers = torch.nn.ModuleList()
+        previous = 0
+        for stage in layer_stages:
+            self.layers.append(ConvLayer(widths[previous], widths[stage], group_sizes[previous], stage == previous))
+            previous = stage
+        self.proj = torch.nn.Linear(widths[previous] * pool * pool, _width(features))
+        self.final_norm = ViewLayerNorm(*features, eps=eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.stem(x)
+        for layer in self.layers:
+            h = layer(h)
+        h = torch.nn.functional.adaptive_avg_pool2d(torch.nn.functional.gelu(h), self.pool).flatten(1)
+        return self.final_norm(self.proj(h))
+
+
+def build(config: dict) -> torch.nn.Module:
     """The (untrained) model a config describes."""
-    if config.get("architecture") != "pleas-residual-mlp":
-        raise ValueError(f"not a PLeaS residual-MLP config: architecture={config.get('architecture')!r}")
-    return WideResidualMLP(config["in_features"], config["stream"], config["hidden"], config.get("eps", 1e-5))
+    arch = config.get("architecture")
+    if arch == "pleas-residual-mlp":
+        return WideResidualMLP(config["in_features"], config["stream"], config["hidden"], config.get("eps", 1e-5))
+    if arch == "pleas-fashion-cnn":
+        return WideConvNet(config["in_channels"], config["stages"], config["group_sizes"], config["layer_stages"],
+                           config["features"], config["stem"], config["pool"], config.get("eps", 1e-5))
+    raise ValueError(f"not a PLeaS model config: architecture={arch!r}")
 
 
-def load(directory: str | Path) -> tuple[WideResidualMLP, dict[str, torch.nn.Linear]]:
+def load(directory: str | Path) -> tuple[torch.nn.Module, dict[str, torch.nn.Linear]]:
     """The merged encoder and each task's head (reading its slice of the features), ready for eval."""
     from safetensors.torch import load_file
 

@@ -11,6 +11,9 @@ Schedules (p_g = number of units of group g that stay private in each model):
 - `uniform`: the same private fraction r in every group, the largest r whose size is <= S.
 - `greedy`: all units of all groups ranked by matching cost (1 - correlation with their partner);
   the worst-matched units are un-merged first, as long as the size stays <= S.
+A group whose units move in chunks (GroupNorm groups: `PermSpec.chunks`) is widened a whole chunk
+at a time: `uniform` rounds its private count to whole chunks, and `greedy` ranks its chunks by
+their mean quality.
 """
 
 from __future__ import annotations
@@ -64,7 +67,7 @@ def uniform(spec: PermSpec, shapes: Mapping[str, tuple[int, ...]], size: float) 
     check_size(size)
 
     def at(r: float) -> dict[str, int]:
-        return {g: round(r * n) for g, n in spec.sizes.items()}
+        return {g: round(r * n / spec.chunk(g)) * spec.chunk(g) for g, n in spec.sizes.items()}
 
     lo, hi = 0.0, 1.0
     if size_of(spec, shapes, at(hi)) <= size + 1e-12:
@@ -79,8 +82,9 @@ def greedy(spec: PermSpec, shapes: Mapping[str, tuple[int, ...]], size: float,
            quality: Mapping[str, list[float]]) -> dict[str, int]:
     """Un-merge the worst-matched units first (across groups) while the size stays <= `size`.
 
-    quality[g] lists group g's pair correlations sorted best first, so a group's private units are
-    always its worst-matched ones; a group whose next unit does not fit is closed."""
+    quality[g] lists group g's pair correlations sorted best first (for a chunked group: its chunks'),
+    so a group's private units are always its worst-matched ones; a group whose next unit (chunk)
+    does not fit is closed."""
     check_size(size)
     private = {g: 0 for g in spec.sizes}
     ranked = sorted(((q, g, i) for g, qs in quality.items() for i, q in enumerate(qs)), key=lambda t: t[0])
@@ -88,9 +92,9 @@ def greedy(spec: PermSpec, shapes: Mapping[str, tuple[int, ...]], size: float,
     for _, g, _ in ranked:
         if g in closed:
             continue
-        private[g] += 1
+        private[g] += spec.chunk(g)
         if size_of(spec, shapes, private) > size + 1e-12:
-            private[g] -= 1
+            private[g] -= spec.chunk(g)
             closed.add(g)
     return private
 
