@@ -659,15 +659,17 @@ def route_predict(
 
 @command
 def pleas(
-    model: list[str] = typer.Option(..., "--model", help="one of the two models as NAME=PATH (give it twice): a checkpoint, "
-                                                             "or a BERT-style HF model directory"),
+    model: list[str] = typer.Option(..., "--model", help="one of the two models as NAME=PATH (give it twice): a checkpoint "
+                                                             "(a residual MLP as the digits suite's, or a GroupNorm "
+                                                             "CNN as the fashion suite's), or a BERT-style HF model "
+                                                             "directory"),
     size: float = typer.Option(..., "--size", help="size in [1, 2]: 1 = one merged model, 2 = both side by side"),
     calibration: Optional[str] = typer.Option(None, "--calibration",
                                               help="calibration inputs: a safetensors file (one (N, in) tensor, or "
                                                    "'inputs'; for BERT: input_ids [+ attention_mask], or a .txt file, "
                                                    "one input a line) or a suite name "
-                                                   "(digits: its validation inputs); omitted: weight matching, no "
-                                                   "least squares"),
+                                                   "(digits, fashion: its validation inputs); omitted: weight "
+                                                   "matching, no least squares"),
     out: Path = typer.Option(..., "--out", help="output directory (weights, heads, config.json, modeling_pleas.py; "
                                                 "BERT: a plain HF checkpoint + pleas.json)"),
     head: Optional[list[str]] = typer.Option(None, "--head", help="a task's head as NAME=PATH, widened to read "
@@ -687,6 +689,9 @@ def pleas(
 
     Example: flexmerge pleas --model a=a.safetensors --model b=b.safetensors --size 1.5
     --calibration digits --head a=head_a.safetensors --head b=head_b.safetensors --out ab-1.5x/
+
+    Fashion CNNs: flexmerge pleas --model rot90=rot90.safetensors --model digits=digits.safetensors --size 1.25
+    --calibration fashion --head rot90=h1.safetensors --head digits=h2.safetensors --out cnn/
 
     BERT-style encoders: flexmerge pleas --model a=bert_a/ --model b=bert_b/ --size 1.3 --calibration texts.txt
     --out ab/
