@@ -199,6 +199,8 @@ def test_cnn_bad_inputs_are_clear_errors(calib):
         fashion_cnn_spec(odd)
     with pytest.raises(ConfigError, match="does not know how to permute: head.weight"):
         fashion_cnn_spec({**sa, "head.weight": torch.zeros(2, FEATURES)})
+    with pytest.raises(ConfigError, match=r"layers.0.conv.weight is \(16, 16, 5, 5\), the pattern needs \(16, 16, 3, 3\)"):
+        fashion_cnn_spec({**sa, "layers.0.conv.weight": torch.zeros(16, 16, 5, 5)})
 
 
 def test_fashion_suite_validation_images_calibrate():

@@ -94,7 +94,7 @@ def inter_spec(state: State, depth: int) -> PermSpec:
     groups = {f"inter.{i}": [(_key(i, "inter"), 0), (_key(i, "inter", "bias"), 0), (_key(i, "out"), 1)]
               for i in range(depth)}
     sizes = {f"inter.{i}": state[_key(i, "inter")].shape[0] for i in range(depth)}
-    return PermSpec("bert", state[_key(0, "inter")].shape[1], groups, sizes, [], {})
+    return PermSpec("bert", groups, sizes, [], {})
 
 
 # ---- calibration -------------------------------------------------------------------------------------

@@ -35,7 +35,6 @@ class Linear:
 @dataclass
 class PermSpec:
     architecture: str
-    in_features: int
     groups: dict[str, list[tuple[str, int]]]          # group -> [(tensor key, axis)]
     sizes: dict[str, int]                              # group -> number of units
     linears: list[Linear]
@@ -106,7 +105,7 @@ def residual_mlp_spec(state: dict[str, torch.Tensor]) -> PermSpec:
     sizes = {"stream": state["embed.weight"].shape[0],
              **{f"hidden.{i}": state[f"layers.{i}.mlp.0.weight"].shape[0] for i in range(depth)}}
     n_in = state["embed.weight"].shape[1]
-    return PermSpec("residual-mlp", n_in, groups, sizes, linears, taps,
+    return PermSpec("residual-mlp", groups, sizes, linears, taps,
                     config={"architecture": "pleas-residual-mlp", "in_features": n_in},
                     widths={"stream": "stream", "hidden": [f"hidden.{i}" for i in range(depth)]},
                     input_shape=(n_in,))
@@ -145,6 +144,7 @@ def fashion_cnn_spec(state: dict[str, torch.Tensor]) -> PermSpec:
     for c in set(widths):
         if c % CNN_NORM_GROUPS:
             raise ConfigError(f"fashion-cnn spec: {c} channels do not split into {CNN_NORM_GROUPS} GroupNorm groups")
+    check_cnn_shapes(state, widths)
     stage_of, stages = [0], [widths[0]]          # stage_of[i + 1]: the stage of layer i's output
     for i in range(depth):
         if widths[i + 1] != widths[i]:
@@ -174,11 +174,26 @@ def fashion_cnn_spec(state: dict[str, torch.Tensor]) -> PermSpec:
     config = {"architecture": "pleas-fashion-cnn", "in_channels": in_channels, "stem": list(CNN_STEM),
               "pool": CNN_POOL, "layer_stages": stage_of[1:],
               "group_sizes": [c // CNN_NORM_GROUPS for c in stages]}
-    return PermSpec("fashion-cnn", in_channels, groups, sizes, linears, taps, config=config,
+    return PermSpec("fashion-cnn", groups, sizes, linears, taps, config=config,
                     widths={"stages": [f"stage.{s}" for s in range(len(stages))], "features": "features"},
                     features="features", input_shape=(in_channels, -1, -1),
                     chunks={f"stage.{s}": c // CNN_NORM_GROUPS for s, c in enumerate(stages)},
                     blocks={"proj.weight": (1, CNN_POOL ** 2)})
+
+
+def check_cnn_shapes(state: dict[str, torch.Tensor], widths: list[int]) -> None:
+    """Every tensor of the shape the pattern implies (what it fixes rather than reads: kernels, chaining)."""
+    k = CNN_STEM[0]
+    want = {"stem.weight": (widths[0], state["stem.weight"].shape[1], k, k), "stem.bias": (widths[0],),
+            "proj.bias": (state["proj.weight"].shape[0],), "final_norm.weight": (state["proj.weight"].shape[0],),
+            "final_norm.bias": (state["proj.weight"].shape[0],)}
+    for i, (c_in, c_out) in enumerate(zip(widths, widths[1:])):
+        want |= {f"layers.{i}.norm.weight": (c_in,), f"layers.{i}.norm.bias": (c_in,),
+                 f"layers.{i}.conv.weight": (c_out, c_in, 3, 3), f"layers.{i}.conv.bias": (c_out,)}
+    for key, shape in want.items():
+        if tuple(state[key].shape) != shape:
+            raise ConfigError(f"fashion-cnn spec: {key} is {tuple(state[key].shape)}, the pattern needs {shape} "
+                              f"(stem {k}x{k} conv, 3x3 convs, each layer reading the previous one's channels)")
 
 
 # The first key tells the architectures apart when none is named.
