@@ -243,6 +243,56 @@ def test_output_metric_is_the_change_of_the_layer_outputs(tasks):
         np.testing.assert_allclose(quad[b, t], direct, rtol=1e-4)
 
 
+class _ConvNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(2, 4, 3, stride=2, padding=1)
+        self.norm = torch.nn.GroupNorm(2, 4)
+
+    def forward(self, x):
+        return self.norm(self.conv(x))
+
+
+def test_conv_and_groupnorm_metrics_are_the_change_of_the_layer_outputs(tmp_path):
+    """For a Conv2d, <measured τ_i, measured τ_j> = <conv(X_t; τ_i), conv(X_t; τ_j)> over every output (no
+    bias), plus positions x <δ_i, δ_j> for its bias; for a GroupNorm's γ, Σ over positions of τ_i τ_j x̂²."""
+    from safetensors.torch import save_file
+
+    from flexmerge.planning.activations import Calibration, task_metrics
+    from flexmerge.planning.costs import _measured
+    from flexmerge.taskvec import Chunk
+
+    torch.manual_seed(0)
+    base = _ConvNet().state_dict()
+    save_file(base, str(tmp_path / "base.safetensors"))
+    for t in "abc":
+        save_file({k: v + 0.1 * torch.randn_like(v) for k, v in base.items()}, str(tmp_path / f"{t}.safetensors"))
+    tasks = flexmerge.load_tasks(tmp_path / "base.safetensors", {t: tmp_path / f"{t}.safetensors" for t in "abc"})
+    inputs = {t: torch.randn(3, 2, 7, 7, generator=torch.Generator().manual_seed(k)) for k, t in enumerate("abc")}
+    metrics = task_metrics(tasks, Calibration(_ConvNet(), inputs, lambda model, x: model(x)), rank=64)
+    deltas = {k: tasks.deltas(Chunk(k, None)).double() for k in ("conv.weight", "conv.bias", "norm.weight")}
+    for t, name in enumerate(tasks.names):
+        net = _ConvNet()
+        net.load_state_dict(tasks.finetuned_state_dict(t))
+        seen = {}
+        net.conv.register_forward_hook(lambda mod, args, out: seen.__setitem__("conv", args[0].double()))
+        net.norm.register_forward_hook(lambda mod, args, out: seen.__setitem__("norm", args[0].double()))
+        with torch.no_grad():
+            net(inputs[name])
+        outs = [torch.nn.functional.conv2d(seen["conv"], deltas["conv.weight"][i], stride=2, padding=1)
+                for i in range(3)]
+        positions = outs[0][:, 0].numel()
+        xhat = torch.nn.functional.group_norm(seen["norm"], 2, eps=net.norm.eps)
+        direct = {"conv.weight": [[float((outs[i] * outs[j]).sum()) for j in range(3)] for i in range(3)],
+                  "conv.bias": [[positions * float(deltas["conv.bias"][i] @ deltas["conv.bias"][j]) for j in range(3)]
+                                for i in range(3)],
+                  "norm.weight": [[float((deltas["norm.weight"][i][None, :, None, None] * deltas["norm.weight"][j][
+                      None, :, None, None] * xhat ** 2).sum()) for j in range(3)] for i in range(3)]}
+        for key, want in direct.items():
+            y = _measured(deltas[key].float(), metrics[t][key], 0).double()
+            np.testing.assert_allclose((y @ y.T).numpy(), np.array(want), rtol=1e-4, err_msg=f"{key}, task {name}")
+
+
 def test_data_aware_planner_says_it_needs_data(tasks):
     from flexmerge.errors import ConfigError
 

@@ -41,8 +41,8 @@ def output_quadratics(tasks: TaskSet, partition: Partition, pipeline: Pipeline,
                       metrics: Sequence[dict[str, Metric]]) -> np.ndarray:
     """Data-aware K (B, M, M, M): K[b, t][i, j] = <τ_i, τ_j> of block b in task t's output metric.
 
-    Parameters no Linear/LayerNorm owns (embeddings, convolutions) use the plain inner product times
-    the task's token count, the output change of an input that is a unit vector per token."""
+    Parameters no measured layer owns (embeddings, grouped convolutions) use the plain inner product
+    times the task's token count, the output change of an input that is a unit vector per token."""
     m = tasks.num_tasks
     quad = np.zeros((len(partition), m, m, m))
     for b, block in enumerate(partition.blocks):
@@ -57,10 +57,11 @@ def output_quadratics(tasks: TaskSet, partition: Partition, pipeline: Pipeline,
 
 
 def _measured(d: torch.Tensor, metric: Metric, lo: int) -> torch.Tensor:
-    """(M, ·) rows whose inner products are the metric's: d·Fᵀ, d·√diag or d·√uniform."""
+    """(M, ·) rows whose inner products are the metric's: d·Fᵀ (a conv's (out, C, k, k) rows flattened),
+    d·√diag or d·√uniform."""
     m = d.shape[0]
-    if metric.factor is not None and d.dim() == 3:
-        return (d @ metric.factor.T).reshape(m, -1)
+    if metric.factor is not None and d.dim() >= 3:
+        return (d.reshape(m, d.shape[1], -1) @ metric.factor.T).reshape(m, -1)
     if metric.diag is not None and d.dim() == 2:
         return d * metric.diag[lo:lo + d.shape[1]].sqrt()
     return d.reshape(m, -1) * metric.uniform**0.5
