@@ -37,6 +37,8 @@ class MergeConfig(BaseModel):
                                      description="regexes (full match) of parameters each task keeps for itself")
     allow_mixed_dtypes: bool = False
     max_relative_change: float = Field(0.5, gt=0, allow_inf_nan=False)
+    input_hash: Literal["xxh3_128", "sha256"] = Field(
+        "xxh3_128", description="fingerprint of every input's content, for provenance and resume")
     executor: Literal["local", "threads", "ray"] = "local"
     ray_address: str | None = Field(None, description="an existing Ray cluster (default: start a local one)")
     device: str = Field("cpu", description="where preprocessing, the similarity pass and merging compute: "

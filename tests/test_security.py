@@ -300,23 +300,57 @@ def test_a_changed_tensor_in_the_middle_of_an_input_is_not_resumed_over(zoo, tmp
     for t in tasks.names:
         a, b = resumed.state_dict(t), fresh.state_dict(t)
         assert all(torch.equal(a[k], b[k]) for k in a), t
-    assert resumed.info["inputs"]["task1"]["sha256"] == tasks.provenance["task1"]["sha256"]
+    assert resumed.info["inputs"]["task1"]["xxh3_128"] == tasks.provenance["task1"]["xxh3_128"]
 
 
-def test_content_digest_covers_every_byte_and_only_content(zoo, tmp_path):
+@pytest.mark.parametrize("algo", ["xxh3_128", "sha256"])
+def test_content_digest_covers_every_byte_and_only_content(zoo, tmp_path, algo):
     base, models = zoo
-    digest = flexmerge.load_tasks(base, models).provenance
+    digest = flexmerge.load_tasks(base, models, input_hash=algo).provenance
     sd = load_file(models["task2"])
     save_file(dict(reversed(list(sd.items()))), str(tmp_path / "reordered.safetensors"))  # same tensors, other layout
-    moved = flexmerge.load_tasks(base, {**models, "task2": tmp_path / "reordered.safetensors"}).provenance
-    assert moved["task2"]["sha256"] == digest["task2"]["sha256"]
+    moved = flexmerge.load_tasks(base, {**models, "task2": tmp_path / "reordered.safetensors"},
+                                 input_hash=algo).provenance
+    assert moved["task2"][algo] == digest["task2"][algo]
     key = list(sd)[-1]
     flat = sd[key].view(-1)
     flat[flat.numel() // 2] = torch.nextafter(flat[flat.numel() // 2], torch.tensor(10.0))  # one ulp
     save_file(sd, str(models["task2"]))
-    changed = flexmerge.load_tasks(base, models).provenance
-    assert changed["task2"]["sha256"] != digest["task2"]["sha256"]
-    assert changed["task0"]["sha256"] == digest["task0"]["sha256"]
+    changed = flexmerge.load_tasks(base, models, input_hash=algo).provenance
+    assert changed["task2"][algo] != digest["task2"][algo]
+    assert changed["task0"][algo] == digest["task0"][algo]
+
+
+@pytest.mark.parametrize("algo", ["xxh3_128", "sha256"])
+def test_content_digest_is_the_documented_hash_of_names_dtypes_shapes_and_bytes(zoo, algo):
+    """docs/security.md: per model, H over 'key NUL dtype NUL shape NUL H(bytes)' lines in key order."""
+    import hashlib
+
+    import xxhash
+
+    new = {"xxh3_128": xxhash.xxh3_128, "sha256": hashlib.sha256}[algo]
+    base, models = zoo
+    got = flexmerge.load_tasks(base, models, input_hash=algo).provenance["base"]
+    sd = load_file(base)
+    h = new()
+    for k in safe_open_keys(base):
+        t = sd[k].contiguous()
+        h.update(f"{k}\0{t.dtype}\0{list(t.shape)}\0{new(t.view(-1).view(torch.uint8).numpy().tobytes()).hexdigest()}\n"
+                 .encode())
+    assert got == {"files": got["files"], algo: h.hexdigest()}
+
+
+def safe_open_keys(path) -> list[str]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return list(f.keys())
+
+
+def test_unknown_input_hash_is_a_clear_error(zoo):
+    base, models = zoo
+    with pytest.raises(ConfigError, match="unknown input hash 'md5'.*xxh3_128, sha256"):
+        flexmerge.load_tasks(base, models, input_hash="md5")
 
 
 # 4. Numbers validated at the boundary --------------------------------------------------------------

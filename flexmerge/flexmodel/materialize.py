@@ -19,7 +19,7 @@ from flexmerge.methods.base import MergeMethod
 from flexmerge.planning.path import Assignment
 from flexmerge.preprocess import Pipeline, fitted_pipeline
 from flexmerge.size import point_size, stored_units, stored_with_masks
-from flexmerge.taskvec import CHUNK_ELEMENTS, Chunk, TaskSet, as_taskset, for_executor
+from flexmerge.taskvec import CHUNK_ELEMENTS, Chunk, TaskSet, all_finite, as_taskset, for_executor
 
 
 def materialize_blocks(
@@ -109,7 +109,7 @@ def _check_finite_result(group: StoredGroup, block: str, method: MergeMethod) ->
     not an artifact of NaN/Inf weights."""
     factors = [f for member in group.residuals or [] for r in member for f in r]
     for t in [*group.tensors, *factors, *([group.scales] if group.scales is not None else [])]:
-        if t.dtype.is_floating_point and not bool(torch.isfinite(t).all()):
+        if not all_finite(t):
             raise ConfigError(f"method {method.describe()} gives NaN or infinite weights in block {block!r} "
                               "(a hyperparameter too large, or values beyond the storage dtype's range)")
 
