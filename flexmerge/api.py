@@ -17,7 +17,7 @@ from flexmerge.flexmodel.materialize import collect_hf_files, materialize_blocks
 from flexmerge.flexmodel.materialize import materialize as _materialize
 from flexmerge.flexmodel.model import FlexModel
 from flexmerge.methods.base import MergeMethod, get_method
-from flexmerge.planning import MergePath, build_path
+from flexmerge.planning import MergePath, build_path, check_plan_options, cuts_at_last_point, last_point, path_options
 from flexmerge.planning.activations import Calibration
 from flexmerge.preprocess import fitted_pipeline
 from flexmerge.errors import ConfigError, SizeError
@@ -95,10 +95,28 @@ def merge(tasks: TaskSet, *, size: float | None = None, max_bytes: int | None = 
     device = resolve_device(device, plan_options.get("executor"))
     m = _method(method, params)
     partition = discover_blocks(tasks, plan_options.pop("granularity", "sublayer"), plan_options.pop("patterns", None))
+    size, assignment, info = _plan_and_cut(tasks, partition, m, size, max_bytes, device, plan_options)
+    return _materialize(tasks, partition, assignment, m, info=info, device=device)
+
+
+def _plan_and_cut(tasks: TaskSet, partition: Partition, m: MergeMethod, size: float | None, max_bytes: int | None,
+                  device, plan_options: dict[str, Any]) -> tuple[float, Assignment, dict[str, Any]]:
+    """The size, the assignment to materialize there and the artifact's info. A size that can only
+    cut at the path's last point (every block one group of all tasks) needs no plan, and none is
+    made: the artifact and its info are those the planned path would give (a test compares them)."""
+    planner = plan_options.get("planner", "greedy")
+    if size is not None and max_bytes is None and cuts_at_last_point(tasks, partition, m, size, specific_units(tasks),
+                                                                       planner):
+        check_plan_options(planner, plan_options.get("linkage", "min"), plan_options.get("mode", "constituent"),
+                           plan_options.get("measure", "cosine"), plan_options.get("calibration"))
+        options = path_options(partition, **{k: plan_options[k] for k in ("linkage", "mode", "measure", "seed")
+                                             if k in plan_options})
+        steps = len(partition) * (tasks.num_tasks - 1)
+        info = _point_info(planner, options, steps, steps + 1, size, tasks, device)
+        return size, last_point(len(partition), tasks.num_tasks), info
     path = plan(tasks, partition, method=m, device=device, **plan_options)
     size = _target(tasks, path, size, max_bytes)
-    return _materialize(tasks, partition, cut(tasks, path, size), m, info=_info(path, size, tasks, device),
-                        device=device)
+    return size, cut(tasks, path, size), _info(path, size, tasks, device)
 
 
 def cut(tasks: TaskSet, path: MergePath, size: float) -> Assignment:
@@ -143,13 +161,12 @@ def merge_to_disk(tasks: TaskSet, out: str | Path, *, size: float | None = None,
     device = resolve_device(device, executor)  # an unavailable device fails before the work, too
     m = _method(method, params)
     partition = discover_blocks(tasks, plan_options.pop("granularity", "sublayer"), plan_options.pop("patterns", None))
-    path = plan(tasks, partition, method=m, executor=executor, device=device, **plan_options)
-    size = _target(tasks, path, size, max_bytes)
-    assignment = cut(tasks, path, size)
+    size, assignment, info = _plan_and_cut(tasks, partition, m, size, max_bytes, device,
+                                           {**plan_options, "executor": executor})
     pipeline = fitted_pipeline(tasks, m, device)
     header = ArtifactHeader(
         list(tasks.names), partition, dict(tasks.meta), assignment, m.describe(),
-        point_size(tasks, partition, m, assignment.group_sizes()), tasks.unit_bytes(), _info(path, size, tasks, device),
+        point_size(tasks, partition, m, assignment.group_sizes()), tasks.unit_bytes(), info,
         collect_hf_files(tasks), dict(tasks.specific),
         size_from_stored=m.data_dependent_size)
     return write_artifact(
@@ -169,9 +186,15 @@ def _check_same_blocks(partition: Partition, path: MergePath) -> None:
 
 
 def _info(path: MergePath, size: float, tasks: TaskSet, device=None) -> dict[str, Any]:
+    return _point_info(path.planner, path.options, path.point_at(size, specific_units(tasks)), path.num_points,
+                       size, tasks, device)
+
+
+def _point_info(planner: str, options: dict[str, Any], point: int, points: int, size: float, tasks: TaskSet,
+                device=None) -> dict[str, Any]:
     """The artifact's provenance; a GPU it was merged on is named (a CPU merge's info is as it was)."""
-    info = {"requested_size": size, "planner": path.planner, "plan_options": path.options,
-            "path_point": path.point_at(size, specific_units(tasks)), "path_points": path.num_points,
+    info = {"requested_size": size, "planner": planner, "plan_options": options,
+            "path_point": point, "path_points": points,
             "inputs": tasks.provenance, "names": input_names(tasks.base, dict(zip(tasks.names, tasks.sources)))}
     if device is not None and device.type != "cpu":
         info["device"] = str(device)

@@ -86,3 +86,58 @@ def test_plus_base_equals_add_then_convert_bitwise(dtype, monkeypatch):
     got = materialize.plus_base(delta.clone(), base, dtype)
     assert got.dtype == dtype and got.shape == base.shape
     assert torch.equal(got.view(torch.uint8), expected.view(torch.uint8))
+
+
+def _planned_always(monkeypatch):
+    import flexmerge.api
+
+    monkeypatch.setattr(flexmerge.api, "cuts_at_last_point", lambda *a, **k: False)
+
+
+@pytest.mark.parametrize("method, params", [("task_arithmetic", {"lam": 1.0}), ("ties", {"keep": 0.3})])
+def test_last_point_without_a_plan_is_the_planned_artifact(zoo, tmp_path, monkeypatch, method, params):
+    """--size 1 needs no plan: the artifact (tensors, manifest, info) is the one a planned path gives."""
+    import json
+
+    import flexmerge
+    import flexmerge.planning
+
+    base, models = zoo
+    tasks = flexmerge.load_tasks(base, models)
+    with monkeypatch.context() as m:
+        m.setattr(flexmerge.planning, "block_grams", lambda *a, **k: pytest.fail("planned a 1x merge"))
+        fast = flexmerge.merge_to_disk(tasks, tmp_path / "fast", size=1.0, method=method, params=params)
+    with monkeypatch.context() as m:
+        _planned_always(m)
+        slow = flexmerge.merge_to_disk(tasks, tmp_path / "slow", size=1.0, method=method, params=params)
+    assert json.dumps(fast, sort_keys=True) == json.dumps(slow, sort_keys=True)
+    a, b = flexmerge.load(tmp_path / "fast"), flexmerge.load(tmp_path / "slow")
+    for t in tasks.names:
+        sa, sb = a.state_dict(t), b.state_dict(t)
+        assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_a_size_above_the_last_point_is_planned(tasks):
+    import flexmerge
+    from flexmerge.planning import cuts_at_last_point
+
+    partition = flexmerge.discover_blocks(tasks)
+    from flexmerge.methods import get_method
+
+    ta, emr = get_method("task_arithmetic"), get_method("emr")
+    smallest = min(partition.nbytes(tasks.meta))
+    assert cuts_at_last_point(tasks, partition, ta, 1.0)
+    assert cuts_at_last_point(tasks, partition, ta, 1.0 + 0.5 * smallest / tasks.unit_bytes())
+    assert not cuts_at_last_point(tasks, partition, ta, 1.0 + smallest / tasks.unit_bytes())
+    assert not cuts_at_last_point(tasks, partition, ta, 1.0, planner="cluster")
+    assert not cuts_at_last_point(tasks, partition, emr, 1.0)  # masks: its points are not whole copies
+
+
+def test_last_point_shortcut_still_rejects_bad_plan_options(tasks, tmp_path):
+    import flexmerge
+    from flexmerge.errors import UnknownNameError
+
+    with pytest.raises(UnknownNameError):
+        flexmerge.merge_to_disk(tasks, tmp_path / "x", size=1.0, linkage="median")
+    with pytest.raises(UnknownNameError):
+        flexmerge.merge_to_disk(tasks, tmp_path / "y", size=1.0, measure="manhattan")

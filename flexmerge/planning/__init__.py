@@ -27,7 +27,7 @@ from flexmerge.planning.greedy import (
     run_greedy,
 )
 from flexmerge.planning.merged import MEASURES, GramMerged, VectorMerged
-from flexmerge.planning.path import Assignment, MergePath, MergeStep
+from flexmerge.planning.path import SIZE_TOLERANCE, Assignment, MergePath, MergeStep
 from flexmerge.similarity import block_deltas, block_grams, cosine_from_gram
 from flexmerge.size import SizeModel
 from flexmerge.taskvec import TaskSet
@@ -60,18 +60,7 @@ def build_path(
     `device` ("cpu", "auto", "cuda[:N]"): where preprocessing and the similarity pass compute.
     `calibration`: unlabelled inputs per task, needed by the data-aware planners (DATA_PLANNERS);
     `cost_options`: settings of the cost planners (`norm`, `byte_power`, `rank`, see `costs`)."""
-    if planner not in PLANNERS:
-        raise UnknownNameError("planner", planner, PLANNERS)
-    if mode not in MODES:
-        raise UnknownNameError("similarity mode", mode, MODES)
-    if linkage not in LINKAGES:
-        raise UnknownNameError("linkage", linkage, LINKAGES)
-    if mode == "merged" and planner in ("channel", "cluster"):
-        raise ConfigError(f"planner {planner!r} clusters task vectors; merged-vector mode applies to greedy orders")
-    if planner in DATA_PLANNERS and calibration is None:
-        raise ConfigError(f"planner {planner!r} is data-aware: it needs unlabelled calibration inputs per task "
-                          "(a suite provides them: `flexmerge sweep --suite`); plan your own models with a "
-                          "data-free planner (greedy, recon, ...)")
+    check_plan_options(planner, linkage, mode, measure, calibration)
     from flexmerge.device import resolve_device
     from flexmerge.preprocess import fitted_pipeline
 
@@ -82,8 +71,7 @@ def build_path(
     grams = block_grams(tasks, partition, pipeline, executor, device).numpy()
     t2 = time.perf_counter()
     sizer = SizeModel.build(partition, tasks.meta, method)
-    options: dict[str, Any] = {"linkage": linkage, "mode": mode, "measure": measure, "seed": seed,
-                               "granularity": partition.granularity}
+    options = path_options(partition, linkage, mode, measure, seed)
     common = dict(planner=planner, options=options, method=method.describe(),
                   task_names=list(tasks.names), block_names=partition.names())
     if planner in ORDERS:
@@ -107,6 +95,54 @@ def build_path(
         path = MergePath(sizes=sizes, assignments=assignments, **common)
     path.timings = {"preprocess": t1 - t0, "similarity_pass": t2 - t1, "path": time.perf_counter() - t2}
     return path
+
+
+def check_plan_options(planner: str, linkage: str, mode: str, measure: str = "cosine",
+                       calibration: Calibration | None = None) -> None:
+    if measure not in MEASURES:
+        raise UnknownNameError("merged-vector measure", measure, MEASURES)
+    if planner not in PLANNERS:
+        raise UnknownNameError("planner", planner, PLANNERS)
+    if mode not in MODES:
+        raise UnknownNameError("similarity mode", mode, MODES)
+    if linkage not in LINKAGES:
+        raise UnknownNameError("linkage", linkage, LINKAGES)
+    if mode == "merged" and planner in ("channel", "cluster"):
+        raise ConfigError(f"planner {planner!r} clusters task vectors; merged-vector mode applies to greedy orders")
+    if planner in DATA_PLANNERS and calibration is None:
+        raise ConfigError(f"planner {planner!r} is data-aware: it needs unlabelled calibration inputs per task "
+                          "(a suite provides them: `flexmerge sweep --suite`); plan your own models with a "
+                          "data-free planner (greedy, recon, ...)")
+
+
+def path_options(partition: Partition, linkage: str = "min", mode: str = "constituent", measure: str = "cosine",
+                 seed: int = 0) -> dict[str, Any]:
+    """What a path records of how it was planned (its `options`)."""
+    return {"linkage": linkage, "mode": mode, "measure": measure, "seed": seed, "granularity": partition.granularity}
+
+
+def cuts_at_last_point(tasks: TaskSet, partition: Partition, method: MergeMethod, size: float, extra: float = 0.0,
+                       planner: str = "greedy") -> bool:
+    """Whether cutting any path of `planner` at `size` gives its last point, so no plan is needed.
+
+    A greedy order fuses one pair per step until every block is one group of all M tasks, in
+    B·(M − 1) steps. When every stored group costs one copy of its block (no masks, residuals or
+    data-dependent storage), every other point holds a block twice, so it is at least the
+    smallest block above the last one: a `size` below that cuts at the last point whatever the
+    similarities are, and planning (for TIES, a pass over the trimmed task vectors) is skipped."""
+    if planner not in ORDERS or method.uses_masks or method.uses_residuals or method.data_dependent_size:
+        return False
+    if not len(partition) or tasks.num_tasks < 2:
+        return False
+    sizer = SizeModel.build(partition, tasks.meta, method)
+    last = sizer.size([[tasks.num_tasks]] * len(partition)) + extra
+    step = min(sizer.block_bytes) / sizer.unit_bytes
+    return last - SIZE_TOLERANCE <= size < last + step - SIZE_TOLERANCE
+
+
+def last_point(num_blocks: int, num_tasks: int) -> Assignment:
+    """Every block one group of all tasks: where every greedy-order path ends."""
+    return Assignment(tuple((tuple(range(num_tasks)),) for _ in range(num_blocks)))
 
 
 COST_DEFAULTS: dict[str, Any] = {"norm": "block", "byte_power": 1.0, "rank": DEFAULT_RANK}
