@@ -13,19 +13,19 @@ from flexmerge._atomic import check_target
 from flexmerge.device import resolve_device
 from flexmerge.flexmodel.artifact import SHARD_BYTES, ArtifactHeader, is_artifact, write_artifact
 from flexmerge.flexmodel.card import input_names
-from flexmerge.flexmodel.materialize import collect_hf_files, materialize_blocks
+from flexmerge.flexmodel.materialize import AllTasksMerge, collect_hf_files, materialize_blocks
 from flexmerge.flexmodel.materialize import materialize as _materialize
 from flexmerge.flexmodel.model import FlexModel
 from flexmerge.methods.base import MergeMethod, get_method
 from flexmerge.planning import MergePath, build_path, check_plan_options, cuts_at_last_point, last_point, path_options
 from flexmerge.planning.activations import Calibration
-from flexmerge.preprocess import fitted_pipeline
+from flexmerge.preprocess import MagnitudeHistogram, TopKTrim, fitted_pipeline
 from flexmerge.errors import ConfigError, SizeError
 from flexmerge.planning.path import Assignment
 from flexmerge.size import format_bytes, point_size, specific_units
 from flexmerge.taskvec import TaskSet, load_tasks
 
-__all__ = ["load_tasks", "discover_blocks", "plan", "materialize", "merge", "merge_to_disk", "cut",
+__all__ = ["load_tasks", "first_pass_for", "discover_blocks", "plan", "materialize", "merge", "merge_to_disk", "cut",
            "size_for_budget"]
 
 
@@ -38,6 +38,24 @@ def _method(method: str | MergeMethod, params: Mapping[str, Any] | None) -> Merg
     if isinstance(method, MergeMethod):
         return method
     return get_method(method, **dict(params or {}))
+
+
+ALL_TASKS_MERGE_BYTES = 768 << 20  # what the validation pass may keep of a 1x merge (AllTasksMerge)
+
+
+def first_pass_for(method: str | MergeMethod, params: Mapping[str, Any] | None = None,
+                   budget_bytes: int = ALL_TASKS_MERGE_BYTES) -> list:
+    """The `load_tasks(observers=...)` that let a merge with `method` read the inputs once less:
+    its merge of all tasks (a linear or other elementwise method without preprocessing, when one
+    copy of the weights fits `budget_bytes`), or the first pass of its global trim (TIES and
+    others that trim each task vector over the whole model)."""
+    m = _method(method, params)
+    if AllTasksMerge.applies(m):
+        return [AllTasksMerge(m, budget_bytes)]
+    first = m.transforms()[:1]
+    if first and isinstance(first[0], TopKTrim) and first[0].scope == "model":
+        return [MagnitudeHistogram()]
+    return []
 
 
 def plan(

@@ -159,11 +159,12 @@ def _executor(cfg):
     return get_executor(cfg.executor, address=cfg.ray_address)
 
 
-def _load(cfg, executor):
+def _load(cfg, executor, observers=()):
     from flexmerge.taskvec import load_tasks
 
     return load_tasks(cfg.base, cfg.models, task_specific=cfg.task_specific, allow_mixed_dtypes=cfg.allow_mixed_dtypes,
-                      max_relative_change=cfg.max_relative_change, executor=executor, input_hash=cfg.input_hash)
+                      max_relative_change=cfg.max_relative_change, executor=executor, input_hash=cfg.input_hash,
+                      observers=observers)
 
 
 @command
@@ -185,7 +186,9 @@ def plan(
     --method ties --out path.json
     """
     from flexmerge._atomic import check_target
+    from flexmerge.api import first_pass_for
     from flexmerge.api import plan as plan_fn
+    from flexmerge.preprocess import MagnitudeHistogram
     from flexmerge.planning.path import is_path_file
 
     check_target(out, overwrite, is_path_file, "a flexmerge path file")  # before minutes of work, not after
@@ -193,7 +196,7 @@ def plan(
                   allow_mixed_dtypes, None, executor, ray_address, max_relative_change, task_specific, device=device,
                   input_hash=input_hash)
     ex = _executor(cfg)
-    tasks = _load(cfg, ex)
+    tasks = _load(cfg, ex, [o for o in first_pass_for(cfg.method, cfg.params) if isinstance(o, MagnitudeHistogram)])
     path = plan_fn(tasks, method=cfg.method, params=cfg.params, executor=ex, device=cfg.device, **cfg.plan_options())
     path.save(out, overwrite=overwrite)
     console.print(f"{len(path.block_names)} blocks, {path.num_points} points, sizes {path.sizes[0]:.3f}x -> "
@@ -228,7 +231,7 @@ def merge(
     --model c=c.safetensors --method ties --size 2 --out flex-2x
     """
     from flexmerge._atomic import check_target
-    from flexmerge.api import merge_to_disk
+    from flexmerge.api import first_pass_for, merge_to_disk
     from flexmerge.flexmodel.artifact import is_artifact
 
     check_target(out, overwrite, is_artifact, "a flex-model artifact")  # before the validation pass, not after
@@ -238,7 +241,7 @@ def merge(
     if cfg.size is None and cfg.max_bytes is None:
         raise FlexMergeError("--size or --max-bytes (or `size:` / `max_bytes:` in --config) is required")
     ex = _executor(cfg)
-    manifest = merge_to_disk(_load(cfg, ex), out, size=cfg.size, max_bytes=cfg.max_bytes, method=cfg.method,
+    manifest = merge_to_disk(_load(cfg, ex, first_pass_for(cfg.method, cfg.params)), out, size=cfg.size, max_bytes=cfg.max_bytes, method=cfg.method,
                              params=cfg.params, overwrite=overwrite, executor=ex, resume=resume, device=cfg.device,
                              **cfg.plan_options())
     asked = f"{cfg.size:g}x" if cfg.size is not None else f"at most {format_bytes(cfg.max_bytes)}"

@@ -201,7 +201,8 @@ def hashed_uniform(seed: int, task: int, key: str, offset: int, n: int,
 def kth_largest_abs(tasks: TaskSet, before: Pipeline, k: int, keys: Sequence[str] | None = None,
                     device: torch.device | None = None) -> list[float]:
     """Exact k-th largest |τ_t| over all mergeable entries (or those of `keys`), per task, in two
-    streaming passes (on `device`); entries that fit in one chunk are selected directly."""
+    streaming passes (on `device`); entries that fit in one chunk are selected directly. The
+    first pass is skipped when the validation pass made its histogram (`MagnitudeHistogram`)."""
     chunks = [c for key in (tasks.mergeable if keys is None else keys) for c in tasks.chunks(key)]
     if len(chunks) == 1:
         d = before.deltas(tasks, chunks[0], device=device)
@@ -212,29 +213,68 @@ def kth_largest_abs(tasks: TaskSet, before: Pipeline, k: int, keys: Sequence[str
             shape = (tasks.num_tasks, *rows_shape(tasks.meta[c.key].shape, c.rows))
             yield before.deltas(tasks, c, out=scratch(DELTAS, shape, tasks.compute_dtype), device=device)
 
+    observed = tasks.first_pass.get(MagnitudeHistogram.name) if keys is None and not before.transforms else None
     try:
-        return kth_largest(stream, k, tasks.num_tasks, len(chunks), "trim thresholds")
+        return kth_largest(stream, k, tasks.num_tasks, len(chunks), "trim thresholds",
+                           hist=None if observed is None else observed.to(device or "cpu"))
     finally:
         release()  # the pass's buffers do not outlive it
 
 
+class MagnitudeHistogram:
+    """The trim's first pass (per task, how many |τ| fall in each top-16-bit bin of the fp32
+    pattern), done by the validation pass (a `PassObserver`): a global trim then reads the
+    inputs for its candidate bin only. Keys found frozen were counted as zeros and are taken
+    out again, so the counts are those of the mergeable entries, as `kth_largest`'s own pass."""
+
+    name = "magnitude_histogram"
+
+    def __init__(self) -> None:
+        self.hist: torch.Tensor | None = None
+        self.offsets: torch.Tensor | None = None
+
+    def begin(self, meta, num_tasks: int) -> bool:
+        self.hist = torch.zeros(num_tasks * _BINS, dtype=torch.int64)
+        self.offsets = _row_offsets(num_tasks, self.hist.device)
+        return True
+
+    def see(self, chunk: Chunk, base: torch.Tensor, deltas: torch.Tensor) -> None:
+        _histogram_into(self.hist, self.offsets, deltas)
+
+    def finish(self, tasks: TaskSet) -> torch.Tensor:
+        mergeable = set(tasks.mergeable)
+        zeros = sum(m.numel for k, m in tasks.meta.items() if m.dtype.is_floating_point and k not in mergeable)
+        self.hist.view(tasks.num_tasks, _BINS)[:, 0] -= zeros  # a frozen key's τ is +0 everywhere: bin 0
+        return self.hist
+
+
+def _row_offsets(rows: int, device) -> torch.Tensor:
+    return (torch.arange(rows, dtype=torch.int32, device=device) * _BINS).view(rows, 1)
+
+
+def _histogram_into(hist: torch.Tensor, offsets: torch.Tensor, x: torch.Tensor) -> None:
+    """Count each row's |x| into its own _BINS bins of `hist` (rows * _BINS, int64)."""
+    bins = magnitude_bits(_rows32(x, offsets.shape[0]), TEMP_A).bitwise_right_shift_(16).add_(offsets)
+    _count_into(hist, bins.view(-1))
+
+
 def kth_largest(
-    stream: Callable[[], Iterable[torch.Tensor]], k: int, rows: int, total: int | None, desc: str
+    stream: Callable[[], Iterable[torch.Tensor]], k: int, rows: int, total: int | None, desc: str,
+    hist: torch.Tensor | None = None,
 ) -> list[float]:
     """Exact k-th largest magnitude per row over a stream of (rows, ...) float tensors.
 
     Pass 1 histograms the top 16 bits of each |x|'s fp32 bit pattern (monotone in |x|) with one
-    bincount for all rows; pass 2 keeps only the values in the bin holding the k-th one and
-    selects in them. Memory: the histograms, one chunk, and the candidate bins. The work runs
-    on the stream's device; counts and selections are exact, so the thresholds are the same on
-    every device."""
-    hist = offsets = None
-    for x in progress(stream(), f"{desc} (1/2)", total=total):
-        if hist is None:  # on the device the chunks come on
-            hist = torch.zeros(rows * _BINS, dtype=torch.int64, device=x.device)
-            offsets = (torch.arange(rows, dtype=torch.int32, device=x.device) * _BINS).view(rows, 1)
-        bins = magnitude_bits(_rows32(x, rows), TEMP_A).bitwise_right_shift_(16).add_(offsets)
-        _count_into(hist, bins.view(-1))
+    bincount for all rows (or `hist`, its result, is given); pass 2 keeps only the values in the
+    bin holding the k-th one and selects in them. Memory: the histograms, one chunk, and the
+    candidate bins. The work runs on the stream's device; counts and selections are exact, so
+    the thresholds are the same on every device."""
+    if hist is None:
+        for x in progress(stream(), f"{desc} (1/2)", total=total):
+            if hist is None:  # on the device the chunks come on
+                hist = torch.zeros(rows * _BINS, dtype=torch.int64, device=x.device)
+                offsets = _row_offsets(rows, x.device)
+            _histogram_into(hist, offsets, x)
     if hist is None:  # an empty stream: no values, every threshold 0 as before
         hist = torch.zeros(rows * _BINS, dtype=torch.int64)
     device = hist.device
@@ -255,8 +295,8 @@ def kth_largest(
         flat = _rows32(x, rows)
         bins = magnitude_bits(flat, TEMP_A).bitwise_right_shift_(16)
         hit = torch.eq(bins, target, out=scratch(TEMP_B, bins.shape, torch.bool, bins.device))
-        for r in range(rows):
-            vals = flat[r][hit[r]].abs_()
+        counts = hit.sum(1).tolist()
+        for r, vals in enumerate(torch.split(flat[hit].abs_(), counts)):  # one masked select, all rows
             kept[r][filled[r]:filled[r] + vals.numel()] = vals
             filled[r] += vals.numel()
     out = []

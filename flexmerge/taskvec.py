@@ -12,6 +12,7 @@ import math
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 from pathlib import Path
 
 import torch
@@ -59,6 +60,25 @@ class Chunk:
     rows: tuple[int, int] | None
 
 
+class PassObserver(Protocol):
+    """Work a later stage hands to the validation pass, which computes every chunk's task vectors
+    anyway, so that the stage needs no pass over the inputs of its own (a 1x merge, the trim's
+    magnitude histogram). Observers run in this process (executor "local"); elsewhere they are
+    not called and their stage makes its own pass."""
+
+    name: str
+
+    def begin(self, meta: Mapping[str, TensorMeta], num_tasks: int) -> bool:
+        """Whether to observe this pass (e.g. what it keeps fits its memory budget)."""
+
+    def see(self, chunk: Chunk, base: torch.Tensor, deltas: torch.Tensor) -> None:
+        """One chunk of a floating key: the base as stored, the (M, ...) fp32 task vectors (a reused
+        buffer: copy what is kept)."""
+
+    def finish(self, tasks: "TaskSet") -> object:
+        """The result, kept in `tasks.first_pass[name]`; `tasks` knows the frozen keys by now."""
+
+
 @dataclass
 class TaskSet:
     """The base model, the named task models, and what the validation pass learned about them."""
@@ -75,6 +95,7 @@ class TaskSet:
     key_grams: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)  # raw (M, M) per key
     compute_dtype: torch.dtype = torch.float32
     fitted: dict[str, object] = field(default_factory=dict, repr=False)  # preprocessing fitted on this set
+    first_pass: dict[str, object] = field(default_factory=dict, repr=False)  # PassObserver results, by name
     # per task: its own parameters (heads, keys the base lacks or has in another shape), never merged
     specific: dict[str, dict[str, TensorMeta]] = field(default_factory=dict)
 
@@ -219,6 +240,7 @@ def load_tasks(
     max_relative_change: float = 0.5,
     executor=None,
     input_hash: str = DEFAULT_INPUT_HASH,
+    observers: Sequence[PassObserver] = (),
 ) -> TaskSet:
     """Open and validate the base and the task models; find the frozen and task-specific parameters.
 
@@ -227,7 +249,8 @@ def load_tasks(
     matches one of the `task_specific` regexes (full match), or, for Hugging Face inputs, when it
     belongs to a head module (`HF_HEADS`; `lm_head` when the config does not tie it and it differs).
     `executor` ("local", "ray" or an Executor) runs the validation pass key by key. `input_hash`
-    (a name in INPUT_HASHES) fingerprints each model's content for provenance and resume."""
+    (a name in INPUT_HASHES) fingerprints each model's content for provenance and resume;
+    `observers` (`PassObserver`) do a later stage's work in the same pass (`api.first_pass_for`)."""
     named = parse_task_specs(models)
     if "base" in named:  # the manifest records the inputs by name, the base as "base"
         raise ConfigError("task name 'base' is reserved for the base model (the manifest records the inputs by "
@@ -239,14 +262,18 @@ def load_tasks(
     base_src = open_checkpoint(base)
     sources = [open_checkpoint(p, base=base_src) for p in named.values()]  # PEFT adapters read against the base
     meta, specific = _check_structure(base_src, sources, list(named), allow_mixed_dtypes, patterns)
+    ex = get_executor(executor)
+    active = [o for o in observers if o.begin(meta, len(sources))] if ex.name == "local" else []
     mergeable, frozen, key_grams, digests = _scan_values(base_src, sources, list(named), meta,
-                                                         max_relative_change, executor, input_hash)
+                                                         max_relative_change, ex, input_hash, active)
     digests = [digests[0], *(_with_specific(d, src, specific[name], input_hash)
                              for d, src, name in zip(digests[1:], sources, named))]
     provenance = {name: {"files": [file_record(f) for f in src.files()], input_hash: digest}
                   for name, src, digest in zip(["base", *named], [base_src, *sources], digests)}
-    return TaskSet(list(named), base_src, sources, meta, mergeable, frozen, provenance, key_grams=key_grams,
-                   specific=specific)
+    tasks = TaskSet(list(named), base_src, sources, meta, mergeable, frozen, provenance, key_grams=key_grams,
+                    specific=specific)
+    tasks.first_pass = {o.name: o.finish(tasks) for o in active}
+    return tasks
 
 
 # Hugging Face head modules: a task's own output layers, detected without a pattern.
@@ -351,9 +378,10 @@ class KeyScan:
     digests: tuple[str, ...] = ()  # hash of the key's bytes in the base, then in each task model
 
 
-def scan_key(tasks: TaskSet | TaskSetSpec, input_hash: str, key: str) -> KeyScan:
+def scan_key(tasks: TaskSet | TaskSetSpec, input_hash: str, observers: Sequence[PassObserver], key: str) -> KeyScan:
     """Finite values, whether any model differs from the base, the key's Gram matrix, and the
-    `input_hash` of its bytes in every model (what a resumed job is keyed on)."""
+    `input_hash` of its bytes in every model (what a resumed job is keyed on); `observers` see
+    every chunk's task vectors."""
     ts = as_taskset(tasks)
     m = ts.num_tasks
     hashers = [new_hasher(input_hash) for _ in range(m + 1)]  # base, then the tasks
@@ -384,6 +412,8 @@ def scan_key(tasks: TaskSet | TaskSetSpec, input_hash: str, key: str) -> KeyScan
             for t, src in enumerate(ts.sources):
                 _check_finite(ts.read_task(t, chunk), src, key)
         gram += g.double()
+        for obs in observers:
+            obs.see(chunk, b, d.view(m, *shape))
         if not differs:  # a zero norm can hide tiny differences (fp32 underflow): compare exactly
             differs = bool((g.diagonal() > 0).any()) or any(
                 not torch.equal(ts.read_task(t, chunk), b) for t in range(m))
@@ -416,6 +446,7 @@ def _scan_values(
     max_relative_change: float,
     executor=None,
     input_hash: str = DEFAULT_INPUT_HASH,
+    observers: Sequence[PassObserver] = (),
 ) -> tuple[list[str], list[str], dict[str, torch.Tensor], list[str]]:
     """One streaming pass: finite values, frozen keys, no task equal to the base, a plausible base,
     and each model's content hash (base first).
@@ -425,7 +456,7 @@ def _scan_values(
     """
     probe = TaskSet(names, base, sources, meta, list(meta), [])
     ex = get_executor(executor)
-    scans = {s.key: s for s in ex.map(scan_key, list(meta), for_executor(probe, ex), input_hash,
+    scans = {s.key: s for s in ex.map(scan_key, list(meta), for_executor(probe, ex), input_hash, observers,
                                       desc="validating checkpoints")}
     digests = content_digests(scans, meta, len(sources) + 1, input_hash)
     release()

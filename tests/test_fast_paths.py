@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from flexmerge.methods.kernels import disjoint_mean, elect_sign
 from flexmerge.preprocess import TopKTrim, kth_largest, trim_rank
@@ -141,3 +142,70 @@ def test_last_point_shortcut_still_rejects_bad_plan_options(tasks, tmp_path):
         flexmerge.merge_to_disk(tasks, tmp_path / "x", size=1.0, linkage="median")
     with pytest.raises(UnknownNameError):
         flexmerge.merge_to_disk(tasks, tmp_path / "y", size=1.0, measure="manhattan")
+
+
+def _same_artifacts(a, b, names) -> None:
+    for t in names:
+        sa, sb = a.state_dict(t), b.state_dict(t)
+        assert sa.keys() == sb.keys()
+        assert all(torch.equal(sa[k].view(torch.uint8), sb[k].view(torch.uint8)) for k in sa), t
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("method, params, size, granularity", [
+    ("task_arithmetic", {"lam": 1.0}, 1.0, "sublayer"), ("average", {}, 1.0, "layer"),
+    ("task_arithmetic", {"lam": 0.7, "convention": "sum"}, 2.0, "sublayer"),  # some blocks merged, some not
+    ("task_arithmetic", {"lam": 1.0}, 1.0, "split:2"),  # row parts: the premerged keys are not used
+])
+def test_all_tasks_merge_in_the_validation_pass_gives_the_same_bits(tmp_path, dtype, method, params, size,
+                                                                    granularity):
+    import flexmerge
+    from flexmerge.api import first_pass_for
+
+    from .conftest import write_zoo
+
+    base, models = write_zoo(tmp_path / "zoo", dtype=dtype)
+    plain = flexmerge.load_tasks(base, models)
+    observed = flexmerge.load_tasks(base, models, observers=first_pass_for(method, params))
+    kept = observed.first_pass["all_tasks_merge"]["tensors"]
+    assert set(kept) == set(observed.mergeable)  # the frozen embedding is not kept
+    for tasks, out in [(plain, "plain"), (observed, "observed")]:
+        flexmerge.merge_to_disk(tasks, tmp_path / out, size=size, method=method, params=params,
+                                granularity=granularity)
+    _same_artifacts(flexmerge.load(tmp_path / "plain"), flexmerge.load(tmp_path / "observed"), plain.names)
+
+
+def test_all_tasks_merge_is_used_and_respects_its_budget(zoo, tmp_path, monkeypatch):
+    import flexmerge
+    from flexmerge.api import first_pass_for
+    from flexmerge.flexmodel import materialize
+
+    base, models = zoo
+    assert flexmerge.load_tasks(base, models, observers=first_pass_for("task_arithmetic", budget_bytes=1)).first_pass == {}
+    assert first_pass_for("ties") != [] and first_pass_for("emr") == []
+    tasks = flexmerge.load_tasks(base, models, observers=first_pass_for("task_arithmetic"))
+    monkeypatch.setattr(materialize, "_member_deltas", lambda *a, **k: pytest.fail("read the inputs again"))
+    flexmerge.merge_to_disk(tasks, tmp_path / "x", size=1.0)
+
+
+@pytest.mark.parametrize("params", [{"keep": 0.2}, {"keep": 0.05, "trim": "exact"}])
+def test_trim_histogram_from_the_validation_pass_gives_the_same_thresholds(zoo, tmp_path, params):
+    import flexmerge
+    from flexmerge.api import first_pass_for
+    from flexmerge.preprocess import fitted_pipeline
+    from flexmerge.methods import get_method
+
+    base, models = zoo
+    plain = flexmerge.load_tasks(base, models)
+    observed = flexmerge.load_tasks(base, models, observers=first_pass_for("ties", params))
+    assert plain.frozen  # frozen keys are counted as zeros by the pass, and taken out again
+    tau = torch.cat([(load_file(models[t])[k].float() - load_file(base)[k].float()).view(-1)
+                     for t in plain.names for k in plain.mergeable]).view(len(plain.names), -1)
+    bins = (tau.view(torch.int32) & 0x7FFFFFFF) >> 16
+    expected = torch.stack([torch.bincount(r, minlength=1 << 15) for r in bins])
+    assert torch.equal(observed.first_pass["magnitude_histogram"].view(len(plain.names), -1), expected)
+    m = get_method("ties", **params)
+    assert fitted_pipeline(plain, m).transforms[0].thresholds == fitted_pipeline(observed, m).transforms[0].thresholds
+    for tasks, out in [(plain, "plain"), (observed, "observed")]:
+        flexmerge.merge_to_disk(tasks, tmp_path / out, size=1.5, method="ties", params=params)
+    _same_artifacts(flexmerge.load(tmp_path / "plain"), flexmerge.load(tmp_path / "observed"), plain.names)

@@ -63,7 +63,12 @@ def materialize_block(
     base: list[torch.Tensor] | None = None
     needs_base = any(stored_with_masks(method, len(g)) for g in groups)
     stored: list[StoredGroup] = []
+    merged_all = premerged(tasks, method, parts)
     for g in groups:
+        if merged_all is not None and len(g) == tasks.num_tasks:  # computed by the validation pass
+            stored.append(StoredGroup(tuple(g), merged_all))
+            _check_finite_result(stored[-1], partition.blocks[b].name, method)
+            continue
         if len(g) == 1 or (method.uses_masks and not stored_with_masks(method, len(g))):
             stored += [StoredGroup((t,), [tasks.read_task(t, c).to(dt).contiguous() for c, dt in zip(chunks, dtypes)])
                        for t in g]
@@ -112,6 +117,56 @@ def _check_finite_result(group: StoredGroup, block: str, method: MergeMethod) ->
         if not all_finite(t):
             raise ConfigError(f"method {method.describe()} gives NaN or infinite weights in block {block!r} "
                               "(a hyperparameter too large, or values beyond the storage dtype's range)")
+
+
+class AllTasksMerge:
+    """The method's merge of all M tasks, key by key, done by the validation pass (a
+    `PassObserver`): every block that the cut merges into one group then needs no second read of
+    the inputs (at 1x, all of them). For elementwise methods without global preprocessing, whose
+    merge of a chunk is final; what it keeps (θ0 + merged τ in the storage dtype, one copy of the
+    mergeable weights) must fit `budget_bytes`, else it does not observe."""
+
+    name = "all_tasks_merge"
+
+    def __init__(self, method: MergeMethod, budget_bytes: int):
+        self.method, self.budget = method, budget_bytes
+        self.merged: dict[str, torch.Tensor] = {}
+
+    @staticmethod
+    def applies(method: MergeMethod) -> bool:
+        return (method.elementwise and not method.transforms() and not method.uses_masks
+                and not method.uses_residuals and not method.uses_untransformed)
+
+    def begin(self, meta, num_tasks: int) -> bool:
+        self.meta = meta
+        floating = [m for m in meta.values() if m.dtype.is_floating_point]
+        need = sum(m.numel * self.method.storage_dtype(m.dtype).itemsize for m in floating)
+        return self.applies(self.method) and need <= self.budget
+
+    def see(self, chunk: Chunk, base: torch.Tensor, deltas: torch.Tensor) -> None:
+        """θ0 + merge(τ) of the chunk, as `materialize_block` computes it: the same chunks, the same
+        merge, then `plus_base`'s fp32 add and cast (so the bits are the same; a test compares)."""
+        meta = self.meta[chunk.key]
+        if chunk.key not in self.merged:
+            self.merged[chunk.key] = torch.empty(meta.shape, dtype=self.method.storage_dtype(meta.dtype))
+        out = self.merged[chunk.key]
+        rows = out if chunk.rows is None else out[chunk.rows[0]:chunk.rows[1]]
+        delta = self.method.merge(deltas.flatten(1)).delta.view(base.shape)
+        rows.copy_(torch.add(delta, base, out=scratch("premerge.sum", base.shape, delta.dtype)))
+
+    def finish(self, tasks: TaskSet) -> dict[str, object]:
+        keep = set(tasks.mergeable)
+        return {"method": self.method.describe(), "tensors": {k: v for k, v in self.merged.items() if k in keep}}
+
+
+def premerged(tasks: TaskSet, method: MergeMethod, parts) -> list[torch.Tensor] | None:
+    """The block's merge of all tasks from the validation pass (`AllTasksMerge`), when it made one
+    for this method and the block's parts are whole tensors (the chunks it saw)."""
+    found = tasks.first_pass.get(AllTasksMerge.name)
+    if not found or found["method"] != method.describe() or any(p.rows is not None for p in parts):
+        return None
+    tensors = found["tensors"]
+    return [tensors[p.key] for p in parts] if all(p.key in tensors for p in parts) else None
 
 
 def _member_deltas(tasks: TaskSet, pipeline: Pipeline, method: MergeMethod, members: list[int],
