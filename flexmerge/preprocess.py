@@ -10,6 +10,7 @@ parameter, element index), so the same entries drop whatever the chunking or rea
 from __future__ import annotations
 
 import hashlib
+import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -232,6 +233,7 @@ class MagnitudeHistogram:
     def __init__(self) -> None:
         self.hist: torch.Tensor | None = None
         self.offsets: torch.Tensor | None = None
+        self._lock = threading.Lock()  # `--executor threads` scans two keys at once
 
     def begin(self, meta, num_tasks: int) -> bool:
         self.hist = torch.zeros(num_tasks * _BINS, dtype=torch.int64)
@@ -239,7 +241,9 @@ class MagnitudeHistogram:
         return True
 
     def see(self, chunk: Chunk, base: torch.Tensor, deltas: torch.Tensor) -> None:
-        _histogram_into(self.hist, self.offsets, deltas)
+        bins = _bins(deltas, self.offsets)
+        with self._lock:
+            _count_into(self.hist, bins.view(-1))
 
     def finish(self, tasks: TaskSet) -> torch.Tensor:
         mergeable = set(tasks.mergeable)
@@ -252,10 +256,14 @@ def _row_offsets(rows: int, device) -> torch.Tensor:
     return (torch.arange(rows, dtype=torch.int32, device=device) * _BINS).view(rows, 1)
 
 
+def _bins(x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """Each |x|'s bin: the top 16 bits of its fp32 pattern, offset by its row's first bin."""
+    return magnitude_bits(_rows32(x, offsets.shape[0]), TEMP_A).bitwise_right_shift_(16).add_(offsets)
+
+
 def _histogram_into(hist: torch.Tensor, offsets: torch.Tensor, x: torch.Tensor) -> None:
     """Count each row's |x| into its own _BINS bins of `hist` (rows * _BINS, int64)."""
-    bins = magnitude_bits(_rows32(x, offsets.shape[0]), TEMP_A).bitwise_right_shift_(16).add_(offsets)
-    _count_into(hist, bins.view(-1))
+    _count_into(hist, _bins(x, offsets).view(-1))
 
 
 def kth_largest(
