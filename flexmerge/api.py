@@ -44,13 +44,16 @@ ALL_TASKS_MERGE_BYTES = 768 << 20  # what the validation pass may keep of a 1x m
 
 
 def first_pass_for(method: str | MergeMethod, params: Mapping[str, Any] | None = None,
-                   budget_bytes: int = ALL_TASKS_MERGE_BYTES) -> list:
+                   budget_bytes: int = ALL_TASKS_MERGE_BYTES, merging: bool = True) -> list:
     """The `load_tasks(observers=...)` that let a merge with `method` read the inputs once less:
     its merge of all tasks (a linear or other elementwise method without preprocessing, when one
-    copy of the weights fits `budget_bytes`), or the first pass of its global trim (TIES and
-    others that trim each task vector over the whole model)."""
+    copy of the weights fits `budget_bytes`; only when `merging`, a plan alone has no use for
+    it), or the first pass of its global trim (TIES and others that trim each task vector over
+    the whole model)."""
     m = _method(method, params)
     if AllTasksMerge.applies(m):
+        if not merging:
+            return []
         return [AllTasksMerge(m, budget_bytes)]
     first = m.transforms()[:1]
     if first and isinstance(first[0], TopKTrim) and first[0].scope == "model":

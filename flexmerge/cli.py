@@ -188,7 +188,6 @@ def plan(
     from flexmerge._atomic import check_target
     from flexmerge.api import first_pass_for
     from flexmerge.api import plan as plan_fn
-    from flexmerge.preprocess import MagnitudeHistogram
     from flexmerge.planning.path import is_path_file
 
     check_target(out, overwrite, is_path_file, "a flexmerge path file")  # before minutes of work, not after
@@ -196,7 +195,7 @@ def plan(
                   allow_mixed_dtypes, None, executor, ray_address, max_relative_change, task_specific, device=device,
                   input_hash=input_hash)
     ex = _executor(cfg)
-    tasks = _load(cfg, ex, [o for o in first_pass_for(cfg.method, cfg.params) if isinstance(o, MagnitudeHistogram)])
+    tasks = _load(cfg, ex, first_pass_for(cfg.method, cfg.params, merging=False))
     path = plan_fn(tasks, method=cfg.method, params=cfg.params, executor=ex, device=cfg.device, **cfg.plan_options())
     path.save(out, overwrite=overwrite)
     console.print(f"{len(path.block_names)} blocks, {path.num_points} points, sizes {path.sizes[0]:.3f}x -> "
@@ -241,7 +240,8 @@ def merge(
     if cfg.size is None and cfg.max_bytes is None:
         raise FlexMergeError("--size or --max-bytes (or `size:` / `max_bytes:` in --config) is required")
     ex = _executor(cfg)
-    manifest = merge_to_disk(_load(cfg, ex, first_pass_for(cfg.method, cfg.params)), out, size=cfg.size, max_bytes=cfg.max_bytes, method=cfg.method,
+    tasks = _load(cfg, ex, first_pass_for(cfg.method, cfg.params))
+    manifest = merge_to_disk(tasks, out, size=cfg.size, max_bytes=cfg.max_bytes, method=cfg.method,
                              params=cfg.params, overwrite=overwrite, executor=ex, resume=resume, device=cfg.device,
                              **cfg.plan_options())
     asked = f"{cfg.size:g}x" if cfg.size is not None else f"at most {format_bytes(cfg.max_bytes)}"

@@ -183,6 +183,7 @@ def test_all_tasks_merge_is_used_and_respects_its_budget(zoo, tmp_path, monkeypa
     base, models = zoo
     assert flexmerge.load_tasks(base, models, observers=first_pass_for("task_arithmetic", budget_bytes=1)).first_pass == {}
     assert first_pass_for("ties") != [] and first_pass_for("emr") == []
+    assert first_pass_for("task_arithmetic", merging=False) == []  # a plan alone does not keep a merge
     tasks = flexmerge.load_tasks(base, models, observers=first_pass_for("task_arithmetic"))
     monkeypatch.setattr(materialize, "_member_deltas", lambda *a, **k: pytest.fail("read the inputs again"))
     flexmerge.merge_to_disk(tasks, tmp_path / "x", size=1.0)
