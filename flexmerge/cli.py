@@ -159,12 +159,12 @@ def _executor(cfg):
     return get_executor(cfg.executor, address=cfg.ray_address)
 
 
-def _load(cfg, executor, observers=()):
+def _load(cfg, executor, observers=(), key_grams: bool = True):
     from flexmerge.taskvec import load_tasks
 
     return load_tasks(cfg.base, cfg.models, task_specific=cfg.task_specific, allow_mixed_dtypes=cfg.allow_mixed_dtypes,
                       max_relative_change=cfg.max_relative_change, executor=executor, input_hash=cfg.input_hash,
-                      observers=observers)
+                      observers=observers, key_grams=key_grams)
 
 
 @command
@@ -186,7 +186,7 @@ def plan(
     --method ties --out path.json
     """
     from flexmerge._atomic import check_target
-    from flexmerge.api import first_pass_for
+    from flexmerge.api import first_pass_for, uses_key_grams
     from flexmerge.api import plan as plan_fn
     from flexmerge.planning.path import is_path_file
 
@@ -195,7 +195,8 @@ def plan(
                   allow_mixed_dtypes, None, executor, ray_address, max_relative_change, task_specific, device=device,
                   input_hash=input_hash)
     ex = _executor(cfg)
-    tasks = _load(cfg, ex, first_pass_for(cfg.method, cfg.params, merging=False))
+    tasks = _load(cfg, ex, first_pass_for(cfg.method, cfg.params, merging=False),
+                  uses_key_grams(cfg.method, cfg.params, planner=cfg.planner))
     path = plan_fn(tasks, method=cfg.method, params=cfg.params, executor=ex, device=cfg.device, **cfg.plan_options())
     path.save(out, overwrite=overwrite)
     console.print(f"{len(path.block_names)} blocks, {path.num_points} points, sizes {path.sizes[0]:.3f}x -> "
@@ -230,7 +231,7 @@ def merge(
     --model c=c.safetensors --method ties --size 2 --out flex-2x
     """
     from flexmerge._atomic import check_target
-    from flexmerge.api import first_pass_for, merge_to_disk
+    from flexmerge.api import first_pass_for, merge_to_disk, uses_key_grams
     from flexmerge.flexmodel.artifact import is_artifact
 
     check_target(out, overwrite, is_artifact, "a flex-model artifact")  # before the validation pass, not after
@@ -240,7 +241,8 @@ def merge(
     if cfg.size is None and cfg.max_bytes is None:
         raise FlexMergeError("--size or --max-bytes (or `size:` / `max_bytes:` in --config) is required")
     ex = _executor(cfg)
-    tasks = _load(cfg, ex, first_pass_for(cfg.method, cfg.params))
+    tasks = _load(cfg, ex, first_pass_for(cfg.method, cfg.params),
+                  uses_key_grams(cfg.method, cfg.params, cfg.size, cfg.max_bytes, cfg.planner))
     manifest = merge_to_disk(tasks, out, size=cfg.size, max_bytes=cfg.max_bytes, method=cfg.method,
                              params=cfg.params, overwrite=overwrite, executor=ex, resume=resume, device=cfg.device,
                              **cfg.plan_options())

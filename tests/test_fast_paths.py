@@ -144,6 +144,60 @@ def test_last_point_shortcut_still_rejects_bad_plan_options(tasks, tmp_path):
         flexmerge.merge_to_disk(tasks, tmp_path / "y", size=1.0, measure="manhattan")
 
 
+def test_uses_key_grams_only_where_a_plan_reads_them():
+    from flexmerge.api import uses_key_grams
+
+    assert not uses_key_grams("task_arithmetic", size=1.0)  # the last point: no plan
+    assert uses_key_grams("task_arithmetic", size=2.0) and uses_key_grams("task_arithmetic")
+    assert uses_key_grams("task_arithmetic", size=1.0, planner="cluster")  # not a greedy order: planned
+    assert uses_key_grams("task_arithmetic", size=1.0, max_bytes=10**9)
+    assert uses_key_grams("emr", size=1.0)  # masks: a 1x EMR is planned
+    assert not uses_key_grams("ties", size=2.0)  # its similarity is over the trimmed vectors
+
+
+@pytest.mark.parametrize("method, params, size", [("task_arithmetic", {"lam": 1.0}, 1.0),
+                                                  ("task_arithmetic", {"lam": 1.0}, 2.0), ("ties", {"keep": 0.3}, 2.0)])
+def test_a_pass_without_key_grams_validates_and_merges_the_same(zoo, tmp_path, method, params, size):
+    """Without the Gram product the pass learns the same (frozen keys, hashes, norms for its
+    checks); a plan made anyway runs its own similarity pass, to the same path and bits."""
+    import json
+
+    import flexmerge
+
+    base, models = zoo
+    full = flexmerge.load_tasks(base, models)
+    lean = flexmerge.load_tasks(base, models, key_grams=False)
+    assert full.key_grams and lean.key_grams == {}
+    assert (lean.mergeable, lean.frozen, lean.provenance) == (full.mergeable, full.frozen, full.provenance)
+    for tasks, out in [(full, "full"), (lean, "lean")]:
+        flexmerge.merge_to_disk(tasks, tmp_path / out, size=size, method=method, params=params)
+    a, b = (json.loads((tmp_path / out / "manifest.json").read_text()) for out in ("full", "lean"))
+    assert a["blocks"] == b["blocks"] and a["size"] == b["size"]
+    _same_artifacts(flexmerge.load(tmp_path / "full"), flexmerge.load(tmp_path / "lean"), full.names)
+
+
+def test_a_pass_without_key_grams_still_rejects_bad_models(zoo, tmp_path):
+    import flexmerge
+    from flexmerge.errors import CheckpointError
+    from safetensors.torch import load_file, save_file
+
+    base, models = zoo
+    same = tmp_path / "same.safetensors"
+    save_file(load_file(str(base)), str(same))
+    with pytest.raises(CheckpointError, match="identical to the base"):
+        flexmerge.load_tasks(base, {**models, "copy": same}, key_grams=False)
+    far = {k: v * 10 if v.is_floating_point() else v for k, v in load_file(str(base)).items()}
+    save_file(far, str(tmp_path / "far.safetensors"))
+    with pytest.raises(CheckpointError, match="does not look like"):
+        flexmerge.load_tasks(base, {**models, "far": tmp_path / "far.safetensors"}, key_grams=False)
+    bad = load_file(str(next(iter(models.values()))))
+    k = next(k for k, v in bad.items() if v.is_floating_point() and v.numel() > 1)
+    bad[k].view(-1)[1] = float("nan")
+    save_file(bad, str(tmp_path / "nan.safetensors"))
+    with pytest.raises(CheckpointError, match="NaN|finite"):
+        flexmerge.load_tasks(base, {**models, "nan": tmp_path / "nan.safetensors"}, key_grams=False)
+
+
 def _same_artifacts(a, b, names) -> None:
     for t in names:
         sa, sb = a.state_dict(t), b.state_dict(t)

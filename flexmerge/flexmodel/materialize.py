@@ -145,7 +145,8 @@ class AllTasksMerge:
 
     def see(self, chunk: Chunk, base: torch.Tensor, deltas: torch.Tensor) -> None:
         """θ0 + merge(τ) of the chunk, as `materialize_block` computes it: the same chunks, the same
-        merge, then `plus_base`'s fp32 add and cast (so the bits are the same; a test compares)."""
+        merge, then `plus_base`'s fp32 add and cast (so the bits are the same; a test compares).
+        `base` is θ0 in fp32 already, so the add upcasts nothing."""
         meta = self.meta[chunk.key]
         if chunk.key not in self.merged:
             self.merged[chunk.key] = torch.empty(meta.shape, dtype=self.method.storage_dtype(meta.dtype))

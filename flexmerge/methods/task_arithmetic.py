@@ -26,7 +26,12 @@ class TaskArithmetic(MergeMethod):
     Params = TaskArithmeticParams
 
     def merge(self, deltas: torch.Tensor) -> GroupResult:
-        return GroupResult(self.linear_weights(deltas.shape[0], deltas.device).to(deltas.dtype) @ deltas)
+        """w·Σ τ_i, the weights being equal: a sum over the group reads the (n, d) task vectors at
+        memory speed, where the same product as a (1, n) @ (n, d) GEMV ran at half of it (MKL, 8
+        rows of 256K entries)."""
+        merged = deltas.sum(0)
+        w = float(self.linear_weights(deltas.shape[0])[0])
+        return GroupResult(merged if w == 1.0 else merged.mul_(w))
 
     def linear_weights(self, n: int, device: torch.device | None = None) -> torch.Tensor:
         if n == 1:
