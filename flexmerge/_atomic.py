@@ -138,8 +138,10 @@ def _make_parent(final: Path) -> None:
 def _make_durable(tmp: Path) -> None:
     for f in tmp.rglob("*"):
         if f.is_file() and not f.is_symlink():  # durable, and readable as the umask allows (some writers use 0600)
-            os.chmod(f, 0o666 & ~_umask())
-            with open(f, "rb") as fh:
+            mode = 0o666 & ~_umask()
+            if f.stat().st_mode & 0o777 != mode:  # a chmod to the same mode would still dirty the inode
+                os.chmod(f, mode)
+            with open(f, "rb") as fh:  # (a shard already fsynced by its writer costs nothing here)
                 os.fsync(fh.fileno())
 
 

@@ -145,6 +145,56 @@ def test_a_crash_leaves_nothing_that_loads_and_the_rerun_resumes(tasks, tmp_path
         assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_the_journal_names_a_shard_only_once_it_is_hashed_and_on_disk(tasks, tmp_path, monkeypatch):
+    """Shards are sealed (sha256, fsync) on a thread while the next blocks merge; the resume
+    journal and the manifest name a shard only after its seal, with the size and hash of the file."""
+    import hashlib
+    import threading
+
+    from flexmerge.flexmodel import artifact
+
+    events: list[tuple[str, str]] = []
+    real_seal, real_write = artifact.seal_file, artifact.write_text_atomic
+
+    def seal(path):
+        events.append(("sealed", path.name, threading.current_thread().name))
+        return real_seal(path)
+
+    def journal(path, text, *a, **k):
+        if path.name == artifact.JOURNAL:
+            for shard in json.loads(text)["shards"]:
+                assert ("sealed", shard["file"]) in [e[:2] for e in events], shard["file"]
+            events.append(("journal", str(len(json.loads(text)["shards"]))))
+        return real_write(path, text, *a, **k)
+
+    monkeypatch.setattr(artifact, "seal_file", seal)
+    monkeypatch.setattr(artifact, "write_text_atomic", journal)
+    manifest = flexmerge.merge_to_disk(tasks, tmp_path / "out", size=2.0, shard_bytes=1)
+    sealed = [e for e in events if e[0] == "sealed"]
+    assert len(sealed) == len(manifest["shards"]) > 2
+    assert all(e[2].startswith("flexmerge-seal") for e in sealed)  # off the merging thread
+    assert any(e[0] == "journal" for e in events)
+    for shard in manifest["shards"]:
+        data = (tmp_path / "out" / shard["file"]).read_bytes()
+        assert shard["bytes"] == len(data) and shard["sha256"] == hashlib.sha256(data).hexdigest()
+    flexmerge.load(tmp_path / "out", verify=True)
+
+
+def test_a_shard_that_cannot_be_sealed_fails_the_write_and_leaves_nothing(tasks, tmp_path, monkeypatch):
+    import threading
+
+    from flexmerge.flexmodel import artifact
+
+    def broken(path):
+        raise OSError(28, "No space left on device", str(path))
+
+    monkeypatch.setattr(artifact, "seal_file", broken)
+    with pytest.raises(OSError, match="No space left"):
+        flexmerge.merge_to_disk(tasks, tmp_path / "arts" / "out", size=2.0, shard_bytes=1, resume=False)
+    assert os.listdir(tmp_path / "arts") == []
+    assert not any(t.name.startswith("flexmerge-seal") for t in threading.enumerate())
+
+
 def test_without_resume_a_crash_leaves_no_directory_and_overwrite_is_explicit(tasks, tmp_path, monkeypatch):
     import flexmerge.flexmodel.materialize as mat
 

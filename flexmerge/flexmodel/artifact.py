@@ -17,6 +17,7 @@ appears under its final name only once the manifest is written (see `_atomic`).
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import json
@@ -24,6 +25,7 @@ import os
 import re
 import shutil
 from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,7 +60,10 @@ class ShardWriter:
     """Collects tensors and writes a safetensors shard each time `shard_bytes` are buffered.
 
     Blocks are closed with `end_block`; once a shard holding a block's last tensor is on disk,
-    `on_flush` receives the blocks completed by that flush (for the resume journal).
+    hashed and fsynced, `on_flush` receives the blocks completed by that flush (for the resume
+    journal, which so never names a shard that a crash could lose). The hash and the fsync of a
+    shard run on a thread of their own while the next blocks are merged (they only read the file:
+    the tensors are released once serialized); leaving the `with` block settles the last one.
     """
 
     def __init__(self, directory: Path, shard_bytes: int = SHARD_BYTES, shards: list | None = None,
@@ -68,6 +73,8 @@ class ShardWriter:
         self.buffered = 0
         self.shards: list[dict[str, Any]] = list(shards or [])
         self.open_blocks: dict[int, dict[str, Any]] = {}
+        self._sealer: ThreadPoolExecutor | None = None
+        self._sealing: tuple[Future, str, dict[int, dict[str, Any]]] | None = None
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         self.buffer[name] = tensor.contiguous()
@@ -79,15 +86,58 @@ class ShardWriter:
             self.flush()
 
     def flush(self) -> None:
-        if self.buffer:
-            name = f"shard-{len(self.shards):05d}.safetensors"
-            path = self.directory / name
-            write_safetensors(_unshare(self.buffer), path)
-            self.shards.append({"file": name, "bytes": path.stat().st_size, "sha256": sha256_file(path)})
-            self.buffer, self.buffered = {}, 0
+        """Write the buffered tensors as the next shard and start sealing it; the shard before it
+        is then settled (its entry recorded, its blocks journaled)."""
+        blocks, self.open_blocks = self.open_blocks, {}
+        if not self.buffer:
+            self._settle()
+            if self.on_flush is not None:
+                self.on_flush(blocks)
+            return
+        name = f"shard-{len(self.shards) + (self._sealing is not None):05d}.safetensors"
+        path = self.directory / name
+        write_safetensors(_unshare(self.buffer), path)
+        self.buffer, self.buffered = {}, 0
+        if self._sealer is None:
+            self._sealer = ThreadPoolExecutor(1, thread_name_prefix="flexmerge-seal")
+        sealing = (self._sealer.submit(seal_file, path), name, blocks)
+        self._settle()
+        self._sealing = sealing
+
+    def __enter__(self) -> "ShardWriter":
+        return self
+
+    def __exit__(self, error_type, *_) -> None:
+        """Settle the last shard, also after an error elsewhere (it was written whole, so a resume
+        keeps its blocks); a failure to seal it then does not hide the first error."""
+        try:
+            if error_type is None:
+                self._settle()
+            else:
+                with contextlib.suppress(Exception):
+                    self._settle()
+        finally:
+            if self._sealer is not None:
+                self._sealer.shutdown(wait=True, cancel_futures=True)
+                self._sealer = None
+
+    def _settle(self) -> None:
+        if self._sealing is None:
+            return
+        future, name, blocks = self._sealing
+        self._sealing = None
+        size, digest = future.result()
+        self.shards.append({"file": name, "bytes": size, "sha256": digest})
         if self.on_flush is not None:
-            self.on_flush(self.open_blocks)
-        self.open_blocks = {}
+            self.on_flush(blocks)
+
+
+def seal_file(path: Path) -> tuple[int, str]:
+    """(size, sha256) of a written file, after an fsync: on disk before anything refers to it."""
+    digest = sha256_file(path)
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+        return os.fstat(f.fileno()).st_size, digest
 
 
 @dataclass
@@ -154,32 +204,10 @@ def write_artifact(
                 write_text_atomic(tmp / JOURNAL, json.dumps({"job": job, "shards": writer.shards,
                                                              "blocks": {str(b): e for b, e in entries.items()}}))
 
-        writer = ShardWriter(tmp, shard_bytes, shards, on_flush=journal)
-        for b, store in produce(set(entries)):
-            for p, t in enumerate(store.base or []):
-                writer.add(f"blocks.{b}.base.{p}", t)
-            for g, group in enumerate(store.groups):
-                for p, t in enumerate(group.tensors):
-                    writer.add(f"blocks.{b}.groups.{g}.parts.{p}", t)
-                for p, m in enumerate(group.masks or []):
-                    writer.add(f"blocks.{b}.groups.{g}.masks.{p}", m)
-                if group.scales is not None:
-                    writer.add(f"blocks.{b}.groups.{g}.scales", group.scales)
-                for i, member in enumerate(group.residuals or []):
-                    for p, factors in enumerate(member):
-                        for name, t in zip(_factor_names(factors), factors):
-                            writer.add(f"blocks.{b}.groups.{g}.residuals.{i}.{p}.{name}", t)
-            writer.end_block(b, _block_entry(header.partition.blocks[b], store, header.assignment.groups[b]))
-        for key, t in frozen.items():
-            writer.add(f"frozen.{key}", t)
-        specific_bytes = 0
-        for task, own in specific():  # one task's own parameters at a time
-            for key, t in own.items():
-                writer.add(f"tasks.{task}.{key}", t)
-                specific_bytes += t.nbytes
-            if writer.buffered >= writer.shard_bytes:
-                writer.flush()
-        writer.flush()
+        with ShardWriter(tmp, shard_bytes, shards, on_flush=journal) as writer:
+            _write_blocks(writer, header, frozen, produce(set(entries)))
+            specific_bytes = _write_specific(writer, specific())
+            writer.flush()
         for task, files in header.hf_files.items():
             (tmp / "hf" / task).mkdir(parents=True, exist_ok=True)
             for name, data in files.items():
@@ -216,6 +244,41 @@ def write_artifact(
             if stale != tmp and stale.is_dir() and not stale.is_symlink():  # (we hold the target's lock)
                 shutil.rmtree(stale, ignore_errors=True)
     return manifest
+
+
+def _write_blocks(writer: ShardWriter, header: ArtifactHeader, frozen: dict[str, torch.Tensor],
+                  produced: Iterable[tuple[int, BlockStore]]) -> None:
+    """Each block's stored tensors (θ0 copies, groups, masks, scales, residual factors) as it is
+    merged, then the frozen parameters."""
+    for b, store in produced:
+        for p, t in enumerate(store.base or []):
+            writer.add(f"blocks.{b}.base.{p}", t)
+        for g, group in enumerate(store.groups):
+            for p, t in enumerate(group.tensors):
+                writer.add(f"blocks.{b}.groups.{g}.parts.{p}", t)
+            for p, m in enumerate(group.masks or []):
+                writer.add(f"blocks.{b}.groups.{g}.masks.{p}", m)
+            if group.scales is not None:
+                writer.add(f"blocks.{b}.groups.{g}.scales", group.scales)
+            for i, member in enumerate(group.residuals or []):
+                for p, factors in enumerate(member):
+                    for name, t in zip(_factor_names(factors), factors):
+                        writer.add(f"blocks.{b}.groups.{g}.residuals.{i}.{p}.{name}", t)
+        writer.end_block(b, _block_entry(header.partition.blocks[b], store, header.assignment.groups[b]))
+    for key, t in frozen.items():
+        writer.add(f"frozen.{key}", t)
+
+
+def _write_specific(writer: ShardWriter, specific: Iterable[tuple[str, dict[str, torch.Tensor]]]) -> int:
+    """The tasks' own parameters, one task at a time; returns their bytes."""
+    nbytes = 0
+    for task, own in specific:
+        for key, t in own.items():
+            writer.add(f"tasks.{task}.{key}", t)
+            nbytes += t.nbytes
+        if writer.buffered >= writer.shard_bytes:
+            writer.flush()
+    return nbytes
 
 
 def _resume_state(tmp: Path, job: str) -> tuple[list[dict[str, Any]], dict[int, dict[str, Any]]]:
