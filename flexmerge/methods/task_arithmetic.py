@@ -30,11 +30,14 @@ class TaskArithmetic(MergeMethod):
         memory speed, where the same product as a (1, n) @ (n, d) GEMV ran at half of it (MKL, 8
         rows of 256K entries)."""
         merged = deltas.sum(0)
-        w = float(self.linear_weights(deltas.shape[0])[0])
+        w = self.member_weight(deltas.shape[0])
         return GroupResult(merged if w == 1.0 else merged.mul_(w))
 
-    def linear_weights(self, n: int, device: torch.device | None = None) -> torch.Tensor:
+    def member_weight(self, n: int) -> float:
+        """Each member's weight in a group of `n` (a task alone keeps its own vector)."""
         if n == 1:
-            return torch.ones(1, dtype=torch.float64, device=device)
-        w = self.p.lam / n if self.p.convention == "mean" else self.p.lam
-        return torch.full((n,), w, dtype=torch.float64, device=device)
+            return 1.0
+        return self.p.lam / n if self.p.convention == "mean" else self.p.lam
+
+    def linear_weights(self, n: int, device: torch.device | None = None) -> torch.Tensor:
+        return torch.full((n,), self.member_weight(n), dtype=torch.float64, device=device)
