@@ -14,8 +14,8 @@ this interpreter's version and installed first, so that no other (CUDA) build is
 Every row runs in a fresh process after one untimed warm-up read of all inputs (page cache
 warm), and reports wall time, the process's peak RSS (wait4) and the warm-read floor: the time
 of reading every input byte from the page cache. On a shared machine, `--repeat N` runs each row
-N times (the minimum wall time is reported, with the spread max − min, and the largest peak RSS)
-and `--lock DIR` holds a mkdir lock around each timed run. A benchmark, not a test.
+N times, round-robin over the rows (the minimum wall time is reported, with the spread max − min,
+and the largest peak RSS), and `--lock DIR` holds a mkdir lock around each timed run. A benchmark, not a test.
 """
 
 from __future__ import annotations
@@ -181,17 +181,18 @@ def held(lock: Path | None):
             lock.rmdir()
 
 
-def timed_row(cmd: list[str], inputs: list[Path], repeat: int, lock: Path | None) -> dict:
-    """min wall, spread (max − min), largest peak RSS and the floors over `repeat` runs."""
-    walls, rsss, floors = [], [], []
-    for _ in range(repeat):
-        with held(lock):
-            read_all(inputs)  # warm the page cache
-            floors.append(read_all(inputs))
-            wall, rss = measure(cmd)
-        walls.append(wall)
-        rsss.append(rss)
-    return dict(wall_s=round(min(walls), 2), wall_spread_s=round(max(walls) - min(walls), 2), runs=repeat,
+def timed_run(cmd: list[str], inputs: list[Path], lock: Path | None) -> tuple[float, float, float]:
+    """(wall s, peak RSS GiB, warm-read floor s) of one fresh-process run, page cache warmed first."""
+    with held(lock):
+        read_all(inputs)  # warm the page cache
+        floor = read_all(inputs)
+        wall, rss = measure(cmd)
+    return wall, rss, floor
+
+
+def summary(walls: list[float], rsss: list[float], floors: list[float]) -> dict:
+    """min wall, spread (max − min), largest peak RSS and the smallest floor of a row's runs."""
+    return dict(wall_s=round(min(walls), 2), wall_spread_s=round(max(walls) - min(walls), 2), runs=len(walls),
                 peak_rss_gib=round(max(rsss), 2), warm_read_s=round(min(floors), 3),
                 wall_over_floor=round(min(walls) / min(floors), 1))
 
@@ -228,7 +229,7 @@ def main(argv: list[str] | None = None) -> None:
     kit = None if args.skip_mergekit else mergekit_env(args.cache_dir)
     out = args.cache_dir / "out"
     out.mkdir(exist_ok=True)
-    rows = []
+    rows, plan = [], []
     for method in args.methods.split(","):
         runs: list[tuple[str, float, list[str]]] = []
         if kit is not None:
@@ -239,12 +240,21 @@ def main(argv: list[str] | None = None) -> None:
         for size in map(float, args.sizes.split(",")):
             runs.append(("flexmerge", size, flexmerge_cmd(method, size, dirs, out / f"fm-{method}-{size:g}x",
                                                           args.keep, args.executor)))
-        for tool, size, cmd in runs:
-            row = dict(job=job, tool=tool, method=method, size=size, **timed_row(cmd, inputs, args.repeat, args.lock))
-            rows.append(row)
-            print(f"{tool:9s} {method:16s} {size:g}x  {row['wall_s']:7.2f} s (+{row['wall_spread_s']:.2f} over "
-                  f"{args.repeat})  {row['peak_rss_gib']:5.2f} GiB peak  warm read {row['warm_read_s']:.3f} s  "
-                  f"({row['wall_over_floor']:.1f}x)", flush=True)
+        plan.extend((method, tool, size, cmd) for tool, size, cmd in runs)
+    # Round-robin: each round runs every row once, so a slow spell of a shared machine slows
+    # all rows alike instead of one row's repeats, and the ratios of the minima stay comparable.
+    results: list[tuple[list[float], list[float], list[float]]] = [([], [], []) for _ in plan]
+    for r in range(args.repeat):
+        for (method, tool, size, cmd), (walls, rsss, floors) in zip(plan, results):
+            for samples, value in zip((walls, rsss, floors), timed_run(cmd, inputs, args.lock)):
+                samples.append(value)
+            print(f"  round {r + 1}/{args.repeat}: {tool} {method} {size:g}x {walls[-1]:.2f} s", flush=True)
+    for (method, tool, size, _), runs_of_row in zip(plan, results):
+        row = dict(job=job, tool=tool, method=method, size=size, **summary(*runs_of_row))
+        rows.append(row)
+        print(f"{tool:9s} {method:16s} {size:g}x  {row['wall_s']:7.2f} s (+{row['wall_spread_s']:.2f} over "
+              f"{args.repeat})  {row['peak_rss_gib']:5.2f} GiB peak  warm read {row['warm_read_s']:.3f} s  "
+              f"({row['wall_over_floor']:.1f}x)", flush=True)
     with open(args.csv, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
