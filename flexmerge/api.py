@@ -17,11 +17,18 @@ from flexmerge.flexmodel.materialize import AllTasksMerge, collect_hf_files, mat
 from flexmerge.flexmodel.materialize import materialize as _materialize
 from flexmerge.flexmodel.model import FlexModel
 from flexmerge.methods.base import MergeMethod, get_method
-from flexmerge.planning import MergePath, build_path, check_plan_options, cuts_at_last_point, last_point, path_options
+from flexmerge.planning import (
+    MergePath,
+    build_path,
+    check_plan_options,
+    cuts_at_last_point,
+    ends_in_whole_copies,
+    last_point,
+    path_options,
+)
 from flexmerge.planning.activations import Calibration
 from flexmerge.preprocess import MagnitudeHistogram, TopKTrim, fitted_pipeline
 from flexmerge.errors import ConfigError, SizeError
-from flexmerge.planning.greedy import ORDERS
 from flexmerge.planning.path import SIZE_TOLERANCE, Assignment
 from flexmerge.size import format_bytes, point_size, specific_units
 from flexmerge.taskvec import TaskSet, load_tasks
@@ -70,14 +77,13 @@ def uses_key_grams(method: str | MergeMethod, params: Mapping[str, Any] | None =
     """Whether a merge with `method` may plan on the raw task vectors' Gram matrices, which
     `load_tasks(key_grams=True)` accumulates in the validation pass (an (M, M) product per chunk,
     a tenth of a 1x merge's time). Not when the method preprocesses (its similarity pass is over
-    the trimmed vectors), nor when a `size` of 1x needs no plan (`cuts_at_last_point`: a method
-    whose groups store one copy each, a greedy-order planner; such a size cuts at the last point
-    or is below the smallest). A plan made without them runs its own pass, so False is only slower."""
+    the trimmed vectors), nor when a `size` of 1x needs no plan (`ends_in_whole_copies`: such a
+    size cuts at the last point, as `cuts_at_last_point` finds once the tasks are loaded, or is
+    below the smallest). A plan made without them runs its own pass, so False is only slower."""
     m = _method(method, params)
     if m.transforms():
         return False
-    one_copy = not (m.uses_masks or m.uses_residuals or m.data_dependent_size)
-    return not (size is not None and max_bytes is None and planner in ORDERS and one_copy
+    return not (size is not None and max_bytes is None and ends_in_whole_copies(m, planner)
                 and size <= 1 + SIZE_TOLERANCE)
 
 

@@ -121,6 +121,13 @@ def path_options(partition: Partition, linkage: str = "min", mode: str = "consti
     return {"linkage": linkage, "mode": mode, "measure": measure, "seed": seed, "granularity": partition.granularity}
 
 
+def ends_in_whole_copies(method: MergeMethod, planner: str = "greedy") -> bool:
+    """Whether `planner`'s paths end where every block is one group of all tasks, and every stored
+    group costs one copy of its block (no masks, residuals or data-dependent storage): then the
+    last point is the smallest size, and only it lies below the smallest block above it."""
+    return planner in ORDERS and not (method.uses_masks or method.uses_residuals or method.data_dependent_size)
+
+
 def cuts_at_last_point(tasks: TaskSet, partition: Partition, method: MergeMethod, size: float, extra: float = 0.0,
                        planner: str = "greedy") -> bool:
     """Whether cutting any path of `planner` at `size` gives its last point, so no plan is needed.
@@ -130,7 +137,7 @@ def cuts_at_last_point(tasks: TaskSet, partition: Partition, method: MergeMethod
     data-dependent storage), every other point holds a block twice, so it is at least the
     smallest block above the last one: a `size` below that cuts at the last point whatever the
     similarities are, and planning (for TIES, a pass over the trimmed task vectors) is skipped."""
-    if planner not in ORDERS or method.uses_masks or method.uses_residuals or method.data_dependent_size:
+    if not ends_in_whole_copies(method, planner):
         return False
     if not len(partition) or tasks.num_tasks < 2:
         return False
