@@ -303,8 +303,11 @@ def kth_largest(
         flat = _rows32(x, rows)
         bins = magnitude_bits(flat, TEMP_A).bitwise_right_shift_(16)
         hit = torch.eq(bins, target, out=scratch(TEMP_B, bins.shape, torch.bool, bins.device))
-        counts = hit.sum(1).tolist()
-        for r, vals in enumerate(torch.split(flat[hit].abs_(), counts)):  # one masked select, all rows
+        # The candidate bins hold ~0.1% of the entries: their flat positions (row-major, so each
+        # row's run is contiguous), then one gather, is half the time of hit.sum(1) + flat[hit].
+        where = hit.view(-1).nonzero().squeeze(1)
+        counts = torch.bincount(where // max(flat.shape[1], 1), minlength=rows).tolist()
+        for r, vals in enumerate(torch.split(flat.view(-1)[where].abs_(), counts)):
             kept[r][filled[r]:filled[r] + vals.numel()] = vals
             filled[r] += vals.numel()
     out = []
