@@ -43,6 +43,14 @@ def test_kth_largest_equals_kthvalue(kind, dtype):
         assert kth_largest(_stream(x, 777), k, 3, None, "t") == expected, (kind, dtype, k)
 
 
+def test_kth_largest_skips_empty_chunks():
+    """A zero-size tensor yields a (rows, 0) chunk: it adds no candidates and leaves the thresholds exact."""
+    x = torch.randn(3, 900, generator=torch.Generator().manual_seed(3))
+    pieces = lambda: iter([x[:, :0], x[:, :400], x[:, 400:400], x[:, 400:]])  # noqa: E731
+    k = trim_rank(x.shape[1], 0.2)
+    assert kth_largest(pieces, k, 3, None, "t") == x.abs().kthvalue(x.shape[1] - k + 1, dim=1).values.tolist()
+
+
 def test_kth_largest_is_independent_of_chunking():
     x = torch.randn(2, 3001, generator=torch.Generator().manual_seed(1))
     k = trim_rank(x.shape[1], 0.2)
