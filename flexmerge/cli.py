@@ -9,15 +9,15 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, NoReturn, Optional
 
-import click
 import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
 from flexmerge.errors import FlexMergeError
+from flexmerge.extras import missing_extra_error, require_extra
 from flexmerge.size import format_bytes
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -85,7 +85,7 @@ def guarded(command: Callable) -> Callable:
     def run(*args, **kwargs):
         try:
             return command(*args, **kwargs)
-        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+        except (typer.Exit, typer.Abort, typer.TyperException):  # typer's own exits and usage errors
             raise
         except FlexMergeError as e:
             _say(str(e))
@@ -95,16 +95,27 @@ def guarded(command: Callable) -> Callable:
                 raise
             _say(_os_error_message(e))
             raise typer.Exit(2) from None
+        except ModuleNotFoundError as e:
+            missing = missing_extra_error(e)
+            if missing is None:
+                _internal_error(e)
+            _say(str(missing))
+            raise typer.Exit(2) from None
         except KeyboardInterrupt:
             _say("interrupted; a resumable merge continues where it stopped when the same command is rerun")
             raise typer.Exit(130) from None
         except Exception as e:
-            if _STATE["debug"]:
-                raise
-            _say(f"internal error ({type(e).__name__}: {e}); this is a bug in flexmerge, not in your input. "
-                 "Rerun with --debug (flexmerge --debug COMMAND ...) for the traceback and report it.")
-            raise typer.Exit(1) from None
+            _internal_error(e)
     return run
+
+
+def _internal_error(e: Exception) -> NoReturn:
+    """Anything that is not the user's doing: say so (exit 1); the traceback only under --debug."""
+    if _STATE["debug"]:
+        raise e
+    _say(f"internal error ({type(e).__name__}: {e}); this is a bug in flexmerge, not in your input. "
+         "Rerun with --debug (flexmerge --debug COMMAND ...) for the traceback and report it.")
+    raise typer.Exit(1) from None
 
 
 def command(f: Callable) -> Callable:
@@ -358,6 +369,7 @@ def _run_suite(suite_name: str, out: Path, methods: str, sizes: str, planners: s
 
     _check_names(methods, planners)
     suite = get_suite(suite_name)
+    require_extra("suites", f"the {suite_name!r} suite")
     result, paths = run_sweep(suite, out, methods=_names(methods), sizes=_floats(sizes, "--sizes"),
                               planners=_names(planners), granularity=granularity, cache_dir=cache_dir,
                               rebuild=rebuild, routed=routed, log=lambda msg: err.print(f"[dim]{msg}[/]"))
@@ -484,7 +496,8 @@ def sweep(
 
 @command
 def demo(
-    suite: str = SuiteOpt,
+    suite: str = typer.Option("wordnet", "--suite", help="benchmark suite: wordnet | wordnet20 | wordnet30 | digits | "
+                              "fashion"),
     out: Optional[Path] = typer.Option(None, "--out", help="results directory [default: results/demo-<suite>]"),
     cache_dir: Optional[Path] = CacheOpt,
     rebuild: bool = RebuildOpt,
@@ -534,11 +547,7 @@ def serve(
         raise FlexMergeError("--size, --method and --cache-dir go with --suite; an artifact has its size already")
     if suite is not None and size is None:
         raise FlexMergeError(f"--suite {suite} needs --size S: the size to merge its zoo to")
-    try:
-        import fastapi  # noqa: F401
-        import uvicorn  # noqa: F401
-    except ImportError:
-        raise FlexMergeError("flexmerge serve needs the 'serve' extra: pip install 'flexmerge[serve]'") from None
+    require_extra("serve", "flexmerge serve")
     from flexmerge.serve import Runtime
     from flexmerge.serve.runtime import suite_artifact
     from flexmerge.serve.server import create_app, run_server
