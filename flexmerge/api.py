@@ -30,7 +30,7 @@ from flexmerge.planning.activations import Calibration
 from flexmerge.preprocess import MagnitudeHistogram, TopKTrim, fitted_pipeline
 from flexmerge.errors import ConfigError, SizeError
 from flexmerge.planning.path import SIZE_TOLERANCE, Assignment
-from flexmerge.size import format_bytes, point_size, specific_units
+from flexmerge.size import ModelUnit, SizeModel, format_bytes, model_unit, point_size
 from flexmerge.taskvec import TaskSet, load_tasks
 
 __all__ = ["load_tasks", "first_pass_for", "discover_blocks", "plan", "materialize", "merge", "merge_to_disk", "cut",
@@ -83,8 +83,8 @@ def uses_key_grams(method: str | MergeMethod, params: Mapping[str, Any] | None =
     m = _method(method, params)
     if m.transforms():
         return False
-    return not (size is not None and max_bytes is None and ends_in_whole_copies(m, planner)
-                and size <= 1 + SIZE_TOLERANCE)
+    smallest = size == "min" or (isinstance(size, (int, float)) and size <= 1 + SIZE_TOLERANCE)
+    return not (smallest and max_bytes is None and ends_in_whole_copies(m, planner))
 
 
 def plan(
@@ -118,15 +118,17 @@ def plan(
 
 
 def materialize(
-    tasks: TaskSet, path: MergePath, size: float, *, partition: Partition | None = None,
+    tasks: TaskSet, path: MergePath, size: float | str, *, partition: Partition | None = None,
     method: str | MergeMethod | None = None, params: Mapping[str, Any] | None = None,
     device: str | None = None,
 ) -> FlexModel:
     """The flex model at `size` along `path`, with the method the path was planned for, merged on
     `device` (as `plan`'s).
 
-    `size` counts the tasks' own parameters too (see `cut`)."""
+    `size`: model units (one whole fine-tune each, its own parameters included), or "max" (every
+    fine-tune as it is) or "min" (the path's smallest point)."""
     m = _method(method or path.method["name"], params if method else _path_params(path))
+    size = resolve_size(size, path)
     partition = partition or discover_blocks(tasks, path.options["granularity"])
     _check_same_blocks(partition, path)
     device = resolve_device(device)
@@ -134,7 +136,7 @@ def materialize(
                         device=device)
 
 
-def merge(tasks: TaskSet, *, size: float | None = None, max_bytes: int | None = None,
+def merge(tasks: TaskSet, *, size: float | str | None = None, max_bytes: int | None = None,
           method: str | MergeMethod = "task_arithmetic", params: Mapping[str, Any] | None = None,
           device: str | None = None, **plan_options: Any) -> FlexModel:
     """Plan and materialize in one call: the flex model of `tasks` at `size` (or within `max_bytes`),
@@ -152,8 +154,11 @@ def _plan_and_cut(tasks: TaskSet, partition: Partition, m: MergeMethod, size: fl
     cut at the path's last point (every block one group of all tasks) needs no plan, and none is
     made: the artifact and its info are those the planned path would give (a test compares them)."""
     planner = plan_options.get("planner", "greedy")
-    if size is not None and max_bytes is None and cuts_at_last_point(tasks, partition, m, size, specific_units(tasks),
-                                                                       planner):
+    if size == "max":
+        size = float(tasks.num_tasks)
+    if size == "min" and max_bytes is None and ends_in_whole_copies(m, planner):  # the last point, no plan
+        size = SizeModel.build(partition, tasks, m).size(last_point(len(partition), tasks.num_tasks).group_sizes())
+    if size is not None and size != "min" and max_bytes is None and cuts_at_last_point(tasks, partition, m, size, planner):
         check_plan_options(planner, plan_options.get("linkage", "min"), plan_options.get("mode", "constituent"),
                            plan_options.get("measure", "cosine"), plan_options.get("calibration"))
         options = path_options(partition, **{k: plan_options[k] for k in ("linkage", "mode", "measure", "seed")
@@ -162,13 +167,27 @@ def _plan_and_cut(tasks: TaskSet, partition: Partition, m: MergeMethod, size: fl
         info = _point_info(planner, options, steps, steps + 1, size, tasks, device)
         return size, last_point(len(partition), tasks.num_tasks), info
     path = plan(tasks, partition, method=m, device=device, **plan_options)
-    size = _target(tasks, path, size, max_bytes)
+    size = _target(tasks, path, resolve_size(size, path), max_bytes)
     return size, cut(tasks, path, size), _info(path, size, tasks, device)
 
 
-def cut(tasks: TaskSet, path: MergePath, size: float) -> Assignment:
+def cut(tasks: TaskSet, path: MergePath, size: float | str) -> Assignment:
     """The path's largest point whose size, the tasks' own parameters included, is at most `size`."""
-    return path.cut(size, specific_units(tasks))
+    return path.cut(resolve_size(size, path))
+
+
+SIZE_WORDS = ("max", "min")
+
+
+def resolve_size(size: float | str | None, path: MergePath) -> float | None:
+    """A size in model units; "max": every fine-tune as it is (M), "min": the path's smallest point."""
+    if size == "max":
+        return path.sizes[0]
+    if size == "min":
+        return path.min_size
+    if isinstance(size, str):
+        raise ConfigError(f"size {size!r}: give a number of model units, 'max' or 'min'")
+    return size
 
 
 def size_for_budget(tasks: TaskSet, path: MergePath, max_bytes: int) -> float:
@@ -176,13 +195,19 @@ def size_for_budget(tasks: TaskSet, path: MergePath, max_bytes: int) -> float:
     the tasks' own parameters, masks and θ0 copies); an impossible budget names the smallest one."""
     if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes <= 0:
         raise ConfigError(f"max_bytes must be a positive number of bytes, got {max_bytes!r}")
-    unit, fixed = tasks.unit_bytes(), tasks.frozen_bytes() + tasks.specific_bytes()
-    smallest = math.ceil(path.min_size * unit) + fixed
+    unit = path_unit(tasks, path)
+    fixed = tasks.frozen_bytes() + tasks.specific_bytes()
+    smallest = math.ceil(path.min_size * unit.nbytes) + tasks.frozen_bytes()
     if max_bytes < smallest:
         raise SizeError(f"a budget of {format_bytes(max_bytes)} is below the smallest artifact method "
                         f"{path.method.get('name')!r} can make here: {format_bytes(smallest)} ({smallest} bytes; "
                         f"{format_bytes(fixed)} of it frozen and task-specific parameters)")
-    return (max_bytes - tasks.frozen_bytes()) / unit
+    return unit.of(max_bytes - tasks.frozen_bytes())
+
+
+def path_unit(tasks: TaskSet, path: MergePath) -> ModelUnit:
+    """The size unit of `path`'s sizes: one fine-tune of `tasks` as its method stores it."""
+    return model_unit(tasks, _method(path.method["name"], _path_params(path)))
 
 
 def _target(tasks: TaskSet, path: MergePath, size: float | None, max_bytes: int | None) -> float:
@@ -190,10 +215,10 @@ def _target(tasks: TaskSet, path: MergePath, size: float | None, max_bytes: int 
         raise ConfigError("give exactly one of size (model units) and max_bytes (a storage budget)")
     if size is not None:
         return size
-    return min(size_for_budget(tasks, path, max_bytes), path.sizes[0] + specific_units(tasks))
+    return min(size_for_budget(tasks, path, max_bytes), path.sizes[0])
 
 
-def merge_to_disk(tasks: TaskSet, out: str | Path, *, size: float | None = None, max_bytes: int | None = None,
+def merge_to_disk(tasks: TaskSet, out: str | Path, *, size: float | str | None = None, max_bytes: int | None = None,
                   method: str | MergeMethod = "task_arithmetic",
                   params: Mapping[str, Any] | None = None, overwrite: bool = False, executor=None,
                   resume: bool = True, shard_bytes: int = SHARD_BYTES, device: str | None = None,
@@ -213,7 +238,7 @@ def merge_to_disk(tasks: TaskSet, out: str | Path, *, size: float | None = None,
     pipeline = fitted_pipeline(tasks, m, device)
     header = ArtifactHeader(
         list(tasks.names), partition, dict(tasks.meta), assignment, m.describe(),
-        point_size(tasks, partition, m, assignment.group_sizes()), tasks.unit_bytes(), info,
+        point_size(tasks, partition, m, assignment.group_sizes()), model_unit(tasks, m), info,
         collect_hf_files(tasks), dict(tasks.specific),
         size_from_stored=m.data_dependent_size)
     return write_artifact(
@@ -233,8 +258,11 @@ def _check_same_blocks(partition: Partition, path: MergePath) -> None:
 
 
 def _info(path: MergePath, size: float, tasks: TaskSet, device=None) -> dict[str, Any]:
-    return _point_info(path.planner, path.options, path.point_at(size, specific_units(tasks)), path.num_points,
-                       size, tasks, device)
+    point = path.point_at(size)
+    info = _point_info(path.planner, path.options, point, path.num_points, size, tasks, device)
+    if point < path.num_points - 1:  # (a last point cut without a plan cannot know it: both leave it out)
+        info["next_size_up"] = path.next_size_up(point)
+    return info
 
 
 def _point_info(planner: str, options: dict[str, Any], point: int, points: int, size: float, tasks: TaskSet,

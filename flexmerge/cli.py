@@ -153,14 +153,13 @@ def _config(config, base, model, method, param, granularity, planner, linkage, m
 
 def _size_table(tasks, path, rows: int = 12) -> Table:
     """A compact size -> bytes table of the path: what each point costs on disk, everything counted."""
-    from flexmerge.size import specific_units
+    from flexmerge.api import path_unit
 
-    extra, fixed = specific_units(tasks), tasks.frozen_bytes() + tasks.specific_bytes()
+    unit = path_unit(tasks, path)
     points = sorted(set(range(0, path.num_points, max(1, path.num_points // (rows - 1)))) | {path.num_points - 1})
     table = Table("point", "size", "bytes (all stored)", title="size -> bytes along the path")
     for p in points:
-        s = path.sizes[p] + extra
-        table.add_row(str(p), f"{s:.3f}x", format_bytes(path.sizes[p] * tasks.unit_bytes() + fixed))
+        table.add_row(str(p), f"{path.sizes[p]:.3f}x", format_bytes(path.sizes[p] * unit.nbytes + tasks.frozen_bytes()))
     return table
 
 
@@ -220,7 +219,9 @@ def plan(
 @command
 def merge(
     out: Path = typer.Option(..., "--out", help="artifact directory to write"),
-    size: Optional[float] = typer.Option(None, "--size", help="target size in model units, 1 <= size <= M"),
+    size: Optional[str] = typer.Option(None, "--size", help="target size in model units (one unit: one whole "
+                                       "fine-tune as stored), 1 <= size <= M; max: every fine-tune as it is; "
+                                       "min: the smallest point"),
     base: Optional[Path] = BaseOpt, model: Optional[list[str]] = ModelOpt, method: Optional[str] = MethodOpt,
     param: Optional[list[str]] = ParamOpt, granularity: Optional[str] = GranOpt, planner: Optional[str] = PlannerOpt,
     linkage: Optional[str] = LinkageOpt, mode: Optional[str] = ModeOpt, measure: Optional[str] = MeasureOpt,
@@ -257,10 +258,27 @@ def merge(
     manifest = merge_to_disk(tasks, out, size=cfg.size, max_bytes=cfg.max_bytes, method=cfg.method,
                              params=cfg.params, overwrite=overwrite, executor=ex, resume=resume, device=cfg.device,
                              **cfg.plan_options())
-    asked = f"{cfg.size:g}x" if cfg.size is not None else f"at most {format_bytes(cfg.max_bytes)}"
+    asked = (f"{cfg.size:g}x" if isinstance(cfg.size, float) else str(cfg.size)) if cfg.size is not None \
+        else f"at most {format_bytes(cfg.max_bytes)}"
     total = manifest["stored_bytes"] + manifest["frozen_bytes"] + manifest["task_specific_bytes"]
     console.print(f"wrote {escape(str(out))}: {len(manifest['tasks'])} tasks, method {manifest['method']['name']}, "
                   f"size {manifest['size']:.4f}x, {format_bytes(total)} (asked {asked})", soft_wrap=True)
+    note = cut_note(manifest)
+    if note:
+        console.print(note, soft_wrap=True)
+
+
+def cut_note(manifest: dict[str, Any]) -> str | None:
+    """One line when the artifact is smaller than asked: which path point it is, and why not larger."""
+    info, size = manifest.get("info", {}), manifest["size"]
+    asked = info.get("requested_size")
+    if not isinstance(asked, (int, float)) or size >= asked - 1e-9:
+        return None
+    up = info.get("next_size_up")
+    why = (f"the next point up is {up:.4f}x, above {asked:.4g}x" if up is not None
+           else "every other point stores at least one more copy of a block")
+    return (f"note: took path point {info.get('path_point')} of {info.get('path_points', 0) - 1} at {size:.4f}x, "
+            f"the largest not above {asked:.4g}x: {why}")
 
 
 @command
@@ -287,9 +305,10 @@ def inspect(
         return
     console.print(f"tasks: {', '.join(tasks)}")
     console.print(f"method: {m['method']}")
-    console.print(f"size: {m['size']:.4f}x ({m['stored_bytes']} bytes stored in blocks; one model = "
-                  f"{m['unit_bytes']} bytes; frozen shared parameters: {m['frozen_bytes']} bytes; "
-                  f"task-specific parameters: {summary['task_specific_bytes']} bytes)", soft_wrap=True)
+    console.print(f"size: {m['size']:.4f}x, in units of one whole fine-tune as stored (its own parameters "
+                  f"included): {m['unit_bytes']:.0f} bytes", soft_wrap=True)
+    console.print(f"stored: {m['stored_bytes']} bytes in blocks, {summary['task_specific_bytes']} bytes of "
+                  f"task-specific parameters, {m['frozen_bytes']} bytes of frozen shared parameters", soft_wrap=True)
     for t, keys in summary["task_specific"].items():
         console.print(f"  {t} keeps its own: {', '.join(keys[:6])}{' ...' if len(keys) > 6 else ''}", soft_wrap=True)
     table = Table("block", "groups")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -29,8 +29,9 @@ class MergeConfig(BaseModel):
     mode: Literal["constituent", "merged"] = "constituent"
     measure: Literal["cosine", "euclidean", "sign"] = "cosine"
     seed: int = 0
-    size: float | None = Field(None, gt=0, allow_inf_nan=False,
-                               description="target size in model units, 1 <= size <= M (merge only)")
+    size: Annotated[float, Field(gt=0, allow_inf_nan=False)] | Literal["max", "min"] | None = Field(
+        None, description="target size in model units (one whole fine-tune each), 1 <= size <= M; 'max': every "
+        "fine-tune as it is, 'min': the smallest point (merge only)")
     max_bytes: int | None = Field(None, gt=0, description="storage budget in bytes: the largest point that fits "
                                   "(everything stored counts); instead of size (merge only)")
     task_specific: list[str] = Field(default_factory=list,
@@ -51,6 +52,18 @@ class MergeConfig(BaseModel):
             raise ValueError(f"merging needs at least 2 task models, got {len(v)}")
         for name in v:
             check_task_name(name)
+        return v
+
+    @field_validator("size", mode="before")
+    @classmethod
+    def _size(cls, v: Any) -> Any:
+        if isinstance(v, str) and v.strip().lower() in ("max", "min"):
+            return v.strip().lower()
+        if isinstance(v, str):
+            try:
+                return float(v)
+            except ValueError:
+                raise ValueError(f"size {v!r} is not a number of model units, 'max' or 'min'") from None
         return v
 
     @field_validator("max_bytes", mode="before")

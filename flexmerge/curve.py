@@ -24,7 +24,7 @@ from flexmerge.planning import COST_PLANNERS, build_path
 from flexmerge.planning.activations import Calibration
 from flexmerge.planning.path import SIZE_TOLERANCE, Assignment
 from flexmerge.routed import RoutedScore, is_twin_spec
-from flexmerge.size import point_size, specific_units
+from flexmerge.size import point_size
 from flexmerge.taskvec import TaskSet
 
 Evaluator = Callable[[str, dict[str, torch.Tensor]], float]
@@ -164,8 +164,7 @@ def sweep(
                  for i, t in enumerate(progress(tasks.names, "evaluating fine-tuned models"))}
     timings["evaluate"] += time.perf_counter() - t0
     partition = discover_blocks(tasks, granularity)
-    extra = specific_units(tasks)
-    sizes = [s for s in sizes if s <= tasks.num_tasks + extra + SIZE_TOLERANCE]
+    sizes = [s for s in sizes if s <= tasks.num_tasks + SIZE_TOLERANCE]
     records: list[SweepRecord] = []
     for planner in planners:
         for name in methods:
@@ -177,9 +176,9 @@ def sweep(
             log(f"{name}/{planner}: path of {path.num_points} points, {path.sizes[0]:.2f}x -> {path.min_size:.3f}x")
             for size in sizes:
                 try:
-                    assignment = path.cut(size, extra)  # as `flexmerge merge --size`: heads count
+                    assignment = path.cut(size)  # as `flexmerge merge --size`: heads count
                 except SizeError:
-                    note = f"below the minimum size {path.min_size + extra:.4f}x"
+                    note = f"below the minimum size {path.min_size:.4f}x"
                     records += [SweepRecord(name, planner, size, None, t, None, finetuned[t], None, note)
                                 for t in tasks.names]
                     continue

@@ -109,8 +109,9 @@ class TaskSet:
         except ValueError:
             raise ConfigError(f"unknown task {task!r}; tasks are: {', '.join(self.names)}") from None
 
-    def unit_bytes(self) -> int:
-        """Bytes of the mergeable parameters of one model: the unit of every size."""
+    def mergeable_bytes(self) -> int:
+        """Bytes of the mergeable parameters of one model, as the inputs store them (the size unit,
+        `flexmerge.size.model_unit`, adds the tasks' own and follows the dtype a method stores)."""
         return sum(self.meta[k].numel * self.meta[k].dtype.itemsize for k in self.mergeable)
 
     def frozen_bytes(self) -> int:

@@ -61,7 +61,7 @@ def main(root: Path, method: str) -> None:
     plan_peak_live, plan_rss = live["peak"], peak_rss_bytes() - before
     flexmerge.merge_to_disk(tasks, root / f"out-{method}", size=2.0, method=method, shard_bytes=8 << 20,
                             overwrite=True)
-    print(json.dumps({"model_bytes": tasks.unit_bytes(), "plan_peak_live": plan_peak_live, "plan_rss": plan_rss,
+    print(json.dumps({"model_bytes": tasks.mergeable_bytes(), "plan_peak_live": plan_peak_live, "plan_rss": plan_rss,
                       "merge_peak_live": live["peak"], "total_rss": peak_rss_bytes() - before,
                       "bytes_read": sum(s.bytes_read for s in [tasks.base, *tasks.sources])}))
 

@@ -150,9 +150,8 @@ def test_cli_merges_adapter_dirs(tmp_path):
 
     base, dirs, merged = _two_adapters(tmp_path)
     tasks = flexmerge.load_tasks(base, dirs)
-    one = 1 + tasks.specific_bytes() / tasks.unit_bytes()  # 1x of the shared weights + each task's own head
     result = CliRunner().invoke(app, ["merge", "--base", str(base), "--model", f"a={dirs['a']}", "--model",
-                                      f"b={dirs['b']}", "--size", f"{one:.6f}", "--param", "lam=0.8",
+                                      f"b={dirs['b']}", "--size", "min", "--param", "lam=0.8",
                                       "--out", str(tmp_path / "flex")])
     assert result.exit_code == 0, result.output
     flex = flexmerge.load(tmp_path / "flex")

@@ -63,7 +63,7 @@ def test_reported_size_equals_bytes_stored(tasks, tmp_path, method, granularity)
         manifest = json.loads((out / "manifest.json").read_text())
         on_disk = _stored_bytes_on_disk(out)
         assert on_disk == manifest["stored_bytes"] == flex.stored_bytes()
-        assert manifest["size"] == pytest.approx(on_disk / tasks.unit_bytes(), rel=1e-12)
+        assert manifest["size"] == pytest.approx(on_disk / tasks.mergeable_bytes(), rel=1e-12)
         assert manifest["size"] <= size + 1e-9
 
 
@@ -265,13 +265,17 @@ def test_export_hugging_face_directory(tmp_path):
 
 
 def test_storage_dtype_is_configurable_and_accounted(tasks, tmp_path):
-    """fp32 inputs stored in bf16: half the bytes, so Mx costs M/2 model units."""
+    """fp32 inputs stored in bf16: the unit is one fine-tune in bf16 (half the input bytes), so Mx
+    is still M and 1x is one fully merged model, not half the blocks left unmerged."""
     path = flexmerge.plan(tasks, method="task_arithmetic", params={"dtype": "bfloat16"})
-    assert path.sizes[0] == pytest.approx(tasks.num_tasks / 2)
+    half = tasks.mergeable_bytes() // 2
+    assert path.sizes[0] == tasks.num_tasks and path.min_size == 1.0
     flex = flexmerge.materialize(tasks, path, 1.0)
+    assert all(len(b.groups) == 1 for b in flex.blocks)  # fully merged
     flexmerge.save(flex, tmp_path / "bf16")
     assert all(v.dtype == torch.bfloat16 for k, v in flex.state_dict("task0").items() if k in tasks.mergeable)
-    assert _stored_bytes_on_disk(tmp_path / "bf16") == flex.stored_bytes() == flex.size * tasks.unit_bytes()
-    emr = flexmerge.merge(tasks, size=2.0, method="emr", params={"dtype": "float16"})
-    assert emr.stored_bytes() == pytest.approx(emr.size * tasks.unit_bytes())
+    assert _stored_bytes_on_disk(tmp_path / "bf16") == flex.stored_bytes() == half == flex.unit_bytes
+    assert json.loads((tmp_path / "bf16" / "manifest.json").read_text())["unit_bytes"] == half
+    emr = flexmerge.merge(tasks, size=3.0, method="emr", params={"dtype": "float16"})
+    assert emr.stored_bytes() == pytest.approx(emr.size * half)
     assert {v.dtype for k, v in emr.state_dict("task1").items() if k in tasks.mergeable} == {torch.float16}

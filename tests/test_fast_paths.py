@@ -136,8 +136,8 @@ def test_a_size_above_the_last_point_is_planned(tasks):
     ta, emr = get_method("task_arithmetic"), get_method("emr")
     smallest = min(partition.nbytes(tasks.meta))
     assert cuts_at_last_point(tasks, partition, ta, 1.0)
-    assert cuts_at_last_point(tasks, partition, ta, 1.0 + 0.5 * smallest / tasks.unit_bytes())
-    assert not cuts_at_last_point(tasks, partition, ta, 1.0 + smallest / tasks.unit_bytes())
+    assert cuts_at_last_point(tasks, partition, ta, 1.0 + 0.5 * smallest / tasks.mergeable_bytes())
+    assert not cuts_at_last_point(tasks, partition, ta, 1.0 + smallest / tasks.mergeable_bytes())
     assert not cuts_at_last_point(tasks, partition, ta, 1.0, planner="cluster")
     assert not cuts_at_last_point(tasks, partition, emr, 1.0)  # masks: its points are not whole copies
 

@@ -68,7 +68,7 @@ def test_load_tasks_finds_frozen_parameters(zoo):
     assert tasks.frozen == ["embed.weight"]
     assert "embed.weight" not in tasks.mergeable
     assert tasks.frozen_bytes() == 20 * 16 * 4
-    assert tasks.unit_bytes() == sum(tasks.meta[k].numel * 4 for k in tasks.mergeable)
+    assert tasks.mergeable_bytes() == sum(tasks.meta[k].numel * 4 for k in tasks.mergeable)
 
 
 @pytest.mark.parametrize("mutate, match", [

@@ -84,8 +84,8 @@ def test_sweep_with_eval_data_scores_every_point_and_writes_the_suite_outputs(ow
     import flexmerge
 
     tasks = flexmerge.load_tasks(root / "base", {t: root / t for t in LABELS})
-    share = tasks.specific_bytes() / tasks.unit_bytes()  # the heads: sizes count them, as merge --size does
-    low, top = 1 + share, 2 + share
+    unit = tasks.mergeable_bytes() + tasks.specific_bytes() / 2  # one whole fine-tune, its head included
+    low, top = (tasks.mergeable_bytes() + tasks.specific_bytes()) / unit, 2  # fully merged (2 heads); Mx
     result = runner.invoke(app, [*_args(root), "--eval-data", f"pos={data['pos']}", "--eval-data",
                                  f"topic={data['topic']}", "--methods", "task_arithmetic,ties",
                                  "--sizes", f"1,{low:.9f},1.5,{top:.9f}",
@@ -132,7 +132,7 @@ def test_sweep_with_your_own_evaluator_calls_it_once_per_task_at_mx(own, monkeyp
     import flexmerge
 
     tasks = flexmerge.load_tasks(root / "base", {t: root / t for t in LABELS})
-    top = 2 + tasks.specific_bytes() / tasks.unit_bytes()
+    top = 2  # Mx: the unit is one whole fine-tune, its head included
     result = runner.invoke(app, [*_args(root), "--evaluator", "my_evals:score", "--methods", "task_arithmetic",
                                  "--sizes", f"1.5,{top:.9f}", "--out", str(root / "results")])
     assert result.exit_code == 0, result.output

@@ -66,7 +66,8 @@ def test_heads_of_different_sizes_are_task_specific_and_mx_exports_are_exact(hf_
     out = tmp_path / "flex"
     manifest = flexmerge.merge_to_disk(tasks, out, max_bytes=10**12)  # everything fits: Mx
     assert manifest["task_specific_bytes"] == tasks.specific_bytes()
-    assert manifest["size"] == pytest.approx((manifest["stored_bytes"] + tasks.specific_bytes()) / tasks.unit_bytes())
+    unit = tasks.mergeable_bytes() + tasks.specific_bytes() / len(LABELS)  # one whole fine-tune, mean head
+    assert manifest["size"] == (manifest["stored_bytes"] + tasks.specific_bytes()) / unit == len(LABELS)
     flex = flexmerge.load(out)
     for name in LABELS:
         exported = flexmerge.export(flex, name, tmp_path / f"{name}-export")
@@ -78,8 +79,9 @@ def test_heads_of_different_sizes_are_task_specific_and_mx_exports_are_exact(hf_
 def test_at_1x_the_shared_encoder_is_task_arithmetic_and_heads_stay_their_own(hf_zoo):
     base, dirs = hf_zoo
     tasks = flexmerge.load_tasks(base, dirs)
-    flex = flexmerge.merge(tasks, size=1.0 + tasks.specific_bytes() / tasks.unit_bytes(), method="task_arithmetic",
-                           params={"lam": 0.8})
+    flex = flexmerge.merge(tasks, size="min", method="task_arithmetic", params={"lam": 0.8})
+    unit = tasks.mergeable_bytes() + tasks.specific_bytes() / len(LABELS)
+    assert flex.size == pytest.approx((tasks.mergeable_bytes() + tasks.specific_bytes()) / unit, rel=1e-12)
     theta0 = load_file(base / "model.safetensors")
     fts = {n: load_file(d / "model.safetensors") for n, d in dirs.items()}
     for name in LABELS:
@@ -121,7 +123,7 @@ def test_max_bytes_takes_the_largest_point_that_fits(zoo, tmp_path):
     base, models = zoo
     tasks = flexmerge.load_tasks(base, models)
     path = flexmerge.plan(tasks, method="ties")
-    fixed, unit = tasks.frozen_bytes(), tasks.unit_bytes()
+    fixed, unit = tasks.frozen_bytes(), tasks.mergeable_bytes()
     budget = int(2.5 * unit) + fixed
     manifest = flexmerge.merge_to_disk(tasks, tmp_path / "o", max_bytes=budget, method="ties")
     on_disk = sum(t.nbytes for f in (tmp_path / "o").glob("shard-*.safetensors") for t in load_file(f).values())

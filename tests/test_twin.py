@@ -104,7 +104,7 @@ def test_energy_picks_the_smallest_rank_holding_the_energy(zoo, tasks, tmp_path)
     flexmerge.save(flex, tmp_path / "e")
     manifest = json.loads((tmp_path / "e" / "manifest.json").read_text())
     assert _stored_bytes_on_disk(tmp_path / "e") == manifest["stored_bytes"] == flex.stored_bytes()
-    assert manifest["size"] == pytest.approx(flex.stored_bytes() / tasks.unit_bytes(), rel=1e-12) == flex.size
+    assert manifest["size"] == pytest.approx(flex.stored_bytes() / tasks.mergeable_bytes(), rel=1e-12) == flex.size
 
 
 def test_size_model_counts_shared_copy_plus_factors(tasks, tmp_path):
@@ -118,11 +118,11 @@ def test_size_model_counts_shared_copy_plus_factors(tasks, tmp_path):
         own = rank * (shape[0] + shape[1]) if len(shape) == 2 else shape[0]
         entries += (shape[0] * (shape[1] if len(shape) == 2 else 1)) + tasks.num_tasks * own
     assert path.sizes[0] == tasks.num_tasks
-    assert path.sizes[-1] == pytest.approx(entries * 4 / tasks.unit_bytes(), rel=1e-12) == flex.size
+    assert path.sizes[-1] == pytest.approx(entries * 4 / tasks.mergeable_bytes(), rel=1e-12) == flex.size
     flexmerge.merge_to_disk(tasks, tmp_path / "d", size=2.0, method="twin", params={"rank": rank})
     manifest = json.loads((tmp_path / "d" / "manifest.json").read_text())
     assert _stored_bytes_on_disk(tmp_path / "d") == manifest["stored_bytes"]
-    assert manifest["size"] == pytest.approx(manifest["stored_bytes"] / tasks.unit_bytes(), rel=1e-12)
+    assert manifest["size"] == pytest.approx(manifest["stored_bytes"] / tasks.mergeable_bytes(), rel=1e-12)
     assert manifest["size"] <= 2.0
 
 

@@ -42,7 +42,7 @@ from flexmerge.flexmodel.model import BlockStore, FlexModel, StoredGroup
 from flexmerge.io.source import HF_SIDE_FILES, TensorMeta, rows_shape
 from flexmerge.paths import UnsafePathError, check_task_name, inside
 from flexmerge.planning.path import Assignment
-from flexmerge.size import stored_units
+from flexmerge.size import ModelUnit
 
 FORMAT = "flexmerge-artifact/1"
 MANIFEST = "manifest.json"
@@ -150,7 +150,7 @@ class ArtifactHeader:
     assignment: Assignment
     method: dict[str, Any]
     size: float
-    unit_bytes: int
+    unit: ModelUnit
     info: dict[str, Any]
     hf_files: dict[str, dict[str, bytes]]
     specific: dict[str, dict[str, TensorMeta]] = field(default_factory=dict)  # task -> its own keys
@@ -218,9 +218,8 @@ def write_artifact(
             "flexmerge_version": __version__,
             "tasks": header.tasks,
             "method": header.method,
-            "size": stored_units(stored_bytes, header.unit_bytes, specific_bytes) if header.size_from_stored
-            else header.size,
-            "unit_bytes": header.unit_bytes,
+            "size": header.unit.of(stored_bytes + specific_bytes) if header.size_from_stored else header.size,
+            "unit_bytes": header.unit.nbytes,
             "stored_bytes": stored_bytes,
             "frozen_bytes": sum(t.nbytes for t in frozen.values()),
             "task_specific_bytes": specific_bytes,
@@ -307,7 +306,8 @@ def save(flex: FlexModel, path: str | Path, overwrite: bool = False) -> dict[str
     specific_meta = {t: {k: TensorMeta(tuple(v.shape), v.dtype) for k, v in own.items()}
                      for t, own in flex.specific.items()}
     header = ArtifactHeader(flex.tasks, flex.partition, flex.meta, flex.assignment, flex.method, flex.size,
-                            flex.unit_bytes, flex.info, flex.hf_files, specific_meta)  # flex.size is exact
+                            ModelUnit.from_nbytes(flex.unit_bytes, len(flex.tasks)), flex.info, flex.hf_files,
+                            specific_meta)  # flex.size is exact
     manifest = write_artifact(path, header, flex.frozen,
                               lambda done: ((b, s) for b, s in enumerate(flex.blocks) if b not in done),
                               overwrite=overwrite, specific=lambda: flex.specific.items())

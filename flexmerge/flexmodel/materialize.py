@@ -18,7 +18,7 @@ from flexmerge.io.source import rows_shape
 from flexmerge.methods.base import MergeMethod
 from flexmerge.planning.path import Assignment
 from flexmerge.preprocess import Pipeline, fitted_pipeline
-from flexmerge.size import point_size, stored_units, stored_with_masks
+from flexmerge.size import model_unit, point_size, stored_with_masks
 from flexmerge.taskvec import CHUNK_ELEMENTS, Chunk, TaskSet, all_finite, as_taskset, for_executor
 
 
@@ -201,14 +201,15 @@ def materialize(
     stores = dict(materialize_blocks(tasks, partition, assignment, method, pipeline, executor, device=device))
     blocks = [stores[b] for b in range(len(partition))]
     size = point_size(tasks, partition, method, assignment.group_sizes())
+    unit = model_unit(tasks, method)
     if method.data_dependent_size:  # the planned size was an upper bound; this is what is stored
-        size = stored_units(sum(s.nbytes() for s in blocks), tasks.unit_bytes(), tasks.specific_bytes())
+        size = unit.of(sum(s.nbytes() for s in blocks) + tasks.specific_bytes())
     return FlexModel(
         tasks=list(tasks.names), partition=partition, meta=dict(tasks.meta),
         frozen={k: tasks.base.read(k) for k in tasks.frozen}, blocks=blocks, assignment=assignment,
         method=method.describe(),
         size=size,
-        unit_bytes=tasks.unit_bytes(), info=dict(info or {}), hf_files=collect_hf_files(tasks),
+        unit_bytes=unit.nbytes, info=dict(info or {}), hf_files=collect_hf_files(tasks),
         specific={name: tasks.read_specific(t) for t, name in enumerate(tasks.names)},
     )
 

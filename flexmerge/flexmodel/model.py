@@ -80,7 +80,7 @@ class FlexModel:
     assignment: Assignment
     method: dict[str, Any]
     size: float
-    unit_bytes: int
+    unit_bytes: float  # one fine-tune as stored (its own parameters included): the size unit
     info: dict[str, Any] = field(default_factory=dict)  # plan options, provenance, version
     hf_files: dict[str, dict[str, bytes]] = field(default_factory=dict)  # task -> config/tokenizer files
     specific: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # task -> its own parameters

@@ -70,7 +70,7 @@ def build_path(
     t1 = time.perf_counter()
     grams = block_grams(tasks, partition, pipeline, executor, device).numpy()
     t2 = time.perf_counter()
-    sizer = SizeModel.build(partition, tasks.meta, method)
+    sizer = SizeModel.build(partition, tasks, method)
     options = path_options(partition, linkage, mode, measure, seed)
     common = dict(planner=planner, options=options, method=method.describe(),
                   task_names=list(tasks.names), block_names=partition.names())
@@ -128,7 +128,7 @@ def ends_in_whole_copies(method: MergeMethod, planner: str = "greedy") -> bool:
     return planner in ORDERS and not (method.uses_masks or method.uses_residuals or method.data_dependent_size)
 
 
-def cuts_at_last_point(tasks: TaskSet, partition: Partition, method: MergeMethod, size: float, extra: float = 0.0,
+def cuts_at_last_point(tasks: TaskSet, partition: Partition, method: MergeMethod, size: float,
                        planner: str = "greedy") -> bool:
     """Whether cutting any path of `planner` at `size` gives its last point, so no plan is needed.
 
@@ -141,9 +141,9 @@ def cuts_at_last_point(tasks: TaskSet, partition: Partition, method: MergeMethod
         return False
     if not len(partition) or tasks.num_tasks < 2:
         return False
-    sizer = SizeModel.build(partition, tasks.meta, method)
-    last = sizer.size([[tasks.num_tasks]] * len(partition)) + extra
-    step = min(sizer.block_bytes) / sizer.unit_bytes
+    sizer = SizeModel.build(partition, tasks, method)
+    last = sizer.size([[tasks.num_tasks]] * len(partition))
+    step = sizer.unit.of(min(sizer.block_bytes))
     return last - SIZE_TOLERANCE <= size < last + step - SIZE_TOLERANCE
 
 
@@ -170,7 +170,7 @@ def _cost_path(tasks, partition, method, pipeline, grams, sizer: SizeModel, plan
     def saved(b: int, groups: list[list[int]], i: int, j: int) -> float:
         sizes = [len(g) for g in groups if g]
         fused = [len(g) for k, g in enumerate(groups) if g and k not in (i, j)] + [len(groups[i]) + len(groups[j])]
-        return (sizer.block_total(b, sizes) - sizer.block_total(b, fused)) / sizer.unit_bytes
+        return sizer.unit.of(sizer.block_total(b, sizes) - sizer.block_total(b, fused))
 
     raw = run_cost_greedy(cost, saved, byte_power=float(costs["byte_power"]))
     return _sized_steps(raw, len(partition), tasks.num_tasks, sizer)
@@ -194,8 +194,8 @@ def _rescorer(tasks, partition, method, pipeline, grams, mode, measure, linkage)
 def _sized_steps(raw, num_blocks: int, num_tasks: int, sizer: SizeModel) -> tuple[list[MergeStep], list[float]]:
     group_sizes = [[1] * num_tasks for _ in range(num_blocks)]
     block_bytes = [sizer.block_total(b, g) for b, g in enumerate(group_sizes)]
-    total = sum(block_bytes)
-    sizes = [total / sizer.unit_bytes]
+    total = sum(block_bytes) + sizer.specific_bytes
+    sizes = [sizer.unit.of(total)]
     steps = []
     for b, left, right, sim in raw:
         g = group_sizes[b]
@@ -205,6 +205,6 @@ def _sized_steps(raw, num_blocks: int, num_tasks: int, sizer: SizeModel) -> tupl
         new = sizer.block_total(b, g)
         total += new - block_bytes[b]
         block_bytes[b] = new
-        sizes.append(total / sizer.unit_bytes)
+        sizes.append(sizer.unit.of(total))
         steps.append(MergeStep(b, left, right, sim, sizes[-1]))
     return steps, sizes

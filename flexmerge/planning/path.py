@@ -82,31 +82,35 @@ class MergePath:
             groups[step.block].add(tuple(sorted(step.left + step.right)))
         return Assignment(tuple(tuple(sorted(g)) for g in groups))
 
-    def point_at(self, size: float, extra: float = 0.0) -> int:
+    def point_at(self, size: float) -> int:
         """The point with the largest size not above `size` (fewest merges among equals).
 
-        `extra`: size outside the path that every point carries (task-specific parameters), so a
-        point's size is its path size + extra. 1 <= size <= M + extra: a size above that (the
-        unmerged size) or not finite is an error, not Mx."""
+        Sizes count everything a point stores but the frozen parameters, the tasks' own included,
+        so point 0 (every fine-tune) is exactly M. 1 <= size <= M: a size above M or not finite is
+        an error, not Mx."""
         m = len(self.task_names)
-        top = m + extra
         if isinstance(size, bool) or not isinstance(size, (int, float)) or not math.isfinite(size):
-            raise SizeError(f"size {size!r} is not a finite number; give a size between 1 and {top:g} (M)")
-        if size > top + SIZE_TOLERANCE:
-            raise SizeError(f"size {size:.10g}x is above {top:.10g}x, the size of the {m} unmerged models; "
-                            f"give a size between 1 and {top:g}")
-        fits = [p for p, s in enumerate(self.sizes) if s + extra <= size + SIZE_TOLERANCE]
+            raise SizeError(f"size {size!r} is not a finite number; give a size between 1 and {m} (M)")
+        if size > self.sizes[0] + SIZE_TOLERANCE:
+            raise SizeError(f"size {size:.10g}x is above {self.sizes[0]:.10g}x, the size of the {m} unmerged models; "
+                            f"give a size between 1 and {m}")
+        fits = [p for p, s in enumerate(self.sizes) if s <= size + SIZE_TOLERANCE]
         if not fits:
-            own = f", of which {extra:.4f}x are the tasks' own parameters" if extra else ""
             raise SizeError(
-                f"size {size:g}x is below the smallest size {self.min_size + extra:.4f}x that method "
-                f"{self.method.get('name')!r} reaches on this path (masks, residuals and θ0 copies count{own})"
+                f"size {size:g}x is below the smallest size {self.min_size:.4f}x that method "
+                f"{self.method.get('name')!r} reaches on this path (masks, residuals, θ0 copies and the tasks' "
+                "own parameters count)"
             )
         best = max(self.sizes[p] for p in fits)
         return min(p for p in fits if self.sizes[p] == best)
 
-    def cut(self, size: float, extra: float = 0.0) -> Assignment:
-        return self.assignment(self.point_at(size, extra))
+    def next_size_up(self, point: int) -> float | None:
+        """The smallest size on the path above `point`'s: what a cut at `point` stopped short of."""
+        above = [s for s in self.sizes if s > self.sizes[point] + SIZE_TOLERANCE]
+        return min(above) if above else None
+
+    def cut(self, size: float) -> Assignment:
+        return self.assignment(self.point_at(size))
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {
@@ -139,6 +143,9 @@ class MergePath:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "MergePath":
+        if d.get("format") in OLD_PATH_FORMATS:
+            raise ConfigError("this path file was planned by an earlier flexmerge, whose sizes left out the "
+                              "tasks' own parameters; plan it again (flexmerge plan ...)")
         if d.get("format") != PATH_FORMAT:
             raise ConfigError(f"not a flexmerge path file (format {d.get('format')!r})")
         tasks, blocks = d["tasks"], d["blocks"]
@@ -167,7 +174,9 @@ class MergePath:
             raise ConfigError(f"{path}: malformed flexmerge path file ({e!r})") from None
 
 
-PATH_FORMAT = "flexmerge-path/1"
+# /2: sizes count the tasks' own parameters and use the whole-fine-tune unit (size.py)
+PATH_FORMAT = "flexmerge-path/2"
+OLD_PATH_FORMATS = ("flexmerge-path/1",)
 
 
 def is_path_file(path: Path) -> bool:
@@ -175,6 +184,6 @@ def is_path_file(path: Path) -> bool:
     if not path.is_file() or path.is_symlink() or path.stat().st_size > (256 << 20):
         return False
     try:
-        return json.loads(path.read_bytes()).get("format") == PATH_FORMAT
+        return json.loads(path.read_bytes()).get("format") in (PATH_FORMAT, *OLD_PATH_FORMATS)
     except (ValueError, AttributeError, OSError):
         return False
