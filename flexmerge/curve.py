@@ -15,16 +15,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from flexmerge._progress import progress
+from flexmerge._progress import Progress
 from flexmerge.api import discover_blocks
 from flexmerge.errors import SizeError
 from flexmerge.flexmodel.materialize import materialize
-from flexmerge.methods.base import get_method, parse_method_spec
+from flexmerge.methods.base import MergeMethod, get_method, parse_method_spec
 from flexmerge.planning import COST_PLANNERS, build_path
 from flexmerge.planning.activations import Calibration
 from flexmerge.planning.path import SIZE_TOLERANCE, Assignment
 from flexmerge.routed import RoutedScore, is_twin_spec
-from flexmerge.size import point_size
+from flexmerge.size import point_size, stored_with_masks
 from flexmerge.taskvec import TaskSet
 
 Evaluator = Callable[[str, dict[str, torch.Tensor]], float]
@@ -159,51 +159,101 @@ def sweep(
     a `RoutedScore`, recorded as the curve '<spec> routed' (accuracy without task ids, and the
     router's accuracy); the Mx point, the fine-tuned models, is not routed."""
     timings: dict[str, float] = {"plan": 0.0, "materialize": 0.0, "evaluate": 0.0}
+    sizes = [s for s in sizes if s <= tasks.num_tasks + SIZE_TOLERANCE]
+    bar = Progress("sweep", 1 + len(planners) * len(methods) * len(sizes), "points")
     t0 = time.perf_counter()
-    finetuned = {t: evaluator(t, tasks.finetuned_state_dict(i))
-                 for i, t in enumerate(progress(tasks.names, "evaluating fine-tuned models"))}
+    bar.update(0, now="the fine-tuned models")
+    finetuned = {t: evaluator(t, tasks.finetuned_state_dict(i)) for i, t in enumerate(tasks.names)}
+    bar.update()
     timings["evaluate"] += time.perf_counter() - t0
     partition = discover_blocks(tasks, granularity)
-    sizes = [s for s in sizes if s <= tasks.num_tasks + SIZE_TOLERANCE]
     records: list[SweepRecord] = []
+    scores_of: dict[str, WeightsScores] = {}  # per method spec, whatever the planner
     for planner in planners:
         for name in methods:
             method = spec_method(name, params)
+            scores = scores_of.setdefault(name, WeightsScores(method, finetuned))
             t0 = time.perf_counter()
+            bar.update(0, now=f"planning {name}/{planner}")
             path = build_path(tasks, partition, method, planner=planner, linkage=linkage, seed=seed, device=device,
                               calibration=calibration, cost_options=cost_options if planner in COST_PLANNERS else None)
             timings["plan"] += time.perf_counter() - t0
             log(f"{name}/{planner}: path of {path.num_points} points, {path.sizes[0]:.2f}x -> {path.min_size:.3f}x")
             for size in sizes:
-                try:
-                    assignment = path.cut(size)  # as `flexmerge merge --size`: heads count
-                except SizeError:
-                    note = f"below the minimum size {path.min_size:.4f}x"
-                    records += [SweepRecord(name, planner, size, None, t, None, finetuned[t], None, note)
-                                for t in tasks.names]
-                    continue
-                if is_unmerged(assignment):  # Mx: the fine-tuned models themselves, already evaluated
-                    mx = point_size(tasks, partition, method, assignment.group_sizes())
-                    records += [SweepRecord(name, planner, size, mx, t, finetuned[t], finetuned[t],
-                                            1.0 if finetuned[t] else None, "Mx: the fine-tuned models")
-                                for t in tasks.names]
-                    continue
-                t1 = time.perf_counter()
-                flex = materialize(tasks, partition, assignment, method, device=device)
-                t2 = time.perf_counter()
-                for t in progress(tasks.names, f"evaluating {name} at {size:g}x"):
-                    acc = evaluator(t, flex.state_dict(t))
-                    records.append(SweepRecord(name, planner, size, flex.size, t, acc, finetuned[t],
-                                               acc / finetuned[t] if finetuned[t] else None))
-                timings["materialize"] += t2 - t1
-                timings["evaluate"] += time.perf_counter() - t2
-                if routed is not None and is_twin_spec(name):
-                    t3 = time.perf_counter()
-                    records += _routed_records(routed(flex), name, planner, size, flex.size, finetuned)
-                    timings["routed"] = timings.get("routed", 0.0) + time.perf_counter() - t3
+                bar.update(0, now=f"{name}/{planner} at {size:g}x")
+                records += _point_records(tasks, partition, path, method, name, planner, size, evaluator, scores,
+                                          finetuned, routed, timings, device)
+                bar.update()
+    bar.close()
     meta = {"methods": list(methods), "planners": list(planners), "sizes": list(sizes), "tasks": list(tasks.names),
             "granularity": granularity, "linkage": linkage, "seed": seed}
     return SweepResult(records, finetuned, base_accuracy, timings, meta)
+
+
+class WeightsScores:
+    """The scores of one method's weights, keyed by what decides them: for each block, the group a
+    task reads (a group's merge depends on its members only; a mask method stores the members of
+    a group too small for masks as their own copies). A task whose groups at one size are the ones
+    it had at another, or that reads its own copy in every block (its fine-tune, where the method
+    stores the inputs' dtype), is scored once."""
+
+    def __init__(self, method: MergeMethod, finetuned: dict[str, float]):
+        self.method, self.finetuned = method, finetuned
+        self.seen: dict[tuple, float] = {}
+
+    def key(self, assignment: Assignment, task: int) -> tuple:
+        own = (task,)
+        groups = (next(g for g in block if task in g) for block in assignment.groups)
+        if self.method.uses_masks:
+            return tuple(g if stored_with_masks(self.method, len(g)) else own for g in groups)
+        return tuple(groups)
+
+    def known(self, assignment: Assignment, task: int, name: str) -> float | None:
+        key = self.key(assignment, task)
+        if all(len(g) == 1 for g in key) and self.method.p.dtype is None:
+            return self.finetuned[name]
+        return self.seen.get(key)
+
+    def add(self, assignment: Assignment, task: int, score: float) -> None:
+        self.seen[self.key(assignment, task)] = score
+
+
+def _point_records(tasks: TaskSet, partition, path, method, name: str, planner: str, size: float, evaluator,
+                   scores: WeightsScores, finetuned: dict[str, float], routed, timings: dict[str, float],
+                   device) -> list[SweepRecord]:
+    """The records of one (method, planner, size) point: each task scored on the weights it reads
+    there (once per distinct weights), or a note when the size is below the method's minimum."""
+    try:
+        assignment = path.cut(size)  # as `flexmerge merge --size`: heads count
+    except SizeError:
+        note = f"below the minimum size {path.min_size:.4f}x"
+        return [SweepRecord(name, planner, size, None, t, None, finetuned[t], None, note) for t in tasks.names]
+    if is_unmerged(assignment):  # Mx: the fine-tuned models themselves, already evaluated
+        mx = point_size(tasks, partition, method, assignment.group_sizes())
+        return [SweepRecord(name, planner, size, mx, t, finetuned[t], finetuned[t], 1.0 if finetuned[t] else None,
+                            "Mx: the fine-tuned models") for t in tasks.names]
+    known = {t: scores.known(assignment, i, t) for i, t in enumerate(tasks.names)}
+    needs_model = (None in known.values() or method.data_dependent_size
+                   or (routed is not None and is_twin_spec(name)))
+    t1 = time.perf_counter()
+    flex = materialize(tasks, partition, assignment, method, device=device) if needs_model else None
+    actual = flex.size if flex is not None else point_size(tasks, partition, method, assignment.group_sizes())
+    t2 = time.perf_counter()
+    records = []
+    for i, t in enumerate(tasks.names):
+        acc = known[t]
+        if acc is None:
+            acc = evaluator(t, flex.state_dict(t))
+            scores.add(assignment, i, acc)
+        records.append(SweepRecord(name, planner, size, actual, t, acc, finetuned[t],
+                                   acc / finetuned[t] if finetuned[t] else None))
+    timings["materialize"] += t2 - t1
+    timings["evaluate"] += time.perf_counter() - t2
+    if routed is not None and is_twin_spec(name):
+        t3 = time.perf_counter()
+        records += _routed_records(routed(flex), name, planner, size, flex.size, finetuned)
+        timings["routed"] = timings.get("routed", 0.0) + time.perf_counter() - t3
+    return records
 
 
 def _routed_records(score: RoutedScore, name: str, planner: str, size: float, actual: float,

@@ -129,14 +129,14 @@ class DigitsSuite(TensorSuite):
             with torch.no_grad():
                 feats, test_feats = base(xt), base(xs)
             train(lambda i: probe(feats[i]), probe.parameters(), yt, epochs=self.finetune_epochs * 2,
-                  batch_size=32, lr=1e-2, seed=self.seed + k, desc=f"head only {task.name}")
+                  batch_size=32, lr=1e-2, seed=self.seed + k, desc=f"head only {task.name} (task {k + 1} of {len(TASKS)})")
             info["base_with_head"][task.name] = accuracy(lambda i: probe(test_feats[i]), ys)
             t1 = time.perf_counter()
             model = DigitsNet()
             model.load_state_dict(base.state_dict())
             head = torch.nn.Linear(WIDTH, task.classes)
             train(lambda i: head(model(xt[i])), [*model.parameters(), *head.parameters()], yt,
-                  epochs=self.finetune_epochs, batch_size=32, lr=1e-3, seed=self.seed + k, desc=f"fine-tuning {task.name}")
+                  epochs=self.finetune_epochs, batch_size=32, lr=1e-3, seed=self.seed + k, desc=f"fine-tuning {task.name} (task {k + 1} of {len(TASKS)})")
             info["finetune_seconds"][task.name] = time.perf_counter() - t1
             save_file(model.state_dict(), str(directory / "models" / f"{task.name}.safetensors"))
             save_file(head.state_dict(), str(directory / "heads" / f"{task.name}.safetensors"))

@@ -315,7 +315,7 @@ class FashionSuite(TensorSuite):
         head = torch.nn.Linear(FEATURES, classes)
         train(lambda i: head(model(xt[i])), [*model.parameters(), *head.parameters()], yt,
               epochs=self.finetune_epochs, batch_size=self.batch_size, lr=self.lr, seed=self.seed + k,
-              desc="fine-tuning")
+              desc=f"fine-tuning task {k + 1} of {len(self.tasks())}")
         return model.eval(), head
 
     def _probe(self, base: FashionNet, splits, classes: int, k: int) -> dict[str, float]:
@@ -325,7 +325,7 @@ class FashionSuite(TensorSuite):
                      for s, (x, _) in splits.items()}
         head = torch.nn.Linear(FEATURES, classes)
         train(lambda i: head(feats["train"][i]), head.parameters(), splits["train"][1], epochs=40, batch_size=64,
-              lr=1e-2, seed=self.seed + k, desc="head on frozen base")
+              lr=1e-2, seed=self.seed + k, desc=f"head on the frozen base (task {k + 1} of {len(self.tasks())})")
         return {s: accuracy(lambda i: head(feats[s][i]), splits[s][1]) for s in ("val", "test")}
 
     def network(self) -> FashionNet:

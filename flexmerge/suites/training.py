@@ -6,7 +6,7 @@ from collections.abc import Callable, Iterable, Sequence
 
 import torch
 
-from flexmerge._progress import progress
+from flexmerge._progress import Progress
 
 Batch = tuple[object, torch.Tensor]
 
@@ -33,17 +33,22 @@ def train(
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     steps = [idx for _ in range(epochs) for idx in minibatches(len(labels), batch_size, gen)][:max_steps]
-    for idx in progress(steps, desc, unit="step"):
-        loss = torch.nn.functional.cross_entropy(logits_fn(idx), labels[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+    with Progress(desc, len(steps), "steps") as bar:
+        for idx in steps:
+            loss = torch.nn.functional.cross_entropy(logits_fn(idx), labels[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            bar.update(loss=loss.item())
     return len(steps)
 
 
-@torch.no_grad()
-def accuracy(logits_fn: Callable[[torch.Tensor], torch.Tensor], labels: torch.Tensor, batch_size: int = 256) -> float:
+@torch.inference_mode()
+def accuracy(logits_fn: Callable[[torch.Tensor], torch.Tensor], labels: torch.Tensor, batch_size: int = 256,
+             order: torch.Tensor | None = None) -> float:
+    """The share of examples whose argmax logit is their label, in minibatches of `batch_size`
+    taken in `order` (default: as given; e.g. by length, so that each batch pads little)."""
     correct = 0
-    for idx in minibatches(len(labels), batch_size):
+    for idx in (order if order is not None else torch.arange(len(labels))).split(batch_size):
         correct += int((logits_fn(idx).argmax(-1) == labels[idx]).sum())
     return correct / len(labels)

@@ -168,6 +168,22 @@ class WordNetSuite(Suite):
         return dict(self.tokenizer()(texts, padding=True, truncation=True, max_length=self.max_length,
                                      return_tensors="pt"))
 
+    @staticmethod
+    def by_length(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The examples' indices, shortest first: inference in this order pads each minibatch only
+        to its own longest gloss (`pooled` trims), about half the tokens of a random order. Each
+        example's features are its own whatever its batch (attention masks the padding)."""
+        return torch.argsort(batch["attention_mask"].sum(1), stable=True)
+
+    def features(self, model, batch: dict[str, torch.Tensor], batch_size: int = 128) -> torch.Tensor:
+        """Mean-pooled features of every example of `batch`, in its order (computed by length)."""
+        order = self.by_length(batch)
+        out = torch.empty(len(order), model.config.hidden_size)
+        with torch.no_grad():
+            for idx in order.split(batch_size):
+                out[idx] = self.pooled(model, batch, idx)
+        return out
+
     # model ----------------------------------------------------------------------------------
     @staticmethod
     def encoder():
@@ -212,23 +228,21 @@ class WordNetSuite(Suite):
                 [{"params": [p for p in model.parameters() if p.requires_grad], "lr": self.lr},
                  {"params": head.parameters(), "lr": 1e-3}], y_train,
                 epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, seed=self.seed + k,
-                desc=f"fine-tuning {task}", max_steps=self.max_steps)
+                desc=f"fine-tuning {task} (task {k + 1} of {len(self.tasks())})", max_steps=self.max_steps)
             info["finetune_seconds"][task] = time.perf_counter() - t0
             model.eval()
             save_file(model.state_dict(), str(directory / "models" / f"{task}.safetensors"))
             save_file(head.state_dict(), str(directory / "heads" / f"{task}.safetensors"))
-            with torch.no_grad():
-                info["finetuned"][task] = accuracy(lambda i: head(self.pooled(model, test_b, i)), y_test, 128)
+            info["finetuned"][task] = accuracy(lambda i: head(self.pooled(model, test_b, i)), y_test, 128,
+                                               self.by_length(test_b))
         return info
 
     def _probe_accuracy(self, base, train_b, y_train, test_b, y_test, k: int) -> float:
         """Base encoder, frozen, with a head trained on the task: the no-fine-tuning reference."""
-        with torch.no_grad():
-            f_train = torch.cat([self.pooled(base, train_b, i) for i in torch.arange(len(y_train)).split(128)])
-            f_test = torch.cat([self.pooled(base, test_b, i) for i in torch.arange(len(y_test)).split(128)])
+        f_train, f_test = self.features(base, train_b), self.features(base, test_b)
         head = torch.nn.Linear(f_train.shape[1], int(y_train.max()) + 1)
         train(lambda i: head(f_train[i]), head.parameters(), y_train, epochs=60, batch_size=32, lr=3e-3,
-              seed=self.seed + k, desc="head on frozen base")
+              seed=self.seed + k, desc=f"head on the frozen base (task {k + 1} of {len(self.tasks())})")
         return accuracy(lambda i: head(f_test[i]), y_test)
 
     def evaluator(self, zoo: Zoo, split: str = "test") -> Evaluator:
@@ -238,10 +252,12 @@ class WordNetSuite(Suite):
 
         def evaluate(task: str, state_dict: dict[str, torch.Tensor]) -> float:
             if task not in batches:
-                batches[task] = self.encode(self.splits()[task][split].texts)
+                encoded = self.encode(self.splits()[task][split].texts)
+                batches[task] = encoded, self.by_length(encoded)
             model.load_state_dict(state_dict)
+            encoded, order = batches[task]
             labels = self.splits()[task][split].labels
-            return accuracy(lambda i: heads[task](self.pooled(model, batches[task], i)), labels, 128)
+            return accuracy(lambda i: heads[task](self.pooled(model, encoded, i)), labels, 128, order)
 
         return evaluate
 
