@@ -158,7 +158,7 @@ def _plan_and_cut(tasks: TaskSet, partition: Partition, m: MergeMethod, size: fl
         size = float(tasks.num_tasks)
     if size == "min" and max_bytes is None and ends_in_whole_copies(m, planner):  # the last point, no plan
         size = SizeModel.build(partition, tasks, m).size(last_point(len(partition), tasks.num_tasks).group_sizes())
-    if size is not None and size != "min" and max_bytes is None and cuts_at_last_point(tasks, partition, m, size, planner):
+    if isinstance(size, (int, float)) and max_bytes is None and cuts_at_last_point(tasks, partition, m, size, planner):
         check_plan_options(planner, plan_options.get("linkage", "min"), plan_options.get("mode", "constituent"),
                            plan_options.get("measure", "cosine"), plan_options.get("calibration"))
         options = path_options(partition, **{k: plan_options[k] for k in ("linkage", "mode", "measure", "seed")
@@ -174,9 +174,6 @@ def _plan_and_cut(tasks: TaskSet, partition: Partition, m: MergeMethod, size: fl
 def cut(tasks: TaskSet, path: MergePath, size: float | str) -> Assignment:
     """The path's largest point whose size, the tasks' own parameters included, is at most `size`."""
     return path.cut(resolve_size(size, path))
-
-
-SIZE_WORDS = ("max", "min")
 
 
 def resolve_size(size: float | str | None, path: MergePath) -> float | None:

@@ -160,31 +160,30 @@ def sweep(
     router's accuracy); the Mx point, the fine-tuned models, is not routed."""
     timings: dict[str, float] = {"plan": 0.0, "materialize": 0.0, "evaluate": 0.0}
     sizes = [s for s in sizes if s <= tasks.num_tasks + SIZE_TOLERANCE]
-    bar = Progress("sweep", 1 + len(planners) * len(methods) * len(sizes), "points")
-    t0 = time.perf_counter()
-    bar.update(0, now="the fine-tuned models")
-    finetuned = {t: evaluator(t, tasks.finetuned_state_dict(i)) for i, t in enumerate(tasks.names)}
-    bar.update()
-    timings["evaluate"] += time.perf_counter() - t0
-    partition = discover_blocks(tasks, granularity)
-    records: list[SweepRecord] = []
-    scores_of: dict[str, WeightsScores] = {}  # per method spec, whatever the planner
-    for planner in planners:
-        for name in methods:
-            method = spec_method(name, params)
-            scores = scores_of.setdefault(name, WeightsScores(method, finetuned))
-            t0 = time.perf_counter()
-            bar.update(0, now=f"planning {name}/{planner}")
-            path = build_path(tasks, partition, method, planner=planner, linkage=linkage, seed=seed, device=device,
-                              calibration=calibration, cost_options=cost_options if planner in COST_PLANNERS else None)
-            timings["plan"] += time.perf_counter() - t0
-            log(f"{name}/{planner}: path of {path.num_points} points, {path.sizes[0]:.2f}x -> {path.min_size:.3f}x")
-            for size in sizes:
-                bar.update(0, now=f"{name}/{planner} at {size:g}x")
-                records += _point_records(tasks, partition, path, method, name, planner, size, evaluator, scores,
-                                          finetuned, routed, timings, device)
-                bar.update()
-    bar.close()
+    with Progress("sweep", 1 + len(planners) * len(methods) * len(sizes), "points") as bar:
+        t0 = time.perf_counter()
+        bar.update(0, now="the fine-tuned models")
+        finetuned = {t: evaluator(t, tasks.finetuned_state_dict(i)) for i, t in enumerate(tasks.names)}
+        bar.update()
+        timings["evaluate"] += time.perf_counter() - t0
+        partition = discover_blocks(tasks, granularity)
+        records: list[SweepRecord] = []
+        scores_of: dict[str, WeightsScores] = {}  # per method spec, whatever the planner
+        for planner in planners:
+            for name in methods:
+                method = spec_method(name, params)
+                scores = scores_of.setdefault(name, WeightsScores(method, finetuned))
+                t0 = time.perf_counter()
+                bar.update(0, now=f"planning {name}/{planner}")
+                path = build_path(tasks, partition, method, planner=planner, linkage=linkage, seed=seed, device=device,
+                                  calibration=calibration, cost_options=cost_options if planner in COST_PLANNERS else None)
+                timings["plan"] += time.perf_counter() - t0
+                log(f"{name}/{planner}: path of {path.num_points} points, {path.sizes[0]:.2f}x -> {path.min_size:.3f}x")
+                for size in sizes:
+                    bar.update(0, now=f"{name}/{planner} at {size:g}x")
+                    records += _point_records(tasks, partition, path, method, name, planner, size, evaluator, scores,
+                                              finetuned, routed, timings, device)
+                    bar.update()
     meta = {"methods": list(methods), "planners": list(planners), "sizes": list(sizes), "tasks": list(tasks.names),
             "granularity": granularity, "linkage": linkage, "seed": seed}
     return SweepResult(records, finetuned, base_accuracy, timings, meta)

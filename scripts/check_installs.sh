@@ -21,8 +21,8 @@ fail() { echo "FAILED: $*" >&2; exit 1; }
 
 fresh_venv() {  # fresh_venv NAME SPEC: a venv with torch (pinned, as install.sh) and flexmerge SPEC
   "$PY" -m venv "$WORK/$1"
-  "$WORK/$1/bin/python" -m pip install --quiet "${TORCH_SPEC:-torch==2.13.0}"
-  "$WORK/$1/bin/python" -m pip install --quiet "$ROOT$2"
+  "$WORK/$1/bin/python" -m pip install -qq "${TORCH_SPEC:-torch==2.13.0}"
+  "$WORK/$1/bin/python" -m pip install -qq "$ROOT$2"
 }
 
 tiny_models() {  # tiny_models VENV DIR: a base and 3 fine-tunes as safetensors files
@@ -40,11 +40,12 @@ EOF
 }
 
 expect_extra() {  # expect_extra EXTRA COMMAND...: exit 2 and one line that names the extra
-  local out rc=0
+  local extra=$1 out rc=0
+  shift
   out=$("$@" 2>&1) || rc=$?
   [ "$rc" = 2 ] || fail "$* exited $rc, not 2: $out"
   [ "$(printf '%s\n' "$out" | wc -l)" = 1 ] || fail "$* printed more than one line: $out"
-  printf '%s\n' "$out" | grep -qF "pip install 'flexmerge[$1]'" || fail "$* does not name the '$1' extra: $out"
+  printf '%s\n' "$out" | grep -qF "pip install 'flexmerge[$extra]'" || fail "$* does not name the '$extra' extra: $out"
   echo "ok: $* -> $out"
 }
 
