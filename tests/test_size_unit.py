@@ -14,34 +14,14 @@ from typer.testing import CliRunner
 
 import flexmerge
 from flexmerge.cli import app
+from tests.test_task_specific import LABELS, hf_zoo  # noqa: F401  (BERT classifiers with 2, 3 and 5 labels)
 
 transformers = pytest.importorskip("transformers")
 runner = CliRunner()
-LABELS = {"a": 2, "b": 3, "c": 5}
 
 
 def _flags(dirs) -> list[str]:
     return [x for name, d in dirs.items() for x in ("--model", f"{name}={d}")]
-
-
-def _bert_zoo(root):
-    """A BERT classifier base and fine-tunes with 2, 3 and 5 labels, every encoder weight trained."""
-    def config(n):
-        return transformers.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                       intermediate_size=64, vocab_size=60, max_position_embeddings=32, num_labels=n)
-
-    torch.manual_seed(0)
-    base = transformers.BertForSequenceClassification(config(2)).eval()
-    base.save_pretrained(root / "base")
-    dirs = {}
-    for i, (name, n) in enumerate(LABELS.items()):
-        torch.manual_seed(10 + i)
-        ft = transformers.BertForSequenceClassification(config(n)).eval()
-        ft.load_state_dict({k: v + 0.02 * torch.randn_like(v) for k, v in base.state_dict().items()
-                            if not k.startswith("classifier")}, strict=False)
-        ft.save_pretrained(root / name)
-        dirs[name] = root / name
-    return root / "base", dirs
 
 
 def _llama_zoo(root):
@@ -77,8 +57,8 @@ def _assert_exports_are_the_fine_tunes(artifact, dirs, tmp_path):
 
 
 @pytest.mark.parametrize("size", ["3", "max"])
-def test_size_m_gives_back_classifiers_with_heads_of_different_widths(tmp_path, size):
-    base, dirs = _bert_zoo(tmp_path)
+def test_size_m_gives_back_classifiers_with_heads_of_different_widths(hf_zoo, tmp_path, size):
+    base, dirs = hf_zoo
     r = runner.invoke(app, ["merge", "--base", str(base), *_flags(dirs), "--size", size, "--out", str(tmp_path / "f")])
     assert r.exit_code == 0, r.output
     manifest = json.loads((tmp_path / "f" / "manifest.json").read_text())
@@ -93,9 +73,9 @@ def test_size_m_gives_back_classifiers_with_heads_of_different_widths(tmp_path, 
         assert torch.equal(got, want)
 
 
-def test_the_unit_is_one_whole_fine_tune_its_head_included(tmp_path):
+def test_the_unit_is_one_whole_fine_tune_its_head_included(hf_zoo, tmp_path):
     """The unit, written out: the encoder's bytes plus the mean head (heads of 2, 3 and 5 labels)."""
-    base, dirs = _bert_zoo(tmp_path)
+    base, dirs = hf_zoo
     tasks = flexmerge.load_tasks(base, dirs)
     shared = sum(tasks.meta[k].numel * 4 for k in tasks.mergeable)
     heads = {n: (w * 32 + w) * 4 for n, w in LABELS.items()}
