@@ -27,7 +27,8 @@ err = Console(stderr=True)
 
 BaseOpt = typer.Option(None, "--base", help="base checkpoint: .safetensors, sharded index.json, .pt/.bin or HF dir")
 ModelOpt = typer.Option(None, "--model", help="a fine-tuned model as NAME=PATH (repeat for each task)")
-MethodOpt = typer.Option(None, "--method", help="merging method (see `flexmerge methods`) [default: task_arithmetic]")
+MethodOpt = typer.Option(None, "--method", help="merging method (see `flexmerge methods`), optionally with its "
+                                                "parameters: ties:keep=0.3 (as sweep --methods) [default: task_arithmetic]")
 ParamOpt = typer.Option(None, "--param", help="method hyperparameter KEY=VALUE, e.g. lam=1.0 (repeatable)")
 GranOpt = typer.Option(None, "--granularity", help="layer | sublayer | tensor | split:K [default: sublayer]")
 PlannerOpt = typer.Option(None, "--planner", help="greedy | recon | left-right | right-left | random | channel | "

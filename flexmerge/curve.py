@@ -120,9 +120,8 @@ def is_unmerged(assignment: Assignment) -> bool:
 def spec_method(spec: str, params: dict[str, dict[str, Any]] | None = None):
     """The method a sweep entry names: 'twin:rank=4' is twin with rank 4, its curve labelled by the
     whole spec; `params[spec]` (or `params[name]`) adds parameters to it."""
-    name, own = parse_method_spec(spec)
-    extra = (params or {}).get(spec, (params or {}).get(name, {}))
-    return get_method(name, **{**extra, **own})
+    name = parse_method_spec(spec)[0]
+    return get_method(spec, **(params or {}).get(spec, (params or {}).get(name, {})))
 
 
 def sweep(

@@ -112,3 +112,20 @@ def test_wrong_base_is_refused_unless_the_limit_is_raised(zoo, tmp_path):
     assert r.exit_code == 2 and "does not look like the model it was fine-tuned from" in r.output
     r = runner.invoke(app, [*argv, "--max-relative-change", "10"])
     assert r.exit_code == 0, r.output
+
+
+def test_merge_and_plan_take_a_method_spec_as_sweep_does(zoo, tmp_path):
+    """`--method twin:rank=2` (the sweep's syntax) works in merge and plan; `--param` adds to it."""
+    base, models = zoo
+    r = runner.invoke(app, ["merge", "--base", str(base), *_model_flags(models), "--method", "ties:keep=0.3",
+                            "--param", "lam=0.9", "--size", "2", "--out", str(tmp_path / "flex")])
+    assert r.exit_code == 0, r.output
+    method = json.loads((tmp_path / "flex" / "manifest.json").read_text())["method"]
+    assert (method["name"], method["keep"], method["lam"]) == ("ties", 0.3, 0.9)
+    r = runner.invoke(app, ["plan", "--base", str(base), *_model_flags(models), "--method", "twin:rank=2",
+                            "--out", str(tmp_path / "path.json")])
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "path.json").read_text())["method"]["rank"] == 2
+    r = runner.invoke(app, ["merge", "--base", str(base), *_model_flags(models), "--method", "twin:rank=x",
+                            "--size", "2", "--out", str(tmp_path / "bad")])
+    assert r.exit_code == 2 and "invalid parameters for method 'twin'" in r.output, r.output

@@ -187,9 +187,13 @@ def register(cls: type[MergeMethod]) -> type[MergeMethod]:
 
 
 def get_method(name: str | MergeMethod, **params: object) -> MergeMethod:
-    """A configured method instance by registered name (an instance passes through)."""
+    """A configured method instance by registered name or spec (`ties`, `twin:rank=4:base=ties`;
+    the spec's parameters win over `params`); an instance passes through."""
     if isinstance(name, MergeMethod):
         return name
+    if ":" in name:
+        name, own = parse_method_spec(name)
+        params = {**params, **own}
     try:
         cls = _REGISTRY[name]
     except KeyError:

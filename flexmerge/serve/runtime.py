@@ -465,22 +465,19 @@ def suite_artifact(suite: Any, size: float, method: str = "task_arithmetic", cac
     from flexmerge.api import merge_to_disk
     from flexmerge.flexmodel.artifact import is_artifact
     from flexmerge.methods import get_method
-    from flexmerge.methods.base import parse_method_spec
     from flexmerge.suites import default_cache_dir, get_zoo
     from flexmerge.taskvec import load_tasks
 
     reason = suite.serving_reason()
     if reason:
         raise ConfigError(reason)
-    name, params = parse_method_spec(method)  # 'twin:rank=7': a method with its parameters
-    get_method(name, **params)  # a typo or a bad parameter fails now, not after building the zoo
+    get_method(method)  # 'twin:rank=7' (a method with its parameters): a typo fails now, not after the zoo
     zoo = get_zoo(suite, Path(cache_dir) if cache_dir else None, log=log)
     name_of_entry = f"{zoo.directory.name}-{_cache_label(method)}-{float(size):g}x"
     out = Path(cache_dir or default_cache_dir()) / "served" / name_of_entry
     if not is_artifact(out):
         log(f"merging the {suite.name!r} zoo to {float(size):g}x with {method} into {out} (cached for later runs)")
-        merge_to_disk(load_tasks(zoo.base, zoo.models, **suite.load_options()), out, size=size, method=name,
-                     params=params)
+        merge_to_disk(load_tasks(zoo.base, zoo.models, **suite.load_options()), out, size=size, method=method)
     return out, zoo
 
 
