@@ -221,3 +221,10 @@ def test_a_missing_optional_module_deep_in_a_command_names_its_extra(monkeypatch
     assert exit_info.value.exit_code == 1
     said = capsys.readouterr().err
     assert "pip install 'flexmerge[ray]'" in said and "internal error" in said
+
+
+def test_the_version_is_the_distributions():
+    import flexmerge
+
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    assert flexmerge.__version__ == declared

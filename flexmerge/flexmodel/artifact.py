@@ -34,7 +34,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from flexmerge import __version__
+from flexmerge.version import __version__
 from flexmerge._atomic import atomic_directory, write_text_atomic
 from flexmerge.blocks import Block, Part, Partition
 from flexmerge.errors import ArtifactError
@@ -96,7 +96,7 @@ class ShardWriter:
             return
         name = f"shard-{len(self.shards) + (self._sealing is not None):05d}.safetensors"
         path = self.directory / name
-        write_safetensors(_unshare(self.buffer), path)
+        write_safetensors(unshare(self.buffer), path)
         self.buffer, self.buffered = {}, 0
         if self._sealer is None:
             self._sealer = ThreadPoolExecutor(1, thread_name_prefix="flexmerge-seal")
@@ -211,7 +211,7 @@ def write_artifact(
         for task, files in header.hf_files.items():
             (tmp / "hf" / task).mkdir(parents=True, exist_ok=True)
             for name, data in files.items():
-                (tmp / "hf" / task / _side_file_name(name)).write_bytes(data)
+                (tmp / "hf" / task / side_file_name(name)).write_bytes(data)
         stored_bytes = sum(entries[b]["stored_bytes"] for b in entries)
         manifest = {
             "format": FORMAT,
@@ -615,7 +615,7 @@ def read_side_files(directory: Path, task: str) -> dict[str, bytes]:
     return out
 
 
-def _side_file_name(name: str) -> str:
+def side_file_name(name: str) -> str:
     if name not in HF_SIDE_FILES:
         raise ArtifactError(f"{name!r} is not a Hugging Face side file flexmerge stores ({', '.join(HF_SIDE_FILES)})")
     return name
@@ -640,7 +640,7 @@ def _factor_names(factors: tuple[torch.Tensor, ...]) -> tuple[str, ...]:
     return ("a", "b") if len(factors) == 2 else ("r",)
 
 
-def _unshare(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def unshare(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """safetensors refuses tensors that share memory; copy the later ones."""
     seen: set[tuple[int, int]] = set()
     out = {}

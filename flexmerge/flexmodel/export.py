@@ -14,7 +14,7 @@ from safetensors.torch import save
 
 from flexmerge._atomic import atomic_directory, write_bytes_atomic
 from flexmerge.errors import ConfigError, UnknownNameError
-from flexmerge.flexmodel.artifact import _side_file_name, _unshare, write_safetensors
+from flexmerge.flexmodel.artifact import side_file_name, unshare, write_safetensors
 from flexmerge.flexmodel.card import model_card
 from flexmerge.flexmodel.model import FlexModel
 from flexmerge.io.source import HF_SIDE_FILES
@@ -39,7 +39,7 @@ def export(flex: FlexModel, task: str, out: str | Path, overwrite: bool = False,
     dtype). `overwrite` replaces only an earlier flexmerge export, never another file or directory."""
     out = Path(out)
     dtype = _out_dtype(out_dtype)
-    state = {k: v.contiguous() for k, v in _unshare(flex.state_dict(task)).items()}
+    state = {k: v.contiguous() for k, v in unshare(flex.state_dict(task)).items()}
     if dtype is not None:
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     metadata = {"format": "pt", EXPORT_MARK: task, "flexmerge_size": f"{flex.size:.6f}"}
@@ -54,7 +54,7 @@ def export(flex: FlexModel, task: str, out: str | Path, overwrite: bool = False,
     with atomic_directory(out, overwrite=overwrite, replaceable=is_export_dir, what="a flexmerge export") as tmp:
         write_weights(state, tmp, metadata, limit)
         for name, data in files.items():
-            (tmp / _side_file_name(name)).write_bytes(data)
+            (tmp / side_file_name(name)).write_bytes(data)
         library = "transformers" if "config.json" in files else None
         (tmp / CARD).write_text(model_card(flex, task, library=library, out_dtype=out_dtype), encoding="utf-8")
     return out
