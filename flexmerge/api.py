@@ -24,6 +24,7 @@ from flexmerge.planning import (
     cuts_at_last_point,
     ends_in_whole_copies,
     last_point,
+    last_point_size,
     path_options,
 )
 from flexmerge.planning.activations import Calibration
@@ -157,7 +158,7 @@ def _plan_and_cut(tasks: TaskSet, partition: Partition, m: MergeMethod, size: fl
     if size == "max":
         size = float(tasks.num_tasks)
     if size == "min" and max_bytes is None and ends_in_whole_copies(m, planner):  # the last point, no plan
-        size = SizeModel.build(partition, tasks, m).size(last_point(len(partition), tasks.num_tasks).group_sizes())
+        size = last_point_size(SizeModel.build(partition, tasks, m), tasks.num_tasks)
     if isinstance(size, (int, float)) and max_bytes is None and cuts_at_last_point(tasks, partition, m, size, planner):
         check_plan_options(planner, plan_options.get("linkage", "min"), plan_options.get("mode", "constituent"),
                            plan_options.get("measure", "cosine"), plan_options.get("calibration"))

@@ -271,9 +271,11 @@ def merge(
 
 def cut_note(manifest: dict[str, Any]) -> str | None:
     """One line when the artifact is smaller than asked: which path point it is, and why not larger."""
+    from flexmerge.planning.path import SIZE_TOLERANCE
+
     info, size = manifest.get("info", {}), manifest["size"]
     asked = info.get("requested_size")
-    if not isinstance(asked, (int, float)) or size >= asked - 1e-9:
+    if not isinstance(asked, (int, float)) or size >= asked - SIZE_TOLERANCE:
         return None
     up = info.get("next_size_up")
     why = (f"the next point up is {up:.4f}x, above {asked:.4g}x" if up is not None

@@ -14,7 +14,8 @@ from itertools import islice
 from typing import Any, Protocol, TypeVar
 
 from flexmerge._progress import progress
-from flexmerge.errors import ConfigError, UnknownNameError
+from flexmerge.errors import UnknownNameError
+from flexmerge.extras import require_extra
 
 T = TypeVar("T")
 EXECUTORS = ("local", "threads", "ray")
@@ -59,10 +60,9 @@ class RayExecutor:
     name = "ray"
 
     def __init__(self, address: str | None = None, num_cpus: int | None = None, max_in_flight: int | None = None):
-        try:
-            import ray
-        except ImportError:
-            raise ConfigError("the Ray executor needs Ray: pip install 'flexmerge[ray]'") from None
+        require_extra("ray", "the Ray executor")
+        import ray
+
         self.ray = ray
         if not ray.is_initialized():
             if address:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 
-from flexmerge.errors import FlexMergeError
+from flexmerge.errors import ConfigError
 
 # extra -> the top-level modules it installs that flexmerge imports (pyproject.toml's
 # [project.optional-dependencies] must list each of them; a test checks it)
@@ -19,14 +19,12 @@ EXTRAS: dict[str, tuple[str, ...]] = {
     "ray": ("ray",),
 }
 
-# the extra to name when a module is missing (transformers is in two: the suites' is the smaller ask)
-MODULE_EXTRA: dict[str, str] = {}
-for _extra, _modules in reversed(list(EXTRAS.items())):
-    for _module in _modules:
-        MODULE_EXTRA[_module] = _extra
+# the extra to name when a module is missing (transformers is in two: the first listed, the suites',
+# is the smaller ask)
+MODULE_EXTRA: dict[str, str] = {m: extra for extra, modules in reversed(EXTRAS.items()) for m in modules}
 
 
-class MissingExtraError(FlexMergeError):
+class MissingExtraError(ConfigError):
     """A command needs an optional dependency that is not installed."""
 
 

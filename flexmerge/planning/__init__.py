@@ -142,9 +142,14 @@ def cuts_at_last_point(tasks: TaskSet, partition: Partition, method: MergeMethod
     if not len(partition) or tasks.num_tasks < 2:
         return False
     sizer = SizeModel.build(partition, tasks, method)
-    last = sizer.size([[tasks.num_tasks]] * len(partition))
+    last = last_point_size(sizer, tasks.num_tasks)
     step = sizer.unit.of(min(sizer.block_bytes))
     return last - SIZE_TOLERANCE <= size < last + step - SIZE_TOLERANCE
+
+
+def last_point_size(sizer: SizeModel, num_tasks: int) -> float:
+    """The size of the point where every block is one group of all tasks."""
+    return sizer.size([[num_tasks]] * len(sizer.block_bytes))
 
 
 def last_point(num_blocks: int, num_tasks: int) -> Assignment:
