@@ -99,3 +99,45 @@ class TinyNet(torch.nn.Module):
             h = h + q
             h = h + layer.mlp.fc2(torch.nn.functional.gelu(layer.mlp.fc1(layer.norm2(h))))
         return self.final_norm(h)
+
+
+HF_LABELS = {"a": 2, "b": 3, "c": 5}
+
+
+def bert_config(num_labels: int = 2, **overrides):
+    """A tiny BertConfig (2 layers, hidden 32, vocabulary 60) with labels L0..L{n-1}."""
+    import transformers
+
+    kw = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, vocab_size=60,
+              max_position_embeddings=32, num_labels=num_labels, id2label={i: f"L{i}" for i in range(num_labels)},
+              label2id={f"L{i}": i for i in range(num_labels)})
+    return transformers.BertConfig(**{**kw, **overrides})
+
+
+@pytest.fixture
+def hf_zoo(tmp_path):
+    """A base BertForSequenceClassification (2 labels) and fine-tunes of it with 2, 3 and 5 labels,
+    as save_pretrained writes them."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    base = transformers.BertForSequenceClassification(bert_config(2)).eval()
+    base.save_pretrained(tmp_path / "base")
+    dirs = {}
+    for i, (name, n) in enumerate(HF_LABELS.items()):
+        torch.manual_seed(10 + i)
+        ft = transformers.BertForSequenceClassification(bert_config(n)).eval()
+        encoder = {k: v + 0.02 * torch.randn_like(v) for k, v in base.state_dict().items() if not k.startswith("classifier")}
+        ft.load_state_dict(encoder, strict=False)
+        ft.save_pretrained(tmp_path / name)
+        dirs[name] = tmp_path / name
+    return tmp_path / "base", dirs
+
+
+@pytest.fixture(scope="session")
+def digits_cache(tmp_path_factory):
+    """A cache folder holding the digits suite's zoo, built once per test session."""
+    from flexmerge.suites import get_suite, get_zoo
+
+    cache = tmp_path_factory.mktemp("cache")
+    get_zoo(get_suite("digits"), cache, log=lambda s: None)
+    return cache

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 import flexmerge
 from flexmerge.cli import app
-from tests.test_task_specific import LABELS, hf_zoo  # noqa: F401  (BERT classifiers with 2, 3 and 5 labels)
+from tests.conftest import HF_LABELS as LABELS
 
 transformers = pytest.importorskip("transformers")
 runner = CliRunner()

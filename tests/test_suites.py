@@ -15,13 +15,6 @@ from flexmerge.suites import get_suite, get_zoo
 from flexmerge.suites.base import verify_zoo
 
 
-@pytest.fixture(scope="session")
-def digits_cache(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("cache")
-    get_zoo(get_suite("digits"), cache, log=lambda s: None)
-    return cache
-
-
 def test_digits_sweep_end_to_end_through_the_cli(digits_cache, tmp_path):
     out = tmp_path / "results"
     r = CliRunner().invoke(app, ["sweep", "--suite", "digits", "--methods", "task_arithmetic,ties,emr",

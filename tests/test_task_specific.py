@@ -13,34 +13,11 @@ from typer.testing import CliRunner
 import flexmerge
 from flexmerge.cli import app
 from flexmerge.errors import SizeError
+from tests.conftest import HF_LABELS as LABELS
+from tests.conftest import bert_config
 
 runner = CliRunner()
 transformers = pytest.importorskip("transformers")
-LABELS = {"a": 2, "b": 3, "c": 5}
-
-
-def _config(num_labels: int):
-    return transformers.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                                   vocab_size=60, max_position_embeddings=32, num_labels=num_labels,
-                                   id2label={i: f"L{i}" for i in range(num_labels)},
-                                   label2id={f"L{i}": i for i in range(num_labels)})
-
-
-@pytest.fixture
-def hf_zoo(tmp_path):
-    """A base BertForSequenceClassification (2 labels) and fine-tunes of it with 2, 3 and 5 labels."""
-    torch.manual_seed(0)
-    base = transformers.BertForSequenceClassification(_config(2)).eval()
-    base.save_pretrained(tmp_path / "base")
-    dirs = {}
-    for i, (name, n) in enumerate(LABELS.items()):
-        torch.manual_seed(10 + i)
-        ft = transformers.BertForSequenceClassification(_config(n)).eval()
-        encoder = {k: v + 0.02 * torch.randn_like(v) for k, v in base.state_dict().items() if not k.startswith("classifier")}
-        ft.load_state_dict(encoder, strict=False)
-        ft.save_pretrained(tmp_path / name)
-        dirs[name] = tmp_path / name
-    return tmp_path / "base", dirs
 
 
 def _logits(model_dir, ids):
