@@ -19,16 +19,15 @@ from flexmerge.flexmodel.model import FlexModel
 from flexmerge.methods.base import MergeMethod, get_method
 from flexmerge.planning import (
     MergePath,
+    PlanOptions,
     build_path,
-    check_plan_options,
     cuts_at_last_point,
     ends_in_whole_copies,
     last_point,
     last_point_size,
-    path_options,
 )
 from flexmerge.planning.activations import Calibration
-from flexmerge.preprocess import MagnitudeHistogram, TopKTrim, fitted_pipeline
+from flexmerge.preprocess import MagnitudeHistogram, Pipeline, TopKTrim, fitted_pipeline
 from flexmerge.errors import ConfigError, SizeError
 from flexmerge.planning.path import SIZE_TOLERANCE, Assignment
 from flexmerge.size import ModelUnit, SizeModel, format_bytes, model_unit, point_size
@@ -96,26 +95,23 @@ def plan(
     params: Mapping[str, Any] | None = None,
     granularity: str = "sublayer",
     patterns: Mapping[str, str] | None = None,
-    planner: str = "greedy",
-    linkage: str = "min",
-    mode: str = "constituent",
-    measure: str = "cosine",
-    seed: int = 0,
+    options: PlanOptions | None = None,
     executor=None,
     device: str | None = None,
     calibration: Calibration | None = None,
-    cost_options: Mapping[str, Any] | None = None,
+    pipeline: Pipeline | None = None,
+    **option_fields: Any,
 ) -> MergePath:
     """The merge path from M× to the method's smallest size; cut it with `path.cut(size)`.
 
-    `device`: "cpu" (default), "auto" (CUDA when available) or "cuda[:N]", where preprocessing
-    and the similarity pass compute (docs/scale.md, "Devices"). `calibration`: unlabelled inputs
-    per task for the data-aware planners (`planner="output"`); `cost_options`: settings of the
-    cost planners (see `flexmerge.planning.costs`)."""
+    How to plan: `options` (a `PlanOptions`) and/or its fields by name (`planner="recon"`,
+    `linkage`, `mode`, `measure`, `seed`, `cost`). `device`: "cpu" (default), "auto" (CUDA when
+    available) or "cuda[:N]", where preprocessing and the similarity pass compute
+    (docs/scale.md, "Devices"). `calibration`: unlabelled inputs per task for the data-aware
+    planners (`planner="output"`); `pipeline`: the method's preprocessing fitted already."""
     partition = partition or discover_blocks(tasks, granularity, patterns)
-    return build_path(tasks, partition, _method(method, params), planner=planner, linkage=linkage,
-                      mode=mode, measure=measure, seed=seed, executor=executor, device=device,
-                      calibration=calibration, cost_options=dict(cost_options) if cost_options else None)
+    return build_path(tasks, partition, _method(method, params), PlanOptions.of(options, **option_fields),
+                      executor=executor, device=device, calibration=calibration, pipeline=pipeline)
 
 
 def materialize(
@@ -139,35 +135,39 @@ def materialize(
 
 def merge(tasks: TaskSet, *, size: float | str | None = None, max_bytes: int | None = None,
           method: str | MergeMethod = "task_arithmetic", params: Mapping[str, Any] | None = None,
-          device: str | None = None, **plan_options: Any) -> FlexModel:
+          device: str | None = None, granularity: str = "sublayer", patterns: Mapping[str, str] | None = None,
+          options: PlanOptions | None = None, executor=None, calibration: Calibration | None = None,
+          **option_fields: Any) -> FlexModel:
     """Plan and materialize in one call: the flex model of `tasks` at `size` (or within `max_bytes`),
-    planned and merged on `device` (as `plan`'s)."""
-    device = resolve_device(device, plan_options.get("executor"))
+    planned (`options` and/or its fields, as `plan`'s) and merged on `device`."""
+    device = resolve_device(device, executor)
     m = _method(method, params)
-    partition = discover_blocks(tasks, plan_options.pop("granularity", "sublayer"), plan_options.pop("patterns", None))
-    size, assignment, info = _plan_and_cut(tasks, partition, m, size, max_bytes, device, plan_options)
-    return _materialize(tasks, partition, assignment, m, info=info, device=device)
+    partition = discover_blocks(tasks, granularity, patterns)
+    pipeline = fitted_pipeline(tasks, m, device)
+    size, assignment, info = _plan_and_cut(tasks, partition, m, size, max_bytes, PlanOptions.of(options, **option_fields),
+                                           pipeline, device=device, executor=executor, calibration=calibration)
+    return _materialize(tasks, partition, assignment, m, info=info, device=device, pipeline=pipeline)
 
 
-def _plan_and_cut(tasks: TaskSet, partition: Partition, m: MergeMethod, size: float | None, max_bytes: int | None,
-                  device, plan_options: dict[str, Any]) -> tuple[float, Assignment, dict[str, Any]]:
+def _plan_and_cut(tasks: TaskSet, partition: Partition, m: MergeMethod, size: float | str | None,
+                  max_bytes: int | None, options: PlanOptions, pipeline: Pipeline, *, device, executor=None,
+                  calibration: Calibration | None = None) -> tuple[float, Assignment, dict[str, Any]]:
     """The size, the assignment to materialize there and the artifact's info. A size that can only
     cut at the path's last point (every block one group of all tasks) needs no plan, and none is
     made: the artifact and its info are those the planned path would give (a test compares them)."""
-    planner = plan_options.get("planner", "greedy")
     if size == "max":
         size = float(tasks.num_tasks)
-    if size == "min" and max_bytes is None and ends_in_whole_copies(m, planner):  # the last point, no plan
+    if size == "min" and max_bytes is None and ends_in_whole_copies(m, options.planner):  # the last point, no plan
         size = last_point_size(SizeModel.build(partition, tasks, m), tasks.num_tasks)
-    if isinstance(size, (int, float)) and max_bytes is None and cuts_at_last_point(tasks, partition, m, size, planner):
-        check_plan_options(planner, plan_options.get("linkage", "min"), plan_options.get("mode", "constituent"),
-                           plan_options.get("measure", "cosine"), plan_options.get("calibration"))
-        options = path_options(partition, **{k: plan_options[k] for k in ("linkage", "mode", "measure", "seed")
-                                             if k in plan_options})
+    if (isinstance(size, (int, float)) and max_bytes is None
+            and cuts_at_last_point(tasks, partition, m, size, options.planner)):
+        options.check(calibration)
         steps = len(partition) * (tasks.num_tasks - 1)
-        info = _point_info(planner, options, steps, steps + 1, size, tasks, device)
+        info = _point_info(options.planner, options.recorded(partition.granularity), steps, steps + 1, size, tasks,
+                           device)
         return size, last_point(len(partition), tasks.num_tasks), info
-    path = plan(tasks, partition, method=m, device=device, **plan_options)
+    path = build_path(tasks, partition, m, options, executor=executor, device=device, calibration=calibration,
+                      pipeline=pipeline)
     size = _target(tasks, path, resolve_size(size, path), max_bytes)
     return size, cut(tasks, path, size), _info(path, size, tasks, device)
 
@@ -220,8 +220,11 @@ def merge_to_disk(tasks: TaskSet, out: str | Path, *, size: float | str | None =
                   method: str | MergeMethod = "task_arithmetic",
                   params: Mapping[str, Any] | None = None, overwrite: bool = False, executor=None,
                   resume: bool = True, shard_bytes: int = SHARD_BYTES, device: str | None = None,
-                  **plan_options: Any) -> dict[str, Any]:
-    """Plan, then materialize block by block straight into an artifact; returns its manifest.
+                  granularity: str = "sublayer", patterns: Mapping[str, str] | None = None,
+                  options: PlanOptions | None = None, calibration: Calibration | None = None,
+                  **option_fields: Any) -> dict[str, Any]:
+    """Plan (`options` and/or its fields, as `plan`'s), then materialize block by block straight
+    into an artifact; returns its manifest.
 
     Memory holds one block's merge and one shard's buffer, not the model. With `resume`, an
     interrupted run of the same job continues where its last written shard ended. `device`: where
@@ -230,10 +233,11 @@ def merge_to_disk(tasks: TaskSet, out: str | Path, *, size: float | str | None =
     check_target(Path(out), overwrite, is_artifact, "a flex-model artifact")  # fail before the work, not after
     device = resolve_device(device, executor)  # an unavailable device fails before the work, too
     m = _method(method, params)
-    partition = discover_blocks(tasks, plan_options.pop("granularity", "sublayer"), plan_options.pop("patterns", None))
-    size, assignment, info = _plan_and_cut(tasks, partition, m, size, max_bytes, device,
-                                           {**plan_options, "executor": executor})
+    options = PlanOptions.of(options, **option_fields)
+    partition = discover_blocks(tasks, granularity, patterns)
     pipeline = fitted_pipeline(tasks, m, device)
+    size, assignment, info = _plan_and_cut(tasks, partition, m, size, max_bytes, options, pipeline, device=device,
+                                           executor=executor, calibration=calibration)
     header = ArtifactHeader(
         list(tasks.names), partition, dict(tasks.meta), assignment, m.describe(),
         point_size(tasks, partition, m, assignment.group_sizes()), model_unit(tasks, m), info,

@@ -208,7 +208,7 @@ def plan(
     ex = _executor(cfg)
     tasks = _load(cfg, ex, first_pass_for(cfg.method, cfg.params, merging=False),
                   uses_key_grams(cfg.method, cfg.params, planner=cfg.planner))
-    path = plan_fn(tasks, method=cfg.method, params=cfg.params, executor=ex, device=cfg.device, **cfg.plan_options())
+    path = plan_fn(tasks, method=cfg.method, params=cfg.params, executor=ex, device=cfg.device, options=cfg.plan_options(), **cfg.partition_options())
     path.save(out, overwrite=overwrite)
     console.print(f"{len(path.block_names)} blocks, {path.num_points} points, sizes {path.sizes[0]:.3f}x -> "
                   f"{path.min_size:.3f}x; similarity pass {path.timings['similarity_pass']:.2f}s, "
@@ -258,7 +258,7 @@ def merge(
                   uses_key_grams(cfg.method, cfg.params, cfg.size, cfg.max_bytes, cfg.planner))
     manifest = merge_to_disk(tasks, out, size=cfg.size, max_bytes=cfg.max_bytes, method=cfg.method,
                              params=cfg.params, overwrite=overwrite, executor=ex, resume=resume, device=cfg.device,
-                             **cfg.plan_options())
+                             options=cfg.plan_options(), **cfg.partition_options())
     asked = (f"{cfg.size:g}x" if isinstance(cfg.size, float) else str(cfg.size)) if cfg.size is not None \
         else f"at most {format_bytes(cfg.max_bytes)}"
     total = manifest["stored_bytes"] + manifest["frozen_bytes"] + manifest["task_specific_bytes"]
@@ -420,7 +420,7 @@ def _run_own(cfg, out: Path, methods: str, sizes: str, planners: str, evaluator:
                                             batch_size=eval_batch_size)
     result = sweep_fn(tasks, score, methods=_names(methods), sizes=_floats(sizes, "--sizes"), planners=_names(planners),
                       params={cfg.method: cfg.params} if cfg.params else None, granularity=cfg.granularity,
-                      linkage=cfg.linkage, seed=cfg.seed, device=cfg.device, log=lambda msg: err.print(f"[dim]{msg}[/]"))
+                      options=cfg.plan_options(), device=cfg.device, log=lambda msg: err.print(f"[dim]{msg}[/]"))
     result.meta.update({"base": str(cfg.base), "models": {k: str(v) for k, v in cfg.models.items()},
                         "evaluator": evaluator or {"eval_data": list(eval_data or []), "limit": eval_limit}})
     _print_sweep(result, write_results(result, out), "mean normalized score (merged / fine-tuned)")

@@ -11,6 +11,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from flexmerge.errors import ConfigError
 from flexmerge.mergekit import from_mergekit, is_mergekit
 from flexmerge.paths import UnsafePathError, check_task_name
+from flexmerge.planning.options import PlanOptions
+
+PLAN_DEFAULTS = PlanOptions()
 
 
 class MergeConfig(BaseModel):
@@ -24,11 +27,11 @@ class MergeConfig(BaseModel):
     params: dict[str, Any] = Field(default_factory=dict, description="method hyperparameters")
     granularity: str = "sublayer"
     blocks: dict[str, str] | None = Field(None, description="explicit block patterns {name: regex}")
-    planner: str = "greedy"
-    linkage: Literal["min", "avg", "max"] = "min"
-    mode: Literal["constituent", "merged"] = "constituent"
-    measure: Literal["cosine", "euclidean", "sign"] = "cosine"
-    seed: int = 0
+    planner: str = PLAN_DEFAULTS.planner
+    linkage: Literal["min", "avg", "max"] = PLAN_DEFAULTS.linkage
+    mode: Literal["constituent", "merged"] = PLAN_DEFAULTS.mode
+    measure: Literal["cosine", "euclidean", "sign"] = PLAN_DEFAULTS.measure
+    seed: int = PLAN_DEFAULTS.seed
     size: Annotated[float, Field(gt=0, allow_inf_nan=False)] | Literal["max", "min"] | None = Field(
         None, description="target size in model units (one whole fine-tune each), 1 <= size <= M; 'max': every "
         "fine-tune as it is, 'min': the smallest point (merge only)")
@@ -90,9 +93,13 @@ class MergeConfig(BaseModel):
             raise ValueError(str(e)) from None
         return self
 
-    def plan_options(self) -> dict[str, Any]:
-        return {"granularity": self.granularity, "patterns": self.blocks, "planner": self.planner,
-                "linkage": self.linkage, "mode": self.mode, "measure": self.measure, "seed": self.seed}
+    def plan_options(self) -> PlanOptions:
+        return PlanOptions.of(planner=self.planner, linkage=self.linkage, mode=self.mode, measure=self.measure,
+                              seed=self.seed)
+
+    def partition_options(self) -> dict[str, Any]:
+        """How the parameters are cut into blocks (`discover_blocks`' granularity and patterns)."""
+        return {"granularity": self.granularity, "patterns": self.blocks}
 
 
 def _one_line(e: yaml.YAMLError) -> str:

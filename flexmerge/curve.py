@@ -17,13 +17,15 @@ import torch
 
 from flexmerge._progress import Progress
 from flexmerge.api import discover_blocks
+from flexmerge.device import resolve_device
 from flexmerge.errors import SizeError
 from flexmerge.flexmodel.materialize import materialize
 from flexmerge.methods.base import MergeMethod, get_method, parse_method_spec
-from flexmerge.planning import COST_PLANNERS, build_path
+from flexmerge.planning import PlanOptions, build_path
 from flexmerge.planning.activations import Calibration
 from flexmerge.planning.path import SIZE_TOLERANCE, Assignment
 from flexmerge.routed import RoutedScore, is_twin_spec
+from flexmerge.preprocess import Pipeline, fitted_pipeline
 from flexmerge.size import point_size, stored_with_masks
 from flexmerge.taskvec import TaskSet
 
@@ -133,14 +135,13 @@ def sweep(
     planners: Sequence[str] = ("greedy",),
     params: dict[str, dict[str, Any]] | None = None,
     granularity: str = "sublayer",
-    linkage: str = "min",
-    seed: int = 0,
+    options: PlanOptions | None = None,
     base_accuracy: dict[str, float] | None = None,
     routed: Callable[[Any], RoutedScore] | None = None,
     log: Callable[[str], None] = lambda s: None,
     device: str | None = None,
     calibration: Calibration | None = None,
-    cost_options: dict[str, Any] | None = None,
+    **option_fields: Any,
 ) -> SweepResult:
     """Evaluate every (method, planner) at every size; sizes below a method's minimum are noted,
     sizes above the unmerged models' (M, plus the tasks' own parameters) are dropped.
@@ -151,8 +152,9 @@ def sweep(
     A method is a name or a spec with parameters, `twin:rank=4:base=ties` (see `parse_method_spec`),
     so one sweep holds a method at several settings, each its own curve. `device`: where planning
     and merging compute (see `flexmerge.device`); evaluation is the evaluator's business.
-    `calibration` (unlabelled inputs per task) is what the data-aware planners read; `cost_options`
-    set the cost planners.
+    How to plan: `options` (a `PlanOptions`) and/or its fields by name (`linkage`, `seed`, `cost`,
+    ...), the planner taken from each of `planners` in turn. `calibration` (unlabelled inputs per
+    task) is what the data-aware planners read.
 
     `routed` (e.g. `flexmerge.routed.SuiteRouting`): called with each twin point's model, it returns
     a `RoutedScore`, recorded as the curve '<spec> routed' (accuracy without task ids, and the
@@ -168,23 +170,28 @@ def sweep(
         partition = discover_blocks(tasks, granularity)
         records: list[SweepRecord] = []
         scores_of: dict[str, WeightsScores] = {}  # per method spec, whatever the planner
+        pipelines: dict[str, Pipeline] = {}  # per method spec: its preprocessing, fitted once
         for planner in planners:
+            planning = PlanOptions.of(options, **option_fields, planner=planner)
             for name in methods:
                 method = spec_method(name, params)
                 scores = scores_of.setdefault(name, WeightsScores(method, finetuned))
                 t0 = time.perf_counter()
                 bar.update(0, now=f"planning {name}/{planner}")
-                path = build_path(tasks, partition, method, planner=planner, linkage=linkage, seed=seed, device=device,
-                                  calibration=calibration, cost_options=cost_options if planner in COST_PLANNERS else None)
+                if name not in pipelines:
+                    pipelines[name] = fitted_pipeline(tasks, method, resolve_device(device))
+                path = build_path(tasks, partition, method, planning, device=device, calibration=calibration,
+                                  pipeline=pipelines[name])
                 timings["plan"] += time.perf_counter() - t0
                 log(f"{name}/{planner}: path of {path.num_points} points, {path.sizes[0]:.2f}x -> {path.min_size:.3f}x")
                 for size in sizes:
                     bar.update(0, now=f"{name}/{planner} at {size:g}x")
-                    records += _point_records(tasks, partition, path, method, name, planner, size, evaluator, scores,
-                                              finetuned, routed, timings, device)
+                    records += _point_records(tasks, partition, path, method, pipelines[name], name, planner, size,
+                                              evaluator, scores, finetuned, routed, timings, device)
                     bar.update()
+    recorded = PlanOptions.of(options, **option_fields)
     meta = {"methods": list(methods), "planners": list(planners), "sizes": list(sizes), "tasks": list(tasks.names),
-            "granularity": granularity, "linkage": linkage, "seed": seed}
+            "granularity": granularity, "linkage": recorded.linkage, "seed": recorded.seed}
     return SweepResult(records, finetuned, base_accuracy, timings, meta)
 
 
@@ -216,7 +223,7 @@ class WeightsScores:
         self.seen[self.key(assignment, task)] = score
 
 
-def _point_records(tasks: TaskSet, partition, path, method, name: str, planner: str, size: float, evaluator,
+def _point_records(tasks: TaskSet, partition, path, method, pipeline, name: str, planner: str, size: float, evaluator,
                    scores: WeightsScores, finetuned: dict[str, float], routed, timings: dict[str, float],
                    device) -> list[SweepRecord]:
     """The records of one (method, planner, size) point: each task scored on the weights it reads
@@ -234,7 +241,7 @@ def _point_records(tasks: TaskSet, partition, path, method, name: str, planner: 
     needs_model = (None in known.values() or method.data_dependent_size
                    or (routed is not None and is_twin_spec(name)))
     t1 = time.perf_counter()
-    flex = materialize(tasks, partition, assignment, method, device=device) if needs_model else None
+    flex = materialize(tasks, partition, assignment, method, device=device, pipeline=pipeline) if needs_model else None
     actual = flex.size if flex is not None else point_size(tasks, partition, method, assignment.group_sizes())
     t2 = time.perf_counter()
     records = []

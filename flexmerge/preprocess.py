@@ -338,12 +338,7 @@ def _rows32(x: torch.Tensor, rows: int) -> torch.Tensor:
 
 
 def fitted_pipeline(tasks: TaskSet, method, device: torch.device | None = None) -> Pipeline:
-    """The method's preprocessing, fitted on `tasks` (streaming on `device`); cached on the task
-    set (fitting streams; what it finds is the same on every device)."""
-    import json
-
-    pipeline = method.pipeline()
-    key = json.dumps(pipeline.describe(), sort_keys=True)
-    if key not in tasks.fitted:
-        tasks.fitted[key] = pipeline.fit(tasks, device)
-    return tasks.fitted[key]
+    """The method's preprocessing, fitted on `tasks` (streaming on `device`; what it finds is the
+    same on every device). Fitting a trim streams the inputs: a caller that plans and merges
+    fits once and hands the result to both (`build_path(pipeline=...)`, `materialize(pipeline=...)`)."""
+    return method.pipeline().fit(tasks, device)

@@ -7,6 +7,7 @@ that are identical in all models (frozen: stored once, never merged, not part of
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 import re
@@ -76,12 +77,14 @@ class PassObserver(Protocol):
         vectors (reused buffers: copy what is kept)."""
 
     def finish(self, tasks: "TaskSet") -> object:
-        """The result, kept in `tasks.first_pass[name]`; `tasks` knows the frozen keys by now."""
+        """The result, which the task set holds as `first_pass[name]`; `tasks` knows the frozen keys by now."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class TaskSet:
-    """The base model, the named task models, and what the validation pass learned about them."""
+    """The base model, the named task models, and what the validation pass learned about them: a
+    value, made once by `load_tasks`. Later stages pass what they compute (a fitted preprocessing,
+    a plan) along as values of their own; nothing is written onto a task set."""
 
     names: list[str]
     base: CheckpointSource
@@ -94,7 +97,6 @@ class TaskSet:
     provenance: dict[str, dict[str, object]] = field(default_factory=dict)
     key_grams: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)  # raw (M, M) per key
     compute_dtype: torch.dtype = torch.float32
-    fitted: dict[str, object] = field(default_factory=dict, repr=False)  # preprocessing fitted on this set
     first_pass: dict[str, object] = field(default_factory=dict, repr=False)  # PassObserver results, by name
     # per task: its own parameters (heads, keys the base lacks or has in another shape), never merged
     specific: dict[str, dict[str, TensorMeta]] = field(default_factory=dict)
@@ -289,8 +291,7 @@ def load_tasks(
                   for name, src, digest in zip(["base", *named], [base_src, *sources], digests)}
     tasks = TaskSet(list(named), base_src, sources, meta, mergeable, frozen, provenance, key_grams=key_grams,
                     specific=specific)
-    tasks.first_pass = {o.name: o.finish(tasks) for o in active}
-    return tasks
+    return dataclasses.replace(tasks, first_pass={o.name: o.finish(tasks) for o in active})
 
 
 # Hugging Face head modules: a task's own output layers, detected without a pattern.

@@ -42,7 +42,7 @@ def main(argv: list[str]) -> None:
         if planner in DATA_PLANNERS and calibration is None:
             calibration = suite.calibration(zoo)
         result = sweep(tasks, evaluate, methods=argv[1].split(","), sizes=SIZES, planners=[planner],
-                       calibration=calibration, cost_options=options or None)
+                       calibration=calibration, cost=options)
         areas = result.areas()
         for curve, points in result.curves().items():
             print(f"{spec:40s} {curve:28s}", " ".join(f"{p['normalized']:.3f}" for p in points),

@@ -192,12 +192,14 @@ def _member_deltas(tasks: TaskSet, pipeline: Pipeline, method: MergeMethod, memb
 
 def materialize(
     tasks: TaskSet, partition: Partition, assignment: Assignment, method: MergeMethod,
-    info: dict | None = None, executor=None, device=None,
+    info: dict | None = None, executor=None, device=None, pipeline: Pipeline | None = None,
 ) -> FlexModel:
     """The flex model of one assignment, in memory (`api.merge_to_disk` streams to disk instead),
-    merged on `device` (see `materialize_blocks`)."""
+    merged on `device` (see `materialize_blocks`); `pipeline`: the method's preprocessing, fitted
+    on `tasks` already (else fitted here)."""
     device = resolve_device(device, executor)
-    pipeline = fitted_pipeline(tasks, method, device)
+    if pipeline is None:
+        pipeline = fitted_pipeline(tasks, method, device)
     stores = dict(materialize_blocks(tasks, partition, assignment, method, pipeline, executor, device=device))
     blocks = [stores[b] for b in range(len(partition))]
     size = point_size(tasks, partition, method, assignment.group_sizes())

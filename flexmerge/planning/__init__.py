@@ -1,131 +1,77 @@
-"""Planning: from per-block similarity matrices to a merge path. Independent of materializing."""
+"""Planning: from per-block similarity matrices to a merge path. Independent of materializing.
+
+`build_path` runs the similarity pass and hands its results to a registered planner
+(`flexmerge.planning.registry`, the planners in `flexmerge.planning.planners`); `PlanOptions`
+holds how to plan, with its defaults."""
 
 from __future__ import annotations
 
 import time
-from typing import Any
-
-import numpy as np
 
 from flexmerge.blocks import Partition
-from flexmerge.errors import ConfigError, UnknownNameError
+from flexmerge.device import resolve_device
 from flexmerge.methods.base import MergeMethod
-from flexmerge.planning.activations import DEFAULT_RANK, Calibration, task_metrics
-from flexmerge.planning.baselines import channel_assignments, cluster_assignments
-from flexmerge.planning.costs import (
-    QuadraticCost,
-    method_weights,
-    output_quadratics,
-    parameter_quadratics,
-    run_cost_greedy,
-)
-from flexmerge.planning.greedy import (
-    LINKAGES,
-    ORDERS,
-    ConstituentLinkage,
-    Rescorer,
-    run_greedy,
-)
-from flexmerge.planning.merged import MEASURES, GramMerged, VectorMerged
+from flexmerge.planning import planners as _planners  # noqa: F401  (registers the planners)
+from flexmerge.planning.activations import Calibration
+from flexmerge.planning.greedy import LINKAGES
+from flexmerge.planning.merged import MEASURES
+from flexmerge.planning.options import COST_DEFAULTS, MODES, PlanOptions
 from flexmerge.planning.path import SIZE_TOLERANCE, Assignment, MergePath, MergeStep
-from flexmerge.similarity import block_deltas, block_grams, cosine_from_gram
+from flexmerge.planning.registry import PLANNERS, PlanInputs, get_planner, register_planner
+from flexmerge.preprocess import Pipeline, fitted_pipeline
+from flexmerge.similarity import block_grams
 from flexmerge.size import SizeModel
 from flexmerge.taskvec import TaskSet
 
-COST_PLANNERS = ("output", "recon")
-DATA_PLANNERS = ("output",)  # need unlabelled calibration inputs per task (`activations.Calibration`)
-PLANNERS = (*ORDERS, "channel", "cluster", *COST_PLANNERS)
-MODES = ("constituent", "merged")
+# Views of the registry by what a planner is (names, in registration order).
+COST_PLANNERS = tuple(n for n, p in PLANNERS.items() if p.kind == "cost")
+DATA_PLANNERS = tuple(n for n, p in PLANNERS.items() if p.data_aware)
 
-__all__ = ["PLANNERS", "DATA_PLANNERS", "MODES", "LINKAGES", "MEASURES", "Assignment", "MergePath", "MergeStep", "build_path"]
+__all__ = ["PLANNERS", "DATA_PLANNERS", "COST_PLANNERS", "MODES", "LINKAGES", "MEASURES", "COST_DEFAULTS",
+           "Assignment", "MergePath", "MergeStep", "PlanOptions", "build_path", "get_planner", "register_planner"]
 
 
-def build_path(
-    tasks: TaskSet,
-    partition: Partition,
-    method: MergeMethod,
-    *,
-    planner: str = "greedy",
-    linkage: str = "min",
-    mode: str = "constituent",
-    measure: str = "cosine",
-    seed: int = 0,
-    executor=None,
-    device=None,
-    calibration: Calibration | None = None,
-    cost_options: dict[str, Any] | None = None,
-) -> MergePath:
+def build_path(tasks: TaskSet, partition: Partition, method: MergeMethod, options: PlanOptions | None = None, *,
+               executor=None, device=None, calibration: Calibration | None = None,
+               pipeline: Pipeline | None = None) -> MergePath:
     """Plan the whole path from M× to the method's smallest size, with exact sizes per point.
 
     `device` ("cpu", "auto", "cuda[:N]"): where preprocessing and the similarity pass compute.
-    `calibration`: unlabelled inputs per task, needed by the data-aware planners (DATA_PLANNERS);
-    `cost_options`: settings of the cost planners (`norm`, `byte_power`, `rank`, see `costs`)."""
-    check_plan_options(planner, linkage, mode, measure, calibration)
-    from flexmerge.device import resolve_device
-    from flexmerge.preprocess import fitted_pipeline
-
+    `calibration`: unlabelled inputs per task, needed by the data-aware planners (DATA_PLANNERS).
+    `pipeline`: the method's preprocessing already fitted on `tasks` (`fitted_pipeline`), when the
+    caller has it (a merge fits it once for planning and materializing)."""
+    options = options or PlanOptions()
+    options.check(calibration)
+    planner = get_planner(options.planner)
     device = resolve_device(device, executor)
     t0 = time.perf_counter()
-    pipeline = fitted_pipeline(tasks, method, device)
+    if pipeline is None:
+        pipeline = fitted_pipeline(tasks, method, device)
     t1 = time.perf_counter()
     grams = block_grams(tasks, partition, pipeline, executor, device).numpy()
     t2 = time.perf_counter()
     sizer = SizeModel.build(partition, tasks, method)
-    options = path_options(partition, linkage, mode, measure, seed)
-    common = dict(planner=planner, options=options, method=method.describe(),
+    recorded = options.recorded(partition.granularity)
+    if planner.kind == "cost":
+        recorded.update(options.cost_settings())
+    common = dict(planner=options.planner, options=recorded, method=method.describe(),
                   task_names=list(tasks.names), block_names=partition.names())
-    if planner in ORDERS:
-        rescorer = _rescorer(tasks, partition, method, pipeline, grams, mode, measure, linkage)
-        raw = run_greedy(rescorer, order=planner, seed=seed)
-        steps, sizes = _sized_steps(raw, len(partition), tasks.num_tasks, sizer)
-        path = MergePath(sizes=sizes, steps=steps, **common)
-    elif planner in COST_PLANNERS:
-        costs = dict(COST_DEFAULTS, **(cost_options or {}))
-        options.update(costs)
-        steps, sizes = _cost_path(tasks, partition, method, pipeline, grams, sizer, planner, calibration, costs)
-        path = MergePath(sizes=sizes, steps=steps, **common)
+    result = planner.run(PlanInputs(tasks, partition, method, pipeline, grams, sizer, options, calibration))
+    if planner.kind == "cluster":
+        sizes = [sizer.size(a.group_sizes()) for a in result]
+        path = MergePath(sizes=sizes, assignments=result, **common)
     else:
-        cos = cosine_from_gram(_as_torch(grams)).numpy()
-        if planner == "channel":
-            assignments = channel_assignments(cos, seed=seed)
-        else:
-            total = cosine_from_gram(_as_torch(grams.sum(0))).numpy()
-            assignments = cluster_assignments(total, len(partition), linkage)
-        sizes = [sizer.size(a.group_sizes()) for a in assignments]
-        path = MergePath(sizes=sizes, assignments=assignments, **common)
+        steps, sizes = result
+        path = MergePath(sizes=sizes, steps=steps, **common)
     path.timings = {"preprocess": t1 - t0, "similarity_pass": t2 - t1, "path": time.perf_counter() - t2}
     return path
-
-
-def check_plan_options(planner: str, linkage: str, mode: str, measure: str = "cosine",
-                       calibration: Calibration | None = None) -> None:
-    if measure not in MEASURES:
-        raise UnknownNameError("merged-vector measure", measure, MEASURES)
-    if planner not in PLANNERS:
-        raise UnknownNameError("planner", planner, PLANNERS)
-    if mode not in MODES:
-        raise UnknownNameError("similarity mode", mode, MODES)
-    if linkage not in LINKAGES:
-        raise UnknownNameError("linkage", linkage, LINKAGES)
-    if mode == "merged" and planner in ("channel", "cluster"):
-        raise ConfigError(f"planner {planner!r} clusters task vectors; merged-vector mode applies to greedy orders")
-    if planner in DATA_PLANNERS and calibration is None:
-        raise ConfigError(f"planner {planner!r} is data-aware: it needs unlabelled calibration inputs per task "
-                          "(a suite provides them: `flexmerge sweep --suite`); plan your own models with a "
-                          "data-free planner (greedy, recon, ...)")
-
-
-def path_options(partition: Partition, linkage: str = "min", mode: str = "constituent", measure: str = "cosine",
-                 seed: int = 0) -> dict[str, Any]:
-    """What a path records of how it was planned (its `options`)."""
-    return {"linkage": linkage, "mode": mode, "measure": measure, "seed": seed, "granularity": partition.granularity}
 
 
 def ends_in_whole_copies(method: MergeMethod, planner: str = "greedy") -> bool:
     """Whether `planner`'s paths end where every block is one group of all tasks, and every stored
     group costs one copy of its block (no masks, residuals or data-dependent storage): then the
     last point is the smallest size, and only it lies below the smallest block above it."""
-    return planner in ORDERS and not (method.uses_masks or method.uses_residuals or method.data_dependent_size)
+    return get_planner(planner).kind == "order" and not (method.uses_masks or method.uses_residuals or method.data_dependent_size)
 
 
 def cuts_at_last_point(tasks: TaskSet, partition: Partition, method: MergeMethod, size: float,
@@ -155,61 +101,3 @@ def last_point_size(sizer: SizeModel, num_tasks: int) -> float:
 def last_point(num_blocks: int, num_tasks: int) -> Assignment:
     """Every block one group of all tasks: where every greedy-order path ends."""
     return Assignment(tuple((tuple(range(num_tasks)),) for _ in range(num_blocks)))
-
-
-COST_DEFAULTS: dict[str, Any] = {"norm": "block", "byte_power": 1.0, "rank": DEFAULT_RANK}
-
-
-def _cost_path(tasks, partition, method, pipeline, grams, sizer: SizeModel, planner: str,
-               calibration: Calibration | None, costs: dict[str, Any]) -> tuple[list[MergeStep], list[float]]:
-    """The path of a cost planner: parameter-space (recon) or output-space (output) quadratics."""
-    unknown = sorted(set(costs) - set(COST_DEFAULTS))
-    if unknown:
-        raise ConfigError(f"unknown cost planner options {unknown}; known: {sorted(COST_DEFAULTS)}")
-    if planner == "recon":
-        quad = parameter_quadratics(grams)
-    else:
-        quad = output_quadratics(tasks, partition, pipeline, task_metrics(tasks, calibration, int(costs["rank"])))
-    cost = QuadraticCost(quad, method_weights(method), costs["norm"])
-
-    def saved(b: int, groups: list[list[int]], i: int, j: int) -> float:
-        sizes = [len(g) for g in groups if g]
-        fused = [len(g) for k, g in enumerate(groups) if g and k not in (i, j)] + [len(groups[i]) + len(groups[j])]
-        return sizer.unit.of(sizer.block_total(b, sizes) - sizer.block_total(b, fused))
-
-    raw = run_cost_greedy(cost, saved, byte_power=float(costs["byte_power"]))
-    return _sized_steps(raw, len(partition), tasks.num_tasks, sizer)
-
-
-def _as_torch(a: np.ndarray):
-    import torch
-
-    return torch.from_numpy(np.ascontiguousarray(a))
-
-
-def _rescorer(tasks, partition, method, pipeline, grams, mode, measure, linkage) -> Rescorer:
-    if mode == "constituent":
-        return ConstituentLinkage(cosine_from_gram(_as_torch(grams)).numpy(), linkage)
-    if measure != "sign" and method.linear_weights(2) is not None:
-        return GramMerged(grams, method, measure)
-    vectors = [block_deltas(tasks, partition, b, pipeline) for b in range(len(partition))]
-    return VectorMerged(vectors, method, measure, [blk.views(tasks.meta) for blk in partition.blocks])
-
-
-def _sized_steps(raw, num_blocks: int, num_tasks: int, sizer: SizeModel) -> tuple[list[MergeStep], list[float]]:
-    group_sizes = [[1] * num_tasks for _ in range(num_blocks)]
-    block_bytes = [sizer.block_total(b, g) for b, g in enumerate(group_sizes)]
-    total = sum(block_bytes) + sizer.specific_bytes
-    sizes = [sizer.unit.of(total)]
-    steps = []
-    for b, left, right, sim in raw:
-        g = group_sizes[b]
-        g.remove(len(left))
-        g.remove(len(right))
-        g.append(len(left) + len(right))
-        new = sizer.block_total(b, g)
-        total += new - block_bytes[b]
-        block_bytes[b] = new
-        sizes.append(sizer.unit.of(total))
-        steps.append(MergeStep(b, left, right, sim, sizes[-1]))
-    return steps, sizes
