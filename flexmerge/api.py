@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+import dataclasses
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,7 @@ from flexmerge import blocks as _blocks
 from flexmerge.blocks import Partition
 from flexmerge._atomic import check_target
 from flexmerge.device import resolve_device
-from flexmerge.flexmodel.artifact import SHARD_BYTES, ArtifactHeader, is_artifact, write_artifact
+from flexmerge.flexmodel.artifact import SHARD_BYTES, ArtifactHeader, is_artifact, read_manifest, write_artifact
 from flexmerge.flexmodel.card import input_names
 from flexmerge.flexmodel.materialize import AllTasksMerge, collect_hf_files, materialize_blocks
 from flexmerge.flexmodel.materialize import materialize as _materialize
@@ -33,8 +34,10 @@ from flexmerge.planning.path import SIZE_TOLERANCE, Assignment
 from flexmerge.size import ModelUnit, SizeModel, format_bytes, model_unit, point_size
 from flexmerge.taskvec import TaskSet, load_tasks
 
-__all__ = ["load_tasks", "first_pass_for", "discover_blocks", "plan", "materialize", "merge", "merge_to_disk", "cut",
-           "size_for_budget"]
+__all__ = ["load_tasks", "load_for_merge", "first_pass_for", "discover_blocks", "plan", "materialize", "merge",
+           "merge_to_disk", "merge_files", "artifact_summary", "cut", "size_for_budget"]
+
+PLAN_FIELDS = frozenset(f.name for f in dataclasses.fields(PlanOptions))
 
 
 def discover_blocks(tasks: TaskSet, granularity: str = "sublayer", patterns: Mapping[str, str] | None = None) -> Partition:
@@ -248,6 +251,46 @@ def merge_to_disk(tasks: TaskSet, out: str | Path, *, size: float | str | None =
         lambda done: materialize_blocks(tasks, partition, assignment, m, pipeline, executor, skip=done, device=device),
         overwrite=overwrite, shard_bytes=shard_bytes, resumable=resume,
         specific=lambda: ((name, tasks.read_specific(t)) for t, name in enumerate(tasks.names)))
+
+
+def load_for_merge(base: str | Path, models: Mapping[str, str | Path] | Sequence[str], *,
+                   method: str | MergeMethod = "task_arithmetic", params: Mapping[str, Any] | None = None,
+                   size: float | str | None = None, max_bytes: int | None = None, planner: str = "greedy",
+                   merging: bool = True, **load_options: Any) -> TaskSet:
+    """`load_tasks` whose validation pass also does the first pass of what a merge with `method`
+    needs (`first_pass_for`, `uses_key_grams`), so that the merge reads the inputs once less.
+    `merging=False`: for a plan alone. `load_options`: as `load_tasks`' (task_specific, executor, ...)."""
+    return load_tasks(base, models, observers=first_pass_for(method, params, merging=merging),
+                      key_grams=uses_key_grams(method, params, size, max_bytes, planner), **load_options)
+
+
+def merge_files(base: str | Path, models: Mapping[str, str | Path] | Sequence[str], out: str | Path, *,
+                size: float | str | None = None, max_bytes: int | None = None,
+                method: str | MergeMethod = "task_arithmetic", params: Mapping[str, Any] | None = None,
+                overwrite: bool = False, executor=None, load_options: Mapping[str, Any] | None = None,
+                options: PlanOptions | None = None, **merge_options: Any) -> dict[str, Any]:
+    """Checkpoints in, artifact out, reading the inputs as few times as the method allows: the
+    validation pass does the merge's first pass (`load_for_merge`), then `merge_to_disk`
+    (`merge_options`: its other options, plan option fields included). Returns the manifest."""
+    check_target(Path(out), overwrite, is_artifact, "a flex-model artifact")  # before the validation pass
+    options = PlanOptions.of(options, **{k: merge_options.pop(k) for k in list(merge_options) if k in PLAN_FIELDS})
+    tasks = load_for_merge(base, models, method=method, params=params, size=size, max_bytes=max_bytes,
+                           planner=options.planner, executor=executor, **dict(load_options or {}))
+    return merge_to_disk(tasks, out, size=size, max_bytes=max_bytes, method=method, params=params,
+                         overwrite=overwrite, executor=executor, options=options, **merge_options)
+
+
+def artifact_summary(path: str | Path) -> dict[str, Any]:
+    """What `flexmerge inspect` shows of an artifact: tasks, method, size and its unit, stored bytes,
+    each task's own parameters, and each block's groups by task name (from the validated manifest)."""
+    m = read_manifest(path)
+    tasks = m["tasks"]
+    blocks = [{"name": b["name"], "groups": [[tasks[t] for t in g] for g in b["groups"]]} for b in m["blocks"]]
+    return {"tasks": tasks, "method": m["method"], "size": m["size"], "unit_bytes": m["unit_bytes"],
+            "stored_bytes": m["stored_bytes"], "frozen_bytes": m["frozen_bytes"],
+            "task_specific_bytes": m.get("task_specific_bytes", 0),
+            "task_specific": {t: sorted(keys) for t, keys in m.get("task_specific", {}).items()},
+            "granularity": m["granularity"], "flexmerge_version": m["flexmerge_version"], "blocks": blocks}
 
 
 def _path_params(path: MergePath) -> dict[str, Any]:

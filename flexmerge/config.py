@@ -97,6 +97,11 @@ class MergeConfig(BaseModel):
         return PlanOptions.of(planner=self.planner, linkage=self.linkage, mode=self.mode, measure=self.measure,
                               seed=self.seed)
 
+    def load_options(self) -> dict[str, Any]:
+        """`load_tasks`' options (the executor aside: it is made from `executor` and `ray_address`)."""
+        return {"task_specific": self.task_specific, "allow_mixed_dtypes": self.allow_mixed_dtypes,
+                "max_relative_change": self.max_relative_change, "input_hash": self.input_hash}
+
     def partition_options(self) -> dict[str, Any]:
         """How the parameters are cut into blocks (`discover_blocks`' granularity and patterns)."""
         return {"granularity": self.granularity, "patterns": self.blocks}

@@ -65,23 +65,31 @@ def _checked(fn: Callable, name: str) -> Evaluator:
 def read_examples(path: str | Path, limit: int | None = None) -> list[tuple[str, Any]]:
     """(text, label) pairs from a JSONL (`.jsonl`, `.json`: one object per line) or CSV file with
     `text` and `label` columns; the first `limit` of them."""
+    return read_text_pairs(path, "label", limit)
+
+
+def read_text_pairs(path: str | Path, field: str, limit: int | None = None,
+                    what: str = "evaluation data") -> list[tuple[str, Any]]:
+    """(text, row[field]) pairs from a JSONL (one object per line) or CSV file (a header naming
+    `text` and `field`), the first `limit` of them: labelled examples (`field="label"`), or the
+    (input, task) examples a router learns from (`field="task"`). Every error names file and row."""
     path = Path(path)
     try:
         if path.stat().st_size > DATA_MAX_BYTES:
-            raise ConfigError(f"{path}: larger than {DATA_MAX_BYTES >> 20} MiB; pass a smaller evaluation file")
+            raise ConfigError(f"{path}: larger than {DATA_MAX_BYTES >> 20} MiB; pass a smaller file")
         raw = path.read_text(encoding="utf-8")
     except OSError as e:
-        raise ConfigError(f"evaluation data {path}: cannot read ({e.strerror or e})") from None
+        raise ConfigError(f"{what} {path}: cannot read ({e.strerror or e})") from None
     except UnicodeDecodeError:
-        raise ConfigError(f"evaluation data {path}: not UTF-8 text") from None
-    rows = _csv_rows(raw, path) if path.suffix.lower() == ".csv" else _jsonl_rows(raw, path)
+        raise ConfigError(f"{what} {path}: not UTF-8 text") from None
+    rows = _csv_rows(raw, path, field) if path.suffix.lower() == ".csv" else _jsonl_rows(raw, path, field)
     out = []
     for n, row in rows:
-        if "text" not in row or "label" not in row:
-            raise ConfigError(f"{path}: row {n} has no 'text' and 'label' (it has {sorted(row)[:6]})")
+        if "text" not in row or field not in row:
+            raise ConfigError(f"{path}: row {n} has no 'text' and '{field}' (it has {sorted(row)[:6]})")
         if not isinstance(row["text"], str):
             raise ConfigError(f"{path}: row {n}: 'text' must be a string")
-        out.append((row["text"], row["label"]))
+        out.append((row["text"], row[field]))
         if limit is not None and len(out) >= limit:
             break
     if not out:
@@ -89,7 +97,7 @@ def read_examples(path: str | Path, limit: int | None = None) -> list[tuple[str,
     return out
 
 
-def _jsonl_rows(raw: str, path: Path):
+def _jsonl_rows(raw: str, path: Path, field: str):
     for n, line in enumerate(raw.splitlines(), 1):
         if not line.strip():
             continue
@@ -98,14 +106,14 @@ def _jsonl_rows(raw: str, path: Path):
         except (ValueError, RecursionError):
             raise ConfigError(f"{path}: line {n} is not JSON (JSONL: one object per line)") from None
         if not isinstance(row, dict):
-            raise ConfigError(f"{path}: line {n} must be a JSON object with 'text' and 'label'")
+            raise ConfigError(f"{path}: line {n} is not a JSON object with 'text' and '{field}'")
         yield n, row
 
 
-def _csv_rows(raw: str, path: Path):
+def _csv_rows(raw: str, path: Path, field: str):
     reader = csv.DictReader(io.StringIO(raw))
-    if not reader.fieldnames or not {"text", "label"} <= set(reader.fieldnames):
-        raise ConfigError(f"{path}: a CSV file needs a header with 'text' and 'label' columns")
+    if not reader.fieldnames or not {"text", field} <= set(reader.fieldnames):
+        raise ConfigError(f"{path}: a CSV file needs a header with 'text' and '{field}' columns")
     for n, row in enumerate(reader, 2):
         yield n, row
 

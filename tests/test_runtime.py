@@ -251,7 +251,7 @@ def test_router_routes_unknown_inputs_and_lives_in_the_artifact(routing_zoo, tmp
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "a cat"}\n')
     r = CliRunner().invoke(app, ["route", "train", str(out), "--calibration", str(bad)])
-    assert r.exit_code == 2 and "not a JSON object with 'text' and 'task'" in r.output
+    assert r.exit_code == 2 and "row 1 has no 'text' and 'task'" in r.output
 
 
 def test_mixture_weights_rebuild_shared_plus_weighted_residuals(artifact):

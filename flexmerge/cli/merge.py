@@ -1,0 +1,214 @@
+"""Commands of the merge itself: plan, merge, inspect, export, methods."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from flexmerge._atomic import check_target
+from flexmerge.api import artifact_summary, load_for_merge, merge_files, path_unit
+from flexmerge.api import plan as plan_path
+from flexmerge.cli.app import command, console
+from flexmerge.cli.options import (
+    BaseOpt,
+    ConfigOpt,
+    DeviceOpt,
+    ExecOpt,
+    GranOpt,
+    HashOpt,
+    LinkageOpt,
+    MeasureOpt,
+    MethodOpt,
+    MixedOpt,
+    ModelOpt,
+    ModeOpt,
+    ParamOpt,
+    PlannerOpt,
+    RayOpt,
+    RelOpt,
+    SeedOpt,
+    SpecificOpt,
+    merge_config,
+)
+from flexmerge.errors import FlexMergeError
+from flexmerge.executors import get_executor
+from flexmerge.flexmodel import export as export_task
+from flexmerge.flexmodel import load
+from flexmerge.methods import available_methods
+from flexmerge.planning.path import SIZE_TOLERANCE, MergePath, is_path_file
+from flexmerge.size import format_bytes
+from flexmerge.taskvec import TaskSet
+
+
+@command
+def plan(
+    out: Path = typer.Option(..., "--out", help="where to write the merge path (JSON)"),
+    base: Optional[Path] = BaseOpt, model: Optional[list[str]] = ModelOpt, method: Optional[str] = MethodOpt,
+    param: Optional[list[str]] = ParamOpt, granularity: Optional[str] = GranOpt, planner: Optional[str] = PlannerOpt,
+    linkage: Optional[str] = LinkageOpt, mode: Optional[str] = ModeOpt, measure: Optional[str] = MeasureOpt,
+    seed: Optional[int] = SeedOpt, config: Optional[Path] = ConfigOpt, allow_mixed_dtypes: Optional[bool] = MixedOpt,
+    executor: Optional[str] = ExecOpt, ray_address: Optional[str] = RayOpt,
+    max_relative_change: Optional[float] = RelOpt,
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing path file at --out"),
+    task_specific: Optional[list[str]] = SpecificOpt, device: Optional[str] = DeviceOpt,
+    input_hash: Optional[str] = HashOpt,
+) -> None:
+    """Compute the whole merge path (Mx down to the smallest size) and write it as JSON.
+
+    Example: flexmerge plan --base base.safetensors --model a=a.safetensors --model b=b.safetensors
+    --method ties --out path.json
+    """
+    check_target(out, overwrite, is_path_file, "a flexmerge path file")  # before minutes of work, not after
+    cfg = merge_config(config, base=base, model=model, method=method, param=param, granularity=granularity,
+                       planner=planner, linkage=linkage, mode=mode, measure=measure, seed=seed,
+                       mixed=allow_mixed_dtypes, executor=executor, ray_address=ray_address,
+                       max_relative_change=max_relative_change, task_specific=task_specific, device=device,
+                       input_hash=input_hash)
+    ex = get_executor(cfg.executor, address=cfg.ray_address)
+    tasks = load_for_merge(cfg.base, cfg.models, method=cfg.method, params=cfg.params, planner=cfg.planner,
+                           merging=False, executor=ex, **cfg.load_options())
+    path = plan_path(tasks, method=cfg.method, params=cfg.params, executor=ex, device=cfg.device,
+                     options=cfg.plan_options(), **cfg.partition_options())
+    path.save(out, overwrite=overwrite)
+    console.print(f"{len(path.block_names)} blocks, {path.num_points} points, sizes {path.sizes[0]:.3f}x -> "
+                  f"{path.min_size:.3f}x; similarity pass {path.timings['similarity_pass']:.2f}s, "
+                  f"path {path.timings['path']:.4f}s")
+    console.print(_size_table(tasks, path))
+    console.print(f"wrote {escape(str(out))}", soft_wrap=True)
+
+
+def _size_table(tasks: TaskSet, path: MergePath, rows: int = 12) -> Table:
+    """A compact size -> bytes table of the path: what each point costs on disk, everything counted."""
+    unit = path_unit(tasks, path)
+    points = sorted(set(range(0, path.num_points, max(1, path.num_points // (rows - 1)))) | {path.num_points - 1})
+    table = Table("point", "size", "bytes (all stored)", title="size -> bytes along the path")
+    for p in points:
+        table.add_row(str(p), f"{path.sizes[p]:.3f}x", format_bytes(path.sizes[p] * unit.nbytes + tasks.frozen_bytes()))
+    return table
+
+
+@command
+def merge(
+    out: Path = typer.Option(..., "--out", help="artifact directory to write"),
+    size: Optional[str] = typer.Option(None, "--size", help="target size in model units (one unit: one whole "
+                                       "fine-tune as stored), 1 <= size <= M; max: every fine-tune as it is; "
+                                       "min: the smallest point"),
+    base: Optional[Path] = BaseOpt, model: Optional[list[str]] = ModelOpt, method: Optional[str] = MethodOpt,
+    param: Optional[list[str]] = ParamOpt, granularity: Optional[str] = GranOpt, planner: Optional[str] = PlannerOpt,
+    linkage: Optional[str] = LinkageOpt, mode: Optional[str] = ModeOpt, measure: Optional[str] = MeasureOpt,
+    seed: Optional[int] = SeedOpt, config: Optional[Path] = ConfigOpt, allow_mixed_dtypes: Optional[bool] = MixedOpt,
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing artifact at --out"),
+    executor: Optional[str] = ExecOpt, ray_address: Optional[str] = RayOpt,
+    resume: bool = typer.Option(True, "--resume/--no-resume",
+                                help="continue an interrupted run of the same merge (default) or start over"),
+    max_relative_change: Optional[float] = RelOpt,
+    task_specific: Optional[list[str]] = SpecificOpt,
+    max_bytes: Optional[str] = typer.Option(None, "--max-bytes",
+                                            help="storage budget instead of --size, e.g. 300MB or 1.5GiB: the largest "
+                                                 "point whose artifact (frozen, task-specific, masks, θ0 included) fits"),
+    device: Optional[str] = DeviceOpt, input_hash: Optional[str] = HashOpt,
+) -> None:
+    """Merge to a target size (or within a storage budget) and write the flex-model artifact.
+
+    Example: flexmerge merge --base base.safetensors --model a=a.safetensors --model b=b.safetensors
+    --model c=c.safetensors --method ties --size 2 --out flex-2x
+    """
+    cfg = merge_config(config, base=base, model=model, method=method, param=param, granularity=granularity,
+                       planner=planner, linkage=linkage, mode=mode, measure=measure, seed=seed,
+                       mixed=allow_mixed_dtypes, size=size, executor=executor, ray_address=ray_address,
+                       max_relative_change=max_relative_change, task_specific=task_specific, max_bytes=max_bytes,
+                       device=device, input_hash=input_hash)
+    if cfg.size is None and cfg.max_bytes is None:
+        raise FlexMergeError("--size or --max-bytes (or `size:` / `max_bytes:` in --config) is required")
+    manifest = merge_files(cfg.base, cfg.models, out, size=cfg.size, max_bytes=cfg.max_bytes, method=cfg.method,
+                           params=cfg.params, overwrite=overwrite,
+                           executor=get_executor(cfg.executor, address=cfg.ray_address),
+                           load_options=cfg.load_options(), options=cfg.plan_options(), resume=resume,
+                           device=cfg.device, **cfg.partition_options())
+    asked = (f"{cfg.size:g}x" if isinstance(cfg.size, float) else str(cfg.size)) if cfg.size is not None \
+        else f"at most {format_bytes(cfg.max_bytes)}"
+    total = manifest["stored_bytes"] + manifest["frozen_bytes"] + manifest["task_specific_bytes"]
+    console.print(f"wrote {escape(str(out))}: {len(manifest['tasks'])} tasks, method {manifest['method']['name']}, "
+                  f"size {manifest['size']:.4f}x, {format_bytes(total)} (asked {asked})", soft_wrap=True)
+    note = cut_note(manifest)
+    if note:
+        console.print(note, soft_wrap=True)
+
+
+def cut_note(manifest: dict[str, Any]) -> str | None:
+    """One line when the artifact is smaller than asked: which path point it is, and why not larger."""
+    info, size = manifest.get("info", {}), manifest["size"]
+    asked = info.get("requested_size")
+    if not isinstance(asked, (int, float)) or size >= asked - SIZE_TOLERANCE:
+        return None
+    up = info.get("next_size_up")
+    why = (f"the next point up is {up:.4f}x, above {asked:.4g}x" if up is not None
+           else "every other point stores at least one more copy of a block")
+    return (f"note: took path point {info.get('path_point')} of {info.get('path_points', 0) - 1} at {size:.4f}x, "
+            f"the largest not above {asked:.4g}x: {why}")
+
+
+@command
+def inspect(
+    artifact: Path = typer.Argument(..., help="flex-model directory"),
+    as_json: bool = typer.Option(False, "--json", help="print the manifest summary as JSON"),
+) -> None:
+    """Show a flex model's tasks, method, size, blocks and groups.
+
+    Example: flexmerge inspect flex-2x --json
+    """
+    summary = artifact_summary(artifact)
+    if as_json:
+        sys.stdout.write(json.dumps(summary, indent=1) + "\n")
+        return
+    console.print(f"tasks: {', '.join(summary['tasks'])}")
+    console.print(f"method: {summary['method']}")
+    console.print(f"size: {summary['size']:.4f}x, in units of one whole fine-tune as stored (its own parameters "
+                  f"included): {summary['unit_bytes']:.0f} bytes", soft_wrap=True)
+    console.print(f"stored: {summary['stored_bytes']} bytes in blocks, {summary['task_specific_bytes']} bytes of "
+                  f"task-specific parameters, {summary['frozen_bytes']} bytes of frozen shared parameters",
+                  soft_wrap=True)
+    for t, keys in summary["task_specific"].items():
+        console.print(f"  {t} keeps its own: {', '.join(keys[:6])}{' ...' if len(keys) > 6 else ''}", soft_wrap=True)
+    table = Table("block", "groups")
+    for b in summary["blocks"]:
+        table.add_row(b["name"], "  ".join("{" + ",".join(g) + "}" for g in b["groups"]))
+    console.print(table)
+
+
+@command
+def export(
+    artifact: Path = typer.Argument(..., help="flex-model directory"),
+    task: str = typer.Option(..., "--task", help="which task's model to export"),
+    out: Path = typer.Option(..., "--out", help="a .safetensors file, or a directory (HF layout when inputs were HF)"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an earlier flexmerge export (nothing else)"),
+    out_dtype: Optional[str] = typer.Option(None, "--out-dtype",
+                                            help="cast the weights: float32 | float16 | bfloat16 [default: as stored]"),
+    max_shard_size: Optional[str] = typer.Option(None, "--max-shard-size",
+                                                 help="largest weight file of a directory export, e.g. 5GB or 500MB; "
+                                                      "bigger models are sharded with an index [default: 5GB]"),
+) -> None:
+    """Write one task's full checkpoint: a .safetensors file, or a directory as save_pretrained
+    writes it (shards + index, config, tokenizer, generation config, chat template) with a model card.
+
+    Example: flexmerge export flex-2x --task sst2 --out sst2-model/ --out-dtype bfloat16 --max-shard-size 2GB
+    """
+    written = export_task(load(artifact), task, out, overwrite=overwrite, out_dtype=out_dtype,
+                          max_shard_size=max_shard_size)
+    console.print(f"wrote {escape(str(written))}", soft_wrap=True)
+
+
+@command
+def methods() -> None:
+    """List the merging methods and their hyperparameters (with defaults)."""
+    table = Table("method", "what it stores", "hyperparameters (default)")
+    for name, cls in available_methods().items():
+        params = ", ".join(f"{k}={f.default!r}" for k, f in cls.Params.model_fields.items())
+        table.add_row(name, cls.summary, params)
+    console.print(table)

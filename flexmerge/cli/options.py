@@ -1,0 +1,78 @@
+"""Options several commands share, and the step from flags to the one validated `MergeConfig`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from flexmerge.config import MergeConfig, build_config
+from flexmerge.errors import FlexMergeError
+from flexmerge.taskvec import parse_task_specs
+
+BaseOpt = typer.Option(None, "--base", help="base checkpoint: .safetensors, sharded index.json, .pt/.bin or HF dir")
+ModelOpt = typer.Option(None, "--model", help="a fine-tuned model as NAME=PATH (repeat for each task)")
+MethodOpt = typer.Option(None, "--method", help="merging method (see `flexmerge methods`), optionally with its "
+                                                "parameters: ties:keep=0.3 (as sweep --methods) [default: task_arithmetic]")
+ParamOpt = typer.Option(None, "--param", help="method hyperparameter KEY=VALUE, e.g. lam=1.0 (repeatable)")
+GranOpt = typer.Option(None, "--granularity", help="layer | sublayer | tensor | split:K [default: sublayer]")
+PlannerOpt = typer.Option(None, "--planner", help="greedy | recon | left-right | right-left | random | channel | "
+                                                  "cluster (output: data-aware, suites only; docs/planners.md)")
+LinkageOpt = typer.Option(None, "--linkage", help="constituent linkage: min (default) | avg | max")
+ModeOpt = typer.Option(None, "--mode", help="similarity: constituent (default) | merged")
+MeasureOpt = typer.Option(None, "--measure", help="merged-vector measure: cosine | euclidean | sign")
+SeedOpt = typer.Option(None, "--seed", help="seed of the random order, k-means and DARE")
+ConfigOpt = typer.Option(None, "--config", help="YAML file with the same fields, or a mergekit config "
+                                                "(docs/mergekit.md); flags override it")
+ExecOpt = typer.Option(None, "--executor",
+                       help="where block work runs: local (default, one block at a time) | threads (two at once) | ray")
+RayOpt = typer.Option(None, "--ray-address", help="Ray cluster address (default with --executor ray: a local instance)")
+DeviceOpt = typer.Option(None, "--device", help="where preprocessing, the similarity pass and merging compute: "
+                                                "cpu (default) | auto (CUDA when available) | cuda | cuda:N")
+RelOpt = typer.Option(None, "--max-relative-change",
+                      help="largest ||θ_t − θ0|| / ||θ0|| accepted before the base is rejected [default: 0.5]")
+SpecificOpt = typer.Option(None, "--task-specific",
+                           help="regex (full match) of parameters each task keeps for itself, never merged (repeatable); "
+                                "Hugging Face heads (classifier, score, qa_outputs) are detected without one")
+HashOpt = typer.Option(None, "--input-hash",
+                       help="fingerprint of every input's content (provenance, resume): xxh3_128 (default, "
+                            "~25 GB/s) | sha256 (cryptographic, ~1.7 GB/s per core)")
+MixedOpt = typer.Option(None, "--allow-mixed-dtypes/--no-allow-mixed-dtypes", help="merge inputs of different float dtypes")
+CacheOpt = typer.Option(None, "--cache-dir", help="where fine-tuned zoos are cached [default: ~/.cache/flexmerge]")
+RebuildOpt = typer.Option(False, "--rebuild", help="retrain the zoo even if a verified cached one exists")
+
+
+def parse_params(items: list[str] | None) -> dict[str, Any]:
+    """`--param KEY=VALUE` items; a value that reads as JSON (1.5, true, [1, 2]) is that value."""
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise FlexMergeError(f"--param {item!r} must be KEY=VALUE")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def merge_config(config: Path | None, *, model: list[str] | None = None, param: list[str] | None = None,
+                 task_specific: list[str] | None = None, mixed: bool | None = None, **flags: Any) -> MergeConfig:
+    """The validated merge description: the --config file (YAML or mergekit), then the flags given
+    over it (`flags`: MergeConfig field names; None means not given)."""
+    fields = {**flags, "models": parse_task_specs(model) if model else None, "params": parse_params(param),
+              "task_specific": task_specific or None, "allow_mixed_dtypes": mixed}
+    return build_config(config, fields)
+
+
+def floats(text: str, what: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise FlexMergeError(f"{what} must be comma-separated numbers, got {text!r}") from None
+
+
+def names(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
