@@ -16,10 +16,14 @@ from flexmerge.methods import (  # noqa: F401
 from flexmerge.methods.base import (
     GroupResult,
     MergeMethod,
+    MethodSpec,
     available_methods,
     get_method,
     parse_method_spec,
+    parse_params,
     register,
 )
+from flexmerge.methods.generalized import GTAConfig
 
-__all__ = ["GroupResult", "MergeMethod", "available_methods", "get_method", "parse_method_spec", "register"]
+__all__ = ["GTAConfig", "GroupResult", "MergeMethod", "MethodSpec", "available_methods", "get_method",
+           "parse_method_spec", "parse_params", "register"]

@@ -7,8 +7,10 @@ is declared by `transforms()` and applied before planning and merging.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import ClassVar, Literal
 
 import torch
@@ -63,6 +65,9 @@ class MethodParams(BaseModel):
     """Options every method takes: DARE as an optional preprocessing of the task vectors."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # lam=NaN would write an all-NaN model
+    # Options a method gained after artifacts were written with it: `describe` (so the manifest)
+    # records them only when they differ from their default, so those artifacts stay byte for byte.
+    recorded_when_set: ClassVar[tuple[str, ...]] = ()
     dare: float = Field(0.0, ge=0.0, lt=1.0, description="DARE drop rate p applied first (0 = off)")
     seed: int = Field(0, description="seed of DARE's drops")
     dtype: Literal["float32", "float16", "bfloat16"] | None = Field(
@@ -101,10 +106,13 @@ class MergeMethod:
         try:
             self.p = self.Params(**params)
         except ValidationError as e:
-            raise ConfigError(f"invalid parameters for method {self.name!r}: {_short(e)}") from None
+            raise ConfigError(f"invalid parameters for method {self.name!r}: {_short(e, self.Params)}") from None
 
     def params(self) -> dict[str, object]:
-        return self.p.model_dump()
+        """The parameters as recorded (`describe`, manifests): all, less unset `recorded_when_set` ones."""
+        fields = type(self.p).model_fields
+        return {k: v for k, v in self.p.model_dump().items()
+                if k not in self.p.recorded_when_set or v != fields[k].default}
 
     def storage_dtype(self, input_dtype: torch.dtype) -> torch.dtype:
         return getattr(torch, self.p.dtype) if self.p.dtype else input_dtype
@@ -186,48 +194,174 @@ def register(cls: type[MergeMethod]) -> type[MergeMethod]:
     return cls
 
 
-def get_method(name: str | MergeMethod, **params: object) -> MergeMethod:
-    """A configured method instance by registered name or spec (`ties`, `twin:rank=4:base=ties`;
-    the spec's parameters win over `params`); an instance passes through."""
-    if isinstance(name, MergeMethod):
-        return name
-    if ":" in name:
-        name, own = parse_method_spec(name)
-        params = {**params, **own}
-    try:
-        cls = _REGISTRY[name]
-    except KeyError:
-        raise UnknownNameError("merging method", name, _REGISTRY) from None
-    return cls(**params)
+def get_method(spec: str | MethodSpec | MergeMethod, params: Mapping[str, object] | None = None,
+               **kw: object) -> MergeMethod:
+    """A configured method from a name or spec (`ties`, `twin:rank=4:base=ties`) with `params` and
+    keyword parameters added under the spec's own (`MethodSpec.with_params`: a key the spec sets
+    keeps the spec's value); an instance, already configured, passes through."""
+    if isinstance(spec, MergeMethod):
+        if params or kw:
+            raise ConfigError(f"method {spec.name!r} is an instance, already configured: pass its parameters "
+                              "to its constructor or give its name")
+        return spec
+    twice = sorted(set(params or {}) & set(kw))
+    if twice:
+        raise ConfigError(f"method parameter(s) {', '.join(map(repr, twice))} given both in params and as keywords")
+    return MethodSpec.of(spec).with_params({**(params or {}), **kw}).build()
 
 
 def available_methods() -> dict[str, type[MergeMethod]]:
     return dict(sorted(_REGISTRY.items()))
 
 
-def parse_method_spec(spec: str) -> tuple[str, dict[str, object]]:
-    """'twin:rank=4:base=ties' -> ('twin', {'rank': 4, 'base': 'ties'}): one method and its parameters
-    in one word, so a sweep can hold the same method at several settings. Values are read as JSON
-    (numbers, true/false, null) or else kept as text."""
-    import json
+@dataclass(frozen=True)
+class MethodSpec:
+    """A merging method and its parameters as one value, written `ties:keep=0.3` or
+    `twin:rank=4:base=ties`: one word holds a method at one setting, so a sweep can name the same
+    method at several, a curve be labelled by it, and a CLI flag carry it. `parse` reads the text
+    (values as JSON: numbers, true/false, null, lists; else kept as text), `str` writes it back,
+    `build` looks the method up in the registry and configures it."""
 
-    name, *pairs = [x.strip() for x in spec.split(":")]
-    params: dict[str, object] = {}
-    for pair in pairs:
-        key, eq, value = pair.partition("=")
-        if not eq or not key.strip():
-            raise ConfigError(f"method spec {spec!r}: {pair!r} is not key=value (write e.g. twin:rank=4:base=ties)")
+    name: str
+    params: Mapping[str, object] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name.strip():
+            raise ConfigError(f"a method spec needs a method name, got {self.name!r}")
+        object.__setattr__(self, "params", MappingProxyType(dict(self.params)))  # a value: read-only
+
+    @classmethod
+    def parse(cls, text: str) -> MethodSpec:
+        """'twin:rank=4:base=ties' -> MethodSpec('twin', {'rank': 4, 'base': 'ties'})."""
+        if not isinstance(text, str):
+            raise ConfigError(f"a method is a name or a spec such as 'ties:keep=0.3', got {text!r}")
+        name, *pairs = [x.strip() for x in text.split(":")]
+        params: dict[str, object] = {}
+        for pair in pairs:
+            kv = _key_value(pair)
+            if kv is None:
+                raise ConfigError(f"method spec {text!r}: {pair!r} is not key=value (write e.g. twin:rank=4:base=ties)")
+            if kv[0] in params:
+                raise ConfigError(f"method spec {text!r} sets {kv[0]!r} twice")
+            params[kv[0]] = kv[1]
+        if not name:
+            raise ConfigError(f"method spec {text!r} names no method")
+        return cls(name, params)
+
+    @classmethod
+    def of(cls, spec: str | MethodSpec) -> MethodSpec:
+        """`spec` as a MethodSpec (text is parsed)."""
+        return spec if isinstance(spec, MethodSpec) else cls.parse(spec)
+
+    def __str__(self) -> str:
+        """The canonical text: `parse(str(spec)) == spec`; a key or value text cannot spell (one
+        with ':', a value JSON cannot write) is a ConfigError."""
+        return ":".join([self.name, *(f"{_key_text(k)}={_value_text(k, v)}" for k, v in self.params.items())])
+
+    def __repr__(self) -> str:
+        return f"MethodSpec({self.name!r}, {dict(self.params)!r})"
+
+    def __hash__(self) -> int:
+        return hash((self.name, frozenset(self.params)))  # equal specs have equal names and keys
+
+    def with_params(self, params: Mapping[str, object]) -> MethodSpec:
+        """This spec with `params` added where it sets nothing. A key the spec sets keeps the spec's
+        value, the more specific statement: the sweep curve `twin:rank=4` stays rank 4 under a
+        config's params for `twin`, and `--method ties:keep=0.3 --param keep=0.5` merges with 0.3."""
+        return MethodSpec(self.name, {**self.params, **{k: v for k, v in params.items() if k not in self.params}})
+
+    def build(self) -> MergeMethod:
+        """The registered method configured with these parameters; an unknown name or a bad
+        parameter is a ConfigError naming it and the choices."""
         try:
-            params[key.strip()] = json.loads(value)
-        except ValueError:
-            params[key.strip()] = value.strip()
-    if not name:
-        raise ConfigError(f"method spec {spec!r} names no method")
-    return name, params
+            cls = _REGISTRY[self.name]
+        except KeyError:
+            raise UnknownNameError("merging method", self.name, _REGISTRY) from None
+        return cls(**self.params)
 
 
-def _short(e: ValidationError) -> str:
-    return "; ".join(f"{'.'.join(map(str, err['loc'])) or 'params'}: {err['msg']}" for err in e.errors())
+def parse_value(text: str) -> object:
+    """A parameter's value as a spec or `--param` writes it: JSON (numbers, true/false, null,
+    lists, quoted text), else the text itself, stripped."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text.strip()
+
+
+def parse_params(items: Iterable[str], what: str = "--param") -> dict[str, object]:
+    """KEY=VALUE items (the CLI's `--param` shorthand) as parameters, values read as `parse_value`."""
+    params: dict[str, object] = {}
+    for item in items:
+        kv = _key_value(item)
+        if kv is None:
+            raise ConfigError(f"{what} {item!r} must be KEY=VALUE")
+        if kv[0] in params:
+            raise ConfigError(f"{what} sets {kv[0]!r} twice")
+        params[kv[0]] = kv[1]
+    return params
+
+
+def parse_method_spec(spec: str) -> tuple[str, dict[str, object]]:
+    """(name, parameters) of a spec: `MethodSpec.parse` for callers that want the pair."""
+    parsed = MethodSpec.parse(spec)
+    return parsed.name, dict(parsed.params)
+
+
+def _key_value(item: str) -> tuple[str, object] | None:
+    """(key, value) of 'key=value'; None when it is not one."""
+    key, eq, value = item.partition("=")
+    if not eq or not key.strip():
+        return None
+    return key.strip(), parse_value(value)
+
+
+def _key_text(key: str) -> str:
+    if not isinstance(key, str) or not key or key != key.strip() or ":" in key or "=" in key:
+        raise ConfigError(f"{key!r} cannot be written as a parameter name in a method spec")
+    return key
+
+
+def _value_text(key: str, value: object) -> str:
+    """`value` as a spec writes it: text that JSON would read otherwise (or that `parse_value`
+    would strip) quoted, anything else as JSON."""
+    if isinstance(value, str) and value == value.strip() and _not_json(value):
+        text = value
+    else:
+        try:
+            text = json.dumps(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}={value!r} cannot be written in a method spec (values are JSON)") from None
+    if ":" in text:
+        raise ConfigError(f"{key}={value!r} cannot be written in a method spec (':' separates its parameters)")
+    return text
+
+
+def _not_json(text: str) -> bool:
+    try:
+        json.loads(text)
+    except ValueError:
+        return True
+    return False
+
+
+def _short(e: ValidationError, params: type[MethodParams]) -> str:
+    """The errors one per key, with the value given; an unknown key with the method's parameters."""
+    out = []
+    for err in e.errors():
+        where = ".".join(map(str, err["loc"])) or "params"
+        if err["type"] == "extra_forbidden":
+            out.append(f"{where}: {err['msg']} (its parameters: {', '.join(params.model_fields)})")
+        elif err["loc"]:
+            out.append(f"{where}: {err['msg']}, got {_shown(err['input'])}")
+        else:
+            out.append(f"{where}: {err['msg']}")
+    return "; ".join(out)
+
+
+def _shown(value: object, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 class StructuredMethod(MergeMethod):

@@ -5,7 +5,9 @@ from typing import Literal
 import torch
 from pydantic import Field
 
+from flexmerge.methods import generalized as gta
 from flexmerge.methods.base import GroupResult, MergeMethod, MethodParams, register
+from flexmerge.preprocess import Transform
 
 
 class TaskArithmeticParams(MethodParams):
@@ -17,7 +19,7 @@ class TaskArithmeticParams(MethodParams):
 
 @register
 class TaskArithmetic(MergeMethod):
-    """Task Arithmetic (Ilharco et al., 2023)."""
+    """Task Arithmetic (Ilharco et al., 2023): generalized task arithmetic without trim or sign election."""
 
     name = "task_arithmetic"
     elementwise = True
@@ -25,19 +27,22 @@ class TaskArithmetic(MergeMethod):
     reference = "https://arxiv.org/abs/2212.04089"
     Params = TaskArithmeticParams
 
+    @property
+    def config(self) -> gta.GTAConfig:
+        return gta.GTAConfig.task_arithmetic(self.p, self.p.convention, self.p.lam)
+
+    def transforms(self) -> list[Transform]:
+        return self.config.transforms()
+
     def merge(self, deltas: torch.Tensor) -> GroupResult:
-        """w·Σ τ_i, the weights being equal: a sum over the group reads the (n, d) task vectors at
-        memory speed, where the same product as a (1, n) @ (n, d) GEMV ran at half of it (MKL, 8
-        rows of 256K entries)."""
-        merged = deltas.sum(0)
-        w = self.member_weight(deltas.shape[0])
-        return GroupResult(merged if w == 1.0 else merged.mul_(w))
+        """w·Σ τ_i (`generalized.merge`); a task alone keeps its own vector."""
+        if deltas.shape[0] == 1:
+            return GroupResult(deltas.sum(0))
+        return GroupResult(gta.merge(deltas, self.config))
 
     def member_weight(self, n: int) -> float:
         """Each member's weight in a group of `n` (a task alone keeps its own vector)."""
-        if n == 1:
-            return 1.0
-        return self.p.lam / n if self.p.convention == "mean" else self.p.lam
+        return 1.0 if n == 1 else gta.linear_weight(n, self.p.convention, self.p.lam)
 
     def linear_weights(self, n: int, device: torch.device | None = None) -> torch.Tensor:
         return torch.full((n,), self.member_weight(n), dtype=torch.float64, device=device)

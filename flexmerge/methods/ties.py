@@ -1,33 +1,24 @@
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 from pydantic import Field
 
+from flexmerge.methods import generalized as gta
 from flexmerge.methods.base import GroupResult, MergeMethod, MethodParams, register
-from flexmerge.methods.kernels import disjoint_mean, disjoint_sum, elect_sign
-from flexmerge.preprocess import TopKTrim, Transform
+from flexmerge.preprocess import Transform
 
 
 class TiesParams(MethodParams):
-    keep: float = Field(0.2, gt=0.0, le=1.0, description="fraction of largest-magnitude entries kept per task (global)")
+    keep: float = gta.keep_field()
     lam: float = Field(1.0, description="scaling λ of the merged vector")
-    trim: Literal["reference", "exact", "floor"] = Field(
-        "reference", description="'reference': keep |τ| >= the (D − int(keep·D))-th smallest, as the TIES code "
-        "(int(keep·D)+1 entries, more on ties); 'exact': round(keep·D) entries, the paper's top-k%; "
-        "'floor': int(keep·D) entries, as mergekit")
-    trim_scope: Literal["model", "tensor"] = Field(
-        "model", description="'model': the top entries of the whole task vector (TIES paper, FlexMerge); "
-        "'tensor': of each tensor on its own (mergekit)")
-    combine: Literal["mean", "sum"] = Field(
-        "mean", description="'mean': disjoint mean of the entries agreeing with the elected sign (TIES; mergekit's "
-        "normalize: true); 'sum': their sum (mergekit's normalize: false, the default of its dare_ties)")
+    trim: gta.TrimRule = gta.trim_field()
+    trim_scope: gta.TrimScope = gta.trim_scope_field()
+    combine: gta.Combine = gta.combine_field()
 
 
 @register
 class Ties(MergeMethod):
-    """TIES-Merging (Yadav et al., 2023): trim, elect sign, disjoint mean."""
+    """TIES-Merging (Yadav et al., 2023): trim, elect sign, disjoint mean (`GTAConfig.ties`)."""
 
     name = "ties"
     elementwise = True
@@ -35,11 +26,13 @@ class Ties(MergeMethod):
     reference = "https://arxiv.org/abs/2306.01708"
     Params = TiesParams
 
+    @property
+    def config(self) -> gta.GTAConfig:
+        return gta.GTAConfig.ties(self.p, self.p.lam)
+
     def transforms(self) -> list[Transform]:
-        """DARE (if on), then the global trim; keep=1 keeps every entry, so it needs no trimming pass."""
-        trim = [TopKTrim(self.p.keep, self.p.trim, self.p.trim_scope)] if self.p.keep < 1.0 else []
-        return [*super().transforms(), *trim]
+        """DARE (if on), then the global trim."""
+        return self.config.transforms()
 
     def merge(self, deltas: torch.Tensor) -> GroupResult:
-        combine = disjoint_mean if self.p.combine == "mean" else disjoint_sum
-        return GroupResult(self.p.lam * combine(deltas, elect_sign(deltas)))
+        return GroupResult(gta.merge(deltas, self.config))

@@ -1,27 +1,32 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from pydantic import Field, model_validator
 
 from flexmerge.blocks import PartView
+from flexmerge.methods import generalized as gta
 from flexmerge.methods.base import GroupResult, MethodParams, Residual, StructuredMethod, register
-from flexmerge.methods.kernels import disjoint_mean, elect_sign
-from flexmerge.preprocess import TopKTrim, Transform
+from flexmerge.preprocess import Transform
 
 REFERENCE_DENSITY = 0.1  # Twin-Merging's scripts: mask_strategy=svd, mask_rate=0.9 -> density 1 - 0.9
 
 
 class TwinParams(MethodParams):
+    # trim_scope and combine came after artifacts were written with twin: recorded only when set
+    recorded_when_set: ClassVar[tuple[str, ...]] = ("trim_scope", "combine")
+
     base: Literal["task_arithmetic", "ties"] = Field("task_arithmetic", description="how the shared vector is merged")
     lam: float | None = Field(None, description="scaling of the shared vector [default: 0.3 for task_arithmetic "
                               "(Twin-Merging's config), 1.0 for ties]")
     convention: Literal["sum", "mean"] = Field(
         "sum", description="task_arithmetic base: 'sum': λ·Σ τ_i (Twin-Merging's code); 'mean': λ·mean(τ_i)")
-    keep: float = Field(0.2, gt=0.0, le=1.0, description="ties base only: fraction kept by trimming")
-    trim: Literal["reference", "exact"] = Field("reference", description="ties base only: trim rule (see ties)")
+    keep: float = gta.keep_field(gta.TIES_BASE)
+    trim: gta.TrimRule = gta.trim_field(gta.TIES_BASE)
+    trim_scope: gta.TrimScope = gta.trim_scope_field(gta.TIES_BASE)
+    combine: gta.Combine = gta.combine_field(gta.TIES_BASE)
     rank: int | None = Field(None, ge=0, description="rank kept per 2-D tensor of each residual (absolute)")
     density: float | None = Field(None, ge=0.0, le=1.0, description="rank = int(density·min(m, n)) per 2-D tensor, "
                                   "Twin-Merging's rule [default 0.1 when neither rank nor energy is given]")
@@ -55,9 +60,15 @@ class Twin(StructuredMethod):
     Params = TwinParams
     uses_residuals = True
 
+    @property
+    def config(self) -> gta.GTAConfig:
+        """The shared vector: λ·Σ τ or λ·mean τ (`convention`), or TIES with this method's options."""
+        if self.p.base == "ties":
+            return gta.GTAConfig.ties(self.p, self.lam)
+        return gta.GTAConfig.task_arithmetic(self.p, self.p.convention, self.lam)
+
     def transforms(self) -> list[Transform]:
-        trim = [TopKTrim(self.p.keep, self.p.trim)] if self.p.base == "ties" else []
-        return [*super().transforms(), *trim]
+        return self.config.transforms()
 
     @property
     def uses_untransformed(self) -> bool:
@@ -84,10 +95,7 @@ class Twin(StructuredMethod):
 
     def shared(self, deltas: torch.Tensor) -> torch.Tensor:
         """The group's shared vector from its (n, D) (transformed) task vectors."""
-        if self.p.base == "ties":
-            return self.lam * disjoint_mean(deltas, elect_sign(deltas))
-        w = self.lam if self.p.convention == "sum" else self.lam / deltas.shape[0]
-        return w * deltas.sum(0)
+        return gta.merge(deltas, self.config)
 
     def merge_flat(self, deltas: torch.Tensor, parts: Sequence[PartView]) -> GroupResult:
         """Planning's merged-vector mode: the group's merged vector is its shared vector (the
