@@ -309,7 +309,7 @@ def main() -> None:
         serve_plain(args.serve_plain, args.port, args.cache_dir)
         return
 
-    from flexmerge.flexmodel.artifact import read_manifest
+    from flexmerge.flexmodel.read import read_manifest
     from flexmerge.serve.runtime import suite_artifact
     from flexmerge.suites import get_suite
 

@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 
 from benchmarks.vs_mergekit import LARGE, SMALL, generate, read_all
-from flexmerge.io.source import open_checkpoint, read_rows_into
+from flexmerge.io.open import open_checkpoint
+from flexmerge.io.source import read_rows_into
 
 CHUNK = 4 * 1024 * 1024
 

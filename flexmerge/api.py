@@ -12,11 +12,13 @@ from flexmerge import blocks as _blocks
 from flexmerge.blocks import Partition
 from flexmerge._atomic import check_target
 from flexmerge.device import resolve_device
-from flexmerge.flexmodel.artifact import SHARD_BYTES, ArtifactHeader, is_artifact, read_manifest, write_artifact
 from flexmerge.flexmodel.card import input_names
+from flexmerge.flexmodel.format import ArtifactHeader
 from flexmerge.flexmodel.materialize import AllTasksMerge, collect_hf_files, materialize_blocks
 from flexmerge.flexmodel.materialize import materialize as _materialize
 from flexmerge.flexmodel.model import FlexModel
+from flexmerge.flexmodel.read import is_artifact, read_manifest
+from flexmerge.flexmodel.write import SHARD_BYTES, write_artifact
 from flexmerge.methods.base import MergeMethod, get_method
 from flexmerge.planning import (
     MergePath,

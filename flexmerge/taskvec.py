@@ -23,11 +23,11 @@ from flexmerge._scratch import DELTAS, release, scratch
 from flexmerge.errors import CheckpointError, ConfigError
 from flexmerge.executors import get_executor
 from flexmerge.paths import check_task_name
+from flexmerge.io.open import open_checkpoint
 from flexmerge.io.source import (
     CheckpointSource,
     TensorMeta,
     file_record,
-    open_checkpoint,
     read_rows,
     read_rows_into,
     rows_shape,

@@ -10,7 +10,7 @@ import torch
 
 import flexmerge
 from flexmerge.errors import CheckpointError, FlexMergeError
-from flexmerge.io.source import open_checkpoint
+from flexmerge.io.open import open_checkpoint
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")

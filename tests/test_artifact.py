@@ -151,24 +151,25 @@ def test_the_journal_names_a_shard_only_once_it_is_hashed_and_on_disk(tasks, tmp
     import hashlib
     import threading
 
-    from flexmerge.flexmodel import artifact
+    from flexmerge.flexmodel import write
+    from flexmerge.flexmodel.format import JOURNAL
 
     events: list[tuple[str, str]] = []
-    real_seal, real_write = artifact.seal_file, artifact.write_text_atomic
+    real_seal, real_write = write.seal_file, write.write_text_atomic
 
     def seal(path):
         events.append(("sealed", path.name, threading.current_thread().name))
         return real_seal(path)
 
     def journal(path, text, *a, **k):
-        if path.name == artifact.JOURNAL:
+        if path.name == JOURNAL:
             for shard in json.loads(text)["shards"]:
                 assert ("sealed", shard["file"]) in [e[:2] for e in events], shard["file"]
             events.append(("journal", str(len(json.loads(text)["shards"]))))
         return real_write(path, text, *a, **k)
 
-    monkeypatch.setattr(artifact, "seal_file", seal)
-    monkeypatch.setattr(artifact, "write_text_atomic", journal)
+    monkeypatch.setattr(write, "seal_file", seal)
+    monkeypatch.setattr(write, "write_text_atomic", journal)
     manifest = flexmerge.merge_to_disk(tasks, tmp_path / "out", size=2.0, shard_bytes=1)
     sealed = [e for e in events if e[0] == "sealed"]
     assert len(sealed) == len(manifest["shards"]) > 2
@@ -183,12 +184,12 @@ def test_the_journal_names_a_shard_only_once_it_is_hashed_and_on_disk(tasks, tmp
 def test_a_shard_that_cannot_be_sealed_fails_the_write_and_leaves_nothing(tasks, tmp_path, monkeypatch):
     import threading
 
-    from flexmerge.flexmodel import artifact
+    from flexmerge.flexmodel import write
 
     def broken(path):
         raise OSError(28, "No space left on device", str(path))
 
-    monkeypatch.setattr(artifact, "seal_file", broken)
+    monkeypatch.setattr(write, "seal_file", broken)
     with pytest.raises(OSError, match="No space left"):
         flexmerge.merge_to_disk(tasks, tmp_path / "arts" / "out", size=2.0, shard_bytes=1, resume=False)
     assert os.listdir(tmp_path / "arts") == []

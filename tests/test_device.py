@@ -274,7 +274,8 @@ def test_own_model_sweep_plans_and_merges_on_the_device(tasks, monkeypatch):
 
 def test_a_gpu_merge_to_disk_names_its_device_and_is_its_own_job(zoo, tmp_path, monkeypatch):
     """The artifact says where it was merged; a CPU job's key (and manifest) are as before."""
-    from flexmerge.flexmodel.artifact import ArtifactHeader, read_manifest
+    from flexmerge.flexmodel.format import ArtifactHeader
+    from flexmerge.flexmodel.read import read_manifest
 
     keys, real = [], ArtifactHeader.job_key
     monkeypatch.setattr(ArtifactHeader, "job_key", lambda self, frozen: keys.append(real(self, frozen)) or keys[-1])

@@ -232,7 +232,7 @@ def test_router_routes_unknown_inputs_and_lives_in_the_artifact(routing_zoo, tmp
                                  "--batch-size", "16"])
     assert r.exit_code == 0, r.output
     assert "calibration routing accuracy 1.000" in r.output
-    assert flexmerge.flexmodel.artifact.is_artifact(out)
+    assert flexmerge.flexmodel.read.is_artifact(out)
     rt = Runtime.load(out)
     assert rt.flex.router is not None and rt.flex.router.shape == {"features": 32, "hidden": 64, "tasks": 3}
     test = _routing_texts(1, 10)

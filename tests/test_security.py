@@ -481,7 +481,7 @@ def test_malformed_manifests_are_one_line_errors(artifact, edit, message):
 
 def test_os_errors_name_the_file(zoo, tmp_path, monkeypatch):
     """A full disk (or a read-only/denied output) is one line naming the file, and leaves no artifact."""
-    import flexmerge.flexmodel.artifact as art
+    import flexmerge.flexmodel.write as art
 
     def full(tensors, filename, *a, **k):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), filename)
@@ -586,7 +586,7 @@ def test_overwrite_keeps_a_directory_that_holds_user_files(artifact, zoo, tmp_pa
 
 
 def test_a_full_disk_in_safetensors_is_a_user_error_naming_the_file(zoo, tmp_path, monkeypatch):
-    import flexmerge.flexmodel.artifact as art
+    import flexmerge.flexmodel.write as art
     from safetensors import SafetensorError
 
     def full(tensors, filename, *a, **k):

@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 import flexmerge
 from flexmerge.errors import ConfigError, FlexMergeError
-from flexmerge.flexmodel.artifact import MANIFEST
+from flexmerge.flexmodel.format import MANIFEST
 from flexmerge.suites.base import Suite, Zoo
 
 transformers = pytest.importorskip("transformers")

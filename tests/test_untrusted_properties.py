@@ -38,8 +38,8 @@ from safetensors.torch import save_file
 
 import flexmerge
 from flexmerge.errors import FlexMergeError
-from flexmerge.flexmodel import artifact as artifact_module
-from flexmerge.flexmodel.artifact import read_manifest
+from flexmerge.flexmodel import read as read_module
+from flexmerge.flexmodel.read import read_manifest
 from flexmerge.io import open_checkpoint
 from flexmerge.io.source import SAFETENSORS_DTYPES, _open_safetensors, parse_safetensors_header
 
@@ -89,7 +89,7 @@ def recording_opens(with_safe_open: bool = False):
     """Record the path of every `os.open`, `builtins.open` and `io.open` call (and the artifact
     loader's `safe_open`, which is Rust and bypasses the others) made inside the block."""
     opened: list[str] = []
-    real_os_open, real_open, real_safe_open = os.open, builtins.open, artifact_module.safe_open
+    real_os_open, real_open, real_safe_open = os.open, builtins.open, read_module.safe_open
 
     def note(path: Any) -> None:
         if not isinstance(path, int):  # an already open descriptor names no path
@@ -112,7 +112,7 @@ def recording_opens(with_safe_open: bool = False):
         stack.enter_context(mock.patch("builtins.open", any_open))
         stack.enter_context(mock.patch("io.open", any_open))  # pathlib's read_bytes/open go through io.open
         if with_safe_open:
-            stack.enter_context(mock.patch.object(artifact_module, "safe_open", safe_open))
+            stack.enter_context(mock.patch.object(read_module, "safe_open", safe_open))
         yield opened
 
 
@@ -595,7 +595,7 @@ def test_the_open_recorder_sees_every_channel(tmp_path):
     with recording_opens(with_safe_open=True) as opened:
         close(open_checkpoint(root / "link.safetensors"))
         outside.read_bytes()
-        with artifact_module.safe_open(str(outside), framework="pt"):
+        with read_module.safe_open(str(outside), framework="pt"):
             pass
     assert len(opened) >= 3
     with pytest.raises(AssertionError, match="opened outside"):

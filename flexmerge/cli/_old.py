@@ -245,7 +245,7 @@ def merge(
     """
     from flexmerge._atomic import check_target
     from flexmerge.api import first_pass_for, merge_to_disk, uses_key_grams
-    from flexmerge.flexmodel.artifact import is_artifact
+    from flexmerge.flexmodel.read import is_artifact
 
     check_target(out, overwrite, is_artifact, "a flex-model artifact")  # before the validation pass, not after
     cfg = _config(config, base, model, method, param, granularity, planner, linkage, mode, measure, seed,
@@ -293,7 +293,7 @@ def inspect(
 
     Example: flexmerge inspect flex-2x --json
     """
-    from flexmerge.flexmodel.artifact import read_manifest
+    from flexmerge.flexmodel.read import read_manifest
 
     m = read_manifest(artifact)
     tasks = m["tasks"]
@@ -613,7 +613,7 @@ def _calibration(path: Path) -> list[tuple[str, str]]:
 def _suite_runtime(artifact: Path, name: str, cache_dir: Optional[Path]) -> tuple[Any, dict[str, Any]]:
     """(suite, Runtime options: tokenizer, config, heads) for an artifact merged from a text suite's
     zoo (whose files hold no Hugging Face config); the artifact's tasks must be the suite's."""
-    from flexmerge.flexmodel.artifact import read_manifest
+    from flexmerge.flexmodel.read import read_manifest
     from flexmerge.suites import get_suite, get_zoo
 
     suite = get_suite(name)
@@ -654,7 +654,7 @@ def route_train(
              flexmerge route train ~/.cache/flexmerge/served/wordnet-...-twin_rank=7-1.3x --suite wordnet
              --batch-size 64
     """
-    from flexmerge.flexmodel.artifact import attach_router
+    from flexmerge.flexmodel.write import attach_router
     from flexmerge.serve import Runtime
 
     if (calibration is None) == (suite is None):

@@ -14,7 +14,7 @@ from flexmerge.cli.options import CacheOpt
 from flexmerge.errors import FlexMergeError
 from flexmerge.evaluation import read_text_pairs
 from flexmerge.extras import require_extra
-from flexmerge.flexmodel.artifact import attach_router
+from flexmerge.flexmodel.write import attach_router
 from flexmerge.runtime import Runtime
 from flexmerge.suites import get_suite
 from flexmerge.suites.serving import suite_artifact, suite_serve_options

@@ -14,9 +14,10 @@ from safetensors.torch import save
 
 from flexmerge._atomic import atomic_directory, write_bytes_atomic
 from flexmerge.errors import ConfigError, UnknownNameError
-from flexmerge.flexmodel.artifact import side_file_name, unshare, write_safetensors
 from flexmerge.flexmodel.card import model_card
+from flexmerge.flexmodel.format import side_file_name
 from flexmerge.flexmodel.model import FlexModel
+from flexmerge.flexmodel.write import unshare, write_safetensors
 from flexmerge.io.source import HF_SIDE_FILES
 from flexmerge.size import parse_bytes
 

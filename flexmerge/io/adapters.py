@@ -17,6 +17,10 @@ order (so equal bit for bit), when that key is read, never the whole model at on
 
 Keys the adapter does not touch read as the base's, so their task vectors are zero: a block no
 adapter touches is identical in every model, hence frozen (stored once, never planned).
+
+The dispatcher (`flexmerge.io.open.open_checkpoint`) hands adapter directories here with their
+base already opened; the adapter's own weights are a plain file (`flexmerge.io.source.open_file`),
+so this module depends on the file sources and never on the dispatcher.
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ from pathlib import Path
 import torch
 
 from flexmerge.errors import CheckpointError
+from flexmerge.io.source import CheckpointSource, TensorMeta, open_file
+from flexmerge.paths import inside
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
@@ -68,15 +74,13 @@ class Ia3Update:
 class AdapterSource:
     """The fine-tune a PEFT adapter makes of `base` (see the module docstring), as a CheckpointSource."""
 
-    def __init__(self, path: Path, base):
-        from flexmerge.io.source import open_checkpoint
-
+    def __init__(self, path: Path, base: CheckpointSource):
         self.path, self.base = path, base
         self.hf_dir = base.hf_dir  # the config, tokenizer and head detection come from the base
         self.config = read_adapter_config(path)
         self.peft_type = self.config["peft_type"]
         self._weights_path = _weights_file(path)
-        self.weights = open_checkpoint(self._weights_path)
+        self.weights = open_file(self._weights_path, hf_dir=None)
         self._base_keys = set(base.keys())
         self._updates: dict[str, LoraUpdate | Ia3Update] = {}
         self._biases: dict[str, tuple[str, float | None]] = {}  # bias key -> (lora_B.bias, scaling) or (ia3_l, None)
@@ -89,7 +93,7 @@ class AdapterSource:
     def keys(self) -> list[str]:
         return self.base.keys()
 
-    def meta(self, key: str):
+    def meta(self, key: str) -> TensorMeta:
         return self.weights.meta(self._replaced[key]) if key in self._replaced else self.base.meta(key)
 
     def read(self, key: str) -> torch.Tensor:
@@ -267,8 +271,7 @@ def read_adapter_config(path: Path) -> dict:
 
 
 def _weights_file(path: Path) -> Path:
-    from flexmerge.paths import inside
-
+    """The adapter's weights file, which must lie inside its directory."""
     for name in ADAPTER_WEIGHTS:
         if (path / name).exists():
             return inside(path, name, "adapter weights")

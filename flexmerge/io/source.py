@@ -3,6 +3,8 @@
 safetensors files are read tensor by tensor (or row range by row range) with `pread`, so a
 streaming pass holds only what it works on; torch files are loaded with `weights_only=True`
 and `mmap=True` where the format allows (pickle-based files cannot be read partially).
+Which source reads a given path (file, Hugging Face directory, PEFT adapter) is decided in
+`flexmerge.io.open`; this module knows nothing of adapters.
 """
 
 from __future__ import annotations
@@ -281,31 +283,8 @@ class TorchFileSource:
             raise CheckpointError(f"{self.path}: no tensor named {key!r}") from None
 
 
-def open_checkpoint(path: str | Path, base: "CheckpointSource | str | Path | None" = None) -> CheckpointSource:
-    """Open a safetensors file, sharded index, torch state dict or Hugging Face model directory, or
-    a PEFT adapter directory as the fine-tune it makes of `base` (see `flexmerge.io.adapters`)."""
-    from flexmerge.io.adapters import AdapterSource, is_adapter_dir
-
-    p = Path(path).expanduser()
-    if not p.exists():
-        raise CheckpointError(f"checkpoint not found: {p}")
-    if is_adapter_dir(p):
-        if base is None:
-            raise CheckpointError(f"{p} is a PEFT adapter: it can only be read against its base model")
-        return AdapterSource(p, base if not isinstance(base, (str, Path)) else open_checkpoint(base))
-    if p.is_dir():
-        for name in HF_WEIGHT_FILES:
-            if (p / name).exists():
-                return _open_file(p / name, hf_dir=p)
-        try:
-            found = sorted(x.name for x in p.iterdir())[:10]
-        except OSError as e:
-            raise CheckpointError(f"{p}: cannot list the directory ({e.strerror or e})") from e
-        raise CheckpointError(f"{p}: a directory must hold one of {', '.join(HF_WEIGHT_FILES)}; found {found}")
-    return _open_file(p, hf_dir=None)
-
-
-def _open_file(p: Path, hf_dir: Path | None) -> CheckpointSource:
+def open_file(p: Path, hf_dir: Path | None) -> CheckpointSource:
+    """A checkpoint file by its name: safetensors (or its shard index), else a torch state dict."""
     name = p.name
     if name.endswith(".safetensors") or name.endswith(".safetensors.index.json"):
         return SafetensorsSource(p, hf_dir)

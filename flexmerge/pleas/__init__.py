@@ -25,7 +25,7 @@ def read_state(model: Model) -> dict[str, torch.Tensor]:
     """A checkpoint (any format flexmerge reads) or a state dict, as a dict of tensors."""
     if isinstance(model, Mapping):
         return {k: v.detach() for k, v in model.items()}
-    from flexmerge.io.source import open_checkpoint
+    from flexmerge.io.open import open_checkpoint
 
     source = open_checkpoint(model)
     return {k: source.read(k) for k in source.keys()}

@@ -463,7 +463,7 @@ def suite_artifact(suite: Any, size: float, method: str = "task_arithmetic", cac
     parameters (`twin:rank=7`, as in `flexmerge sweep --methods`). Only suites that take text
     (`suite.serving_reason()` is None) are served."""
     from flexmerge.api import merge_to_disk
-    from flexmerge.flexmodel.artifact import is_artifact
+    from flexmerge.flexmodel.read import is_artifact
     from flexmerge.methods import get_method
     from flexmerge.suites import default_cache_dir, get_zoo
     from flexmerge.taskvec import load_tasks

@@ -238,6 +238,6 @@ def _read_zoo(directory: Path) -> Zoo:
 
 
 def _sha256(path: Path) -> str:
-    from flexmerge.flexmodel.artifact import sha256_file
+    from flexmerge.flexmodel.format import sha256_file
 
     return sha256_file(path)

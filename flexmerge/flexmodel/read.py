@@ -1,0 +1,328 @@
+"""Reading a flex-model artifact back, validated: the manifest, the shards, the side files, the router.
+
+An artifact may come from anywhere, so nothing in it is trusted: the manifest is checked for
+structure before any of it is used (`check_manifest`), shards are checked against their recorded
+size and sha256, and only files the manifest names that lie inside the directory (symlinks
+resolved) are opened. Every failure is an `ArtifactError` naming the file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from flexmerge.blocks import Block, Part, Partition
+from flexmerge.errors import ArtifactError
+from flexmerge.flexmodel.format import (
+    DTYPES,
+    FORMAT,
+    HF_DIR,
+    MANIFEST,
+    ROUTER_FILE,
+    SHARD_NAME,
+    base_tensor,
+    frozen_tensor,
+    is_artifact_entry,
+    mask_tensor,
+    part_tensor,
+    residual_factor_names,
+    residual_tensor,
+    scales_tensor,
+    sha256_file,
+    task_tensor,
+)
+from flexmerge.flexmodel.model import BlockStore, FlexModel, StoredGroup
+from flexmerge.io.source import HF_SIDE_FILES, TensorMeta, rows_shape
+from flexmerge.paths import UnsafePathError, check_task_name, inside
+from flexmerge.planning.path import Assignment
+from flexmerge.routing import RouterMLP, router_from_tensors
+
+MANIFEST_MAX_BYTES = 256 << 20
+SIDE_FILE_MAX_BYTES = 64 << 20
+
+
+def is_artifact(path: Path) -> bool:
+    """Whether `path` is a flex-model directory holding only what flexmerge writes (what
+    `--overwrite` may replace: a directory with files of the user's in it is not one)."""
+    try:
+        read_manifest(path)
+    except ArtifactError:
+        return False
+    path = Path(path)
+    return not path.is_symlink() and all(is_artifact_entry(f.name) for f in path.iterdir())
+
+
+# the manifest --------------------------------------------------------------------------------
+
+def read_manifest(path: str | Path) -> dict[str, Any]:
+    """The manifest of a flex model, checked for structure (see `check_manifest`)."""
+    directory = Path(path)
+    if not directory.is_dir():
+        raise ArtifactError(f"{directory}: not a flex-model directory")
+    mf = directory / MANIFEST
+    if not mf.is_file() or mf.is_symlink():
+        raise ArtifactError(f"{directory}: no {MANIFEST}; not a flex model, or an unfinished write")
+    try:
+        with open(mf, "rb") as f:
+            raw = f.read(MANIFEST_MAX_BYTES + 1)
+        if len(raw) > MANIFEST_MAX_BYTES:
+            raise ArtifactError(f"{mf}: larger than {MANIFEST_MAX_BYTES >> 20} MiB; not a manifest")
+        manifest = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
+    except OSError as e:
+        raise ArtifactError(f"{mf}: cannot read ({e.strerror or e})") from e
+    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ArtifactError(f"{mf}: corrupted manifest ({e})") from e
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise ArtifactError(f"{mf}: unknown format {found!r} (expected {FORMAT!r})")
+    problem = check_manifest(manifest)
+    if problem:
+        raise ArtifactError(f"{mf}: malformed manifest: {problem}")
+    return manifest
+
+
+def _reject_constant(name: str) -> None:
+    """JSON's NaN and Infinity are no numbers a manifest may hold."""
+    raise ValueError(f"{name} is not a JSON number")
+
+
+IsList = Callable[..., bool]
+
+
+def check_manifest(m: dict[str, Any]) -> str | None:
+    """What is structurally wrong with a manifest (None: nothing), so that loading it never fails
+    half-way with a raw error, and no name in it can point outside the artifact."""
+    def is_list(x, of=object):
+        return isinstance(x, list) and all(isinstance(v, of) and not isinstance(v, bool) for v in x)
+
+    for name, kind in (("tasks", list), ("method", dict), ("keys", dict), ("frozen", list), ("blocks", list),
+                       ("shards", list), ("granularity", str), ("info", dict)):
+        if not isinstance(m.get(name), kind):
+            return f"field {name!r} is missing or not a {kind.__name__}"
+    for name in ("size", "unit_bytes", "stored_bytes", "frozen_bytes"):
+        if not isinstance(m.get(name), (int, float)) or isinstance(m.get(name), bool):
+            return f"field {name!r} is missing or not a number"
+    tasks = m["tasks"]
+    try:
+        for t in tasks:
+            check_task_name(t)
+    except UnsafePathError as e:
+        return str(e)
+    if len(set(tasks)) != len(tasks) or not tasks:
+        return "'tasks' is empty or names a task twice"
+    for k, v in m["keys"].items():
+        if not _valid_meta(v, is_list):
+            return f"key {k!r} has no valid shape and dtype"
+    if not is_list(m["frozen"], str) or any(k not in m["keys"] for k in m["frozen"]):
+        return "'frozen' names keys that are not in 'keys'"
+    for shard in m["shards"]:
+        if not (isinstance(shard, dict) and isinstance(shard.get("file"), str) and SHARD_NAME.fullmatch(shard["file"])
+                and isinstance(shard.get("bytes"), int) and isinstance(shard.get("sha256"), str)):
+            return f"shard entry {str(shard)[:80]!r} is not {{file: shard-NNNNN.safetensors, bytes, sha256}}"
+    if len({s["file"] for s in m["shards"]}) != len(m["shards"]):
+        return "a shard is listed twice"
+    everyone = set(range(len(tasks)))
+    for b, e in enumerate(m["blocks"]):
+        problem = _check_block_entry(e, m["keys"], everyone, is_list)
+        if problem:
+            return f"block {b}: {problem}"
+    hf = m.get("hf_tasks", [])
+    if not is_list(hf, str) or any(t not in tasks for t in hf):
+        return "'hf_tasks' names tasks that are not in 'tasks'"
+    router = m.get("router")
+    if router is not None and not (isinstance(router, dict) and router.get("file") == ROUTER_FILE
+                                   and all(isinstance(router.get(k), int) and not isinstance(router.get(k), bool)
+                                           and router[k] > 0 for k in ("bytes", "features", "hidden", "tasks"))
+                                   and router["tasks"] == len(tasks) and isinstance(router.get("sha256"), str)):
+        return f"'router' must be {{file: {ROUTER_FILE}, bytes, sha256, features, hidden, tasks = #tasks}}"
+    own = m.get("task_specific", {})
+    if not isinstance(own, dict) or any(t not in tasks or not isinstance(keys, dict) for t, keys in own.items()):
+        return "'task_specific' must map tasks of 'tasks' to their own keys"
+    for keys in own.values():
+        for k, v in keys.items():
+            if not _valid_meta(v, is_list):
+                return f"task-specific key {k!r} has no valid shape and dtype"
+    return None
+
+
+def _valid_meta(v: Any, is_list: IsList) -> bool:
+    """A manifest's {"shape": [non-negative ints], "dtype": a known dtype name}."""
+    return (isinstance(v, dict) and is_list(v.get("shape"), int) and all(x >= 0 for x in v["shape"])
+            and isinstance(v.get("dtype"), str) and v["dtype"] in DTYPES)
+
+
+def _check_block_entry(e: Any, keys: dict[str, Any], everyone: set[int], is_list: IsList) -> str | None:
+    """What is wrong with one block's manifest entry: its parts, its groups, its stored groups."""
+    if not (isinstance(e, dict) and isinstance(e.get("name"), str) and isinstance(e.get("parts"), list)
+            and isinstance(e.get("groups"), list) and isinstance(e.get("stored"), list)
+            and isinstance(e.get("has_base"), bool) and isinstance(e.get("stored_bytes"), int)):
+        return "needs name, parts, groups, stored, has_base and stored_bytes"
+    for p in e["parts"]:
+        if not (isinstance(p, dict) and isinstance(p.get("key"), str) and p["key"] in keys):
+            return f"part {str(p)[:80]!r} names no known key"
+        rows = p.get("rows")
+        shape = keys[p["key"]]["shape"]
+        if rows is not None and not (is_list(rows, int) and len(rows) == 2 and shape
+                                     and 0 <= rows[0] < rows[1] <= shape[0]):
+            return f"part {p['key']!r} has rows {rows!r} outside its shape {shape}"
+    for name in ("groups", "stored"):
+        members = [g if name == "groups" else (g.get("members") if isinstance(g, dict) else None) for g in e[name]]
+        if not all(is_list(g, int) and g for g in members):
+            return f"'{name}' must be lists of task indices"
+        flat = [t for g in members for t in g]
+        if sorted(flat) != sorted(everyone):
+            return f"'{name}' do not assign every task (0..{len(everyone) - 1}) exactly once"
+    for s in e["stored"]:
+        if not (isinstance(s.get("masked"), bool) and isinstance(s.get("scales"), bool)):
+            return "a stored group needs 'masked' and 'scales' flags"
+        if s["masked"] and not e["has_base"]:
+            return "a masked group needs the block's base ('has_base')"
+        if "residuals" in s:
+            r = s["residuals"]
+            if s["masked"] or not (isinstance(r, list) and len(r) == len(s["members"]) and all(
+                    is_list(x, int) and len(x) == len(e["parts"]) and all(c in (1, 2) for c in x) for x in r)):
+                return "'residuals' must give, per member and per part, 1 (exact) or 2 (factors), unmasked"
+    return None
+
+
+# the model -----------------------------------------------------------------------------------
+
+def load(path: str | Path, verify: bool = True) -> FlexModel:
+    """Load a flex model; `verify` checks every shard's size and sha256 against the manifest.
+
+    Only files the manifest names and that lie inside `path` (symlinks resolved) are read."""
+    directory = Path(path)
+    manifest = read_manifest(directory)
+    tensors = _read_shards(directory, manifest["shards"], verify)
+    try:
+        flex = _assemble(manifest, tensors, directory)
+    except KeyError as e:
+        raise ArtifactError(f"{directory}: tensor {e} named by the manifest is missing from the shards") from e
+    except (ValueError, TypeError, IndexError, RuntimeError) as e:
+        raise ArtifactError(f"{directory}: the shards do not fit the manifest ({e})") from e
+    if "router" in manifest:
+        flex.router = _load_router(directory, manifest["router"], verify)
+    return flex
+
+
+def _read_shards(directory: Path, shards: list[dict[str, Any]], verify: bool) -> dict[str, torch.Tensor]:
+    """Every tensor of the shards the manifest lists, each shard checked against its entry first."""
+    tensors: dict[str, torch.Tensor] = {}
+    for shard in shards:
+        f = inside(directory, shard["file"], "shard")
+        if not f.is_file():
+            raise ArtifactError(f"{directory}: shard {shard['file']} is missing")
+        if f.stat().st_size != shard["bytes"]:
+            raise ArtifactError(f"{f}: {f.stat().st_size} bytes, the manifest says {shard['bytes']} (truncated?)")
+        if verify and sha256_file(f) != shard["sha256"]:
+            raise ArtifactError(f"{f}: checksum mismatch: the file is corrupted")
+        try:
+            with safe_open(str(f), framework="pt") as h:
+                tensors.update({k: h.get_tensor(k) for k in h.keys()})
+        except Exception as e:
+            raise ArtifactError(f"{f}: unreadable shard ({e})") from e
+    return tensors
+
+
+def _assemble(manifest: dict[str, Any], tensors: dict[str, torch.Tensor], directory: Path) -> FlexModel:
+    """The FlexModel a checked manifest describes, from the shards' tensors (KeyError: one is missing)."""
+    meta = {k: TensorMeta(tuple(v["shape"]), DTYPES[v["dtype"]]) for k, v in manifest["keys"].items()}
+    blocks, stores, groups = [], [], []
+    for b, entry in enumerate(manifest["blocks"]):
+        parts = tuple(Part(p["key"], tuple(p["rows"]) if p["rows"] else None) for p in entry["parts"])
+        blocks.append(Block(entry["name"], parts))
+        base = [tensors[base_tensor(b, p)] for p in range(len(parts))] if entry["has_base"] else None
+        stored = [_stored_group(tensors, b, g, s, parts, meta) for g, s in enumerate(entry["stored"])]
+        stores.append(BlockStore(stored, base))
+        groups.append(tuple(tuple(g) for g in entry["groups"]))
+    return FlexModel(
+        tasks=manifest["tasks"], partition=Partition(tuple(blocks), manifest["granularity"]), meta=meta,
+        frozen={k: tensors[frozen_tensor(k)] for k in manifest["frozen"]}, blocks=stores,
+        assignment=Assignment(tuple(groups)), method=manifest["method"], size=manifest["size"],
+        unit_bytes=manifest["unit_bytes"], info=manifest.get("info", {}),
+        hf_files={task: read_side_files(directory, task) for task in manifest.get("hf_tasks", [])},
+        specific={task: {k: _fitting_meta(tensors[task_tensor(task, k)], k, v) for k, v in keys.items()}
+                  for task, keys in manifest.get("task_specific", {}).items()},
+    )
+
+
+def _stored_group(tensors: dict[str, torch.Tensor], b: int, g: int, s: dict[str, Any], parts: tuple[Part, ...],
+                  meta: dict[str, TensorMeta]) -> StoredGroup:
+    """Group `g` of block `b` as its manifest entry `s` describes it."""
+    return StoredGroup(
+        tuple(s["members"]),
+        [_fitting(tensors[part_tensor(b, g, p)], part, meta) for p, part in enumerate(parts)],
+        [tensors[mask_tensor(b, g, p)] for p in range(len(parts))] if s["masked"] else None,
+        tensors[scales_tensor(b, g)] if s.get("scales") else None,
+        _residuals(tensors, b, g, s["residuals"], parts, meta) if "residuals" in s else None,
+    )
+
+
+def _residuals(tensors: dict[str, torch.Tensor], b: int, g: int, counts: list[list[int]], parts: tuple[Part, ...],
+               meta: dict[str, TensorMeta]) -> list[list[tuple[torch.Tensor, ...]]]:
+    """Per member, per part, the stored residual factors, checked to rebuild the part's shape."""
+    out = []
+    for i, member in enumerate(counts):
+        row = []
+        for p, (count, part) in enumerate(zip(member, parts)):
+            factors = tuple(tensors[residual_tensor(b, g, i, p, n)] for n in residual_factor_names(count))
+            want = tuple(rows_shape(meta[part.key].shape, part.rows))
+            got = tuple(factors[0].shape) if count == 1 else (factors[0].shape[0], factors[1].shape[-1])
+            if got != want or (count == 2 and (factors[0].dim(), factors[1].dim(), factors[0].shape[1])
+                                != (2, 2, factors[1].shape[0])):
+                raise ValueError(f"residual {i} of {part.key!r} does not rebuild its shape {list(want)}")
+            row.append(factors)
+        out.append(row)
+    return out
+
+
+def _fitting_meta(t: torch.Tensor, key: str, want: dict[str, Any]) -> torch.Tensor:
+    """A task-specific tensor, if its shape and dtype are the ones the manifest says."""
+    if list(t.shape) != want["shape"] or str(t.dtype) != want["dtype"]:
+        raise ValueError(f"task-specific {key!r} is {list(t.shape)} {t.dtype}, the manifest says "
+                         f"{want['shape']} {want['dtype']}")
+    return t
+
+
+def _fitting(t: torch.Tensor, part: Part, meta: dict[str, TensorMeta]) -> torch.Tensor:
+    """A stored part, if its shape is the one the manifest's key and rows say."""
+    want = rows_shape(meta[part.key].shape, part.rows)
+    if tuple(t.shape) != tuple(want):
+        raise ValueError(f"stored part of {part.key!r} has shape {list(t.shape)}, the manifest says {list(want)}")
+    return t
+
+
+# side files and the router -------------------------------------------------------------------
+
+def read_side_files(directory: Path, task: str) -> dict[str, bytes]:
+    """A task's Hugging Face config/tokenizer files: only the known names, only regular files
+    inside the artifact (a symlink out of it is refused)."""
+    folder = inside(directory, f"{HF_DIR}/{check_task_name(task, 'artifact')}", "side-file folder")
+    out = {}
+    for name in HF_SIDE_FILES:
+        f = folder / name
+        if not os.path.lexists(f):
+            continue
+        real = inside(directory, f"{HF_DIR}/{task}/{name}", "side file")
+        if not real.is_file() or real.stat().st_size > SIDE_FILE_MAX_BYTES:
+            raise ArtifactError(f"{f}: not a regular file of at most {SIDE_FILE_MAX_BYTES >> 20} MiB")
+        out[name] = real.read_bytes()
+    return out
+
+
+def _load_router(directory: Path, entry: dict[str, Any], verify: bool) -> RouterMLP:
+    """The trained router an artifact holds, checked against its manifest entry."""
+    f = inside(directory, ROUTER_FILE, "router")
+    if not f.is_file() or f.stat().st_size != entry["bytes"] or (verify and sha256_file(f) != entry["sha256"]):
+        raise ArtifactError(f"{f}: missing, truncated or corrupted (the manifest's size/checksum differ)")
+    try:
+        with safe_open(str(f), framework="pt") as h:
+            return router_from_tensors({k: h.get_tensor(k) for k in h.keys()}, entry)
+    except Exception as e:
+        raise ArtifactError(f"{f}: not the router the manifest describes ({e})") from e
