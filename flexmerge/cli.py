@@ -570,9 +570,9 @@ def serve(
     if suite is not None and size is None:
         raise FlexMergeError(f"--suite {suite} needs --size S: the size to merge its zoo to")
     require_extra("serve", "flexmerge serve")
-    from flexmerge.serve import Runtime
-    from flexmerge.serve.runtime import suite_artifact
+    from flexmerge.runtime import Runtime
     from flexmerge.serve.server import create_app, run_server
+    from flexmerge.suites.serving import suite_artifact
 
     if suite is not None:
         from flexmerge.suites import get_suite
@@ -655,7 +655,7 @@ def route_train(
              --batch-size 64
     """
     from flexmerge.flexmodel.artifact import attach_router
-    from flexmerge.serve import Runtime
+    from flexmerge.runtime import Runtime
 
     if (calibration is None) == (suite is None):
         raise FlexMergeError("give exactly one of --calibration FILE (JSON lines of text and task) or "
@@ -689,7 +689,7 @@ def route_predict(
 
     Example: flexmerge route predict flex-twin --text "a small dog" --mode mixture
     """
-    from flexmerge.serve import Runtime
+    from flexmerge.runtime import Runtime
 
     if suite is None and cache_dir is not None:
         raise FlexMergeError("--cache-dir goes with --suite")

@@ -23,7 +23,7 @@ from flexmerge.methods.base import MergeMethod, get_method, parse_method_spec
 from flexmerge.planning import COST_PLANNERS, build_path
 from flexmerge.planning.activations import Calibration
 from flexmerge.planning.path import SIZE_TOLERANCE, Assignment
-from flexmerge.routed import RoutedScore, is_twin_spec
+from flexmerge.runtime.routed import RoutedScore
 from flexmerge.size import point_size, stored_with_masks
 from flexmerge.taskvec import TaskSet
 
@@ -154,7 +154,7 @@ def sweep(
     `calibration` (unlabelled inputs per task) is what the data-aware planners read; `cost_options`
     set the cost planners.
 
-    `routed` (e.g. `flexmerge.routed.SuiteRouting`): called with each twin point's model, it returns
+    `routed` (e.g. `flexmerge.suites.routing.SuiteRouting`): called with each twin point's model, it returns
     a `RoutedScore`, recorded as the curve '<spec> routed' (accuracy without task ids, and the
     router's accuracy); the Mx point, the fine-tuned models, is not routed."""
     timings: dict[str, float] = {"plan": 0.0, "materialize": 0.0, "evaluate": 0.0}
@@ -231,8 +231,8 @@ def _point_records(tasks: TaskSet, partition, path, method, name: str, planner: 
         return [SweepRecord(name, planner, size, mx, t, finetuned[t], finetuned[t], 1.0 if finetuned[t] else None,
                             "Mx: the fine-tuned models") for t in tasks.names]
     known = {t: scores.known(assignment, i, t) for i, t in enumerate(tasks.names)}
-    needs_model = (None in known.values() or method.data_dependent_size
-                   or (routed is not None and is_twin_spec(name)))
+    twin_routed = routed is not None and parse_method_spec(name)[0] == "twin"  # `--routed` scores twin points
+    needs_model = None in known.values() or method.data_dependent_size or twin_routed
     t1 = time.perf_counter()
     flex = materialize(tasks, partition, assignment, method, device=device) if needs_model else None
     actual = flex.size if flex is not None else point_size(tasks, partition, method, assignment.group_sizes())
@@ -247,7 +247,7 @@ def _point_records(tasks: TaskSet, partition, path, method, name: str, planner: 
                                    acc / finetuned[t] if finetuned[t] else None))
     timings["materialize"] += t2 - t1
     timings["evaluate"] += time.perf_counter() - t2
-    if routed is not None and is_twin_spec(name):
+    if twin_routed:
         t3 = time.perf_counter()
         records += _routed_records(routed(flex), name, planner, size, flex.size, finetuned)
         timings["routed"] = timings.get("routed", 0.0) + time.perf_counter() - t3
