@@ -310,8 +310,8 @@ def main() -> None:
         return
 
     from flexmerge.flexmodel.read import read_manifest
-    from flexmerge.serve.runtime import suite_artifact
     from flexmerge.suites import get_suite
+    from flexmerge.suites.serving import suite_artifact
 
     sizes = sorted(float(x) for x in args.sizes.split(",") if x.strip())
     suite = get_suite("wordnet")

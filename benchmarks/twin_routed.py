@@ -4,7 +4,7 @@
 
 For each rank, Twin-Merging itself (every block one group of all 8 tasks: the twin path's last
 point, `twin:rank=r`) is materialized in memory and scored by the library's routed evaluation,
-`flexmerge.routed.SuiteRouting` (what `flexmerge sweep --routed` runs at every twin point): the
+`flexmerge.suites.routing.SuiteRouting` (what `flexmerge sweep --routed` runs at every twin point): the
 router (Twin-Merging's MLP) is trained on the shared model's mean-pooled features of the tasks'
 validation glosses (40 per class), then routes the mixed test set of all tasks (3800 glosses, no
 task ids). Per task, normalized accuracy (accuracy / the fine-tune's) of:
@@ -23,8 +23,8 @@ import time
 
 import flexmerge
 from flexmerge.flexmodel.materialize import materialize
-from flexmerge.routed import SuiteRouting
 from flexmerge.suites import get_suite, get_zoo
+from flexmerge.suites.routing import SuiteRouting
 
 
 def main() -> None:

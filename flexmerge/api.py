@@ -50,7 +50,7 @@ def discover_blocks(tasks: TaskSet, granularity: str = "sublayer", patterns: Map
 def _method(method: str | MergeMethod, params: Mapping[str, Any] | None) -> MergeMethod:
     if isinstance(method, MergeMethod):
         return method
-    return get_method(method, **dict(params or {}))
+    return get_method(method, params)
 
 
 # What the validation pass may keep of a 1x merge (AllTasksMerge): at 1 GiB a 0.5B-parameter fp16

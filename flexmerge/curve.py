@@ -20,11 +20,11 @@ from flexmerge.api import discover_blocks
 from flexmerge.device import resolve_device
 from flexmerge.errors import SizeError
 from flexmerge.flexmodel.materialize import materialize
-from flexmerge.methods.base import MergeMethod, get_method, parse_method_spec
+from flexmerge.methods.base import MergeMethod, MethodSpec
 from flexmerge.planning import PlanOptions, build_path
 from flexmerge.planning.activations import Calibration
 from flexmerge.planning.path import SIZE_TOLERANCE, Assignment
-from flexmerge.routed import RoutedScore, is_twin_spec
+from flexmerge.runtime.routed import RoutedScore
 from flexmerge.preprocess import Pipeline, fitted_pipeline
 from flexmerge.size import point_size, stored_with_masks
 from flexmerge.taskvec import TaskSet
@@ -122,8 +122,8 @@ def is_unmerged(assignment: Assignment) -> bool:
 def spec_method(spec: str, params: dict[str, dict[str, Any]] | None = None):
     """The method a sweep entry names: 'twin:rank=4' is twin with rank 4, its curve labelled by the
     whole spec; `params[spec]` (or `params[name]`) adds parameters to it."""
-    name = parse_method_spec(spec)[0]
-    return get_method(spec, **(params or {}).get(spec, (params or {}).get(name, {})))
+    parsed = MethodSpec.parse(spec)
+    return parsed.with_params((params or {}).get(spec, (params or {}).get(parsed.name, {}))).build()
 
 
 def sweep(
@@ -149,14 +149,14 @@ def sweep(
     The Mx point is the fine-tuned models (every block one group per task, stored as copies, equal
     bit for bit), so its records reuse the fine-tuned evaluation instead of running it again.
 
-    A method is a name or a spec with parameters, `twin:rank=4:base=ties` (see `parse_method_spec`),
+    A method is a name or a spec with parameters, `twin:rank=4:base=ties` (see `MethodSpec`),
     so one sweep holds a method at several settings, each its own curve. `device`: where planning
     and merging compute (see `flexmerge.device`); evaluation is the evaluator's business.
     How to plan: `options` (a `PlanOptions`) and/or its fields by name (`linkage`, `seed`, `cost`,
     ...), the planner taken from each of `planners` in turn. `calibration` (unlabelled inputs per
     task) is what the data-aware planners read.
 
-    `routed` (e.g. `flexmerge.routed.SuiteRouting`): called with each twin point's model, it returns
+    `routed` (e.g. `flexmerge.suites.routing.SuiteRouting`): called with each twin point's model, it returns
     a `RoutedScore`, recorded as the curve '<spec> routed' (accuracy without task ids, and the
     router's accuracy); the Mx point, the fine-tuned models, is not routed."""
     timings: dict[str, float] = {"plan": 0.0, "materialize": 0.0, "evaluate": 0.0}
@@ -238,8 +238,8 @@ def _point_records(tasks: TaskSet, partition, path, method, pipeline, name: str,
         return [SweepRecord(name, planner, size, mx, t, finetuned[t], finetuned[t], 1.0 if finetuned[t] else None,
                             "Mx: the fine-tuned models") for t in tasks.names]
     known = {t: scores.known(assignment, i, t) for i, t in enumerate(tasks.names)}
-    needs_model = (None in known.values() or method.data_dependent_size
-                   or (routed is not None and is_twin_spec(name)))
+    twin_routed = routed is not None and MethodSpec.parse(name).name == "twin"  # `--routed` scores twin points
+    needs_model = None in known.values() or method.data_dependent_size or twin_routed
     t1 = time.perf_counter()
     flex = materialize(tasks, partition, assignment, method, device=device, pipeline=pipeline) if needs_model else None
     actual = flex.size if flex is not None else point_size(tasks, partition, method, assignment.group_sizes())
@@ -254,7 +254,7 @@ def _point_records(tasks: TaskSet, partition, path, method, pipeline, name: str,
                                    acc / finetuned[t] if finetuned[t] else None))
     timings["materialize"] += t2 - t1
     timings["evaluate"] += time.perf_counter() - t2
-    if routed is not None and is_twin_spec(name):
+    if twin_routed:
         t3 = time.perf_counter()
         records += _routed_records(routed(flex), name, planner, size, flex.size, finetuned)
         timings["routed"] = timings.get("routed", 0.0) + time.perf_counter() - t3

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from flexmerge.errors import ConfigError, FlexMergeError
+from flexmerge.runtime.hf_dir import unpack_hf_files
 
 Evaluator = Callable[[str, dict[str, torch.Tensor]], float]
 DATA_MAX_BYTES = 256 << 20
@@ -163,11 +164,7 @@ class TextClassificationEvaluator:
         if "config.json" not in files:
             raise ConfigError(f"task {task!r}: --eval-data needs Hugging Face inputs (a config.json and a "
                               "tokenizer in the model's directory); give --evaluator for other models")
-        directory = Path(self._scratch.name) / task
-        directory.mkdir()
-        for name, data in files.items():
-            (directory / name).write_bytes(data)
-        return directory
+        return unpack_hf_files(files, self._scratch.name, task)
 
 
 def _model_and_labels(directory: Path, task: str, examples, source) -> tuple[torch.nn.Module, torch.Tensor]:

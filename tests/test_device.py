@@ -19,7 +19,7 @@ from flexmerge.cli import app
 from flexmerge.device import resolve_device
 from flexmerge.errors import ConfigError
 from flexmerge.methods import available_methods
-from flexmerge.methods.base import get_method, parse_method_spec
+from flexmerge.methods.base import MethodSpec, get_method
 
 # every registered method, plus the variants that take other code paths (DARE, a per-tensor
 # trim, the untransformed rows of consensus/twin, data-dependent twin ranks)
@@ -82,7 +82,8 @@ def test_resolve_device_errors_name_the_option(monkeypatch):
 def test_every_method_on_device_cpu_equals_the_default(zoo, spec):
     """Plan and merge through the public API with device="cpu" and without: the same path, the same bits."""
     base, models = zoo
-    name, params = parse_method_spec(spec)
+    parsed = MethodSpec.parse(spec)
+    name, params = parsed.name, dict(parsed.params)
     default_tasks, cpu_tasks = flexmerge.load_tasks(base, models), flexmerge.load_tasks(base, models)
     p0 = flexmerge.plan(default_tasks, method=name, params=params)
     p1 = flexmerge.plan(cpu_tasks, method=name, params=params, device="cpu")
@@ -188,7 +189,8 @@ def test_methods_create_their_tensors_on_the_inputs_device(spec):
     """No method makes a tensor without naming a device (on a GPU that tensor would be on the CPU)."""
     from flexmerge.blocks import PartView
 
-    name, params = parse_method_spec(spec)
+    parsed = MethodSpec.parse(spec)
+    name, params = parsed.name, dict(parsed.params)
     method = get_method(name, **params)
     g = torch.Generator().manual_seed(0)
     rows = 6 if method.uses_untransformed else 3

@@ -22,8 +22,8 @@ from typer.testing import CliRunner  # noqa: E402
 import flexmerge.suites as suites  # noqa: E402
 from flexmerge.cli import app  # noqa: E402
 from flexmerge.curve import sweep  # noqa: E402
-from flexmerge.routed import SuiteRouting  # noqa: E402
-from flexmerge.serve.runtime import mean_pool  # noqa: E402
+from flexmerge.runtime import mean_pool  # noqa: E402
+from flexmerge.suites.routing import SuiteRouting  # noqa: E402
 from tests.test_serve_suite import _config, write_hf_dir  # noqa: E402
 
 TASK_WORDS = {"a": ["cat", "dog", "bird", "mat"], "b": ["red", "blue", "big", "small"],

@@ -10,8 +10,8 @@ import flexmerge
 from flexmerge.errors import ConfigError
 
 transformers = pytest.importorskip("transformers")
-from flexmerge.serve import Runtime  # noqa: E402
-from flexmerge.serve.runtime import RoutedModule  # noqa: E402
+from flexmerge.runtime import Runtime  # noqa: E402
+from flexmerge.runtime.batching import MixedModule  # noqa: E402
 
 WORDS = ["the", "cat", "dog", "sat", "on", "mat", "a", "bird", "flew", "over", "tree", "red", "blue", "big", "small",
          "runs", "fast", "slow", "house", "car"]
@@ -87,7 +87,7 @@ def test_a_mixed_batch_is_one_pass_and_answers_in_input_order(artifact):
     rt = Runtime.load(out)
     items = [(t, x) for x in TEXTS for t in ("c", "a", "b")][:13]
     mixed, _ = rt._mixed_model()
-    routed = [m for m in mixed.modules() if isinstance(m, RoutedModule)]
+    routed = [m for m in mixed.modules() if isinstance(m, MixedModule)]
     calls, shared_rows = [], []
     for m in routed:
         m.register_forward_hook(lambda mod, *a: calls.append(mod))
@@ -124,14 +124,14 @@ def test_unknown_task_is_a_clear_error(artifact):
 def test_routed_rows_equal_each_tasks_own_module_whatever_the_order(order):
     """Groups contiguous in the batch order read slices, the others gather their rows; heads of
     unequal widths are padded with -inf. Either way each row equals its own task's module."""
-    from flexmerge.serve.runtime import Router
+    from flexmerge.runtime.batching import BatchRows
 
     torch.manual_seed(0)
     cases = {((0, 2), (1,), (3,)): (4, 4, 4), ((0, 1), (2, 3)): (4, 3)}
     for members, widths in cases.items():
         groups = [(list(tasks), torch.nn.Linear(6, w)) for tasks, w in zip(members, widths)]
-        router = Router(order)
-        routed = RoutedModule(router, groups)
+        router = BatchRows(order)
+        routed = MixedModule(router, groups)
         row_tasks = sorted([2, 0, 3, 0, 1, 2, 3], key=router.sort_key)
         router.set(row_tasks)
         x = torch.randn(len(row_tasks), 5, 6)
@@ -147,7 +147,7 @@ def test_routed_rows_equal_each_tasks_own_module_whatever_the_order(order):
 
 
 def test_task_order_makes_the_heaviest_grouping_contiguous():
-    from flexmerge.serve.runtime import task_order
+    from flexmerge.runtime.batching import task_order
 
     groups = {"big": [([0, 2], None), ([1, 3], None)], "small": [([0, 1], None), ([2], None), ([3], None)],
               "shared": [([0, 1, 2, 3], None)]}

@@ -16,7 +16,8 @@ pytest.importorskip("httpx")  # fastapi.testclient needs it
 
 from fastapi.testclient import TestClient  # noqa: E402
 
-from flexmerge.serve.server import Batcher, ShuttingDown, create_app  # noqa: E402
+from flexmerge.serve.batcher import Batcher, ShuttingDown  # noqa: E402
+from flexmerge.serve.server import create_app  # noqa: E402
 
 
 class FakeRuntime:

@@ -17,8 +17,9 @@ from flexmerge.flexmodel.format import MANIFEST
 from flexmerge.suites.base import Suite, Zoo
 
 transformers = pytest.importorskip("transformers")
-from flexmerge.serve import Runtime  # noqa: E402
-from flexmerge.serve.runtime import RoutedModule, suite_artifact  # noqa: E402
+from flexmerge.runtime import Runtime  # noqa: E402
+from flexmerge.runtime.batching import MixedModule  # noqa: E402
+from flexmerge.suites.serving import suite_artifact, suite_runtime  # noqa: E402
 from flexmerge.suites.wordnet import WordNetSuite  # noqa: E402
 
 WORDS = ["the", "cat", "dog", "sat", "on", "mat", "a", "bird", "flew", "over", "tree", "red", "blue", "big", "small",
@@ -118,7 +119,7 @@ def test_a_mixed_batch_is_one_encoder_pass_and_equals_per_task_predictions(setup
     rt = _runtime(root, hf, heads)
     items = [(t, x) for x in TEXTS for t in ("c", "a", "b")][:14]
     mixed, _ = rt._mixed_model()
-    routed = [m for m in mixed.modules() if isinstance(m, RoutedModule)]
+    routed = [m for m in mixed.modules() if isinstance(m, MixedModule)]
     calls, head_rows = [], {t: [] for t in LABELS}
     for m in routed:
         m.register_forward_hook(lambda mod, *a: calls.append(mod))
@@ -228,7 +229,7 @@ def test_suite_artifact_merges_once_and_is_reused(setup, tmp_path):
     assert suite_artifact(suite, 2.0, cache_dir=tmp_path, log=logs.append)[0] == path
     assert not any("merging" in m for m in logs) and suite.builds == 1
     assert (path / MANIFEST).stat().st_mtime_ns == stamp  # reused, not rewritten
-    rt = Runtime.from_suite(suite, 2, cache_dir=tmp_path, log=logs.append)
+    rt = suite_runtime(suite, 2, cache_dir=tmp_path, log=logs.append)
     assert rt.task_info("c")["labels"] == LABELS["c"] and len(rt.predict("c", ["dog"])) == 1
 
 

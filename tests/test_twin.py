@@ -16,7 +16,7 @@ from flexmerge.cli import app
 from flexmerge.errors import ConfigError
 from flexmerge.flexmodel.materialize import materialize
 from flexmerge.blocks import PartView
-from flexmerge.methods import get_method, parse_method_spec
+from flexmerge.methods import MethodSpec, get_method
 from tests.test_artifact import _stored_bytes_on_disk
 
 FULL_RANK_ATOL = 1e-5  # fp32 SVD of ~0.05-sized 48x16 residuals: the observed error is ~2e-7
@@ -168,10 +168,10 @@ def test_bad_parameters_are_clear_errors(params, message):
 
 
 def test_method_specs_and_sweep_at_several_ranks(tasks):
-    assert parse_method_spec("twin:rank=4:base=ties") == ("twin", {"rank": 4, "base": "ties"})
-    assert parse_method_spec("ties") == ("ties", {})
+    assert MethodSpec.parse("twin:rank=4:base=ties") == MethodSpec("twin", {"rank": 4, "base": "ties"})
+    assert MethodSpec.parse("ties") == MethodSpec("ties", {})
     with pytest.raises(ConfigError, match="'rank4' is not key=value"):
-        parse_method_spec("twin:rank4")
+        MethodSpec.parse("twin:rank4")
     seen: dict[str, int] = {}
     result = sweep(tasks, lambda t, sd: float(sd["layers.0.mlp.fc1.weight"].sum()),
                    methods=["task_arithmetic", "twin:rank=1", "twin:rank=4"], sizes=[2.0, 3.0])

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +9,7 @@ import typer
 
 from flexmerge.config import MergeConfig, build_config
 from flexmerge.errors import FlexMergeError
+from flexmerge.methods import parse_params
 from flexmerge.taskvec import parse_task_specs
 
 BaseOpt = typer.Option(None, "--base", help="base checkpoint: .safetensors, sharded index.json, .pt/.bin or HF dir")
@@ -44,25 +44,11 @@ CacheOpt = typer.Option(None, "--cache-dir", help="where fine-tuned zoos are cac
 RebuildOpt = typer.Option(False, "--rebuild", help="retrain the zoo even if a verified cached one exists")
 
 
-def parse_params(items: list[str] | None) -> dict[str, Any]:
-    """`--param KEY=VALUE` items; a value that reads as JSON (1.5, true, [1, 2]) is that value."""
-    out: dict[str, Any] = {}
-    for item in items or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise FlexMergeError(f"--param {item!r} must be KEY=VALUE")
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
-    return out
-
-
 def merge_config(config: Path | None, *, model: list[str] | None = None, param: list[str] | None = None,
                  task_specific: list[str] | None = None, mixed: bool | None = None, **flags: Any) -> MergeConfig:
     """The validated merge description: the --config file (YAML or mergekit), then the flags given
     over it (`flags`: MergeConfig field names; None means not given)."""
-    fields = {**flags, "models": parse_task_specs(model) if model else None, "params": parse_params(param),
+    fields = {**flags, "models": parse_task_specs(model) if model else None, "params": parse_params(param or []),
               "task_specific": task_specific or None, "allow_mixed_dtypes": mixed}
     return build_config(config, fields)
 

@@ -19,11 +19,10 @@ from flexmerge.methods.base import (
     MethodSpec,
     available_methods,
     get_method,
-    parse_method_spec,
     parse_params,
     register,
 )
 from flexmerge.methods.generalized import GTAConfig
 
 __all__ = ["GTAConfig", "GroupResult", "MergeMethod", "MethodSpec", "available_methods", "get_method",
-           "parse_method_spec", "parse_params", "register"]
+           "parse_params", "register"]

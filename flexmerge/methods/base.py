@@ -302,12 +302,6 @@ def parse_params(items: Iterable[str], what: str = "--param") -> dict[str, objec
     return params
 
 
-def parse_method_spec(spec: str) -> tuple[str, dict[str, object]]:
-    """(name, parameters) of a spec: `MethodSpec.parse` for callers that want the pair."""
-    parsed = MethodSpec.parse(spec)
-    return parsed.name, dict(parsed.params)
-
-
 def _key_value(item: str) -> tuple[str, object] | None:
     """(key, value) of 'key=value'; None when it is not one."""
     key, eq, value = item.partition("=")

@@ -1,5 +1,7 @@
-"""Serving: a multi-task runtime over one artifact (`Runtime`) and, with the `serve` extra, an HTTP server."""
+"""Serving over HTTP (with the `serve` extra): `server` builds and runs the app, `api` holds its
+endpoints, `batcher` pools requests into shared forward passes. `Runtime` (the in-process
+multi-task runtime the server is built on, `flexmerge.runtime`) is re-exported for users."""
 
-from flexmerge.serve.runtime import Runtime
+from flexmerge.runtime import Runtime
 
 __all__ = ["Runtime"]

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from flexmerge.curve import sweep
 from flexmerge.errors import UnknownNameError
+from flexmerge.planning import DATA_PLANNERS
+from flexmerge.report import write_results
 from flexmerge.suites.base import Suite, Zoo, default_cache_dir, get_zoo
+from flexmerge.suites.routing import SuiteRouting, check_routed
+from flexmerge.taskvec import load_tasks
 
 SUITES: dict[str, Callable[[], Suite]] = {}
 
@@ -34,15 +40,7 @@ def run_sweep(suite: Suite, out: str | Path, *, methods, sizes, planners=("greed
               split: str = "test", **sweep_options: Any):
     """Build or reuse the suite's zoo, sweep it (scored on `split`), and write the results; returns
     (result, paths). Data-aware planners get the suite's unlabelled calibration inputs; `routed`: also
-    evaluate every twin point without task ids (`flexmerge.routed.SuiteRouting`)."""
-    import time
-
-    from flexmerge.curve import sweep
-    from flexmerge.planning import DATA_PLANNERS
-    from flexmerge.report import write_results
-    from flexmerge.routed import SuiteRouting, check_routed
-    from flexmerge.taskvec import load_tasks
-
+    evaluate every twin point without task ids (`flexmerge.suites.routing.SuiteRouting`)."""
     if routed:
         check_routed(suite, methods)  # before the zoo is built
     t0 = time.perf_counter()

@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 
 from flexmerge.errors import ConfigError
 from flexmerge.planning.activations import Calibration
+from flexmerge.runtime.pooling import mean_pool
 from flexmerge.suites.base import CALIBRATION_EXAMPLES, Evaluator, Suite, Zoo, check_split
 from flexmerge.suites.training import accuracy, train
 
@@ -203,9 +204,7 @@ class WordNetSuite(Suite):
         sub = {k: v[idx] for k, v in batch.items()}
         width = int(sub["attention_mask"].sum(1).max())  # trim padding of this minibatch
         sub = {k: v[:, :width] for k, v in sub.items()}
-        hidden = model(**sub).last_hidden_state
-        mask = sub["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-        return (hidden * mask).sum(1) / mask.sum(1)
+        return mean_pool(model(**sub).last_hidden_state, sub["attention_mask"])
 
     def build(self, directory: Path) -> dict[str, Any]:
         torch.manual_seed(self.seed)

@@ -8,24 +8,18 @@ read it. Exceptions, by what is stored: a masked group (EMR, Consensus) is rebui
 row groups (`split:K`) is concatenated per task. Inputs of unknown task are routed by a router
 stored in the artifact (`route`, `predict_routed`; see `flexmerge.routing`).
 
-Mixed batches: every module that holds parameters of its own is replaced, in one routing copy of
-the model, by a `RoutedModule` that applies each *distinct* weight set to the rows of the tasks
-that read it; a weight set shared by all tasks of the batch is one call on the whole batch.
-Supported leaves are Linear, Embedding, LayerNorm, Conv1d/2d and GroupNorm (row-wise modules
-whose first input dimension is the batch); a model with any other parameter-holding module falls
-back to one forward pass per task. Heads whose outputs differ in width (2, 3, 5 labels) are
-padded with -inf on the last dimension and cut back per row.
+Mixed batches: one mixed copy of the model (`flexmerge.runtime.batching`) runs a batch of any
+tasks as one forward pass; a model that cannot be mixed falls back to one forward pass per task.
 
 External heads: an encoder artifact (a merged `BertModel`, say) whose tasks each have a head of
 their own outside the artifact (`heads=`, e.g. a Linear trained on mean-pooled features) is served
 as text-classification: the encoder runs (one pass for a mixed batch), its last hidden state is
 mean-pooled over non-padding tokens, and each task's head runs on the rows of that task.
-`Runtime.from_suite("wordnet", size=2)` serves a suite's zoo that way.
+`flexmerge.suites.serving.suite_runtime("wordnet", size=2)` serves a suite's zoo that way.
 """
 
 from __future__ import annotations
 
-import re
 import tempfile
 import threading
 from collections.abc import Sequence
@@ -36,96 +30,11 @@ import torch
 
 from flexmerge.errors import ConfigError, FlexMergeError
 from flexmerge.flexmodel import FlexModel, load
-
-ROW_WISE = (torch.nn.Linear, torch.nn.Embedding, torch.nn.LayerNorm, torch.nn.Conv1d, torch.nn.Conv2d,
-            torch.nn.GroupNorm)
-
-
-class Router:
-    """Where each task's rows are in the current batch, read by every RoutedModule.
-
-    `predict_mixed` sorts a batch by the task order given here, so each task's rows are one
-    contiguous span; a group whose tasks are adjacent in that order then reads and writes a
-    slice of the batch (a view, no copy) and only the other groups gather their rows."""
-
-    def __init__(self, order: Sequence[int]):
-        self.position = {t: i for i, t in enumerate(order)}
-        self.spans: dict[int, tuple[int, int]] = {}
-        self.batch = 0
-        self._plans: dict[tuple, list[tuple[int, slice | torch.Tensor]]] = {}
-
-    def sort_key(self, task: int) -> int:
-        return self.position[task]
-
-    def set(self, row_tasks: Sequence[int]) -> None:
-        """The batch's task per row, already sorted by `sort_key`."""
-        self.spans = {}
-        for row, t in enumerate(row_tasks):
-            start, _ = self.spans.get(t, (row, row))
-            self.spans[t] = (start, row + 1)
-        self.batch = len(row_tasks)
-        self._plans = {}
-
-    def plan(self, members: tuple[tuple[int, ...], ...]) -> list[tuple[int, slice | torch.Tensor]]:
-        """(group index, its rows) for the groups present in the batch: a slice when the group's
-        rows are contiguous, else an index tensor. Computed once per batch and grouping."""
-        if members not in self._plans:
-            plan = []
-            for i, tasks in enumerate(members):
-                spans = sorted(self.spans[t] for t in tasks if t in self.spans)
-                if not spans:
-                    continue
-                if all(a[1] == b[0] for a, b in zip(spans, spans[1:])):
-                    plan.append((i, slice(spans[0][0], spans[-1][1])))
-                else:
-                    plan.append((i, torch.cat([torch.arange(a, b) for a, b in spans])))
-            self._plans[members] = plan
-        return self._plans[members]
-
-
-class RoutedModule(torch.nn.Module):
-    """Stands for one module of the model: `groups` are the distinct modules the tasks read."""
-
-    def __init__(self, router: Router, groups: list[tuple[list[int], torch.nn.Module]]):
-        super().__init__()
-        self.router = router
-        self.members = tuple(tuple(tasks) for tasks, _ in groups)
-        self.choices = torch.nn.ModuleList([m for _, m in groups])
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        plan = self.router.plan(self.members)
-        if len(plan) == 1:  # one weight set for every row of the batch: one call
-            return self.choices[plan[0][0]](x)
-        batch = self.router.batch
-        per_row = x.shape[0] == batch  # else an input shared by every row (position ids)
-        outputs = []
-        for i, rows in plan:
-            if not per_row:
-                y = self.choices[i](x)
-                n = rows.stop - rows.start if isinstance(rows, slice) else len(rows)
-                outputs.append((rows, y.expand(n, *y.shape[1:])))
-            else:
-                outputs.append((rows, self.choices[i](x[rows] if isinstance(rows, slice) else x.index_select(0, rows))))
-        return _scatter_rows(outputs, batch)
-
-
-def _scatter_rows(parts: list[tuple[slice | torch.Tensor, torch.Tensor]], batch: int) -> torch.Tensor:
-    """Rows back in batch order; outputs of different widths (heads of 2, 3, 5 labels) are padded
-    with -inf on the last dim."""
-    first = parts[0][1]
-    widths = {y.shape[-1] for _, y in parts} if first.dim() > 1 else set()
-    if len(widths) > 1:
-        out = first.new_full((batch, *first.shape[1:-1], max(widths)), float("-inf"))
-        for rows, y in parts:
-            out[rows, ..., : y.shape[-1]] = y
-        return out
-    out = first.new_empty((batch, *first.shape[1:]))
-    for rows, y in parts:
-        if isinstance(rows, slice):
-            out[rows] = y
-        else:
-            out.index_copy_(0, rows, y)
-    return out
+from flexmerge.routing import fit_router, route_weights
+from flexmerge.runtime.batching import BatchRows, mixed_copy
+from flexmerge.runtime.hf_dir import unpack_hf_files
+from flexmerge.runtime.memory import release_freed_memory
+from flexmerge.runtime.pooling import mean_pool
 
 
 class Runtime:
@@ -157,7 +66,7 @@ class Runtime:
         self._modules: dict[str, torch.nn.Module] = {}
         self._tokenizers: dict[str, Any] = {}
         self._dirs: dict[str, Path] = {}
-        self._mixed: tuple[torch.nn.Module, Router] | None = None
+        self._mixed: tuple[torch.nn.Module, BatchRows] | None = None
         self._shared: torch.nn.Module | None = None  # the router's feature model (shared weights)
         self._info: dict[str, dict[str, Any]] = {}
         self._scratch: tempfile.TemporaryDirectory | None = None
@@ -166,17 +75,6 @@ class Runtime:
     def load(cls, path: str | Path, **options: Any) -> "Runtime":
         """The artifact at `path`; `options` as for Runtime (heads, labels, hf_dir, max_length)."""
         return cls(load(path), **options)
-
-    @classmethod
-    def from_suite(cls, suite: str | Any, size: float, method: str = "task_arithmetic",
-                   cache_dir: str | Path | None = None, log=print) -> "Runtime":
-        """A benchmark suite's zoo (built or reused) merged to `size` (the artifact cached, see
-        `suite_artifact`), served with the suite's heads and label names."""
-        from flexmerge.suites import get_suite
-
-        suite = get_suite(suite) if isinstance(suite, str) else suite
-        path, zoo = suite_artifact(suite, size, method, cache_dir, log)
-        return cls.load(path, **suite.serve_options(zoo))
 
     @property
     def tasks(self) -> list[str]:
@@ -227,13 +125,13 @@ class Runtime:
         mixed = self._mixed_model()
         if mixed is None:
             return self._per_task(tasks, texts)
-        model, router = mixed
+        model, rows = mixed
         index = {t: i for i, t in enumerate(self.flex.tasks)}
-        order = sorted(range(len(items)), key=lambda i: router.sort_key(index[tasks[i]]))  # stable
+        order = sorted(range(len(items)), key=lambda i: rows.sort_key(index[tasks[i]]))  # stable
         tasks, texts = [tasks[i] for i in order], [texts[i] for i in order]
         enc = self._encode(tasks[0], texts)
         with self._lock, torch.inference_mode():
-            router.set([index[t] for t in tasks])
+            rows.set([index[t] for t in tasks])
             sorted_results = self._results(tasks, model(**enc), enc["attention_mask"])
         results: list[dict[str, Any]] = [{}] * len(items)
         for i, result in zip(order, sorted_results):
@@ -291,8 +189,6 @@ class Runtime:
 
     def train_router(self, calibration: Sequence[tuple[str, str]], **options: Any):
         """Fit the router on (text, task) calibration pairs (`fit_router` options) and keep it on the model."""
-        from flexmerge.routing import fit_router
-
         if not calibration:
             raise ConfigError("no calibration data: routing needs (input, task) examples of every task")
         for _, task in calibration:
@@ -304,8 +200,6 @@ class Runtime:
 
     def route(self, texts: Sequence[str]) -> torch.Tensor:
         """(N, M) routing weights of texts whose task is unknown: softmax of the router's logits."""
-        from flexmerge.routing import route_weights
-
         if self.flex.router is None:
             raise ConfigError("this model has no router: train one first (`flexmerge route train`, "
                               "Runtime.train_router) on calibration examples (input, task)")
@@ -358,11 +252,7 @@ class Runtime:
                                      "task's empty model to Runtime.module(task, model)")
             if self._scratch is None:  # removed with the runtime (or at exit)
                 self._scratch = tempfile.TemporaryDirectory(prefix="flexmerge-runtime-")
-            directory = Path(self._scratch.name) / task
-            directory.mkdir()
-            for name, data in files.items():
-                (directory / name).write_bytes(data)
-            self._dirs[task] = directory
+            self._dirs[task] = unpack_hf_files(files, self._scratch.name, task)
         return self._dirs[task]
 
     def _config(self, task: str):
@@ -392,98 +282,18 @@ class Runtime:
         return dict(self._tokenizer(task)(list(texts), padding=True, truncation=True, max_length=self.max_length,
                                           return_tensors="pt"))
 
-    def _mixed_model(self) -> tuple[torch.nn.Module, Router] | None:
-        """The routing copy of the model, or None when a mixed batch must run per task (a module
-        that is not row-wise, or tasks whose tokenizers or architectures differ)."""
+    def _mixed_model(self) -> tuple[torch.nn.Module, BatchRows] | None:
+        """The mixed copy of the model (`mixed_copy`), or None when a mixed batch must run per task
+        (a module that is not row-wise, or tasks whose tokenizers or architectures differ)."""
         if self._mixed is not None:
             return self._mixed
         modules = [self.module(t) for t in self.flex.tasks]
-        if len({type(m) for m in modules}) > 1 or len({_tokenizer_files(self.flex, t) for t in self.flex.tasks}) > 1:
+        if len({_tokenizer_files(self.flex, t) for t in self.flex.tasks}) > 1:
             return None
-        names = [n for n, m in modules[0].named_modules() if list(m.parameters(recurse=False))]
-        per_task = [dict(m.named_modules()) for m in modules]
-        if not all(isinstance(per_task[0][n], ROW_WISE) for n in names):
-            return None
-        groups = {name: _distinct([p[name] for p in per_task]) for name in names}
-        weights = {name: sum(p.numel() for p in per_task[0][name].parameters(recurse=False)) for name in names}
-        router = Router(task_order(groups, weights, len(modules)))
-        routed = self._hf_model(self.flex.tasks[0]).eval()
-        for name in names:
-            _replace(routed, name, RoutedModule(router, groups[name]))
-        self._mixed = (routed, router)
-        release_freed_memory()  # the random weights transformers built before the artifact's replaced them
+        self._mixed = mixed_copy(modules, lambda: self._hf_model(self.flex.tasks[0]))
+        if self._mixed is not None:
+            release_freed_memory()  # the random weights transformers built before the artifact's replaced them
         return self._mixed
-
-
-def task_order(groups: dict[str, list[tuple[list[int], Any]]], weights: dict[str, int], m: int) -> list[int]:
-    """An order of the m tasks in which the groups of as many weights as possible are contiguous
-    (read as slices of a batch sorted this way): tasks sorted by their group in each distinct
-    grouping, the groupings that cover the most weights first (those are contiguous for sure)."""
-    covered: dict[tuple, int] = {}
-    for name, gs in groups.items():
-        if len(gs) > 1:
-            key = tuple(sorted(tuple(tasks) for tasks, _ in gs))
-            covered[key] = covered.get(key, 0) + weights[name]
-    partitions = sorted(covered, key=lambda k: -covered[k])
-
-    def signature(task: int) -> tuple[int, ...]:
-        return tuple(next(g for g, tasks in enumerate(p) if task in tasks) for p in partitions)
-
-    return sorted(range(m), key=signature)
-
-
-def release_freed_memory() -> None:
-    """Hand memory that Python and torch have freed back to the OS (glibc's `malloc_trim`), so
-    resident memory reflects what the runtime holds: building a model with random weights that
-    the artifact's then replace leaves ~150 MiB of freed pages that glibc would otherwise keep.
-    A no-op where glibc is not the allocator."""
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    try:
-        trim = ctypes.CDLL(name).malloc_trim if name else None
-    except (OSError, AttributeError):
-        trim = None
-    if trim is not None:
-        trim(0)
-
-
-def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """The mean of `hidden` over the non-padding tokens (dim -2): a batch [B, L, H] or one row
-    [L, H]. The same features the wordnet suite trains its heads on (`WordNetSuite.pooled`)."""
-    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-    return (hidden * mask).sum(-2) / mask.sum(-2).clamp_min(1)
-
-
-def suite_artifact(suite: Any, size: float, method: str = "task_arithmetic", cache_dir: str | Path | None = None,
-                   log=print) -> tuple[Path, Any]:
-    """(artifact, zoo): the suite's zoo (built or reused) merged to `size` with `method`, cached as
-    `<cache>/served/<zoo>-<method>-<size>x` and reused when present; `method` may carry its
-    parameters (`twin:rank=7`, as in `flexmerge sweep --methods`). Only suites that take text
-    (`suite.serving_reason()` is None) are served."""
-    from flexmerge.api import merge_to_disk
-    from flexmerge.flexmodel.read import is_artifact
-    from flexmerge.methods import get_method
-    from flexmerge.suites import default_cache_dir, get_zoo
-    from flexmerge.taskvec import load_tasks
-
-    reason = suite.serving_reason()
-    if reason:
-        raise ConfigError(reason)
-    get_method(method)  # 'twin:rank=7' (a method with its parameters): a typo fails now, not after the zoo
-    zoo = get_zoo(suite, Path(cache_dir) if cache_dir else None, log=log)
-    name_of_entry = f"{zoo.directory.name}-{_cache_label(method)}-{float(size):g}x"
-    out = Path(cache_dir or default_cache_dir()) / "served" / name_of_entry
-    if not is_artifact(out):
-        log(f"merging the {suite.name!r} zoo to {float(size):g}x with {method} into {out} (cached for later runs)")
-        merge_to_disk(load_tasks(zoo.base, zoo.models, **suite.load_options()), out, size=size, method=method)
-    return out, zoo
-
-
-def _cache_label(method: str) -> str:
-    """A method spec as part of a directory name: 'twin:rank=7' -> 'twin_rank=7' (only [A-Za-z0-9._=-])."""
-    return re.sub(r"[^A-Za-z0-9._=-]", "_", method)[:100]
 
 
 def _kind(config) -> str:
@@ -494,18 +304,3 @@ def _kind(config) -> str:
 def _tokenizer_files(flex: FlexModel, task: str) -> tuple:
     files = flex.hf_files.get(task, {})
     return tuple(sorted((n, d) for n, d in files.items() if n != "config.json"))
-
-
-def _distinct(modules: list[torch.nn.Module]) -> list[tuple[list[int], torch.nn.Module]]:
-    """Tasks grouped by the weights their module holds (the same stored tensors -> one group)."""
-    groups: dict[tuple, tuple[list[int], torch.nn.Module]] = {}
-    for t, m in enumerate(modules):
-        ident = tuple((p.data_ptr(), tuple(p.shape)) for p in m.parameters(recurse=False))
-        groups.setdefault(ident, ([], m))[0].append(t)
-    return list(groups.values())
-
-
-def _replace(root: torch.nn.Module, name: str, new: torch.nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, child, new)
