@@ -24,6 +24,7 @@ from flexmerge.planning import (
     MergePath,
     PlanOptions,
     build_path,
+    check_plan_options,
     cuts_at_last_point,
     ends_in_whole_copies,
     last_point,
@@ -166,7 +167,7 @@ def _plan_and_cut(tasks: TaskSet, partition: Partition, m: MergeMethod, size: fl
         size = last_point_size(SizeModel.build(partition, tasks, m), tasks.num_tasks)
     if (isinstance(size, (int, float)) and max_bytes is None
             and cuts_at_last_point(tasks, partition, m, size, options.planner)):
-        options.check(calibration)
+        check_plan_options(options, calibration)
         steps = len(partition) * (tasks.num_tasks - 1)
         info = _point_info(options.planner, options.recorded(partition.granularity), steps, steps + 1, size, tasks,
                            device)

@@ -8,10 +8,12 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from flexmerge.device import resolve_device
 from flexmerge.errors import ConfigError
 from flexmerge.mergekit import from_mergekit, is_mergekit
 from flexmerge.paths import UnsafePathError, check_task_name
 from flexmerge.planning.options import PlanOptions
+from flexmerge.size import parse_bytes
 
 PLAN_DEFAULTS = PlanOptions()
 
@@ -72,8 +74,6 @@ class MergeConfig(BaseModel):
     @field_validator("max_bytes", mode="before")
     @classmethod
     def _bytes(cls, v: Any) -> Any:
-        from flexmerge.size import parse_bytes
-
         return parse_bytes(v) if isinstance(v, str) else v
 
     @model_validator(mode="after")
@@ -85,8 +85,6 @@ class MergeConfig(BaseModel):
     @model_validator(mode="after")
     def _usable_device(self) -> "MergeConfig":
         """An unknown or absent device fails here, before the validation pass reads any model."""
-        from flexmerge.device import resolve_device
-
         try:
             resolve_device(self.device, self.executor)
         except ConfigError as e:

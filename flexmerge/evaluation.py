@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from flexmerge.errors import ConfigError, FlexMergeError
+from flexmerge.flexmodel.materialize import collect_hf_files
 from flexmerge.runtime.hf_dir import unpack_hf_files
 
 Evaluator = Callable[[str, dict[str, torch.Tensor]], float]
@@ -128,8 +129,6 @@ class TextClassificationEvaluator:
 
     def __init__(self, tasks, data: Mapping[str, str | Path], limit: int | None = 1000, batch_size: int = 32,
                  max_length: int | None = None):
-        from flexmerge.flexmodel.materialize import collect_hf_files
-
         missing = [t for t in tasks.names if t not in data]
         unknown = [t for t in data if t not in tasks.names]
         if unknown:

@@ -19,6 +19,7 @@ import torch
 from flexmerge._progress import progress
 from flexmerge._scratch import DELTAS, TEMP_A, TEMP_B, release, scratch
 from flexmerge.device import to_device
+from flexmerge.errors import ConfigError
 from flexmerge.io.source import rows_shape
 from flexmerge.taskvec import Chunk, TaskSet
 
@@ -97,8 +98,6 @@ class TopKTrim(Transform):
     name = "trim"
 
     def __init__(self, keep: float, rule: str = "reference", scope: str = "model"):
-        from flexmerge.errors import ConfigError
-
         if not 0.0 < keep <= 1.0:
             raise ConfigError(f"keep must be a fraction in (0, 1], got {keep}")
         if rule not in TRIM_RULES:
@@ -172,8 +171,6 @@ class DareDrop(Transform):
 
     def __init__(self, p: float, seed: int = 0):
         if not 0.0 <= p < 1.0:
-            from flexmerge.errors import ConfigError
-
             raise ConfigError(f"DARE drop rate p must be in [0, 1), got {p}")
         self.p, self.seed = p, seed
 

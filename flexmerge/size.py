@@ -22,6 +22,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from flexmerge.blocks import Partition
+from flexmerge.errors import ConfigError
 from flexmerge.io.source import TensorMeta
 from flexmerge.methods.base import MergeMethod
 
@@ -78,8 +79,6 @@ def parse_bytes(text: str) -> int:
     m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*", str(text))
     unit = m.group(2).lower() if m else ""
     if not m or (unit and unit not in _UNITS):
-        from flexmerge.errors import ConfigError
-
         raise ConfigError(f"{text!r} is not a size in bytes; write e.g. 300MB, 1.5GiB or 4096")
     return int(float(m.group(1)) * _UNITS[unit or "b"])
 

@@ -11,6 +11,7 @@ import torch
 from flexmerge.blocks import Partition
 from flexmerge.errors import ConfigError
 from flexmerge.io.source import TensorMeta
+from flexmerge.methods.twin import rebuild
 from flexmerge.planning.path import Assignment
 
 
@@ -171,8 +172,6 @@ class FlexModel:
     def _read_part(self, store: BlockStore, group: StoredGroup, task: int, p: int, key: str) -> torch.Tensor:
         stored = group.tensors[p]
         if group.residuals is not None:
-            from flexmerge.methods.twin import rebuild
-
             residual = rebuild(group.residuals[group.members.index(task)][p]).view(stored.shape)
             return (stored.float() + residual).to(stored.dtype)
         if not group.masked:

@@ -17,7 +17,7 @@ from flexmerge.planning.greedy import LINKAGES
 from flexmerge.planning.merged import MEASURES
 from flexmerge.planning.options import COST_DEFAULTS, MODES, PlanOptions
 from flexmerge.planning.path import SIZE_TOLERANCE, Assignment, MergePath, MergeStep
-from flexmerge.planning.registry import PLANNERS, PlanInputs, get_planner, register_planner
+from flexmerge.planning.registry import PLANNERS, PlanInputs, check_plan_options, get_planner, register_planner
 from flexmerge.preprocess import Pipeline, fitted_pipeline
 from flexmerge.similarity import block_grams
 from flexmerge.size import SizeModel
@@ -28,7 +28,8 @@ COST_PLANNERS = tuple(n for n, p in PLANNERS.items() if p.kind == "cost")
 DATA_PLANNERS = tuple(n for n, p in PLANNERS.items() if p.data_aware)
 
 __all__ = ["PLANNERS", "DATA_PLANNERS", "COST_PLANNERS", "MODES", "LINKAGES", "MEASURES", "COST_DEFAULTS",
-           "Assignment", "MergePath", "MergeStep", "PlanOptions", "build_path", "get_planner", "register_planner"]
+           "Assignment", "MergePath", "MergeStep", "PlanOptions", "build_path", "check_plan_options", "get_planner",
+           "register_planner"]
 
 
 def build_path(tasks: TaskSet, partition: Partition, method: MergeMethod, options: PlanOptions | None = None, *,
@@ -41,7 +42,7 @@ def build_path(tasks: TaskSet, partition: Partition, method: MergeMethod, option
     `pipeline`: the method's preprocessing already fitted on `tasks` (`fitted_pipeline`), when the
     caller has it (a merge fits it once for planning and materializing)."""
     options = options or PlanOptions()
-    options.check(calibration)
+    check_plan_options(options, calibration)
     planner = get_planner(options.planner)
     device = resolve_device(device, executor)
     t0 = time.perf_counter()

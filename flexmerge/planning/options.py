@@ -13,10 +13,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from flexmerge.errors import ConfigError, UnknownNameError
+from flexmerge.errors import ConfigError
 from flexmerge.planning.activations import DEFAULT_RANK
-from flexmerge.planning.greedy import LINKAGES
-from flexmerge.planning.merged import MEASURES
 
 MODES = ("constituent", "merged")
 # Settings of the cost planners (`flexmerge.planning.costs`): the normalization of a pair's cost,
@@ -51,27 +49,6 @@ class PlanOptions:
         if "cost" in given:
             given["cost"] = dict(given["cost"])
         return dataclasses.replace(options or cls(), **given)
-
-    def check(self, calibration: object | None = None) -> None:
-        """Refuse unknown names and combinations that mean nothing, before any pass over the inputs."""
-        from flexmerge.planning.registry import get_planner
-
-        if self.measure not in MEASURES:
-            raise UnknownNameError("merged-vector measure", self.measure, MEASURES)
-        planner = get_planner(self.planner)
-        if self.mode not in MODES:
-            raise UnknownNameError("similarity mode", self.mode, MODES)
-        if self.linkage not in LINKAGES:
-            raise UnknownNameError("linkage", self.linkage, LINKAGES)
-        if self.mode == "merged" and planner.kind == "cluster":
-            raise ConfigError(f"planner {self.planner!r} clusters task vectors; merged-vector mode applies to greedy orders")
-        if planner.data_aware and calibration is None:
-            raise ConfigError(f"planner {self.planner!r} is data-aware: it needs unlabelled calibration inputs per "
-                              "task (a suite provides them: `flexmerge sweep --suite`); plan your own models with a "
-                              "data-free planner (greedy, recon, ...)")
-        unknown = sorted(set(self.cost) - set(COST_DEFAULTS))
-        if unknown and planner.kind == "cost":
-            raise ConfigError(f"unknown cost planner options {unknown}; known: {sorted(COST_DEFAULTS)}")
 
     def cost_settings(self) -> dict[str, Any]:
         """The cost planners' settings, defaults filled in."""

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from flexmerge._atomic import write_text_atomic
 from flexmerge.errors import ConfigError, SizeError
 
 Group = tuple[int, ...]
@@ -136,8 +137,6 @@ class MergePath:
 
     def save(self, path: str | Path, overwrite: bool = False) -> None:
         """Write the path as JSON; `overwrite` replaces only an earlier path file, never another file."""
-        from flexmerge._atomic import write_text_atomic
-
         write_text_atomic(Path(path), json.dumps(self.to_dict(), indent=1, allow_nan=False), overwrite=overwrite,
                           replaceable=is_path_file, what="a flexmerge path file")
 

@@ -15,13 +15,15 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from flexmerge.errors import UnknownNameError
+from flexmerge.errors import ConfigError, UnknownNameError
+from flexmerge.planning.greedy import LINKAGES
+from flexmerge.planning.merged import MEASURES
+from flexmerge.planning.options import COST_DEFAULTS, MODES, PlanOptions
 
 if TYPE_CHECKING:
     from flexmerge.blocks import Partition
     from flexmerge.methods.base import MergeMethod
     from flexmerge.planning.activations import Calibration
-    from flexmerge.planning.options import PlanOptions
     from flexmerge.planning.path import Assignment, MergeStep
     from flexmerge.preprocess import Pipeline
     from flexmerge.size import SizeModel
@@ -77,3 +79,24 @@ def get_planner(name: str) -> Planner:
     if name not in PLANNERS:
         raise UnknownNameError("planner", name, tuple(PLANNERS))
     return PLANNERS[name]
+
+
+def check_plan_options(options: PlanOptions, calibration: object | None = None) -> None:
+    """Refuse unknown names and combinations that mean nothing, before any pass over the inputs."""
+    if options.measure not in MEASURES:
+        raise UnknownNameError("merged-vector measure", options.measure, MEASURES)
+    planner = get_planner(options.planner)
+    if options.mode not in MODES:
+        raise UnknownNameError("similarity mode", options.mode, MODES)
+    if options.linkage not in LINKAGES:
+        raise UnknownNameError("linkage", options.linkage, LINKAGES)
+    if options.mode == "merged" and planner.kind == "cluster":
+        raise ConfigError(f"planner {options.planner!r} clusters task vectors; merged-vector mode applies to greedy "
+                          "orders")
+    if planner.data_aware and calibration is None:
+        raise ConfigError(f"planner {options.planner!r} is data-aware: it needs unlabelled calibration inputs per "
+                          "task (a suite provides them: `flexmerge sweep --suite`); plan your own models with a "
+                          "data-free planner (greedy, recon, ...)")
+    unknown = sorted(set(options.cost) - set(COST_DEFAULTS))
+    if unknown and planner.kind == "cost":
+        raise ConfigError(f"unknown cost planner options {unknown}; known: {sorted(COST_DEFAULTS)}")

@@ -12,24 +12,19 @@ from flexmerge.errors import UnknownNameError
 from flexmerge.planning import DATA_PLANNERS
 from flexmerge.report import write_results
 from flexmerge.suites.base import Suite, Zoo, default_cache_dir, get_zoo
+from flexmerge.suites.digits import DigitsSuite
+from flexmerge.suites.fashion import FashionSuite
 from flexmerge.suites.routing import SuiteRouting, check_routed
+from flexmerge.suites.wordnet import WordNetSuite
 from flexmerge.taskvec import load_tasks
 
-SUITES: dict[str, Callable[[], Suite]] = {}
-
-
-def _register() -> None:
-    from flexmerge.suites.digits import DigitsSuite
-    from flexmerge.suites.fashion import FashionSuite
-    from flexmerge.suites.wordnet import WordNetSuite
-
-    SUITES.update({"wordnet": WordNetSuite, "wordnet20": lambda: WordNetSuite(num_tasks=20),
-                   "wordnet30": lambda: WordNetSuite(num_tasks=30), "digits": DigitsSuite, "fashion": FashionSuite})
+SUITES: dict[str, Callable[[], Suite]] = {
+    "wordnet": WordNetSuite, "wordnet20": lambda: WordNetSuite(num_tasks=20),
+    "wordnet30": lambda: WordNetSuite(num_tasks=30), "digits": DigitsSuite, "fashion": FashionSuite,
+}
 
 
 def get_suite(name: str) -> Suite:
-    if not SUITES:
-        _register()
     if name not in SUITES:
         raise UnknownNameError("suite", name, SUITES)
     return SUITES[name]()
