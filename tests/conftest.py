@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -104,14 +105,27 @@ class TinyNet(torch.nn.Module):
 HF_LABELS = {"a": 2, "b": 3, "c": 5}
 
 
-def bert_config(num_labels: int = 2, **overrides):
-    """A tiny BertConfig (2 layers, hidden 32, vocabulary 60) with labels L0..L{n-1}."""
+def bert_config(labels: int | Sequence[str] = 2, **overrides):
+    """A tiny BertConfig (2 layers, hidden 32, vocabulary 60, 32 positions); `labels`: a count
+    (names L0..L{n-1}) or the label names. `overrides`: any other BertConfig field."""
     import transformers
 
+    names = [f"L{i}" for i in range(labels)] if isinstance(labels, int) else list(labels)
     kw = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, vocab_size=60,
-              max_position_embeddings=32, num_labels=num_labels, id2label={i: f"L{i}" for i in range(num_labels)},
-              label2id={f"L{i}": i for i in range(num_labels)})
+              max_position_embeddings=32, num_labels=len(names), id2label=dict(enumerate(names)),
+              label2id={name: i for i, name in enumerate(names)})
     return transformers.BertConfig(**{**kw, **overrides})
+
+
+BERT_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+def word_tokenizer(words: Sequence[str], **options):
+    """A word-level BERT tokenizer over the special tokens and `words` (ids in that order). Built from
+    a `vocab` dict: recent transformers read a bare vocab_file as an empty vocabulary (all [UNK])."""
+    import transformers
+
+    return transformers.BertTokenizerFast(vocab={w: i for i, w in enumerate([*BERT_SPECIALS, *words])}, **options)
 
 
 @pytest.fixture

@@ -11,14 +11,14 @@ import torch
 import flexmerge
 from flexmerge.errors import CheckpointError, FlexMergeError
 from flexmerge.io.open import open_checkpoint
+from tests.conftest import bert_config
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
 
 def _bert(labels: int = 3):
-    config = transformers.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                                     vocab_size=40, max_position_embeddings=32, num_labels=labels)
+    config = bert_config(labels, vocab_size=40)
     torch.manual_seed(0)
     return transformers.BertForSequenceClassification(config).eval()
 

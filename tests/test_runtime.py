@@ -8,6 +8,7 @@ import torch
 
 import flexmerge
 from flexmerge.errors import ConfigError
+from tests.conftest import bert_config, word_tokenizer
 
 transformers = pytest.importorskip("transformers")
 from flexmerge.runtime import Runtime  # noqa: E402
@@ -21,16 +22,11 @@ TEXTS = ["the cat sat on the mat", "a bird flew over the tree", "big red car", "
 
 
 def _tokenizer(directory):
-    """A word-level BERT tokenizer over WORDS (a `vocab` dict: recent transformers read a bare
-    `vocab_file` as an empty vocabulary, every word [UNK])."""
-    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
-    return transformers.BertTokenizerFast(vocab={w: i for i, w in enumerate(words)})
+    return word_tokenizer(WORDS)
 
 
 def _config(n):
-    return transformers.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                                   vocab_size=5 + len(WORDS), max_position_embeddings=64, num_labels=n,
-                                   id2label={i: f"{n}-L{i}" for i in range(n)}, label2id={f"{n}-L{i}": i for i in range(n)})
+    return bert_config([f"{n}-L{i}" for i in range(n)], vocab_size=5 + len(WORDS), max_position_embeddings=64)
 
 
 @pytest.fixture(scope="module")

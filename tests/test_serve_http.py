@@ -24,6 +24,7 @@ transformers = pytest.importorskip("transformers")
 torch = pytest.importorskip("torch")
 
 import flexmerge  # noqa: E402
+from tests.conftest import bert_config  # noqa: E402
 
 WORDS = ("the a film movie good bad great awful plot actor story fun dull long short best worst love hate "
          "music scene end start day night cat dog red blue green big small fast slow happy sad old new one "
@@ -35,10 +36,7 @@ SENTENCES = ["the film was good", "a very bad plot", "great music and a fun stor
 
 
 def _config(vocab_size: int, labels: list[str]):
-    return transformers.BertConfig(
-        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, vocab_size=vocab_size,
-        max_position_embeddings=64, num_labels=len(labels), id2label=dict(enumerate(labels)),
-        label2id={name: i for i, name in enumerate(labels)})
+    return bert_config(labels, vocab_size=vocab_size, max_position_embeddings=64)
 
 
 def build_artifact(root: Path) -> Path:

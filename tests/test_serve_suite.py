@@ -15,6 +15,7 @@ import flexmerge
 from flexmerge.errors import ConfigError, FlexMergeError
 from flexmerge.flexmodel.format import MANIFEST
 from flexmerge.suites.base import Suite, Zoo
+from tests.conftest import bert_config, word_tokenizer
 
 transformers = pytest.importorskip("transformers")
 from flexmerge.runtime import Runtime  # noqa: E402
@@ -30,16 +31,14 @@ TEXTS = ["the cat sat on the mat", "a bird flew over the tree", "big red car", "
 
 
 def _config():
-    return transformers.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                                   vocab_size=5 + len(WORDS), max_position_embeddings=64, architectures=["BertModel"])
+    return bert_config(2, vocab_size=5 + len(WORDS), max_position_embeddings=64, architectures=["BertModel"])
 
 
 def write_hf_dir(directory: Path) -> Path:
     """What the suite's `minilm_dir()` is to MiniLM: config.json and the tokenizer's files."""
     directory.mkdir(parents=True, exist_ok=True)
     _config().save_pretrained(directory)
-    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]  # a vocab dict: a bare vocab_file reads as empty
-    transformers.BertTokenizerFast(vocab={w: i for i, w in enumerate(words)}).save_pretrained(directory)
+    word_tokenizer(WORDS).save_pretrained(directory)
     return directory
 
 

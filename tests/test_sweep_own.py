@@ -11,6 +11,7 @@ import torch
 from typer.testing import CliRunner
 
 from flexmerge.cli import app
+from tests.conftest import bert_config, word_tokenizer
 
 transformers = pytest.importorskip("transformers")
 runner = CliRunner()
@@ -19,14 +20,11 @@ LABELS = {"pos": ["neg", "pos"], "topic": ["a", "b", "c"]}
 
 
 def _config(names):
-    return transformers.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                                   vocab_size=5 + len(WORDS), max_position_embeddings=32, num_labels=len(names),
-                                   id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)})
+    return bert_config(names, vocab_size=5 + len(WORDS))
 
 
 def _tokenizer(directory):
-    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]  # a vocab dict: a bare vocab_file reads as empty
-    transformers.BertTokenizerFast(vocab={w: i for i, w in enumerate(words)}).save_pretrained(directory)
+    word_tokenizer(WORDS).save_pretrained(directory)
 
 
 @pytest.fixture
