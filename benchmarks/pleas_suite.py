@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from flexmerge.pleas import calibration_inputs, pleas_merge
+from flexmerge.pleas import pleas_merge
 from flexmerge.suites import digits, fashion
 from flexmerge.suites.training import accuracy, train
 
@@ -103,7 +103,7 @@ def plain_accuracy(r: Recipe, task, state, head_state) -> float:
 
 
 def pleas_rows(r: Recipe, pair, models, heads, sizes, schedule) -> list[tuple]:
-    x = calibration_inputs(r.suite.name, list(models))
+    x = r.suite.validation_inputs(list(models))
     rows = []
     for method, options in METHODS.items():
         options = dict(options)

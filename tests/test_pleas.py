@@ -15,11 +15,13 @@ import flexmerge
 from flexmerge.cli import app
 from flexmerge.errors import CheckpointError, ConfigError
 from flexmerge.pleas import modeling
+from flexmerge.pleas.common import allowed_inputs, layout, recording
 from flexmerge.pleas.lstsq import NormalEquations
 from flexmerge.pleas.matching import Split, hungarian
-from flexmerge.pleas.merge import allowed_inputs, correlations, original_model, pleas_merge
+from flexmerge.pleas.merge import correlations, original_model, pleas_merge
 from flexmerge.pleas.schedule import greedy, size_of, uniform
 from flexmerge.pleas.spec import residual_mlp_spec
+from flexmerge.suites.calibration import validation_inputs
 
 IN, WIDTH, HIDDEN, DEPTH, CLASSES = 6, 5, 7, 2, 3
 
@@ -204,10 +206,41 @@ def test_bad_inputs_are_clear_errors(calib):
 
 def test_digits_suite_validation_inputs_calibrate():
     pytest.importorskip("sklearn")
-    from flexmerge.pleas import calibration_inputs
-
-    x = calibration_inputs("digits", ["rot90", "transpose"])
+    x = validation_inputs("digits", ["rot90", "transpose"])
     assert x.shape[1] == 64 and x.shape[0] > 100 and x.dtype == torch.float32
+    assert torch.equal(validation_inputs("digits", ["a", "b"]), validation_inputs("digits"))  # no such tasks: all
+    with pytest.raises(ConfigError, match="suite 'wordnet' has no tensor inputs to calibrate on"):
+        validation_inputs("wordnet")
+
+
+def test_the_library_takes_calibration_from_its_caller(calib):
+    """No suite lookup in flexmerge.pleas: a tensor, a file, or a loader called with the models' names."""
+    (sa, _), (sb, _) = tiny(0), tiny(1)
+    asked = []
+    merged = flexmerge.pleas({"a": sa, "b": sb}, 1.2, lambda tasks: asked.append(tasks) or calib)
+    assert asked == [["a", "b"]] and merged.config["calibration_samples"] == len(calib)
+    with pytest.raises(ConfigError, match="calibration 'digits' is not a file; give a tensor"):
+        flexmerge.pleas({"a": sa, "b": sb}, 1.2, "digits")
+    script = "import sys, flexmerge.pleas; assert not [m for m in sys.modules if m.startswith('flexmerge.suites')]"
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+
+
+def test_cli_calibrates_on_a_suite_by_name(tmp_path):
+    """`--calibration digits`: the suite's validation inputs of the tasks named like the models."""
+    pytest.importorskip("sklearn")
+    from flexmerge.suites.digits import DigitsNet
+
+    for name, seed in (("rot90", 0), ("transpose", 1)):
+        torch.manual_seed(seed)
+        save_file(DigitsNet().state_dict(), str(tmp_path / f"{name}.safetensors"))
+    args = ["pleas", "--model", f"rot90={tmp_path / 'rot90.safetensors'}", "--model",
+            f"transpose={tmp_path / 'transpose.safetensors'}", "--size", "1.2"]
+    res = CliRunner().invoke(app, [*args, "--calibration", "digits", "--out", str(tmp_path / "o")])
+    n = len(validation_inputs("digits", ["rot90", "transpose"]))
+    assert res.exit_code == 0 and f"activation matching ({n} calibration inputs)" in res.output, res.output
+    res = CliRunner().invoke(app, [*args, "--calibration", "no/such.safetensors", "--out", str(tmp_path / "bad")])
+    assert res.exit_code == 2 and "'no/such.safetensors' is neither a file nor a suite name" in res.output, res.output
 
 
 def test_weight_matching_finds_a_permuted_copy_without_data(tmp_path):
@@ -333,8 +366,6 @@ def test_bert_refit_checkpoint_loads_with_plain_transformers(tmp_path):
     assert type(loaded).__name__ == "BertModel" and loaded.config.intermediate_size == max(widths)
     torch.testing.assert_close(bert_out(loaded, tokens), bert_out(merged.module(), tokens), atol=1e-6, rtol=0)
     # the refit lowers the layer-wise objective: layer 0's intermediate.dense against both models' own features
-    from flexmerge.pleas.merge import _layout, recording
-
     name = "encoder.layer.0.intermediate.dense"
     with recording(a, {name}) as fa, recording(b, {name}) as fb, torch.no_grad():
         a(**tokens), b(**tokens)
@@ -342,7 +373,7 @@ def test_bert_refit_checkpoint_loads_with_plain_transformers(tmp_path):
     (xa, ya), (xb, yb) = fa[name], fb[name]
     perm = cfg["permutations"]["inter.0"]
     s = Split(torch.tensor(perm["a"]), torch.tensor(perm["b"]), cfg["intermediate"][0][0])
-    x, y = (xa[keep] + xb[keep]) / 2, _layout(ya[keep], yb[keep], -1, s)
+    x, y = (xa[keep] + xb[keep]) / 2, layout(ya[keep], yb[keep], -1, s)
     err = {ls: float((x @ m.state[name + ".weight"][:s.width].T + m.state[name + ".bias"][:s.width] - y).pow(2).mean())
            for ls, m in runs.items()}
     assert err[True] < 0.9 * err[False], err
@@ -366,3 +397,5 @@ def test_bert_cli_with_text_calibration_and_unsupported_architectures(tmp_path):
     res = CliRunner().invoke(app, [*args, "--calibration", str(tmp_path / "o" / "config.json"), "--out",
                                    str(tmp_path / "bad")])
     assert res.exit_code == 2 and "give a .safetensors file" in res.output and not (tmp_path / "bad").exists()
+    res = CliRunner().invoke(app, [*args, "--calibration", "digits", "--out", str(tmp_path / "bad")])
+    assert res.exit_code == 2 and "BERT calibration 'digits' is not a file" in res.output, res.output  # no suite lookup

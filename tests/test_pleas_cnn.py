@@ -209,7 +209,24 @@ def test_fashion_suite_validation_images_calibrate():
     reason = FashionSuite().unavailable_reason()
     if reason:
         pytest.skip(reason)
-    from flexmerge.pleas import calibration_inputs
+    from flexmerge.suites.calibration import validation_inputs
 
-    x = calibration_inputs("fashion", ["rot90", "digits"])
+    x = validation_inputs("fashion", ["rot90", "digits"])
     assert x.shape[1:] == (1, 28, 28) and x.shape[0] > 500 and x.dtype == torch.float32
+
+
+def test_the_suites_networks_are_the_library_classes_with_their_keys():
+    """Each network is defined once (flexmerge.pleas.modeling); the suites' keys, and so cached zoos, are as before."""
+    from flexmerge.pleas import modeling
+    from flexmerge.suites.digits import DigitsNet
+
+    fashion, digits = FashionNet(), DigitsNet()
+    assert isinstance(fashion, modeling.WideConvNet) and isinstance(digits, modeling.WideResidualMLP)
+    assert type(fashion.final_norm) is type(digits.layers[0].norm) is torch.nn.LayerNorm  # what they trained with
+    assert list(fashion.state_dict()) == ["stem.weight", "stem.bias", *[f"layers.{i}.{p}.{t}" for i in range(5)
+                                          for p in ("norm", "conv") for t in ("weight", "bias")],
+                                          "proj.weight", "proj.bias", "final_norm.weight", "final_norm.bias"]
+    assert list(digits.state_dict()) == ["embed.weight", "embed.bias", *[f"layers.{i}.{p}.{t}" for i in range(3)
+                                         for p in ("norm", "mlp.0", "mlp.2") for t in ("weight", "bias")],
+                                         "final_norm.weight", "final_norm.bias"]
+    assert [c.conv.stride for c in fashion.layers] == [(1, 1), (1, 1), (2, 2), (1, 1), (1, 1)]

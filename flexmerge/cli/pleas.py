@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Optional
 
@@ -9,7 +10,9 @@ import typer
 from rich.markup import escape
 
 from flexmerge.cli.app import command, console
+from flexmerge.pleas import is_bert
 from flexmerge.pleas import pleas as pleas_fn
+from flexmerge.suites.calibration import validation_inputs
 from flexmerge.taskvec import parse_task_specs
 
 
@@ -54,7 +57,10 @@ def pleas(
     """
     models = parse_task_specs(model)
     heads = parse_task_specs(head) if head else None
-    merged = pleas_fn(models, size, calibration, heads=heads, out=out, overwrite=overwrite, schedule=schedule,
+    inputs = calibration  # a file, or (not for BERT) a suite name: its inputs, loaded when PLeaS asks for them
+    if calibration is not None and not Path(calibration).is_file() and not any(is_bert(m) for m in models.values()):
+        inputs = functools.partial(validation_inputs, calibration)
+    merged = pleas_fn(models, size, inputs, heads=heads, out=out, overwrite=overwrite, schedule=schedule,
                       matching=matching, least_squares=least_squares, ridge=ridge, batch_size=batch_size)
     cfg = merged.config
     data = f"{cfg['calibration_samples']} calibration inputs" if cfg["calibration_samples"] else "no calibration data"

@@ -23,14 +23,13 @@ from pathlib import Path
 import torch
 
 from flexmerge.errors import CheckpointError, ConfigError
+from flexmerge.pleas.common import (PLEAS_INFO, PleasModel, State, allowed_inputs, check_matching, check_pair,
+                                    check_two, layout, recording, widen_matrix)
 from flexmerge.pleas.lstsq import NormalEquations
 from flexmerge.pleas.matching import (CorrelationStats, Split, block_hungarian, hungarian, split, unit_perm,
                                        weight_matching)
-from flexmerge.pleas.merge import PleasModel, _layout, _widen_matrix, allowed_inputs, recording
 from flexmerge.pleas.schedule import dense_size, schedule, size_of
 from flexmerge.pleas.spec import PermSpec
-
-State = dict[str, torch.Tensor]
 
 # The spec, as data: module paths inside layer i (weights NAME.weight (out, in), NAME.bias).
 BERT_LAYER = "encoder.layer.{i}."
@@ -42,7 +41,6 @@ BERT = {
     "norms": ("attention.output.LayerNorm", "output.LayerNorm"),  # stream: shared, averaged
 }
 REFIT = ("attn_out", "inter", "out")             # layers refit by least squares
-PLEAS_INFO = "pleas.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
 
 
@@ -209,12 +207,12 @@ def merged_state(sa: State, sb: State, depth: int, heads: int, head_match, split
         dims[f"qk.{i}"], dims[f"vo.{i}"] = qk, vo
         for role, s in (("query", qk), ("key", qk), ("value", vo)):
             for t in ("weight", "bias"):
-                state[_key(i, role, t)] = _layout(sa[_key(i, role, t)], sb[_key(i, role, t)], 0, s)
-        state[_key(i, "attn_out")] = _layout(sa[_key(i, "attn_out")], sb[_key(i, "attn_out")], 1, vo)
+                state[_key(i, role, t)] = layout(sa[_key(i, role, t)], sb[_key(i, role, t)], 0, s)
+        state[_key(i, "attn_out")] = layout(sa[_key(i, "attn_out")], sb[_key(i, "attn_out")], 1, vo)
         s, stream = splits[f"inter.{i}"], _whole(sa[_key(i, "out")].shape[0])
-        w_in = _widen_matrix(sa[_key(i, "inter")], sb[_key(i, "inter")], s, stream)
-        b_in = _layout(sa[_key(i, "inter", "bias")], sb[_key(i, "inter", "bias")], 0, s)
-        w_out = _widen_matrix(sa[_key(i, "out")], sb[_key(i, "out")], stream, s)
+        w_in = widen_matrix(sa[_key(i, "inter")], sb[_key(i, "inter")], s, stream)
+        b_in = layout(sa[_key(i, "inter", "bias")], sb[_key(i, "inter", "bias")], 0, s)
+        w_out = widen_matrix(sa[_key(i, "out")], sb[_key(i, "out")], stream, s)
         pad = width - s.width
         state[_key(i, "inter")] = torch.nn.functional.pad(w_in, (0, 0, 0, pad))
         state[_key(i, "inter", "bias")] = torch.nn.functional.pad(b_in, (0, pad))
@@ -243,7 +241,7 @@ def refit(a: torch.nn.Module, b: torch.nn.Module, depth: int, calibration, split
             keep = batch["attention_mask"].bool()
             for name, (_, _, si, so) in plan.items():
                 (xa, ya), (xb, yb) = fa[name], fb[name]
-                eqs[name].add(_layout(xa[keep], xb[keep], -1, si), _layout(ya[keep], yb[keep], -1, so))
+                eqs[name].add(layout(xa[keep], xb[keep], -1, si), layout(ya[keep], yb[keep], -1, so))
     for name, (i, role, si, so) in plan.items():
         w, bias = eqs[name].solve(allowed_inputs(so, si, si.width), ridge)
         key = _key(i, role)
@@ -257,10 +255,7 @@ def pleas_bert(models: Mapping[str, object], size: float, calibration, *, schedu
                matching: str = "activation", least_squares: bool = True, ridge: float = 1e-6,
                batch_size: int = 32) -> PleasModel:
     """Two BERT-style encoders (HF directories or transformers models) merged by PLeaS to `size`."""
-    from flexmerge.pleas.merge import check_matching, check_pair
-
-    if len(models) != 2:
-        raise ConfigError(f"PLeaS merges exactly two models; got {len(models)} ({', '.join(models) or 'none'})")
+    check_two(models)
     (na, ma_src), (nb, mb_src) = models.items()
     a, b = load_encoder(ma_src), load_encoder(mb_src)
     sa, sb = ({k: v.detach() for k, v in m.state_dict().items()} for m in (a, b))
@@ -304,23 +299,24 @@ def pleas_bert(models: Mapping[str, object], size: float, calibration, *, schedu
                          **{f"heads.{i}": {nb: m[0].tolist()} for i, m in enumerate(head_match)}},
         "source": str(ma_src) if isinstance(ma_src, (str, Path)) else None,
     }
-    return PleasModel(config, state)
+    return BertPleasModel(config, state)
 
 
-def build_hf(config: dict) -> torch.nn.Module:
-    """The merged encoder as a plain transformers model."""
-    import transformers
+class BertPleasModel(PleasModel):
+    """A merged BERT-style encoder: a plain transformers model, written as a standard HF checkpoint."""
 
-    hf = transformers.AutoConfig.for_model(**config["hf_config"])
-    return transformers.AutoModel.from_config(hf).eval()
+    def build(self) -> torch.nn.Module:
+        import transformers
 
+        hf = transformers.AutoConfig.for_model(**self.config["hf_config"])
+        return transformers.AutoModel.from_config(hf).eval()
 
-def save_bert(model: PleasModel, tmp: Path) -> None:
-    """A standard HF checkpoint (config.json + model.safetensors), pleas.json, and model a's tokenizer."""
-    module = model.module()
-    module.save_pretrained(str(tmp))
-    (tmp / PLEAS_INFO).write_text(json.dumps({k: v for k, v in model.config.items() if k != "hf_config"}, indent=1))
-    source = model.config.get("source")
-    for name in TOKENIZER_FILES if source else ():
-        if (Path(source) / name).is_file():
-            shutil.copyfile(Path(source) / name, tmp / name)
+    def write(self, directory: Path) -> None:
+        """config.json + model.safetensors (save_pretrained), pleas.json, and model a's tokenizer files."""
+        self.module().save_pretrained(str(directory))
+        info = {k: v for k, v in self.config.items() if k != "hf_config"}
+        (directory / PLEAS_INFO).write_text(json.dumps(info, indent=1))
+        source = self.config.get("source")
+        for name in TOKENIZER_FILES if source else ():
+            if (Path(source) / name).is_file():
+                shutil.copyfile(Path(source) / name, directory / name)

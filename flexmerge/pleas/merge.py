@@ -15,48 +15,37 @@ from __future__ import annotations
 import json
 import shutil
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
 from flexmerge.errors import CheckpointError, ConfigError
 from flexmerge.pleas import modeling
+from flexmerge.pleas.common import (PleasModel, State, allowed_inputs, check_matching, check_pair, check_two, layout,
+                                    recording, widen_matrix)
 from flexmerge.pleas.lstsq import DEFAULT_RIDGE, NormalEquations
 from flexmerge.pleas.matching import (CorrelationStats, Split, chunk_hungarian, chunk_quality, pair_quality, split,
                                        weight_matching)
 from flexmerge.pleas.schedule import dense_size, schedule, size_of
 from flexmerge.pleas.spec import Linear, PermSpec, spec_for
 
-State = dict[str, torch.Tensor]
-MATCHINGS = ("activation", "weights", "identity")
 
+class WidePleasModel(PleasModel):
+    """A merged residual MLP or GroupNorm CNN: the torch-only classes of flexmerge.pleas.modeling."""
 
-@dataclass
-class PleasModel:
-    """The merged encoder, one widened head per task, and what was decided on the way."""
+    def build(self) -> torch.nn.Module:
+        return modeling.build(self.config)
 
-    config: dict
-    state: State
-    heads: dict[str, State] = field(default_factory=dict)
-
-    def module(self) -> torch.nn.Module:
-        """The merged encoder: a WideResidualMLP or WideConvNet, or a plain transformers model for BERT."""
-        if self.config["architecture"] == "pleas-bert":
-            from flexmerge.pleas.bert import build_hf
-
-            model = build_hf(self.config)
-        else:
-            model = modeling.build(self.config)
-        model.load_state_dict(self.state)
-        return model.eval()
-
-    def head(self, task: str) -> torch.nn.Linear:
-        w = self.heads[task]["weight"]
-        head = torch.nn.Linear(w.shape[1], w.shape[0])
-        head.load_state_dict(self.heads[task])
-        return head.eval()
+    def write(self, directory: Path) -> None:
+        """model.safetensors, heads/<task>.safetensors, config.json and modeling_pleas.py (a copy of
+        flexmerge.pleas.modeling, so that the output loads with torch alone)."""
+        save_file({k: v.contiguous() for k, v in self.state.items()}, str(directory / modeling.WEIGHTS))
+        (directory / "heads").mkdir()
+        for task, head in self.heads.items():
+            save_file({k: v.contiguous() for k, v in head.items()}, str(directory / "heads" / f"{task}.safetensors"))
+        (directory / modeling.CONFIG).write_text(json.dumps(self.config, indent=1))
+        shutil.copyfile(modeling.__file__, directory / "modeling_pleas.py")
 
 
 # ---- models and features ---------------------------------------------------------------------------
@@ -76,38 +65,17 @@ def original_model(spec: PermSpec, state: State) -> torch.nn.Module:
     return model.eval()
 
 
-@contextmanager
-def recording(model: torch.nn.Module, names: set[str]) -> Iterator[dict[str, tuple[torch.Tensor, torch.Tensor]]]:
-    """Each named module's (input, output) of the last forward pass."""
-    seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    modules = dict(model.named_modules())
-    hooks = [modules[n].register_forward_hook(lambda m, i, o, n=n: seen.__setitem__(n, (i[0], o))) for n in names]
-    try:
-        yield seen
-    finally:
-        for h in hooks:
-            h.remove()
-
-
 def _batches(x: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
     yield from x.split(batch_size)
 
 
-def _layout(ta: torch.Tensor, tb: torch.Tensor, dim: int, s: Split) -> torch.Tensor:
-    """[mean of merged | a private | b private] along `dim`, from a's tensor `ta` and b's `tb`."""
-    m = s.merged
-    ta, tb = ta.index_select(dim, s.a_order), tb.index_select(dim, s.b_order)
-    return torch.cat([(ta.narrow(dim, 0, m) + tb.narrow(dim, 0, m)) / 2,
-                      ta.narrow(dim, m, s.private), tb.narrow(dim, m, s.private)], dim)
-
-
 def _layout_units(ta: torch.Tensor, tb: torch.Tensor, s: Split) -> torch.Tensor:
-    """`_layout` of activations along their unit axis (axis 1: features or channels; a flattened axis of
+    """`layout` of activations along their unit axis (axis 1: features or channels; a flattened axis of
     units x positions, as a linear layer reading pooled conv features sees it, is laid out per unit)."""
     n = len(s.a_order)
     if ta.dim() == 2 and ta.shape[1] != n:
-        return _layout(ta.unflatten(1, (n, -1)), tb.unflatten(1, (n, -1)), 1, s).flatten(1)
-    return _layout(ta, tb, 1, s)
+        return layout(ta.unflatten(1, (n, -1)), tb.unflatten(1, (n, -1)), 1, s).flatten(1)
+    return layout(ta, tb, 1, s)
 
 
 def unit_rows(t: torch.Tensor, n: int) -> torch.Tensor:
@@ -136,16 +104,6 @@ def correlations(spec: PermSpec, a: torch.nn.Module, b: torch.nn.Module, calibra
                     k, n = (0 if side == "in" else 1), spec.sizes[g]
                     stats[g].add(unit_rows(fa[name][k], n), unit_rows(fb[name][k], n))
     return {g: s.correlation() for g, s in stats.items()}
-
-
-def check_matching(matching: str, has_data: bool, least_squares: bool) -> None:
-    if matching not in MATCHINGS:
-        raise ConfigError(f"unknown PLeaS matching {matching!r}; choose one of: {', '.join(MATCHINGS)}")
-    if not has_data and matching == "activation":
-        raise ConfigError("activation matching needs calibration inputs; give them, or use matching='weights'")
-    if not has_data and least_squares:
-        raise ConfigError("the least-squares refit needs calibration inputs (inputs from another domain will do); "
-                          "without them use least_squares=False (--no-least-squares)")
 
 
 def match(spec: PermSpec, sa: State, sb: State, corr: Mapping[str, torch.Tensor] | None, matching: str
@@ -177,35 +135,10 @@ def widen(spec: PermSpec, sa: State, sb: State, splits: Mapping[str, Split]) -> 
         axes, ta, tb = spec.axes_of(key), spec.view(key, sa[key]), spec.view(key, sb[key])
         if len(axes) == 1:
             (dim, g), = axes.items()
-            out[key] = spec.stored(key, _layout(ta, tb, dim, splits[g]))
+            out[key] = spec.stored(key, layout(ta, tb, dim, splits[g]))
         else:
-            out[key] = spec.stored(key, _widen_matrix(ta, tb, splits[axes[0]], splits[axes[1]]))
+            out[key] = spec.stored(key, widen_matrix(ta, tb, splits[axes[0]], splits[axes[1]]))
     return out
-
-
-def _widen_matrix(wa: torch.Tensor, wb: torch.Tensor, so: Split, si: Split) -> torch.Tensor:
-    """A weight widened on its output (0) and input (1) axes; any further axes (kernel, positions) follow."""
-    wa, wb = wa[so.a_order][:, si.a_order], wb[so.b_order][:, si.b_order]
-    mo, po, mi, pi = so.merged, so.private, si.merged, si.private
-    w = torch.zeros(so.width, si.width, *wa.shape[2:], dtype=wa.dtype)
-    w[:mo, :mi] = (wa[:mo, :mi] + wb[:mo, :mi]) / 2
-    w[:mo, mi:mi + pi], w[:mo, mi + pi:] = wa[:mo, mi:] / 2, wb[:mo, mi:] / 2
-    w[mo:mo + po, :mi], w[mo:mo + po, mi:mi + pi] = wa[mo:, :mi], wa[mo:, mi:]
-    w[mo + po:, :mi], w[mo + po:, mi + pi:] = wb[mo:, :mi], wb[mo:, mi:]
-    return w
-
-
-def allowed_inputs(so: Split, si: Split | None, n_in: int) -> torch.Tensor:
-    """(out, in) mask: a's private outputs never read b's private inputs, nor b's read a's. With n_in a
-    multiple of si's width, each input unit spans n_in / width consecutive inputs (a conv's kernel
-    positions, a pooled map's positions)."""
-    if si is None:
-        return torch.ones(so.width, n_in, dtype=torch.bool)
-    mask = torch.ones(so.width, si.width, dtype=torch.bool)
-    mo, po, mi, pi = so.merged, so.private, si.merged, si.private
-    mask[mo:mo + po, mi + pi:] = False
-    mask[mo + po:, mi:mi + pi] = False
-    return mask.repeat_interleave(n_in // si.width, 1) if n_in > si.width else mask
 
 
 def layer_rows(lin: Linear, x: torch.Tensor) -> torch.Tensor:
@@ -267,17 +200,6 @@ def widen_head(head: State, s: Split, which: str) -> State:
 
 # ---- the whole method -----------------------------------------------------------------------------------
 
-def check_pair(sa: State, sb: State, names: tuple[str, str]) -> None:
-    if set(sa) != set(sb):
-        diff = sorted(set(sa) ^ set(sb))
-        raise CheckpointError(f"models {names[0]!r} and {names[1]!r} have different parameters "
-                              f"(e.g. {', '.join(diff[:4])}); PLeaS merges two models of one architecture")
-    for k in sa:
-        if sa[k].shape != sb[k].shape:
-            raise CheckpointError(f"{k!r} is {tuple(sa[k].shape)} in {names[0]!r} but {tuple(sb[k].shape)} in "
-                                  f"{names[1]!r}; PLeaS merges two models of one architecture")
-
-
 def check_calibration(x: torch.Tensor, input_shape: tuple[int, ...]) -> torch.Tensor:
     """The inputs as float32, if they are a non-empty batch of `input_shape` (-1: any size) and finite."""
     fits = isinstance(x, torch.Tensor) and x.dim() == len(input_shape) + 1 and x.shape[0] > 0 and all(
@@ -298,8 +220,7 @@ def pleas_merge(states: Mapping[str, State], calibration: torch.Tensor | None, s
     """Two models (name -> state dict) merged by PLeaS to `size` in [1, 2].
 
     calibration None: no data, so matching must be 'weights' (or 'identity') and least_squares False."""
-    if len(states) != 2:
-        raise ConfigError(f"PLeaS merges exactly two models; got {len(states)} ({', '.join(states) or 'none'})")
+    check_two(states)
     (na, sa), (nb, sb) = states.items()
     check_pair(sa, sb, (na, nb))
     spec = spec_for(sa, architecture)
@@ -326,39 +247,4 @@ def pleas_merge(states: Mapping[str, State], calibration: torch.Tensor | None, s
         "permutations": {g: {na: s.a_order.tolist(), nb: s.b_order.tolist()} for g, s in splits.items()},
     }
     wide_heads = {t: widen_head(h, feats, "a" if t == na else "b") for t, h in (heads or {}).items()}
-    return PleasModel(config, state, wide_heads)
-
-
-def save_pleas(model: PleasModel, out: str | Path, overwrite: bool = False) -> Path:
-    """Write DIR/model.safetensors, DIR/heads/<task>.safetensors, config.json and modeling_pleas.py, atomically
-    (BERT-style encoders: a standard HF checkpoint plus pleas.json, see flexmerge.pleas.bert)."""
-    from safetensors.torch import save_file
-
-    from flexmerge._atomic import atomic_directory
-
-    out = Path(out)
-    with atomic_directory(out, overwrite=overwrite, replaceable=is_pleas_dir, what="a PLeaS model") as tmp:
-        if model.config["architecture"] == "pleas-bert":
-            from flexmerge.pleas.bert import save_bert
-
-            save_bert(model, tmp)
-            return out
-        save_file({k: v.contiguous() for k, v in model.state.items()}, str(tmp / modeling.WEIGHTS))
-        (tmp / "heads").mkdir()
-        for task, head in model.heads.items():
-            save_file({k: v.contiguous() for k, v in head.items()}, str(tmp / "heads" / f"{task}.safetensors"))
-        (tmp / modeling.CONFIG).write_text(json.dumps(model.config, indent=1))
-        shutil.copyfile(modeling.__file__, tmp / "modeling_pleas.py")
-    return out
-
-
-def is_pleas_dir(path: Path) -> bool:
-    """A directory `save_pleas` wrote (what --overwrite may replace)."""
-    for name, archs in ((modeling.CONFIG, ("pleas-residual-mlp", "pleas-fashion-cnn")), ("pleas.json", ("pleas-bert",))):
-        try:
-            cfg = json.loads((path / name).read_text())
-        except (OSError, ValueError):
-            continue
-        if path.is_dir() and isinstance(cfg, dict) and cfg.get("architecture") in archs:
-            return True
-    return False
+    return WidePleasModel(config, state, wide_heads)

@@ -10,11 +10,16 @@ LayerNorm, at m = 0 it is each model's own LayerNorm: exact at both ends of the 
 The CNN needs no view norm: its channels are merged or kept private in whole GroupNorm groups,
 and GroupNorm normalizes each group over its own channels only, so a widened stage is a plain
 GroupNorm with more groups of the same size.
+
+With no private units these classes are the input networks themselves: the digits and fashion
+suites build their encoders from them (with `layer_norm`, torch's own LayerNorm), so each network
+is defined once, here, and a merged checkpoint has the state-dict keys of its inputs.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -47,6 +52,18 @@ class ViewLayerNorm(torch.nn.Module):
         return z * self.weight + self.bias
 
 
+def layer_norm(merged: int, private: int, eps: float = 1e-5) -> torch.nn.LayerNorm:
+    """torch's LayerNorm over a stream with no private units: what the input networks train with.
+    ViewLayerNorm at p = 0 is the same function but not the same bits (torch's fused kernel rounds
+    differently), so a network keeps the norm it was trained with and PLeaS keeps its own."""
+    if private:
+        raise ValueError(f"a plain LayerNorm cannot normalize a stream with {private} private units per model")
+    return torch.nn.LayerNorm(merged, eps=eps)
+
+
+Norm = Callable[[int, int, float], torch.nn.Module]  # (merged, private, eps) -> the stream's LayerNorm
+
+
 def _width(split: list[int]) -> int:
     merged, private = split
     return merged + 2 * private
@@ -55,18 +72,19 @@ def _width(split: list[int]) -> int:
 class WideResidualMLP(torch.nn.Module):
     """embed -> [h + mlp(norm(h))] x L -> final norm; widths from `stream` and `hidden` [merged, private]."""
 
-    def __init__(self, in_features: int, stream: list[int], hidden: list[list[int]], eps: float = 1e-5):
+    def __init__(self, in_features: int, stream: list[int], hidden: list[list[int]], eps: float = 1e-5,
+                 norm: Norm = ViewLayerNorm):
         super().__init__()
         width = _width(stream)
         self.embed = torch.nn.Linear(in_features, width)
         self.layers = torch.nn.ModuleList()
         for split in hidden:
             layer = torch.nn.Module()
-            layer.norm = ViewLayerNorm(*stream, eps=eps)
+            layer.norm = norm(*stream, eps)
             layer.mlp = torch.nn.Sequential(torch.nn.Linear(width, _width(split)), torch.nn.GELU(),
                                             torch.nn.Linear(_width(split), width))
             self.layers.append(layer)
-        self.final_norm = ViewLayerNorm(*stream, eps=eps)
+        self.final_norm = norm(*stream, eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.embed(x)
@@ -94,7 +112,7 @@ class WideConvNet(torch.nn.Module):
     pool -> proj -> final norm; stage widths `stages` and `features` as [merged, private]."""
 
     def __init__(self, in_channels: int, stages: list[list[int]], group_sizes: list[int], layer_stages: list[int],
-                 features: list[int], stem: list[int], pool: int, eps: float = 1e-5):
+                 features: list[int], stem: list[int], pool: int, eps: float = 1e-5, norm: Norm = ViewLayerNorm):
         super().__init__()
         widths = [_width(s) for s in stages]
         kernel, stride, padding = stem
@@ -106,7 +124,7 @@ class WideConvNet(torch.nn.Module):
             self.layers.append(ConvLayer(widths[previous], widths[stage], group_sizes[previous], stage == previous))
             previous = stage
         self.proj = torch.nn.Linear(widths[previous] * pool * pool, _width(features))
-        self.final_norm = ViewLayerNorm(*features, eps=eps)
+        self.final_norm = norm(*features, eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.stem(x)

@@ -112,9 +112,9 @@ def residual_mlp_spec(state: dict[str, torch.Tensor]) -> PermSpec:
 
 
 # ---- the fashion suite's CNN ----------------------------------------------------------------------
-# FashionNet (flexmerge.suites.fashion): stem Conv2d(k 4, stride 2, pad 1) -> layers.i = GroupNorm(4) ->
-# GELU -> Conv2d 3x3 (residual when the width is kept; a layer that changes the width has stride 2)
-# -> GELU -> adaptive 3x3 average pool -> flatten -> proj (Linear) -> final_norm (LayerNorm).
+# FashionNet (flexmerge.suites.fashion, a modeling.WideConvNet): stem Conv2d(k 4, stride 2, pad 1) ->
+# layers.i = GroupNorm(4) -> GELU -> Conv2d 3x3 (residual when the width is kept; a layer that changes the
+# width has stride 2) -> GELU -> adaptive 3x3 average pool -> flatten -> proj (Linear) -> final_norm (LayerNorm).
 # Not in the state dict, so fixed here: the stem's geometry, the norm's group count, the pool side.
 CNN_STEM, CNN_NORM_GROUPS, CNN_POOL = (4, 2, 1), 4, 3
 _CNN_LAYER = re.compile(r"layers\.(\d+)\.conv\.weight")

@@ -12,7 +12,7 @@ import hashlib
 import json
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -96,6 +96,11 @@ class Suite(ABC):
         raise FlexMergeError(f"suite {self.name!r} provides no calibration inputs, so data-aware planners "
                              "cannot run on it")
 
+    def validation_inputs(self, tasks: Sequence[str] = ()) -> torch.Tensor:
+        """Every validation input of `tasks` (those the suite has; none of them: of all its tasks) as
+        one batch, labels dropped: calibration for a merge that runs the models (`flexmerge pleas`)."""
+        raise ConfigError(f"suite {self.name!r} has no tensor inputs to calibrate on; give a safetensors file")
+
     def unavailable_reason(self) -> str | None:
         """None when the suite can run here, else why not (missing data or weights)."""
         return None
@@ -170,6 +175,12 @@ class TensorSuite(Suite):
         data = self.data()
         inputs = {t: data["tasks"][t]["val"][0][:per_task] for t in zoo.tasks}
         return Calibration(self.network(), inputs, lambda model, x: model(x))
+
+    def validation_inputs(self, tasks: Sequence[str] = ()) -> torch.Tensor:
+        """The validation inputs of `tasks` that are this suite's (none: of all its tasks), concatenated."""
+        split = self.data()["tasks"]
+        chosen = [t for t in tasks if t in split] or list(split)
+        return torch.cat([split[t]["val"][0] for t in chosen])
 
 
 def check_split(split: str) -> str:

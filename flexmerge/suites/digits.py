@@ -16,32 +16,20 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from flexmerge.pleas.modeling import WideResidualMLP, layer_norm
 from flexmerge.suites.base import TensorSuite
-from flexmerge.suites.training import accuracy, train
+from flexmerge.suites.training import accuracy, finetune, pretrain, train
 
 WIDTH, HIDDEN, LAYERS = 64, 128, 3
 PRIMES = {2, 3, 5, 7}
 
 
-class DigitsNet(torch.nn.Module):
-    """Encoder: input projection, residual MLP layers, final norm -> 64 features."""
+class DigitsNet(WideResidualMLP):
+    """Encoder: input projection, residual MLP layers, final norm -> 64 features. The library's residual
+    MLP at this suite's widths (no private units), so that PLeaS merges exactly the trained network."""
 
-    def __init__(self):
-        super().__init__()
-        self.embed = torch.nn.Linear(64, WIDTH)
-        self.layers = torch.nn.ModuleList()
-        for _ in range(LAYERS):
-            layer = torch.nn.Module()
-            layer.norm = torch.nn.LayerNorm(WIDTH)
-            layer.mlp = torch.nn.Sequential(torch.nn.Linear(WIDTH, HIDDEN), torch.nn.GELU(), torch.nn.Linear(HIDDEN, WIDTH))
-            self.layers.append(layer)
-        self.final_norm = torch.nn.LayerNorm(WIDTH)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.embed(x)
-        for layer in self.layers:
-            h = h + layer.mlp(layer.norm(h))
-        return self.final_norm(h)
+    def __init__(self) -> None:
+        super().__init__(64, [WIDTH, 0], [[HIDDEN, 0]] * LAYERS, norm=layer_norm)
 
 
 @dataclass(frozen=True)
@@ -112,14 +100,10 @@ class DigitsSuite(TensorSuite):
         return self._data
 
     def build(self, directory: Path) -> dict[str, Any]:
-        torch.manual_seed(self.seed)
         data = self.data()
-        base = DigitsNet()
-        x, y = data["pretrain"]
-        head = torch.nn.Linear(WIDTH, 10)
         t0 = time.perf_counter()
-        train(lambda i: head(base(x[i])), [*base.parameters(), *head.parameters()], y,
-              epochs=self.pretrain_epochs, batch_size=64, lr=2e-3, seed=self.seed, desc="pretraining digits base")
+        base = pretrain(DigitsNet, WIDTH, *data["pretrain"], epochs=self.pretrain_epochs, batch_size=64, lr=2e-3,
+                        seed=self.seed, desc="pretraining digits base")
         save_file(base.state_dict(), str(directory / "base.safetensors"))
         info: dict[str, Any] = {"pretrain_seconds": time.perf_counter() - t0, "finetuned": {}, "base_with_head": {},
                                 "finetune_seconds": {}}
@@ -132,15 +116,12 @@ class DigitsSuite(TensorSuite):
                   batch_size=32, lr=1e-2, seed=self.seed + k, desc=f"head only {task.name} (task {k + 1} of {len(TASKS)})")
             info["base_with_head"][task.name] = accuracy(lambda i: probe(test_feats[i]), ys)
             t1 = time.perf_counter()
-            model = DigitsNet()
-            model.load_state_dict(base.state_dict())
-            head = torch.nn.Linear(WIDTH, task.classes)
-            train(lambda i: head(model(xt[i])), [*model.parameters(), *head.parameters()], yt,
-                  epochs=self.finetune_epochs, batch_size=32, lr=1e-3, seed=self.seed + k, desc=f"fine-tuning {task.name} (task {k + 1} of {len(TASKS)})")
+            model, head = finetune(DigitsNet, base, WIDTH, task.classes, xt, yt, epochs=self.finetune_epochs,
+                                   batch_size=32, lr=1e-3, seed=self.seed + k,
+                                   desc=f"fine-tuning {task.name} (task {k + 1} of {len(TASKS)})")
             info["finetune_seconds"][task.name] = time.perf_counter() - t1
             save_file(model.state_dict(), str(directory / "models" / f"{task.name}.safetensors"))
             save_file(head.state_dict(), str(directory / "heads" / f"{task.name}.safetensors"))
-            model.eval()
             info["finetuned"][task.name] = accuracy(lambda i: head(model(xs[i])), ys)
         return info
 

@@ -25,8 +25,10 @@ import torch
 from safetensors.torch import save_file
 
 from flexmerge.errors import FlexMergeError
+from flexmerge.pleas.modeling import WideConvNet, layer_norm
+from flexmerge.pleas.spec import CNN_NORM_GROUPS, CNN_POOL, CNN_STEM
 from flexmerge.suites.base import TensorSuite
-from flexmerge.suites.training import accuracy, train
+from flexmerge.suites.training import accuracy, finetune, pretrain, train
 
 FASHION_DIR = Path(os.environ.get("FLEXMERGE_FASHION_DIR", "/usr/share/datasets/fashion-mnist"))
 FASHION_FILES = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
@@ -36,42 +38,18 @@ CLASSES = ["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt",
 PRETRAIN_CLASSES = (1, 5, 8)  # trousers, sandals, bags: a narrow base, so the tasks need fine-tuning
 WIDTHS = (16, 32)  # channels of the 14x14 and the 7x7 stages
 FEATURES = 64
+LAYER_STAGES = (0, 0, 1, 1, 1)  # per conv layer, the stage it writes: two at 14x14, a strided one, two at 7x7
 
 
-class ConvLayer(torch.nn.Module):
-    """Pre-norm conv layer: GroupNorm -> GELU -> 3x3 conv, residual when the shape is kept."""
-
-    def __init__(self, c_in: int, c_out: int, stride: int = 1):
-        super().__init__()
-        self.norm = torch.nn.GroupNorm(4, c_in)
-        self.conv = torch.nn.Conv2d(c_in, c_out, 3, stride, 1)
-        self.residual = c_in == c_out and stride == 1
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        out = self.conv(torch.nn.functional.gelu(self.norm(h)))
-        return h + out if self.residual else out
-
-
-class FashionNet(torch.nn.Module):
+class FashionNet(WideConvNet):
     """Encoder (N, 1, 28, 28) -> (N, 64): stem, layers.0-4 (two at 14x14, a strided one, two at
     7x7), 3x3 average pool, projection, final norm. GroupNorm, not BatchNorm: the state dict holds
-    float parameters only (no running statistics or integer counters), all of them mergeable."""
+    float parameters only (no running statistics or integer counters), all of them mergeable. The
+    library's GroupNorm CNN (the pattern PLeaS's fashion-cnn spec reads) at this suite's widths."""
 
-    def __init__(self):
-        super().__init__()
-        c1, c2 = WIDTHS
-        self.stem = torch.nn.Conv2d(1, c1, 4, 2, 1)
-        self.layers = torch.nn.ModuleList([ConvLayer(c1, c1), ConvLayer(c1, c1), ConvLayer(c1, c2, 2),
-                                           ConvLayer(c2, c2), ConvLayer(c2, c2)])
-        self.proj = torch.nn.Linear(c2 * 9, FEATURES)
-        self.final_norm = torch.nn.LayerNorm(FEATURES)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.stem(x)
-        for layer in self.layers:
-            h = layer(h)
-        h = torch.nn.functional.adaptive_avg_pool2d(torch.nn.functional.gelu(h), 3).flatten(1)
-        return self.final_norm(self.proj(h))
+    def __init__(self) -> None:
+        super().__init__(1, [[c, 0] for c in WIDTHS], [c // CNN_NORM_GROUPS for c in WIDTHS], list(LAYER_STAGES),
+                         [FEATURES, 0], list(CNN_STEM), CNN_POOL, norm=layer_norm)
 
 
 # views: (N, 28, 28) -> (N, 28, 28) ------------------------------------------------------------
@@ -279,15 +257,10 @@ class FashionSuite(TensorSuite):
         return {"train": order[:a][:n_train], "val": order[a:b][:n_val], "test": order[b:][:n_test]}
 
     def build(self, directory: Path) -> dict[str, Any]:
-        torch.manual_seed(self.seed)
         data = self.data()
-        base = FashionNet()
-        x, y = data["pretrain"]
-        head = torch.nn.Linear(FEATURES, 10)
         t0 = time.perf_counter()
-        train(lambda i: head(base(x[i])), [*base.parameters(), *head.parameters()], y, epochs=self.pretrain_epochs,
-              batch_size=self.batch_size, lr=self.lr, seed=self.seed, desc="pretraining fashion base")
-        base.eval()
+        base = pretrain(FashionNet, FEATURES, *data["pretrain"], epochs=self.pretrain_epochs,
+                        batch_size=self.batch_size, lr=self.lr, seed=self.seed, desc="pretraining fashion base")
         save_file(base.state_dict(), str(directory / "base.safetensors"))
         info: dict[str, Any] = {"pretrain_seconds": time.perf_counter() - t0, "finetuned": {}, "base_with_head": {},
                                 "finetune_seconds": {}, "test_examples": {}, "val_finetuned": {},
@@ -298,7 +271,9 @@ class FashionSuite(TensorSuite):
             probe = self._probe(base, splits, task.num_classes, k)
             info["base_with_head"][task.name], info["val_base_with_head"][task.name] = probe["test"], probe["val"]
             t1 = time.perf_counter()
-            model, head = self._finetune(base, splits["train"], task.num_classes, k)
+            model, head = finetune(FashionNet, base, FEATURES, task.num_classes, *splits["train"],
+                                   epochs=self.finetune_epochs, batch_size=self.batch_size, lr=self.lr,
+                                   seed=self.seed + k, desc=f"fine-tuning task {k + 1} of {len(self.tasks())}")
             info["finetune_seconds"][task.name] = time.perf_counter() - t1
             save_file(model.state_dict(), str(directory / "models" / f"{task.name}.safetensors"))
             save_file(head.state_dict(), str(directory / "heads" / f"{task.name}.safetensors"))
@@ -306,17 +281,6 @@ class FashionSuite(TensorSuite):
                 xs, ys = splits[split]
                 info[key][task.name] = accuracy(lambda i: head(model(xs[i])), ys)
         return info
-
-    def _finetune(self, base: FashionNet, train_split, classes: int, k: int) -> tuple[FashionNet, torch.nn.Linear]:
-        """The whole encoder and a new head, trained on the task's train split."""
-        (xt, yt), model = train_split, FashionNet()
-        model.load_state_dict(base.state_dict())
-        model.train()
-        head = torch.nn.Linear(FEATURES, classes)
-        train(lambda i: head(model(xt[i])), [*model.parameters(), *head.parameters()], yt,
-              epochs=self.finetune_epochs, batch_size=self.batch_size, lr=self.lr, seed=self.seed + k,
-              desc=f"fine-tuning task {k + 1} of {len(self.tasks())}")
-        return model.eval(), head
 
     def _probe(self, base: FashionNet, splits, classes: int, k: int) -> dict[str, float]:
         """Base encoder, frozen, with a head trained on the task: the no-fine-tuning reference."""

@@ -52,3 +52,30 @@ def accuracy(logits_fn: Callable[[torch.Tensor], torch.Tensor], labels: torch.Te
     for idx in (order if order is not None else torch.arange(len(labels))).split(batch_size):
         correct += int((logits_fn(idx).argmax(-1) == labels[idx]).sum())
     return correct / len(labels)
+
+
+def pretrain(network: Callable[[], torch.nn.Module], features: int, inputs: torch.Tensor, labels: torch.Tensor, *,
+             epochs: int, batch_size: int, lr: float, seed: int, desc: str, classes: int = 10) -> torch.nn.Module:
+    """A suite's base encoder: a new `network()` and a `classes`-way head trained together on the
+    pretraining split. Both initialize from torch's global RNG seeded with `seed` (encoder first), so
+    a suite's zoo is reproducible; returns the encoder, in eval mode (the head is dropped)."""
+    torch.manual_seed(seed)
+    base, head = network(), torch.nn.Linear(features, classes)
+    train(lambda i: head(base(inputs[i])), [*base.parameters(), *head.parameters()], labels, epochs=epochs,
+          batch_size=batch_size, lr=lr, seed=seed, desc=desc)
+    return base.eval()
+
+
+def finetune(network: Callable[[], torch.nn.Module], base: torch.nn.Module, features: int, classes: int,
+             inputs: torch.Tensor, labels: torch.Tensor, *, epochs: int, batch_size: int, lr: float, seed: int,
+             desc: str) -> tuple[torch.nn.Module, torch.nn.Linear]:
+    """A task's model: the whole encoder, started from `base`, and a new head trained on the task's
+    split. The new modules draw their (overwritten or kept) initial weights from torch's global RNG,
+    encoder first; returns both, in eval mode."""
+    model = network()
+    model.load_state_dict(base.state_dict())
+    model.train()
+    head = torch.nn.Linear(features, classes)
+    train(lambda i: head(model(inputs[i])), [*model.parameters(), *head.parameters()], labels, epochs=epochs,
+          batch_size=batch_size, lr=lr, seed=seed, desc=desc)
+    return model.eval(), head.eval()
