@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from flexmerge.errors import ConfigError
+from flexmerge.errors import ConfigError, UnknownNameError
 
 
 @dataclass(frozen=True)
@@ -213,8 +213,6 @@ def unsupported_message(state: dict[str, torch.Tensor], missing: dict[str, list[
 def spec_for(state: dict[str, torch.Tensor], architecture: str | None = None) -> PermSpec:
     """The spec of the named architecture, or of the one the parameter names match."""
     if architecture is not None and architecture not in SPECS:
-        from flexmerge.errors import UnknownNameError
-
         raise UnknownNameError("PLeaS architecture", architecture, SPECS)
     if architecture is None:
         architecture = next((a for a, key in _MARKERS.items() if key in state), None)

@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 
 from flexmerge._atomic import atomic_directory
 from flexmerge.errors import ConfigError, FlexMergeError, UnknownNameError
+from flexmerge.flexmodel.format import sha256_file
 from flexmerge.planning.activations import Calibration
 from flexmerge.suites.training import accuracy
 
@@ -220,7 +221,7 @@ def get_zoo(suite: Suite, cache_dir: Path | None = None, rebuild: bool = False, 
         files = sorted(p for p in tmp.rglob("*.safetensors"))
         manifest = {
             "suite": suite.name, "tasks": suite.task_names(), "config": suite.config(), "info": info,
-            "files": {str(p.relative_to(tmp)): _sha256(p) for p in files},
+            "files": {str(p.relative_to(tmp)): sha256_file(p) for p in files},
         }
         (tmp / ZOO_MANIFEST).write_text(json.dumps(manifest, indent=1, default=str))
     return _read_zoo(directory)
@@ -238,7 +239,7 @@ def verify_zoo(directory: Path) -> str | None:
         f = directory / rel
         if not f.is_file():
             return f"{rel} is missing"
-        if _sha256(f) != digest:
+        if sha256_file(f) != digest:
             return f"{rel} fails its checksum"
     return None
 
@@ -248,7 +249,5 @@ def _read_zoo(directory: Path) -> Zoo:
     return Zoo(manifest["suite"], directory, manifest["tasks"], manifest["info"])
 
 
-def _sha256(path: Path) -> str:
-    from flexmerge.flexmodel.format import sha256_file
-
+def sha256_file(path: Path) -> str:
     return sha256_file(path)

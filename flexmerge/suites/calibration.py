@@ -20,5 +20,5 @@ def validation_inputs(name: str, tasks: Sequence[str] = ()) -> torch.Tensor:
     all its tasks; a ConfigError when `name` is not a suite's name (it names a file that is not there)."""
     if "/" in name or Path(name).suffix:
         raise ConfigError(f"calibration {name!r} is neither a file nor a suite name "
-                          f"(suites: {', '.join(sorted(SUITES) or ['digits', 'wordnet'])})")
+                          f"(suites: {', '.join(sorted(SUITES))})")
     return get_suite(name).validation_inputs(tasks)
