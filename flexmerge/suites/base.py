@@ -247,7 +247,3 @@ def verify_zoo(directory: Path) -> str | None:
 def _read_zoo(directory: Path) -> Zoo:
     manifest = json.loads((directory / ZOO_MANIFEST).read_text())
     return Zoo(manifest["suite"], directory, manifest["tasks"], manifest["info"])
-
-
-def sha256_file(path: Path) -> str:
-    return sha256_file(path)
