@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
 
 from flexmerge.config import MergeConfig
 from flexmerge.curve import SweepResult, spec_method, sweep

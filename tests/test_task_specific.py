@@ -14,7 +14,6 @@ import flexmerge
 from flexmerge.cli import app
 from flexmerge.errors import SizeError
 from tests.conftest import HF_LABELS as LABELS
-from tests.conftest import bert_config
 
 runner = CliRunner()
 transformers = pytest.importorskip("transformers")

@@ -236,14 +236,8 @@ class MethodSpec:
         if not isinstance(text, str):
             raise ConfigError(f"a method is a name or a spec such as 'ties:keep=0.3', got {text!r}")
         name, *pairs = [x.strip() for x in text.split(":")]
-        params: dict[str, object] = {}
-        for pair in pairs:
-            kv = _key_value(pair)
-            if kv is None:
-                raise ConfigError(f"method spec {text!r}: {pair!r} is not key=value (write e.g. twin:rank=4:base=ties)")
-            if kv[0] in params:
-                raise ConfigError(f"method spec {text!r} sets {kv[0]!r} twice")
-            params[kv[0]] = kv[1]
+        params = parse_params(pairs, f"method spec {text!r}",
+                              malformed="{what}: {item!r} is not key=value (write e.g. twin:rank=4:base=ties)")
         if not name:
             raise ConfigError(f"method spec {text!r} names no method")
         return cls(name, params)
@@ -289,13 +283,15 @@ def parse_value(text: str) -> object:
         return text.strip()
 
 
-def parse_params(items: Iterable[str], what: str = "--param") -> dict[str, object]:
-    """KEY=VALUE items (the CLI's `--param` shorthand) as parameters, values read as `parse_value`."""
+def parse_params(items: Iterable[str], what: str = "--param",
+                 malformed: str = "{what} {item!r} must be KEY=VALUE") -> dict[str, object]:
+    """KEY=VALUE items (the CLI's `--param` shorthand, a spec's `key=value` parts) as parameters,
+    values read as `parse_value`; `what` names them in errors, `malformed` words a bad item."""
     params: dict[str, object] = {}
     for item in items:
         kv = _key_value(item)
         if kv is None:
-            raise ConfigError(f"{what} {item!r} must be KEY=VALUE")
+            raise ConfigError(malformed.format(what=what, item=item))
         if kv[0] in params:
             raise ConfigError(f"{what} sets {kv[0]!r} twice")
         params[kv[0]] = kv[1]

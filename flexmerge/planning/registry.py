@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Literal, Union
 
 import numpy as np
 
@@ -19,12 +19,12 @@ from flexmerge.errors import ConfigError, UnknownNameError
 from flexmerge.planning.greedy import LINKAGES
 from flexmerge.planning.merged import MEASURES
 from flexmerge.planning.options import COST_DEFAULTS, MODES, PlanOptions
+from flexmerge.planning.path import Assignment, MergeStep
 
 if TYPE_CHECKING:
     from flexmerge.blocks import Partition
     from flexmerge.methods.base import MergeMethod
     from flexmerge.planning.activations import Calibration
-    from flexmerge.planning.path import Assignment, MergeStep
     from flexmerge.preprocess import Pipeline
     from flexmerge.size import SizeModel
     from flexmerge.taskvec import TaskSet
@@ -48,14 +48,14 @@ class PlanInputs:
 
 
 # Steps and their sizes (an order), or one assignment per point (a clustering).
-PlanResult = tuple[list["MergeStep"], list[float]] | list["Assignment"]
+PlanResult = Union[tuple[list[MergeStep], list[float]], list[Assignment]]
 
 
 @dataclass(frozen=True)
 class Planner:
     name: str
     kind: Kind
-    run: Callable[[PlanInputs], Any]
+    run: Callable[[PlanInputs], PlanResult]
     data_aware: bool = False
     summary: str = ""
 
@@ -66,7 +66,7 @@ PLANNERS: dict[str, Planner] = {}
 def register_planner(name: str, kind: Kind, *, data_aware: bool = False, summary: str = ""):
     """Decorator: `run(inputs: PlanInputs)` becomes the planner `name`."""
 
-    def wrap(run: Callable[[PlanInputs], Any]) -> Callable[[PlanInputs], Any]:
+    def wrap(run: Callable[[PlanInputs], PlanResult]) -> Callable[[PlanInputs], PlanResult]:
         if name in PLANNERS:
             raise ValueError(f"planner {name!r} is registered twice")
         PLANNERS[name] = Planner(name, kind, run, data_aware, summary)
