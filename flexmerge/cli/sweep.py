@@ -31,6 +31,7 @@ from flexmerge.taskvec import parse_task_specs
 
 DEFAULT_METHODS = "task_arithmetic,ties,emr,consensus"
 DEFAULT_SIZES = "1,1.5,2,3,4,8"
+SCORE_NAMES = {"exact": "exact match", "loglik": "completion token probability"}
 SuiteOpt = typer.Option(None, "--suite", help="benchmark suite: wordnet (default) | wordnet20 | wordnet30 | digits | fashion")
 
 
@@ -55,10 +56,17 @@ def sweep(
                                             help="own models: package.module:function, called as "
                                                  "(task, state_dict) -> score (higher is better)"),
     eval_data: Optional[list[str]] = typer.Option(None, "--eval-data",
-                                                  help="own HF text-classification models: TASK=FILE, a JSONL or "
-                                                       "CSV file with text and label columns (one per task)"),
+                                                  help="own HF models: TASK=FILE, one per task; text classifiers: "
+                                                       "JSONL or CSV with text and label; causal LMs: "
+                                                       '{"prompt", "completion"} (JSONL or CSV) or {"messages": [...]} '
+                                                       "(JSONL; the task's chat template)"),
     eval_limit: int = typer.Option(1000, "--eval-limit", help="with --eval-data: examples per task, at most"),
     eval_batch_size: int = typer.Option(32, "--eval-batch-size", help="with --eval-data: inputs per forward pass"),
+    eval_metric: Optional[str] = typer.Option(None, "--eval-metric",
+                                              help="with --eval-data on causal LMs: exact (default: exact match of "
+                                                   "greedy completions after normalization) | loglik (the "
+                                                   "completions' token probability: exp of their mean "
+                                                   "log-likelihood per token)"),
     device: Optional[str] = typer.Option(None, "--device", help="own models: where preprocessing, the similarity "
                                          "pass and merging compute: cpu (default) | auto | cuda | cuda:N"),
     routed: bool = typer.Option(False, "--routed",
@@ -74,6 +82,9 @@ def sweep(
     flexmerge sweep --base base/ --model sst2=ft-sst2/ --model mnli=ft-mnli/
     --eval-data sst2=sst2-dev.jsonl --eval-data mnli=mnli-dev.csv --sizes 1,1.5,2 --out results/
 
+    flexmerge sweep --base llama/ --model qa=ft-qa/ --model chat=ft-chat/ --eval-data qa=qa.jsonl
+    --eval-data chat=chat.jsonl --eval-metric loglik --sizes 1,1.5,2 --out results/
+
     flexmerge sweep --config merge.yaml --evaluator myproject.evals:score --out results/
 
     flexmerge sweep --suite wordnet --methods task_arithmetic,twin:rank=2,twin:rank=15 --sizes 1,1.1,1.5 --routed
@@ -81,9 +92,9 @@ def sweep(
     own = base is not None or model or config is not None
     if own and suite is not None:
         raise FlexMergeError("give either --suite or your own models (--base/--model or --config), not both")
-    if not own and (evaluator or eval_data or task_specific or device):
-        raise FlexMergeError("--evaluator, --eval-data, --task-specific and --device go with your own models "
-                             "(--base and --model, or --config)")
+    if not own and (evaluator or eval_data or eval_metric or task_specific or device):
+        raise FlexMergeError("--evaluator, --eval-data, --eval-metric, --task-specific and --device go with your own "
+                             "models (--base and --model, or --config)")
     if own and routed:
         raise FlexMergeError("--routed goes with --suite (a text suite's validation split trains the router)")
     if not own:
@@ -99,8 +110,10 @@ def sweep(
     result, paths = sweep_own_models(cfg, out, methods=names(methods), sizes=floats(sizes, "--sizes"),
                                      planners=names(planners), evaluator=evaluator,
                                      eval_data=parse_task_specs(eval_data) if eval_data else None,
-                                     eval_limit=eval_limit, eval_batch_size=eval_batch_size, log=log_dim)
-    print_sweep(result, paths, "mean normalized score (merged / fine-tuned)")
+                                     eval_limit=eval_limit, eval_batch_size=eval_batch_size,
+                                     eval_metric=eval_metric, log=log_dim)
+    metric = result.meta["evaluator"]["metric"] if eval_data else "score"
+    print_sweep(result, paths, "mean normalized score (merged / fine-tuned)", SCORE_NAMES.get(metric, metric))
 
 
 @command
@@ -131,8 +144,9 @@ def _run_suite(suite_name: str, out: Path, methods: str, sizes: str, planners: s
     print_sweep(result, paths, f"{suite.name}: mean normalized accuracy (merged / fine-tuned)")
 
 
-def print_sweep(result: SweepResult, paths: dict[str, Path], title: str) -> None:
-    """The results table, the ranking by area, the fine-tuned scores, timings and where files went."""
+def print_sweep(result: SweepResult, paths: dict[str, Path], title: str, score: str = "accuracy") -> None:
+    """The results table, the ranking by area, the fine-tuned scores (`score`: what they are), timings
+    and where files went."""
     header, rows = summary_rows(result)
     table = Table(*header, title=title)
     for row in rows:
@@ -141,7 +155,7 @@ def print_sweep(result: SweepResult, paths: dict[str, Path], title: str) -> None
     console.print(f"ranking by {AREA_LABEL} (mean normalized accuracy over that span): "
                   + " > ".join(f"{c} {a:.3f}" for c, a in area_ranking(result)), soft_wrap=True)
     ft = sum(result.finetuned.values()) / len(result.finetuned)
-    line = f"fine-tuned mean accuracy {ft:.3f} (" + ", ".join(f"{t} {v:.3f}" for t, v in result.finetuned.items()) + ")"
+    line = f"fine-tuned mean {score} {ft:.3f} (" + ", ".join(f"{t} {v:.3f}" for t, v in result.finetuned.items()) + ")"
     if result.base:
         line += f"; base encoder + trained head {sum(result.base.values()) / len(result.base):.3f}"
     console.print(line, soft_wrap=True)
