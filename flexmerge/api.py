@@ -285,7 +285,8 @@ def merge_files(base: str | Path, models: Mapping[str, str | Path] | Sequence[st
 
 def artifact_summary(path: str | Path) -> dict[str, Any]:
     """What `flexmerge inspect` shows of an artifact: tasks, method, size and its unit, stored bytes,
-    each task's own parameters, and each block's groups by task name (from the validated manifest)."""
+    each task's own parameters (`added_rows`: of a shared key, the rows a task added, e.g. tokens),
+    and each block's groups by task name (from the validated manifest)."""
     m = read_manifest(path)
     tasks = m["tasks"]
     blocks = [{"name": b["name"], "groups": [[tasks[t] for t in g] for g in b["groups"]]} for b in m["blocks"]]
@@ -293,6 +294,8 @@ def artifact_summary(path: str | Path) -> dict[str, Any]:
             "stored_bytes": m["stored_bytes"], "frozen_bytes": m["frozen_bytes"],
             "task_specific_bytes": m.get("task_specific_bytes", 0),
             "task_specific": {t: sorted(keys) for t, keys in m.get("task_specific", {}).items()},
+            "added_rows": {t: {k: v["shape"][0] for k, v in keys.items() if k in m["keys"]}
+                           for t, keys in m.get("task_specific", {}).items() if any(k in m["keys"] for k in keys)},
             "granularity": m["granularity"], "flexmerge_version": m["flexmerge_version"], "blocks": blocks}
 
 

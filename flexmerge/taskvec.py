@@ -24,6 +24,7 @@ from flexmerge.errors import CheckpointError, ConfigError
 from flexmerge.executors import get_executor
 from flexmerge.paths import check_task_name
 from flexmerge.io.open import open_checkpoint
+from flexmerge.io.side_files import own_side_files, read_hf_side_files, side_groups
 from flexmerge.io.source import (
     CheckpointSource,
     TensorMeta,
@@ -98,7 +99,9 @@ class TaskSet:
     key_grams: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)  # raw (M, M) per key
     compute_dtype: torch.dtype = torch.float32
     first_pass: dict[str, object] = field(default_factory=dict, repr=False)  # PassObserver results, by name
-    # per task: its own parameters (heads, keys the base lacks or has in another shape), never merged
+    # per task: its own parameters (heads, keys the base lacks or has in another shape), never merged;
+    # a key that is also in `meta` is one whose rows the task extended (added tokens): its own part
+    # is the rows past the base's, which merge like any parameter
     specific: dict[str, dict[str, TensorMeta]] = field(default_factory=dict)
 
     @property
@@ -124,20 +127,28 @@ class TaskSet:
         return sum(m.numel * m.dtype.itemsize for keys in self.specific.values() for m in keys.values())
 
     def read_specific(self, task: int) -> dict[str, torch.Tensor]:
-        """Task `task`'s own parameters, as stored in its checkpoint."""
+        """Task `task`'s own parameters, as stored in its checkpoint (of a key whose rows it
+        extended, the rows past the base's)."""
         src = self.sources[task]
-        return {k: src.read(k).contiguous() for k in self.specific.get(self.names[task], {})}
+        return {k: read_own(src, k, self.meta.get(k)) for k in self.specific.get(self.names[task], {})}
 
     def finetuned_state_dict(self, task: int) -> dict[str, torch.Tensor]:
         """The fine-tuned model of `task` as given: shared keys, then its own."""
-        shared = {k: read_rows(self.sources[task], k, None) for k in self.meta}
-        return {**shared, **self.read_specific(task)}
+        shared = {k: self.read_task(task, Chunk(k, None)) for k in self.meta}
+        return with_own(shared, self.read_specific(task))
+
+    def task_rows(self, task: int, chunk: Chunk) -> tuple[int, int] | None:
+        """The rows of `chunk` in task `task`'s checkpoint: all of a key it has in the base's shape,
+        the base's rows of one whose rows it extended (its added tokens are its own)."""
+        if chunk.rows is None and chunk.key in self.specific.get(self.names[task], ()) and chunk.key in self.meta:
+            return (0, self.meta[chunk.key].shape[0])
+        return chunk.rows
 
     def read_base(self, chunk: Chunk) -> torch.Tensor:
         return read_rows(self.base, chunk.key, chunk.rows)
 
     def read_task(self, task: int, chunk: Chunk) -> torch.Tensor:
-        return read_rows(self.sources[task], chunk.key, chunk.rows)
+        return read_rows(self.sources[task], chunk.key, self.task_rows(task, chunk))
 
     def read_base32(self, chunk: Chunk) -> tuple[torch.Tensor, torch.Tensor]:
         """The base's chunk as stored and in the compute dtype, both in this thread's reused
@@ -176,7 +187,7 @@ class TaskSet:
         return out
 
     def _read_into(self, task: int, chunk: Chunk, dest: torch.Tensor, hasher=None) -> torch.Tensor:
-        read_rows_into(self.sources[task], chunk.key, chunk.rows, dest)
+        read_rows_into(self.sources[task], chunk.key, self.task_rows(task, chunk), dest)
         if hasher is not None:
             hash_tensor(hasher, dest)
         return dest
@@ -204,11 +215,13 @@ class TaskSetSpec:
     meta: tuple[tuple[str, TensorMeta], ...]
     mergeable: tuple[str, ...]
     frozen: tuple[str, ...]
+    specific: tuple[tuple[str, tuple[tuple[str, TensorMeta], ...]], ...] = ()  # what rows a task reads
 
 
 def spec_of(tasks: TaskSet) -> TaskSetSpec:
     return TaskSetSpec(tuple(tasks.names), str(tasks.base.path), tuple(str(s.path) for s in tasks.sources),
-                       tuple(tasks.meta.items()), tuple(tasks.mergeable), tuple(tasks.frozen))
+                       tuple(tasks.meta.items()), tuple(tasks.mergeable), tuple(tasks.frozen),
+                       tuple((t, tuple(own.items())) for t, own in tasks.specific.items()))
 
 
 def for_executor(tasks: TaskSet, executor) -> TaskSet | TaskSetSpec:
@@ -226,8 +239,26 @@ def as_taskset(tasks: TaskSet | TaskSetSpec) -> TaskSet:
     if tasks not in _OPENED:
         base = open_checkpoint(tasks.base)
         _OPENED[tasks] = TaskSet(list(tasks.names), base, [open_checkpoint(p, base=base) for p in tasks.models],
-                                 dict(tasks.meta), list(tasks.mergeable), list(tasks.frozen))
+                                 dict(tasks.meta), list(tasks.mergeable), list(tasks.frozen),
+                                 specific={t: dict(own) for t, own in tasks.specific})
     return _OPENED[tasks]
+
+
+def read_own(src: CheckpointSource, key: str, shared: TensorMeta | None) -> torch.Tensor:
+    """A task's own part of `key`: the whole tensor, or with `shared` (the base's meta of a key
+    whose rows the task extended) the rows past the base's."""
+    if shared is None:
+        return src.read(key).contiguous()
+    return read_rows(src, key, (shared.shape[0], src.meta(key).shape[0])).contiguous()
+
+
+def with_own(shared: Mapping[str, torch.Tensor], own: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A task's full weights: `shared` with its `own` parameters put in, a whole tensor as it is,
+    the rows it added to a shared key (added tokens) after the shared rows, in their dtype."""
+    out = dict(shared)
+    for k, t in own.items():
+        out[k] = torch.cat([out[k], t.to(out[k].dtype)]) if k in out else t
+    return out
 
 
 def parse_task_specs(specs: Sequence[str] | Mapping[str, str | Path]) -> dict[str, Path]:
@@ -263,7 +294,11 @@ def load_tasks(
     A parameter is task-specific (each task keeps its own; never planned or merged) when a
     fine-tune has it and the base does not, when its shape differs from the base's, when its name
     matches one of the `task_specific` regexes (full match), or, for Hugging Face inputs, when it
-    belongs to a head module (`HF_HEADS`; `lm_head` when the config does not tie it and it differs).
+    belongs to a classifier head (`HF_HEADS`). Output embeddings (`lm_head`) merge like any
+    parameter, as in mergekit. A fine-tune that added rows to a parameter (added tokens: a larger
+    `embed_tokens` / `lm_head`) merges the base's rows and keeps the rows past them as its own.
+    Under a config that ties the word embeddings, a stored copy of the input embeddings
+    (`TIED_COPY`, equal in every model that holds it) is left out, as `save_pretrained` leaves it.
     `executor` ("local", "ray" or an Executor) runs the validation pass key by key. `input_hash`
     (a name in INPUT_HASHES) fingerprints each model's content for provenance and resume;
     `observers` (`PassObserver`) do a later stage's work in the same pass (`api.first_pass_for`).
@@ -283,9 +318,9 @@ def load_tasks(
     meta, specific = _check_structure(base_src, sources, list(named), allow_mixed_dtypes, patterns)
     ex = get_executor(executor)
     active = [o for o in observers if o.begin(meta, len(sources))] if ex.name == "local" else []
-    mergeable, frozen, key_grams, digests = _scan_values(base_src, sources, list(named), meta,
+    mergeable, frozen, key_grams, digests = _scan_values(base_src, sources, list(named), meta, specific,
                                                          max_relative_change, ex, input_hash, active, key_grams)
-    digests = [digests[0], *(_with_specific(d, src, specific[name], input_hash)
+    digests = [digests[0], *(_with_specific(d, src, specific[name], input_hash, meta)
                              for d, src, name in zip(digests[1:], sources, named))]
     provenance = {name: {"files": [file_record(f) for f in src.files()], input_hash: digest}
                   for name, src, digest in zip(["base", *named], [base_src, *sources], digests)}
@@ -294,8 +329,12 @@ def load_tasks(
     return dataclasses.replace(tasks, first_pass={o.name: o.finish(tasks) for o in active})
 
 
-# Hugging Face head modules: a task's own output layers, detected without a pattern.
+# Hugging Face classifier heads: a task's own output layers, detected without a pattern. Output
+# embeddings (`lm_head`) are not among them: they merge like any parameter, as in mergekit.
 HF_HEADS = ("classifier", "score", "qa_outputs")
+# Keys that a config with tie_word_embeddings holds as the input embeddings themselves (Llama's and
+# GPT-2's lm_head, T5's and BART's lm_head and encoder/decoder embed_tokens beside `shared`).
+TIED_COPY = re.compile(r"(.*\.)?(lm_head|(encoder|decoder)\.embed_tokens)\.weight")
 
 
 def _compile_patterns(patterns: Sequence[str]) -> list[re.Pattern]:
@@ -309,21 +348,41 @@ def _compile_patterns(patterns: Sequence[str]) -> list[re.Pattern]:
 
 
 def _hf_head_keys(src: CheckpointSource, keys: Sequence[str]) -> set[str]:
-    """The keys of `src`'s head modules, when it is a Hugging Face directory (from its config)."""
+    """The keys of `src`'s classifier heads, when it is a Hugging Face directory."""
     if src.hf_dir is None:
         return set()
-    config = _hf_config(src.hf_dir)
-    heads = set(HF_HEADS)
-    if config.get("tie_word_embeddings", True) is False:
-        heads.add("lm_head")
-    return {k for k in keys if k.split(".", 1)[0] in heads}
+    return {k for k in keys if k.split(".", 1)[0] in HF_HEADS}
 
 
-def _differs(key: str, base: CheckpointSource, sources: list[CheckpointSource]) -> bool:
-    """Whether any fine-tune's `key` differs from the base's (an untied lm_head that was trained)."""
-    b = base.read(key)
-    return any(key in src.keys() and (src.meta(key).shape != b.shape or not torch.equal(src.read(key), b))
-               for src in sources)
+def _ties_embeddings(src: CheckpointSource) -> bool:
+    """Whether `src` is a Hugging Face directory whose config ties the word embeddings (absent from
+    config.json: transformers' default, true)."""
+    return src.hf_dir is not None and _hf_config(src.hf_dir).get("tie_word_embeddings", True) is not False
+
+
+def _tied_copy_of(src: CheckpointSource, key: str) -> str | None:
+    """The key `src` holds `key` as a copy of (same shape, equal values; not itself a tied copy)."""
+    shape, value = src.meta(key).shape, None
+    for other in src.keys():
+        if other != key and not TIED_COPY.fullmatch(other) and src.meta(other).shape == shape:
+            value = src.read(key) if value is None else value
+            if torch.equal(src.read(other), value):
+                return other
+    return None
+
+
+def _tied_copies(models: Sequence[CheckpointSource]) -> set[str]:
+    """The keys to leave out as tied copies of the input embeddings: every model that holds one
+    ties the word embeddings and holds it equal to another of its keys. A copy that some model
+    holds with values of its own is a parameter like any other (transformers then unties it too)."""
+    names = {k for src in models for k in src.keys() if TIED_COPY.fullmatch(k)}
+    return {k for k in names
+            if all(k not in src.keys() or (_ties_embeddings(src) and _tied_copy_of(src, k)) for src in models)}
+
+
+def _adds_rows(shape: tuple[int, ...], base: tuple[int, ...]) -> bool:
+    """A fine-tune's shape that extends the base's by rows (added tokens), the rest equal."""
+    return len(shape) == len(base) >= 1 and shape[0] > base[0] and shape[1:] == base[1:]
 
 
 def _hf_config(directory: Path) -> dict:
@@ -343,12 +402,14 @@ def _check_structure(
     base: CheckpointSource, sources: list[CheckpointSource], names: list[str], allow_mixed_dtypes: bool,
     patterns: Sequence[re.Pattern] = (),
 ) -> tuple[dict[str, TensorMeta], dict[str, dict[str, TensorMeta]]]:
-    """The shared keys' metadata (the base's, minus task-specific keys) and each task's own keys."""
-    base_keys = base.keys()
+    """The shared keys' metadata (the base's, minus task-specific keys) and each task's own keys
+    (of a key whose rows it extended, the meta of the rows past the base's)."""
+    tied = _tied_copies([base, *sources])
+    base_keys = [k for k in base.keys() if k not in tied]
     base_set = set(base_keys)
     own: set[str] = {k for k in base_keys if any(p.fullmatch(k) for p in patterns)}
-    heads = set().union(*(_hf_head_keys(src, src.keys()) for src in [base, *sources])) & base_set
-    own |= {k for k in heads if not k.startswith("lm_head.") or _differs(k, base, sources)}
+    own |= set().union(*(_hf_head_keys(src, src.keys()) for src in [base, *sources])) & base_set
+    grown: set[str] = set()
     for src in sources:
         keys = set(src.keys())
         missing = [k for k in base_keys if k not in keys and k not in own]
@@ -356,7 +417,9 @@ def _check_structure(
             raise CheckpointError(
                 f"{src.path}: keys of the base {base.path} are missing: {missing[:5]}{'...' if len(missing) > 5 else ''}"
                 " (a fine-tune must hold every shared parameter; mark the others --task-specific)")
-        own |= {k for k in base_keys if k in keys and src.meta(k).shape != base.meta(k).shape}
+        for k in base_keys:
+            if k in keys and src.meta(k).shape != base.meta(k).shape:
+                (grown if _adds_rows(src.meta(k).shape, base.meta(k).shape) else own).add(k)
     meta = {k: base.meta(k) for k in base_keys if k not in own}
     specific: dict[str, dict[str, TensorMeta]] = {}
     for name, src in zip(names, sources):
@@ -367,18 +430,46 @@ def _check_structure(
                     f"{src.path}: key {k!r} has dtype {m.dtype}, the base has {meta[k].dtype} "
                     "(pass allow_mixed_dtypes=True / --allow-mixed-dtypes to merge them in fp32)"
                 )
-        specific[name] = {k: src.meta(k) for k in src.keys() if k not in meta}
+        specific[name] = {k: src.meta(k) for k in src.keys() if k not in meta and k not in tied}
+        extended = {k: meta[k] for k in meta if k in grown}  # in the base's order
+        specific[name] |= {k: _added_rows(src.meta(k), m) for k, m in extended.items() if src.meta(k).shape != m.shape}
+        _check_side_files(name, src, base, extended, specific[name])
     return meta, specific
 
 
-def _with_specific(digest: str, src: CheckpointSource, keys: Mapping[str, TensorMeta], input_hash: str) -> str:
-    """A task's content digest extended by its task-specific tensors, each checked for NaN/Inf."""
+def _added_rows(task: TensorMeta, base: TensorMeta) -> TensorMeta:
+    """The meta of the rows a task added past the base's."""
+    return TensorMeta((task.shape[0] - base.shape[0], *task.shape[1:]), task.dtype)
+
+
+def _check_side_files(name: str, src: CheckpointSource, base: CheckpointSource, grown: Mapping[str, TensorMeta],
+                      own: Mapping[str, TensorMeta]) -> None:
+    """A task that added tokens must carry its own config and tokenizer where the base has them:
+    its export would otherwise take the base's, which know nothing of the added rows."""
+    added = [k for k in grown if k in own]
+    if not added:
+        return
+    theirs, mine = side_groups(read_hf_side_files(base)), side_groups(own_side_files(src))
+    lacking = [g for g in ("config", "tokenizer") if g in theirs and g not in mine]
+    if lacking:
+        k = added[0]
+        raise CheckpointError(
+            f"task {name!r} ({src.path}) adds {own[k].shape[0]} rows to {k!r} (the base has {grown[k].shape[0]}, "
+            f"it has {grown[k].shape[0] + own[k].shape[0]}) but has no {' or '.join(lacking)} files of its own: "
+            "its export would carry the base's, which lack the added tokens; save them beside its weights "
+            "(tokenizer.save_pretrained(dir), model.config.save_pretrained(dir))")
+
+
+def _with_specific(digest: str, src: CheckpointSource, keys: Mapping[str, TensorMeta], input_hash: str,
+                   shared: Mapping[str, TensorMeta]) -> str:
+    """A task's content digest extended by its task-specific tensors (of a shared key, the rows it
+    added), each checked for NaN/Inf."""
     if not keys:
         return digest
     h = new_hasher(input_hash)
     h.update(digest.encode())
     for k, mt in keys.items():
-        t = src.read(k)
+        t = read_own(src, k, shared.get(k))
         _check_finite(t, src, k)
         h.update(f"{k}\0{mt.dtype}\0{list(mt.shape)}\0".encode())
         hash_tensor(h, t)
@@ -469,6 +560,7 @@ def _scan_values(
     sources: list[CheckpointSource],
     names: list[str],
     meta: dict[str, TensorMeta],
+    specific: dict[str, dict[str, TensorMeta]],
     max_relative_change: float,
     executor=None,
     input_hash: str = DEFAULT_INPUT_HASH,
@@ -481,7 +573,7 @@ def _scan_values(
     With `grams`, the same pass accumulates each key's (M, M) Gram matrix of raw task vectors, so
     planning without preprocessing needs no second read of the inputs.
     """
-    probe = TaskSet(names, base, sources, meta, list(meta), [])
+    probe = TaskSet(names, base, sources, meta, list(meta), [], specific=specific)
     ex = get_executor(executor)
     scans = {s.key: s for s in ex.map(scan_key, list(meta), for_executor(probe, ex), input_hash, observers,
                                       grams, desc="validating checkpoints")}

@@ -25,7 +25,8 @@ def _flags(dirs) -> list[str]:
 
 
 def _llama_zoo(root):
-    """A tiny Llama with an untied lm_head and three full fine-tunes that train every tensor, the head too."""
+    """A tiny Llama with an untied lm_head and three full fine-tunes that train every tensor, the
+    head too (a mergeable parameter like the others: the unit is one whole model, 1x reachable)."""
     config = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                       num_attention_heads=4, num_key_value_heads=2, vocab_size=64,
                                       max_position_embeddings=64, tie_word_embeddings=False)
@@ -95,7 +96,9 @@ def test_size_m_gives_back_causal_lms_with_trained_untied_lm_heads(tmp_path):
     r = runner.invoke(app, ["merge", "--base", str(base), *_flags(dirs), "--size", "3", "--method", "ties",
                             "--out", str(tmp_path / "f")])
     assert r.exit_code == 0, r.output
-    assert json.loads((tmp_path / "f" / "manifest.json").read_text())["size"] == 3.0
+    manifest = json.loads((tmp_path / "f" / "manifest.json").read_text())
+    assert manifest["size"] == 3.0
+    assert "lm_head.weight" in manifest["keys"] and manifest["task_specific_bytes"] == 0  # merged, not its own
     _assert_exports_are_the_fine_tunes(tmp_path / "f", dirs, tmp_path)
     ids = torch.tensor([[1, 2, 3, 4]])
     with torch.no_grad():

@@ -132,7 +132,9 @@ def test_a_nan_in_a_task_specific_parameter_is_refused(zoo, tmp_path):
         flexmerge.load_tasks(base, models)
 
 
-def test_an_untied_lm_head_is_task_specific_only_when_it_differs(tmp_path):
+def test_an_untied_lm_head_merges_like_any_parameter_unless_marked_task_specific(tmp_path):
+    """As in mergekit: a trained untied lm_head is mergeable, an untouched one frozen; classifier
+    heads stay their task's own; `--task-specific 'lm_head\\..*'` keeps one per task."""
     cfg = transformers.GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=40, n_positions=16,
                                   tie_word_embeddings=False)
     torch.manual_seed(0)
@@ -144,11 +146,19 @@ def test_an_untied_lm_head_is_task_specific_only_when_it_differs(tmp_path):
         ft = transformers.GPT2LMHeadModel(cfg)
         ft.load_state_dict(sd)
         ft.save_pretrained(tmp_path / name)
-    tasks = flexmerge.load_tasks(tmp_path / "base", {n: tmp_path / n for n in "abc"})
-    assert "lm_head.weight" not in tasks.meta and all("lm_head.weight" in tasks.specific[n] for n in "abc")
-    flex = flexmerge.merge(tasks, max_bytes=10**9)
+    models = {n: tmp_path / n for n in "abc"}
+    tasks = flexmerge.load_tasks(tmp_path / "base", models)
+    assert "lm_head.weight" in tasks.mergeable and not any(tasks.specific.values())
+    theta0 = load_file(tmp_path / "base" / "model.safetensors")["lm_head.weight"]
+    heads = [load_file(d / "model.safetensors")["lm_head.weight"] for d in models.values()]
+    flex = flexmerge.merge(tasks, size=1, method="task_arithmetic", params={"lam": 0.8})
+    merged = theta0 + 0.8 * torch.stack([h - theta0 for h in heads]).mean(0)
     for name in "abc":
-        own = load_file(tmp_path / name / "model.safetensors")["lm_head.weight"]
-        assert torch.equal(flex.state_dict(name)["lm_head.weight"], own)
+        torch.testing.assert_close(flex.state_dict(name)["lm_head.weight"], merged, rtol=0, atol=1e-6)
     untrained = flexmerge.load_tasks(tmp_path / "base", {n: tmp_path / n for n in "bc"})
-    assert "lm_head.weight" in untrained.frozen  # no task trained it: stored once, not per task
+    assert "lm_head.weight" in untrained.frozen  # no task trained it: stored once
+    own = flexmerge.load_tasks(tmp_path / "base", models, task_specific=[r"lm_head\..*"])
+    assert "lm_head.weight" not in own.meta and all("lm_head.weight" in own.specific[n] for n in "abc")
+    flex = flexmerge.merge(own, size="min")
+    for name, head in zip("abc", heads):
+        assert torch.equal(flex.state_dict(name)["lm_head.weight"], head)

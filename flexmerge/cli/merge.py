@@ -175,7 +175,9 @@ def inspect(
                   f"task-specific parameters, {summary['frozen_bytes']} bytes of frozen shared parameters",
                   soft_wrap=True)
     for t, keys in summary["task_specific"].items():
-        console.print(f"  {t} keeps its own: {', '.join(keys[:6])}{' ...' if len(keys) > 6 else ''}", soft_wrap=True)
+        added = summary["added_rows"].get(t, {})
+        named = [f"{k} ({added[k]} added rows)" if k in added else k for k in keys]
+        console.print(f"  {t} keeps its own: {', '.join(named[:6])}{' ...' if len(keys) > 6 else ''}", soft_wrap=True)
     table = Table("block", "groups")
     for b in summary["blocks"]:
         table.add_row(b["name"], "  ".join("{" + ",".join(g) + "}" for g in b["groups"]))

@@ -35,7 +35,8 @@ RelOpt = typer.Option(None, "--max-relative-change",
                       help="largest ||θ_t − θ0|| / ||θ0|| accepted before the base is rejected [default: 0.5]")
 SpecificOpt = typer.Option(None, "--task-specific",
                            help="regex (full match) of parameters each task keeps for itself, never merged (repeatable); "
-                                "Hugging Face heads (classifier, score, qa_outputs) are detected without one")
+                                "Hugging Face heads (classifier, score, qa_outputs) are detected without one; lm_head merges "
+                                "unless you pass 'lm_head\\..*'")
 HashOpt = typer.Option(None, "--input-hash",
                        help="fingerprint of every input's content (provenance, resume): xxh3_128 (default, "
                             "~25 GB/s) | sha256 (cryptographic, ~1.7 GB/s per core)")

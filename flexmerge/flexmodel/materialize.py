@@ -13,7 +13,7 @@ from flexmerge.errors import ConfigError
 from flexmerge.executors import get_executor
 from flexmerge.flexmodel.model import BlockStore, FlexModel, StoredGroup, pack_masks
 from flexmerge.io.adapters import AdapterSource
-from flexmerge.io.side_files import pick_side_files, read_hf_side_files, read_side_files_in
+from flexmerge.io.side_files import own_side_files, pick_side_files, read_hf_side_files
 from flexmerge.io.source import rows_shape
 from flexmerge.methods.base import MergeMethod
 from flexmerge.planning.path import Assignment
@@ -224,8 +224,6 @@ def collect_hf_files(tasks: TaskSet) -> dict[str, dict[str, bytes]]:
     base = read_hf_side_files(tasks.base)
     out: dict[str, dict[str, bytes]] = {}
     for name, src in zip(tasks.names, tasks.sources):
-        if isinstance(src, AdapterSource):
-            out[name] = pick_side_files(read_side_files_in(src.path, also=src.path.resolve()), base)
-        elif src.hf_dir is not None or tasks.base.hf_dir is not None:
-            out[name] = pick_side_files(read_hf_side_files(src), base)
+        if isinstance(src, AdapterSource) or src.hf_dir is not None or tasks.base.hf_dir is not None:
+            out[name] = pick_side_files(own_side_files(src), base)
     return out

@@ -13,6 +13,7 @@ from flexmerge.errors import ConfigError
 from flexmerge.io.source import TensorMeta
 from flexmerge.methods.twin import rebuild
 from flexmerge.planning.path import Assignment
+from flexmerge.taskvec import with_own
 
 
 @dataclass
@@ -87,6 +88,10 @@ class FlexModel:
     specific: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # task -> its own parameters
     router: Any = None  # a trained `flexmerge.routing.RouterMLP` (Twin-Merging's routed inference), or None
 
+    def with_own(self, task: str, shared: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """`shared` weights (a mixture, say) with `task`'s own parameters put in (`taskvec.with_own`)."""
+        return with_own(shared, self.specific.get(task, {}))
+
     def specific_bytes(self) -> int:
         """Bytes of the tasks' own parameters (heads, ...), stored once per task, outside the blocks."""
         return sum(t.nbytes for own in self.specific.values() for t in own.values())
@@ -115,8 +120,7 @@ class FlexModel:
             else:
                 ordered = [x for _, x in sorted(pieces[key], key=lambda r: r[0])]
                 out[key] = ordered[0] if len(ordered) == 1 else torch.cat(ordered)
-        out.update(self.specific.get(task, {}))
-        return out
+        return with_own(out, self.specific.get(task, {}))
 
     def shared_state_dict(self) -> dict[str, torch.Tensor]:
         """The weights every task starts from, without its own residual or mask: per block the
@@ -156,8 +160,7 @@ class FlexModel:
                 pieces.setdefault(part.key, []).append((part.rows[0] if part.rows else 0, read(store, p)))
         out = {k: self.frozen[k] if k in self.frozen else torch.cat([x for _, x in sorted(pieces[k], key=lambda r: r[0])])
                for k in self.meta}
-        out.update(specific)
-        return out
+        return with_own(out, specific)
 
     def module(self, task: str, model: torch.nn.Module, strict: bool = True) -> torch.nn.Module:
         """Load the task's weights into `model` without copying: shared blocks share memory."""

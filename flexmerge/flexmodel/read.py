@@ -148,6 +148,9 @@ def check_manifest(m: dict[str, Any]) -> str | None:
         for k, v in keys.items():
             if not _valid_meta(v, is_list):
                 return f"task-specific key {k!r} has no valid shape and dtype"
+            shared = m["keys"].get(k)
+            if shared is not None and (not v["shape"] or v["shape"][1:] != shared["shape"][1:]):
+                return f"task-specific rows of {k!r} are {v['shape']}, not rows of its shared shape {shared['shape']}"
     return None
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from flexmerge.io.adapters import AdapterSource
 from flexmerge.io.source import HF_SIDE_GROUPS, CheckpointSource
 from flexmerge.paths import inside
 
@@ -25,6 +26,19 @@ def read_hf_side_files(src: CheckpointSource) -> dict[str, bytes]:
     if src.hf_dir is None:
         return {}
     return read_side_files_in(src.hf_dir, also=Path(src.path).resolve().parent)
+
+
+def own_side_files(src: CheckpointSource) -> dict[str, bytes]:
+    """The side files of a fine-tune's own directory: a PEFT adapter's are those its adapter
+    directory holds (a config with the task's own labels, a tokenizer with added tokens), not its base's."""
+    if isinstance(src, AdapterSource):
+        return read_side_files_in(src.path, also=src.path.resolve())
+    return read_hf_side_files(src)
+
+
+def side_groups(files: dict[str, bytes]) -> set[str]:
+    """The groups of `HF_SIDE_GROUPS` that `files` hold any file of."""
+    return {group for group, names in HF_SIDE_GROUPS.items() if any(n in files for n in names)}
 
 
 def read_side_files_in(directory: Path, also: Path | None = None) -> dict[str, bytes]:

@@ -225,7 +225,7 @@ class Runtime:
                 for a, t, ws in zip(answers, tasks, w)]
 
     def _predict_mixture(self, task: str, text: str, weights: torch.Tensor) -> dict[str, Any]:
-        state = {**self.flex.mixture_state_dict(weights), **self.flex.specific.get(task, {})}
+        state = self.flex.with_own(task, self.flex.mixture_state_dict(weights))
         model = self._hf_model(task)
         model.load_state_dict(state, strict=True, assign=True)
         enc = self._encode(task, [text])
