@@ -88,3 +88,15 @@ def test_a_registered_planner_plans_through_the_api(tasks, monkeypatch):
     assert path.min_size == pytest.approx(1.0)
     with pytest.raises(ConfigError, match="unknown planner 'nope'; choose one of: .*in-order"):
         flexmerge.plan(tasks, planner="nope")
+
+
+def test_inspect_of_a_manifest_without_its_version_is_one_line(zoo, tmp_path):
+    base, models = zoo
+    flexmerge.merge_files(base, models, tmp_path / "art", size=2, method="ties")
+    manifest = tmp_path / "art" / "manifest.json"
+    data = json.loads(manifest.read_text())
+    del data["flexmerge_version"]
+    manifest.write_text(json.dumps(data))
+    r = CliRunner().invoke(app, ["inspect", str(tmp_path / "art")])
+    assert r.exit_code == 2 and "internal error" not in r.output
+    assert "field 'flexmerge_version' is missing" in " ".join(r.output.split())

@@ -16,6 +16,7 @@ from flexmerge.evaluation import read_text_pairs
 from flexmerge.extras import require_extra
 from flexmerge.flexmodel.write import attach_router
 from flexmerge.runtime import Runtime
+from flexmerge.serve.limits import check_limits, check_listen
 from flexmerge.suites import get_suite
 from flexmerge.suites.serving import suite_artifact, suite_serve_options
 
@@ -57,6 +58,9 @@ def serve(
     if suite is not None and size is None:
         raise FlexMergeError(f"--suite {suite} needs --size S: the size to merge its zoo to")
     require_extra("serve", "flexmerge serve")
+    # every flag and the port before anything is merged or loaded
+    check_limits(max_inputs=max_inputs, max_chars=max_chars, max_batch=max_batch, batch_wait_ms=batch_wait_ms)
+    check_listen(host, port)
     from flexmerge.serve.server import create_app, run_server  # the serve extra (FastAPI, uvicorn)
 
     if suite is not None:

@@ -102,7 +102,7 @@ def check_manifest(m: dict[str, Any]) -> str | None:
         return isinstance(x, list) and all(isinstance(v, of) and not isinstance(v, bool) for v in x)
 
     for name, kind in (("tasks", list), ("method", dict), ("keys", dict), ("frozen", list), ("blocks", list),
-                       ("shards", list), ("granularity", str), ("info", dict)):
+                       ("shards", list), ("granularity", str), ("info", dict), ("flexmerge_version", str)):
         if not isinstance(m.get(name), kind):
             return f"field {name!r} is missing or not a {kind.__name__}"
     for name in ("size", "unit_bytes", "stored_bytes", "frozen_bytes"):

@@ -31,9 +31,11 @@ from flexmerge.errors import ConfigError
 from flexmerge.serve.api import health, tasks as tasks_api
 from flexmerge.serve.api.tasks import RuntimeLike
 from flexmerge.serve.batcher import Batcher
+from flexmerge.serve.limits import check_limits
 
 __all__ = ["create_app", "run_server"]
 
+MAX_ERRORS_SHOWN = 5  # errors a 422 names and lists: the first few, then how many more
 log = logging.getLogger("flexmerge.serve")
 
 #: Seconds uvicorn waits for open requests after SIGTERM/SIGINT before cancelling them.
@@ -102,7 +104,7 @@ def _where(loc: Sequence[Any]) -> str:
     return out
 
 
-def _validation_message(request: Request, errors: Sequence[dict[str, Any]], shown: int = 5) -> str:
+def _validation_message(request: Request, errors: Sequence[dict[str, Any]], shown: int = MAX_ERRORS_SHOWN) -> str:
     """One readable sentence for a 422, naming what is wrong and where (the first few problems)."""
     parts = []
     for e in errors[:shown]:
@@ -128,11 +130,7 @@ def create_app(runtime: RuntimeLike, *, max_inputs: int = 64, max_chars: int = 2
     `max_chars` characters; forward passes of at most `max_batch` inputs, gathered for at most
     `batch_wait_ms` milliseconds. The batcher lives in the app's lifespan: it starts with the
     server and, on shutdown, finishes the batch in flight before it stops."""
-    for name, value in (("max_inputs", max_inputs), ("max_chars", max_chars), ("max_batch", max_batch)):
-        if value < 1:
-            raise ConfigError(f"{name} must be at least 1, got {value}")
-    if batch_wait_ms < 0:
-        raise ConfigError(f"batch_wait_ms must be >= 0, got {batch_wait_ms}")
+    check_limits(max_inputs=max_inputs, max_chars=max_chars, max_batch=max_batch, batch_wait_ms=batch_wait_ms)
     tasks = list(runtime.tasks)
     routers = [health.router(len(tasks)), tasks_api.router(runtime, max_inputs=max_inputs, max_chars=max_chars)]
 
@@ -153,7 +151,9 @@ def create_app(runtime: RuntimeLike, *, max_inputs: int = 64, max_chars: int = 2
     @app.exception_handler(RequestValidationError)
     async def invalid_body(request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = exc.errors()
-        brief = [{k: e[k] for k in ("type", "loc", "msg") if k in e} for e in errors]  # no echo of the input
+        # the first few errors, without an echo of the input: a body of a million bad values
+        # must not get a million-entry answer
+        brief = [{k: e[k] for k in ("type", "loc", "msg") if k in e} for e in errors[:MAX_ERRORS_SHOWN]]
         return JSONResponse({"detail": _validation_message(request, errors), "errors": brief}, status_code=422)
 
     for api in routers:
