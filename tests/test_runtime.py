@@ -273,3 +273,19 @@ def test_mixture_weights_rebuild_shared_plus_weighted_residuals(artifact):
     assert all(torch.allclose(one_hot[k], own[k], atol=1e-7) for k in tasks.mergeable)
     with pytest.raises(ConfigError, match="summing to 1"):
         flex.mixture_state_dict(torch.tensor([0.5, 0.5, 0.5]))
+
+
+def test_inputs_longer_than_the_models_positions_are_cut_to_them(artifact):
+    """The word-level tokenizer here has no maximum length (1e30): a 100-word input would index past
+    the 64 position embeddings. It is cut to 64 tokens, as the exported model's own pipeline
+    (tokenizer with max_length=64, truncation) gives."""
+    out, root = artifact
+    long = " ".join(WORDS[i % len(WORDS)] for i in range(100))
+    got = Runtime.load(out).predict("a", [long, "the cat"])
+    model = transformers.BertForSequenceClassification.from_pretrained(root / "export-a").eval()
+    tok = transformers.AutoTokenizer.from_pretrained(root / "export-a")
+    with torch.no_grad():
+        want = torch.softmax(model(**tok([long, "the cat"], padding=True, truncation=True, max_length=64,
+                                         return_tensors="pt")).logits, -1)
+    for row, g in enumerate(got):
+        torch.testing.assert_close(torch.tensor(list(g["scores"].values())), want[row], atol=1e-5, rtol=1e-4)

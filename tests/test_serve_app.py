@@ -250,3 +250,11 @@ def test_server_limits_are_finite_and_bounded(flags, message):
     options = dict(max_inputs=4, max_chars=10, max_batch=3, batch_wait_ms=1) | flags
     with pytest.raises(ConfigError, match=message.replace("(", "\\(")):
         create_app(FakeRuntime(), **options)
+
+
+def test_a_lone_surrogate_is_a_422_not_a_500(client):
+    r = client.post("/v1/tasks/a/predict", content=b'{"inputs": ["ok", "\\ud800"]}',
+                    headers={"content-type": "application/json"})
+    assert r.status_code == 422
+    assert "inputs[1] is not valid Unicode text" in r.json()["detail"]
+    assert client.runtime.batches == []  # nothing reached the model

@@ -65,6 +65,7 @@ class Runtime:
         self._lock = threading.Lock()
         self._modules: dict[str, torch.nn.Module] = {}
         self._tokenizers: dict[str, Any] = {}
+        self._max_tokens_of: dict[str, int | None] = {}
         self._dirs: dict[str, Path] = {}
         self._mixed: tuple[torch.nn.Module, BatchRows] | None = None
         self._shared: torch.nn.Module | None = None  # the router's feature model (shared weights)
@@ -279,8 +280,21 @@ class Runtime:
         return self._tokenizers[task]
 
     def _encode(self, task: str, texts: list[str]) -> dict[str, torch.Tensor]:
-        return dict(self._tokenizer(task)(list(texts), padding=True, truncation=True, max_length=self.max_length,
-                                          return_tensors="pt"))
+        return dict(self._tokenizer(task)(list(texts), padding=True, truncation=True,
+                                          max_length=self._max_tokens(task), return_tensors="pt"))
+
+    def _max_tokens(self, task: str) -> int | None:
+        """Tokens kept per input: `max_length` when given, else the tokenizer's maximum capped at the
+        model's positions (a tokenizer saved without one says 1e30, and a longer input would index
+        past the position embeddings)."""
+        if self.max_length is not None:
+            return self.max_length
+        if task not in self._max_tokens_of:
+            limits = [getattr(self._tokenizer(task), "model_max_length", None),
+                      getattr(self._config(task), "max_position_embeddings", None)]
+            known = [int(n) for n in limits if isinstance(n, (int, float)) and 0 < n < 1e9]
+            self._max_tokens_of[task] = min(known) if known else None
+        return self._max_tokens_of[task]
 
     def _mixed_model(self) -> tuple[torch.nn.Module, BatchRows] | None:
         """The mixed copy of the model (`mixed_copy`), or None when a mixed batch must run per task

@@ -11,7 +11,7 @@ from typing import Any, Protocol
 
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictStr, field_validator
 
 from flexmerge.errors import FlexMergeError
 from flexmerge.serve.batcher import ShuttingDown, running_batcher
@@ -39,6 +39,17 @@ class PredictRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     inputs: list[StrictStr] = Field(min_length=1, description="texts to run through the task's model")
+
+    @field_validator("inputs")
+    @classmethod
+    def _unicode_text(cls, inputs: list[str]) -> list[str]:
+        """JSON may carry lone surrogates (\\ud800) that no tokenizer can encode: refused here, 422."""
+        for i, text in enumerate(inputs):
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValueError(f"inputs[{i}] is not valid Unicode text (a lone surrogate)") from None
+        return inputs
 
 
 def router(runtime: RuntimeLike, *, max_inputs: int, max_chars: int) -> APIRouter:
