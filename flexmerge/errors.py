@@ -9,6 +9,10 @@ class FlexMergeError(Exception):
     """Base class of every error flexmerge raises on purpose."""
 
 
+class FlexMergeWarning(UserWarning):
+    """Something the user may not have meant, done anyway: the CLI prints it as one `note:` line."""
+
+
 class CheckpointError(FlexMergeError):
     """A checkpoint cannot be read, or disagrees with the others (keys, shapes, dtypes, values)."""
 

@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import math
 import re
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -20,7 +21,7 @@ import torch
 import xxhash
 
 from flexmerge._scratch import DELTAS, release, scratch
-from flexmerge.errors import CheckpointError, ConfigError
+from flexmerge.errors import CheckpointError, ConfigError, FlexMergeWarning
 from flexmerge.executors import get_executor
 from flexmerge.paths import check_task_name
 from flexmerge.io.open import open_checkpoint
@@ -103,6 +104,9 @@ class TaskSet:
     # a key that is also in `meta` is one whose rows the task extended (added tokens): its own part
     # is the rows past the base's, which merge like any parameter
     specific: dict[str, dict[str, TensorMeta]] = field(default_factory=dict)
+    # per task, its own keys that no --task-specific pattern or head names: the base lacks them or
+    # shapes them otherwise, which a wrong base model would also do (the CLI says so in one line)
+    undeclared_specific: dict[str, list[str]] = field(default_factory=dict)
 
     @property
     def num_tasks(self) -> int:
@@ -315,7 +319,7 @@ def load_tasks(
     new_hasher(input_hash)  # an unknown name fails before any model is read
     base_src = open_checkpoint(base)
     sources = [open_checkpoint(p, base=base_src) for p in named.values()]  # PEFT adapters read against the base
-    meta, specific = _check_structure(base_src, sources, list(named), allow_mixed_dtypes, patterns)
+    meta, specific, unexplained = _check_structure(base_src, sources, list(named), allow_mixed_dtypes, patterns)
     ex = get_executor(executor)
     active = [o for o in observers if o.begin(meta, len(sources))] if ex.name == "local" else []
     mergeable, frozen, key_grams, digests = _scan_values(base_src, sources, list(named), meta, specific,
@@ -324,8 +328,10 @@ def load_tasks(
                              for d, src, name in zip(digests[1:], sources, named))]
     provenance = {name: {"files": [file_record(f) for f in src.files()], input_hash: digest}
                   for name, src, digest in zip(["base", *named], [base_src, *sources], digests)}
+    if unexplained:
+        warnings.warn(undeclared_note(unexplained), FlexMergeWarning, stacklevel=2)
     tasks = TaskSet(list(named), base_src, sources, meta, mergeable, frozen, provenance, key_grams=key_grams,
-                    specific=specific)
+                    specific=specific, undeclared_specific=unexplained)
     return dataclasses.replace(tasks, first_pass={o.name: o.finish(tasks) for o in active})
 
 
@@ -401,9 +407,11 @@ def _hf_config(directory: Path) -> dict:
 def _check_structure(
     base: CheckpointSource, sources: list[CheckpointSource], names: list[str], allow_mixed_dtypes: bool,
     patterns: Sequence[re.Pattern] = (),
-) -> tuple[dict[str, TensorMeta], dict[str, dict[str, TensorMeta]]]:
-    """The shared keys' metadata (the base's, minus task-specific keys) and each task's own keys
-    (of a key whose rows it extended, the meta of the rows past the base's)."""
+) -> tuple[dict[str, TensorMeta], dict[str, dict[str, TensorMeta]], dict[str, list[str]]]:
+    """The shared keys' metadata (the base's, minus task-specific keys), each task's own keys (of a
+    key whose rows it extended, the meta of the rows past the base's), and per task the own keys
+    that nothing declared: no pattern or head names them, the base lacks them or shapes them
+    otherwise (what a wrong base model looks like, too)."""
     tied = _tied_copies([base, *sources])
     base_keys = [k for k in base.keys() if k not in tied]
     base_set = set(base_keys)
@@ -422,6 +430,7 @@ def _check_structure(
                 (grown if _adds_rows(src.meta(k).shape, base.meta(k).shape) else own).add(k)
     meta = {k: base.meta(k) for k in base_keys if k not in own}
     specific: dict[str, dict[str, TensorMeta]] = {}
+    unexplained: dict[str, list[str]] = {}
     for name, src in zip(names, sources):
         for k in meta:
             m = src.meta(k)
@@ -431,10 +440,23 @@ def _check_structure(
                     "(pass allow_mixed_dtypes=True / --allow-mixed-dtypes to merge them in fp32)"
                 )
         specific[name] = {k: src.meta(k) for k in src.keys() if k not in meta and k not in tied}
+        explained = _hf_head_keys(src, src.keys()) | grown
+        unexplained[name] = sorted(k for k in specific[name]
+                                   if k not in explained and not any(p.fullmatch(k) for p in patterns))
         extended = {k: meta[k] for k in meta if k in grown}  # in the base's order
         specific[name] |= {k: _added_rows(src.meta(k), m) for k, m in extended.items() if src.meta(k).shape != m.shape}
         _check_side_files(name, src, base, extended, specific[name])
-    return meta, specific
+    return meta, specific, {name: keys for name, keys in unexplained.items() if keys}
+
+
+def undeclared_note(undeclared: Mapping[str, Sequence[str]], shown: int = 4) -> str:
+    """One line naming the tensors tasks keep as their own only because the base lacks them or
+    shapes them otherwise."""
+    per_task = "; ".join(f"{task}: {', '.join(keys[:shown])}{f' and {len(keys) - shown} more' if len(keys) > shown else ''}"
+                         for task, keys in undeclared.items())
+    return (f"kept as each task's own, never merged, because the base lacks them or shapes them otherwise: "
+            f"{per_task} (a wrong base model looks the same; if they are the tasks' own, say so with "
+            "--task-specific REGEX)")
 
 
 def _added_rows(task: TensorMeta, base: TensorMeta) -> TensorMeta:

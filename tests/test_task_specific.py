@@ -162,3 +162,25 @@ def test_an_untied_lm_head_merges_like_any_parameter_unless_marked_task_specific
     flex = flexmerge.merge(own, size="min")
     for name, head in zip("abc", heads):
         assert torch.equal(flex.state_dict(name)["lm_head.weight"], head)
+
+
+def test_tensors_kept_only_because_the_base_differs_are_named_in_one_note(zoo, tmp_path):
+    """A fine-tune with a tensor the base lacks and one of another shape merges, keeping both as its
+    own; a wrong base model looks the same, so the CLI says so in one line naming them. A
+    --task-specific pattern that declares them silences it."""
+    base, models = zoo
+    sd = load_file(models["task1"])
+    sd["extra.weight"] = torch.ones(3)
+    sd["layers.0.norm1.weight"] = torch.ones(7)
+    save_file(sd, str(models["task1"]))
+    args = ["merge", "--base", str(base), *(f"--model={t}={p}" for t, p in models.items()), "--size", "max"]
+    r = runner.invoke(app, [*args, "--out", str(tmp_path / "a")])
+    assert r.exit_code == 0, r.output
+    line = " ".join(r.output.split())
+    assert "note: kept as each task's own, never merged, because the base lacks them or shapes them otherwise: " \
+           "task0: layers.0.norm1.weight; task1: extra.weight, layers.0.norm1.weight;" in line  # one shape: every task's
+    with pytest.warns(flexmerge.errors.FlexMergeWarning, match="task1: extra.weight, layers.0.norm1.weight"):
+        flexmerge.load_tasks(base, models)
+    r = runner.invoke(app, [*args, "--task-specific", r"extra\..*", "--task-specific", r"layers\.0\.norm1\..*",
+                            "--out", str(tmp_path / "b")])
+    assert r.exit_code == 0 and "note:" not in r.output, r.output

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import functools
 import os
+import warnings
 from collections.abc import Callable
 from typing import NoReturn
 
@@ -12,7 +13,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from flexmerge.errors import FlexMergeError
+from flexmerge.errors import FlexMergeError, FlexMergeWarning
 from flexmerge.extras import missing_extra_error
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -55,7 +56,10 @@ def guarded(command: Callable) -> Callable:
     @functools.wraps(command)
     def run(*args, **kwargs):
         try:
-            return command(*args, **kwargs)
+            with warnings.catch_warnings():
+                warnings.simplefilter("always", FlexMergeWarning)
+                warnings.showwarning = _note
+                return command(*args, **kwargs)
         except (typer.Exit, typer.Abort, typer.TyperException):  # typer's own exits and usage errors
             raise
         except FlexMergeError as e:
@@ -78,6 +82,17 @@ def guarded(command: Callable) -> Callable:
         except Exception as e:
             internal_error(e)
     return run
+
+
+def _note(message, category, *args, **kwargs) -> None:
+    """A FlexMergeWarning as one `note:` line on stderr; other warnings as Python prints them."""
+    if issubclass(category, FlexMergeWarning):
+        err.print(f"[yellow]note:[/] {escape(str(message))}", soft_wrap=True, highlight=False)
+    else:
+        _SHOW_WARNING(message, category, *args, **kwargs)
+
+
+_SHOW_WARNING = warnings.showwarning
 
 
 def internal_error(e: Exception) -> NoReturn:
