@@ -289,3 +289,23 @@ def test_inputs_longer_than_the_models_positions_are_cut_to_them(artifact):
                                          return_tensors="pt")).logits, -1)
     for row, g in enumerate(got):
         torch.testing.assert_close(torch.tensor(list(g["scores"].values())), want[row], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"architectures": ["Trainer"]}, "its config names 'Trainer', which is not a model class of transformers"),
+    ({"vocab_size": 8_000_000}, "its config.json says vocab_size 8000000, which matches no embedding"),
+    ({"model_type": "not-a-model", "auto_map": {"AutoConfig": "evil.Config"}}, "its config.json cannot be used"),
+])
+def test_an_artifacts_config_is_checked_before_any_model_is_built(artifact, tmp_path, change, message):
+    """Side files are untrusted: a config naming any class of transformers, claiming a huge vocabulary
+    or asking for remote code is refused in one error, with no prompt and nothing allocated."""
+    import json
+    import shutil
+
+    out, _ = artifact
+    copy = tmp_path / "flex"
+    shutil.copytree(out, copy)
+    config = copy / "hf" / "a" / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), **change}))
+    with pytest.raises(flexmerge.errors.FlexMergeError, match=message):
+        Runtime.load(copy).predict("a", ["the cat"])

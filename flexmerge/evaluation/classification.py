@@ -22,6 +22,7 @@ from flexmerge.evaluation.hf import (
     require_kind,
     task_side_files,
 )
+from flexmerge.runtime.hf_model import load_tokenizer
 from flexmerge.taskvec import TaskSet
 
 ROWS_HINT = "; its rows are text and label"
@@ -49,9 +50,9 @@ class TextClassificationEvaluator:
             arch = require_kind(files[task], task, CLASSIFIER)
             directory = self._dirs.unpack(task, files[task])
             examples = read_examples(data[task], limit, hint=f"; {describe(CLASSIFIER, arch, task)}{ROWS_HINT}")
-            self._models[task] = build_model(directory, arch)
+            self._models[task] = build_model(directory, task)
             labels = _label_ids(self._models[task].config, task, examples, data[task])
-            self._batches[task] = _tokenized(directory, [x for x, _ in examples], labels, batch_size, max_length)
+            self._batches[task] = _tokenized(directory, task, [x for x, _ in examples], labels, batch_size, max_length)
 
     def __call__(self, task: str, state: dict[str, torch.Tensor]) -> float:
         model = self._models[task]
@@ -84,10 +85,9 @@ def _label_ids(config: Any, task: str, examples: list[tuple[str, Any]], source: 
     return torch.tensor(ids)
 
 
-def _tokenized(directory: Path, texts: list[str], labels: torch.Tensor, batch_size: int, max_length: int | None):
-    import transformers
-
-    tokenizer = transformers.AutoTokenizer.from_pretrained(directory)
+def _tokenized(directory: Path, task: str, texts: list[str], labels: torch.Tensor, batch_size: int,
+               max_length: int | None):
+    tokenizer = load_tokenizer(directory, task)
     out = []
     for start in range(0, len(texts), batch_size):
         batch = tokenizer(texts[start:start + batch_size], padding=True, truncation=True, max_length=max_length,

@@ -42,6 +42,7 @@ from flexmerge.evaluation.hf import (
     require_kind,
     task_side_files,
 )
+from flexmerge.runtime.hf_model import load_tokenizer
 from flexmerge.taskvec import TaskSet
 
 METRICS = ("exact", "loglik")
@@ -110,8 +111,8 @@ class GenerationEvaluator:
         directory = self._dirs.unpack(task, files)
         hint = f"; {describe(CAUSAL_LM, arch, task)}: its rows are {GENERATION_FORMAT}"
         rows = read_generation_rows(path, limit, hint=hint)
-        tokenizer = transformers.AutoTokenizer.from_pretrained(directory)
-        model = build_model(directory, arch)
+        tokenizer = load_tokenizer(directory, task)
+        model = build_model(directory, task)
         examples = [encode(tokenizer, row, path, task) for row in rows]
         _check_lengths(model.config, examples, rows, path, task)
         stops = stop_ids(directory, tokenizer, model.config)

@@ -15,6 +15,7 @@ import torch
 from flexmerge.errors import ConfigError, FlexMergeError
 from flexmerge.flexmodel.materialize import collect_hf_files
 from flexmerge.runtime.hf_dir import unpack_hf_files
+from flexmerge.runtime.hf_model import load_config, model_class
 from flexmerge.taskvec import TaskSet
 
 CLASSIFIER = "ForSequenceClassification"
@@ -91,12 +92,11 @@ def require_kind(files: Mapping[str, bytes], task: str, kind: str) -> str:
     return arch
 
 
-def build_model(directory: Path, arch: str):
-    """The task's model from its config (random weights: each call loads its own), in eval mode."""
-    import transformers
-
-    config = transformers.AutoConfig.from_pretrained(directory)
-    return getattr(transformers, arch)(config).eval()
+def build_model(directory: Path, task: str):
+    """The task's model from its config (random weights: each call loads its own), in eval mode;
+    the config read without remote code, the class one of transformers' models."""
+    config = load_config(directory, task)
+    return model_class(config, task)(config).eval()
 
 
 def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], task: str) -> None:

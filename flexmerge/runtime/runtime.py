@@ -33,6 +33,7 @@ from flexmerge.flexmodel import FlexModel, load
 from flexmerge.routing import fit_router, route_weights
 from flexmerge.runtime.batching import BatchRows, mixed_copy
 from flexmerge.runtime.hf_dir import unpack_hf_files
+from flexmerge.runtime.hf_model import build_model, load_config, load_tokenizer
 from flexmerge.runtime.memory import release_freed_memory
 from flexmerge.runtime.pooling import mean_pool
 
@@ -257,26 +258,17 @@ class Runtime:
         return self._dirs[task]
 
     def _config(self, task: str):
-        import transformers
-
         self._check(task)
-        return transformers.AutoConfig.from_pretrained(self._hf_dir(task))
+        return load_config(self._hf_dir(task), task)
 
     def _hf_model(self, task: str) -> torch.nn.Module:
-        import transformers
-
-        config = self._config(task)
-        arch = (config.architectures or ["AutoModel"])[0]
-        cls = getattr(transformers, arch, None)
-        if cls is None:
-            raise FlexMergeError(f"task {task!r}: transformers has no architecture {arch!r}")
-        return cls(config)
+        shapes = [tuple(m.shape) for m in self.flex.meta.values()]
+        shapes += [tuple(t.shape) for t in self.flex.specific.get(task, {}).values()]
+        return build_model(self._config(task), task, shapes)
 
     def _tokenizer(self, task: str):
-        import transformers
-
         if task not in self._tokenizers:
-            self._tokenizers[task] = transformers.AutoTokenizer.from_pretrained(self._hf_dir(task))
+            self._tokenizers[task] = load_tokenizer(self._hf_dir(task), task)
         return self._tokenizers[task]
 
     def _encode(self, task: str, texts: list[str]) -> dict[str, torch.Tensor]:
