@@ -309,3 +309,14 @@ def test_an_artifacts_config_is_checked_before_any_model_is_built(artifact, tmp_
     config.write_text(json.dumps({**json.loads(config.read_text()), **change}))
     with pytest.raises(flexmerge.errors.FlexMergeError, match=message):
         Runtime.load(copy).predict("a", ["the cat"])
+
+
+def test_a_malformed_tokenizer_is_one_error(artifact, tmp_path):
+    import shutil
+
+    out, _ = artifact
+    copy = tmp_path / "flex"
+    shutil.copytree(out, copy)
+    (copy / "hf" / "a" / "tokenizer.json").write_text("{ not json")
+    with pytest.raises(flexmerge.errors.FlexMergeError, match="task 'a': its tokenizer files cannot be used"):
+        Runtime.load(copy).predict("a", ["the cat"])
