@@ -87,13 +87,13 @@ def _request(url: str, body: bytes | None = None, content_type: str = "applicati
 
 
 class Server:
-    def __init__(self, artifact: Path, port: int, log: Path):
+    def __init__(self, artifact: Path, port: int, log: Path, *flags: str):
         self.url = f"http://127.0.0.1:{port}"
         self.log = log
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         cmd = [sys.executable, "-m", "flexmerge", "serve", str(artifact), "--port", str(port),
                "--max-inputs", str(MAX_INPUTS), "--max-chars", str(MAX_CHARS), "--max-batch", "16",
-               "--batch-wait-ms", "20"]
+               "--batch-wait-ms", "20", *flags]
         self.proc = subprocess.Popen(cmd, stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env)
 
     def output(self) -> str:
@@ -210,4 +210,24 @@ def test_sigterm_shuts_down_gracefully(server):
     except subprocess.TimeoutExpired:
         pytest.fail(f"server still running 15 s after SIGTERM:\n{server.output()}")
     assert code == 0, server.output()
+    assert "Traceback" not in server.output(), server.output()
+
+
+def test_work_queued_past_the_grace_period_is_answered_503(artifact, tmp_path):
+    """SIGTERM with more queued than the grace period can run: what cannot start within 80% of it
+    gets a JSON 503, never a cancelled request's plain-text 500; the server exits 0."""
+    server = Server(artifact, _free_port(), tmp_path / "server.log", "--max-batch", "1", "--max-inputs", "64",
+                    "--grace-s", "1")
+    try:
+        server.wait_healthy()
+        body = {"inputs": [SENTENCES[i % len(SENTENCES)] for i in range(64)]}  # 64 one-input passes a request
+        with ThreadPoolExecutor(48) as pool:
+            answers = [pool.submit(server.predict, "a", body) for _ in range(48)]
+            time.sleep(0.5)  # every request sent and queued
+            server.proc.send_signal(signal.SIGTERM)
+            statuses = [a.result()[0] for a in answers]
+        assert server.proc.wait(15) == 0, server.output()
+    finally:
+        server.stop()
+    assert set(statuses) <= {200, 503} and 503 in statuses, statuses
     assert "Traceback" not in server.output(), server.output()

@@ -16,7 +16,7 @@ from flexmerge.evaluation import read_text_pairs
 from flexmerge.extras import require_extra
 from flexmerge.flexmodel.write import attach_router
 from flexmerge.runtime import Runtime
-from flexmerge.serve.limits import check_limits, check_listen
+from flexmerge.serve.limits import check_grace, check_limits, check_listen
 from flexmerge.suites import get_suite
 from flexmerge.suites.serving import suite_artifact, suite_serve_options
 
@@ -39,6 +39,8 @@ def serve(
                                         help="how long a request waits for others to share its forward pass"),
     max_inputs: int = typer.Option(64, "--max-inputs", help="most inputs in one request (more: 413)"),
     max_chars: int = typer.Option(2000, "--max-chars", help="most characters in one input (more: 413)"),
+    grace_s: float = typer.Option(10.0, "--grace-s", help="at SIGTERM, seconds to finish queued requests; what "
+                                  "cannot start within 80% of it is answered 503"),
 ) -> None:
     """Serve every task of a flex model over HTTP (JSON): /health, /tasks, /v1/tasks/TASK/predict.
 
@@ -60,6 +62,7 @@ def serve(
     require_extra("serve", "flexmerge serve")
     # every flag and the port before anything is merged or loaded
     check_limits(max_inputs=max_inputs, max_chars=max_chars, max_batch=max_batch, batch_wait_ms=batch_wait_ms)
+    check_grace(grace_s)
     check_listen(host, port)
     from flexmerge.serve.server import create_app, run_server  # the serve extra (FastAPI, uvicorn)
 
@@ -75,7 +78,7 @@ def serve(
     runtime.predict_mixed([(task, "warm up") for task in runtime.tasks])
     http = create_app(runtime, max_inputs=max_inputs, max_chars=max_chars, max_batch=max_batch,
                       batch_wait_ms=batch_wait_ms)
-    run_server(http, host=host, port=port, log_level="info")
+    run_server(http, host=host, port=port, log_level="info", grace_s=grace_s)
 
 
 route_app = typer.Typer(no_args_is_help=True, help="Routed inference (Twin-Merging): inputs of unknown task.")

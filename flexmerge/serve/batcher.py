@@ -59,6 +59,7 @@ class Batcher:
         self._jobs: deque[_Job] = deque()
         self._arrived = asyncio.Event()
         self._closing = False
+        self._deadline: float | None = None  # loop time after which no new batch starts (shutdown)
         self._task: asyncio.Task | None = None
         self.batches = 0  # forward passes run (logged at shutdown)
 
@@ -77,6 +78,23 @@ class Batcher:
         self._arrived.set()
         if self._task is not None:
             await self._task
+
+    def stop_by(self, deadline: float) -> None:
+        """Start no batch after loop time `deadline`, then fail what is left with ShuttingDown
+        (503): a server told to stop within a grace period answers every request inside it, instead
+        of having the ones still queued cancelled (a plain-text 500 each) when the period ends.
+        Safe to call from a signal handler of the loop's thread."""
+        self._deadline = deadline
+        asyncio.get_running_loop().call_soon(self._arrived.set)
+
+    def _expired(self, loop: asyncio.AbstractEventLoop) -> bool:
+        return self._deadline is not None and loop.time() >= self._deadline
+
+    def _until_deadline(self, loop: asyncio.AbstractEventLoop, timeout: float | None) -> float | None:
+        if self._deadline is None:
+            return timeout
+        left = max(self._deadline - loop.time(), 0.0)
+        return left if timeout is None else min(timeout, left)
 
     async def submit(self, task: str, inputs: Sequence[str]) -> list[dict[str, Any]]:
         """Queue one request and wait for its outputs (in input order)."""
@@ -100,14 +118,14 @@ class Batcher:
     async def _next_batch(self) -> list[_Slice] | None:
         """Wait for work and then for the batching window; None once closing."""
         loop = asyncio.get_running_loop()
-        while not self._closing and not self._prune():
-            await self._wait(None)
-        while not self._closing and self._prune() < self._max_batch:
+        while not self._closing and not self._expired(loop) and not self._prune():
+            await self._wait(self._until_deadline(loop, None))
+        while not self._closing and not self._expired(loop) and self._prune() < self._max_batch:
             left = self._jobs[0].arrived + self._wait_s - loop.time()
             if left <= 0:
                 break
-            await self._wait(left)
-        return None if self._closing else self._take()
+            await self._wait(self._until_deadline(loop, left))
+        return None if self._closing or self._expired(loop) else self._take()
 
     async def _wait(self, timeout: float | None) -> None:
         """Sleep until a request arrives (or close() is called), at most `timeout` seconds."""

@@ -17,6 +17,13 @@ MAX_BATCH_WAIT_MS = 10_000.0
 MAX_INPUTS = 4096
 MAX_CHARS = 100_000
 MAX_BATCH = 4096
+MAX_GRACE_S = 600.0  # a stop that waits longer than ten minutes is no longer graceful
+
+
+def check_grace(grace_s: float) -> None:
+    """The shutdown grace period: finite, above zero, at most MAX_GRACE_S seconds."""
+    if not math.isfinite(float(grace_s)) or not 0 < float(grace_s) <= MAX_GRACE_S:
+        raise ConfigError(f"--grace-s must be above 0 and at most {MAX_GRACE_S:g} seconds, got {grace_s!r}")
 
 
 def check_limits(*, max_inputs: int, max_chars: int, max_batch: int, batch_wait_ms: float) -> None:

@@ -15,6 +15,7 @@ Errors are JSON {"detail": "..."} naming the problem: 404 unknown task, 413 over
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import copy
 import logging
@@ -30,7 +31,7 @@ from fastapi.responses import JSONResponse
 from flexmerge.errors import ConfigError
 from flexmerge.serve.api import health, tasks as tasks_api
 from flexmerge.serve.api.tasks import RuntimeLike
-from flexmerge.serve.batcher import Batcher
+from flexmerge.serve.batcher import Batcher, running_batcher
 from flexmerge.serve.limits import check_limits
 
 __all__ = ["create_app", "run_server"]
@@ -40,6 +41,7 @@ log = logging.getLogger("flexmerge.serve")
 
 #: Seconds uvicorn waits for open requests after SIGTERM/SIGINT before cancelling them.
 GRACEFUL_TIMEOUT_S = 10
+SHUTDOWN_RUN_FRACTION = 0.8  # of the grace period, spent running queued work; the rest answers 503s
 #: JSON may spell one character in up to 12 bytes (a \uXXXX\uXXXX surrogate pair); the body
 #: limit allows that for every permitted character, plus room for the envelope.
 _BYTES_PER_CHAR = 12
@@ -164,7 +166,27 @@ def create_app(runtime: RuntimeLike, *, max_inputs: int = 64, max_chars: int = 2
 # --------------------------------------------------------------------------------------- running
 
 
-def run_server(app: FastAPI, host: str, port: int, *, log_level: str = "info") -> None:
+def _bounded_shutdown_server():
+    """uvicorn's Server, told at the stop signal to run no batch past most of the grace period."""
+    import uvicorn
+
+    class BoundedShutdown(uvicorn.Server):
+        def __init__(self, config: uvicorn.Config, app: FastAPI, grace_s: float):
+            super().__init__(config)
+            self.app, self.grace_s = app, grace_s
+
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            batcher = running_batcher(self.app.state)
+            if batcher is not None and not self.should_exit:
+                # what is still queued at 80% of the grace period gets a 503, inside the period
+                batcher.stop_by(asyncio.get_running_loop().time() + SHUTDOWN_RUN_FRACTION * self.grace_s)
+            super().handle_exit(sig, frame)
+
+    return BoundedShutdown
+
+
+def run_server(app: FastAPI, host: str, port: int, *, log_level: str = "info",
+               grace_s: float = GRACEFUL_TIMEOUT_S) -> None:
     """Serve `app` with uvicorn until SIGTERM or Ctrl-C, then shut down gracefully and return.
 
     uvicorn re-raises the signal that stopped it once it has shut down, which would kill the
@@ -180,9 +202,10 @@ def run_server(app: FastAPI, host: str, port: int, *, log_level: str = "info") -
             previous[sig] = signal.signal(sig, lambda signum, frame: stopped.append(signum))
     log_config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)  # our log lines next to uvicorn's
     log_config["loggers"]["flexmerge.serve"] = {"handlers": ["default"], "level": log_level.upper(), "propagate": False}
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, log_config=log_config,
+                            timeout_graceful_shutdown=grace_s)
     try:
-        uvicorn.run(app, host=host, port=port, log_level=log_level, log_config=log_config,
-                    timeout_graceful_shutdown=GRACEFUL_TIMEOUT_S)
+        _bounded_shutdown_server()(config, app, grace_s).run()
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
