@@ -161,6 +161,7 @@ def sweep(
     router's accuracy); the Mx point, the fine-tuned models, is not routed."""
     timings: dict[str, float] = {"plan": 0.0, "materialize": 0.0, "evaluate": 0.0}
     sizes = [s for s in sizes if s <= tasks.num_tasks + SIZE_TOLERANCE]
+    given = PlanOptions.of(options, **option_fields)  # each planner of `planners` in turn replaces its planner
     with Progress("sweep", 1 + len(planners) * len(methods) * len(sizes), "points") as bar:
         t0 = time.perf_counter()
         bar.update(0, now="the fine-tuned models")
@@ -172,7 +173,7 @@ def sweep(
         scores_of: dict[str, WeightsScores] = {}  # per method spec, whatever the planner
         pipelines: dict[str, Pipeline] = {}  # per method spec: its preprocessing, fitted once
         for planner in planners:
-            planning = PlanOptions.of(options, **option_fields, planner=planner)
+            planning = PlanOptions.of(given, planner=planner)
             for name in methods:
                 method = spec_method(name, params)
                 scores = scores_of.setdefault(name, WeightsScores(method, finetuned))
@@ -189,9 +190,8 @@ def sweep(
                     records += _point_records(tasks, partition, path, method, pipelines[name], name, planner, size,
                                               evaluator, scores, finetuned, routed, timings, device)
                     bar.update()
-    recorded = PlanOptions.of(options, **option_fields)
     meta = {"methods": list(methods), "planners": list(planners), "sizes": list(sizes), "tasks": list(tasks.names),
-            "granularity": granularity, "linkage": recorded.linkage, "seed": recorded.seed}
+            "granularity": granularity, "linkage": given.linkage, "seed": given.seed}
     return SweepResult(records, finetuned, base_accuracy, timings, meta)
 
 

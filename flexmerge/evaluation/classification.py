@@ -14,7 +14,6 @@ from flexmerge.evaluation.data import read_examples
 from flexmerge.evaluation.hf import (
     CLASSIFIER,
     TaskDirs,
-    build_model,
     check_counts,
     check_data_names,
     describe,
@@ -22,7 +21,7 @@ from flexmerge.evaluation.hf import (
     require_kind,
     task_side_files,
 )
-from flexmerge.runtime.hf_model import load_tokenizer
+from flexmerge.runtime.hf_model import build_model, load_config, load_tokenizer
 from flexmerge.taskvec import TaskSet
 
 ROWS_HINT = "; its rows are text and label"
@@ -50,7 +49,7 @@ class TextClassificationEvaluator:
             arch = require_kind(files[task], task, CLASSIFIER)
             directory = self._dirs.unpack(task, files[task])
             examples = read_examples(data[task], limit, hint=f"; {describe(CLASSIFIER, arch, task)}{ROWS_HINT}")
-            self._models[task] = build_model(directory, task)
+            self._models[task] = build_model(load_config(directory, task), task)
             labels = _label_ids(self._models[task].config, task, examples, data[task])
             self._batches[task] = _tokenized(directory, task, [x for x, _ in examples], labels, batch_size, max_length)
 

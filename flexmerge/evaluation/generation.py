@@ -34,7 +34,6 @@ from flexmerge.evaluation.data import GENERATION_FORMAT, GenerationRow, read_gen
 from flexmerge.evaluation.hf import (
     CAUSAL_LM,
     TaskDirs,
-    build_model,
     check_counts,
     check_data_names,
     describe,
@@ -42,7 +41,7 @@ from flexmerge.evaluation.hf import (
     require_kind,
     task_side_files,
 )
-from flexmerge.runtime.hf_model import load_tokenizer
+from flexmerge.runtime.hf_model import build_model, load_config, load_tokenizer
 from flexmerge.taskvec import TaskSet
 
 METRICS = ("exact", "loglik")
@@ -112,7 +111,7 @@ class GenerationEvaluator:
         hint = f"; {describe(CAUSAL_LM, arch, task)}: its rows are {GENERATION_FORMAT}"
         rows = read_generation_rows(path, limit, hint=hint)
         tokenizer = load_tokenizer(directory, task)
-        model = build_model(directory, task)
+        model = build_model(load_config(directory, task), task)
         examples = [encode(tokenizer, row, path, task) for row in rows]
         _check_lengths(model.config, examples, rows, path, task)
         stops = stop_ids(directory, tokenizer, model.config)

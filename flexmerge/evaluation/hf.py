@@ -15,7 +15,6 @@ import torch
 from flexmerge.errors import ConfigError, FlexMergeError
 from flexmerge.flexmodel.materialize import collect_hf_files
 from flexmerge.runtime.hf_dir import unpack_hf_files
-from flexmerge.runtime.hf_model import load_config, model_class
 from flexmerge.taskvec import TaskSet
 
 CLASSIFIER = "ForSequenceClassification"
@@ -90,13 +89,6 @@ def require_kind(files: Mapping[str, bytes], task: str, kind: str) -> str:
     if model_kind(arch, task) != kind:
         raise ConfigError(f"task {task!r}: expected {KIND_NAMES[kind]} (*{kind}), this one is {arch}")
     return arch
-
-
-def build_model(directory: Path, task: str):
-    """The task's model from its config (random weights: each call loads its own), in eval mode;
-    the config read without remote code, the class one of transformers' models."""
-    config = load_config(directory, task)
-    return model_class(config, task)(config).eval()
 
 
 def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], task: str) -> None:

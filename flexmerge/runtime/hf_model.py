@@ -59,9 +59,11 @@ def check_vocabulary(config: Any, task: str, shapes: Iterable[tuple[int, ...]]) 
                              f"of its weights (row counts {sorted(rows)[-3:]}...); the config is not this model's")
 
 
-def build_model(config: Any, task: str, shapes: Iterable[tuple[int, ...]]) -> Any:
-    """An empty model of the task's class, after the vocabulary check; in eval mode."""
-    check_vocabulary(config, task, shapes)
+def build_model(config: Any, task: str, shapes: Iterable[tuple[int, ...]] | None = None) -> Any:
+    """An empty model of the task's class, in eval mode; with `shapes` (the weights it will
+    receive), after the vocabulary check."""
+    if shapes is not None:
+        check_vocabulary(config, task, shapes)
     cls = model_class(config, task)
     model = cls.from_config(config) if cls.__name__ == "AutoModel" else cls(config)
     return model.eval()

@@ -48,7 +48,7 @@ class Runtime:
         encoder (the task is then text-classification, with `labels[task]` as its label names,
         default LABEL_0...). `hf_dir`: the config.json and tokenizer for tasks whose artifact holds
         no Hugging Face files (inputs given as plain safetensors). `max_length`: tokens kept per
-        input (default: the tokenizer's maximum)."""
+        input (default: the tokenizer's maximum, capped at the model's positions)."""
         self.flex = flex
         self.heads = {t: h.eval() for t, h in (heads or {}).items()}
         self.labels = {t: list(names) for t, names in (labels or {}).items()}
