@@ -36,14 +36,17 @@ from flexmerge.cli.options import (
     SpecificOpt,
     merge_config,
 )
-from flexmerge.errors import FlexMergeError
+from flexmerge.errors import ConfigError, FlexMergeError, UnknownNameError
 from flexmerge.executors import get_executor
 from flexmerge.flexmodel import export as export_task
 from flexmerge.flexmodel import load
 from flexmerge.methods import available_methods
+from flexmerge.peft_export import export_peft, is_peft_export
 from flexmerge.planning.path import SIZE_TOLERANCE, MergePath, is_path_file
 from flexmerge.size import format_bytes
 from flexmerge.taskvec import TaskSet
+
+EXPORT_FORMATS = ("full", "peft")
 
 
 @command
@@ -187,23 +190,63 @@ def inspect(
 @command
 def export(
     artifact: Path = typer.Argument(..., help="flex-model directory"),
-    task: str = typer.Option(..., "--task", help="which task's model to export"),
-    out: Path = typer.Option(..., "--out", help="a .safetensors file, or a directory (HF layout when inputs were HF)"),
+    out: Path = typer.Option(..., "--out", help="--format full: a .safetensors file, or a directory (HF layout when "
+                             "inputs were HF); --format peft: a directory (OUT/base, OUT/adapters/<task>)"),
+    task: Optional[str] = typer.Option(None, "--task", help="which task's model to export (--format full)"),
+    fmt: str = typer.Option("full", "--format", help="full: one task's whole checkpoint; peft: one shared base model "
+                            "+ one PEFT LoRA adapter per task, for peft and vLLM (Hugging Face models only)"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an earlier flexmerge export (nothing else)"),
     out_dtype: Optional[str] = typer.Option(None, "--out-dtype",
-                                            help="cast the weights: float32 | float16 | bfloat16 [default: as stored]"),
+                                            help="--format full: cast the weights: float32 | float16 | bfloat16 "
+                                                 "[default: as stored]"),
     max_shard_size: Optional[str] = typer.Option(None, "--max-shard-size",
-                                                 help="largest weight file of a directory export, e.g. 5GB or 500MB; "
-                                                      "bigger models are sharded with an index [default: 5GB]"),
+                                                 help="largest weight file of a directory export (peft: of the base), "
+                                                      "e.g. 5GB or 500MB; bigger models are sharded with an index "
+                                                      "[default: 5GB]"),
+    rank: Optional[int] = typer.Option(None, "--rank", help="--format peft: keep at most R singular directions of "
+                                       "each adapted weight's delta (R >= 1) [default: all above float noise, lossless]"),
+    energy: Optional[float] = typer.Option(None, "--energy", help="--format peft: keep the fewest singular directions "
+                                           "holding this fraction (0 < E <= 1) of each delta's energy Σσ²"),
+    norms: str = typer.Option("fold", "--norms", help="--format peft: fold: norms that differ per task are folded into "
+                              "the LoRA of the Linear layers reading them where exact (adapters stay plain LoRA: peft "
+                              "mixed batches, vLLM); save: saved whole as modules_to_save (lower ranks, but peft runs "
+                              "them one adapter at a time and vLLM refuses them)"),
 ) -> None:
-    """Write one task's full checkpoint: a .safetensors file, or a directory as save_pretrained
-    writes it (shards + index, config, tokenizer, generation config, chat template) with a model card.
+    """Write one task's full checkpoint (a .safetensors file, or a directory as save_pretrained writes
+    it, with a model card), or with --format peft every task as a LoRA adapter of one shared base.
 
-    Example: flexmerge export flex-2x --task sst2 --out sst2-model/ --out-dtype bfloat16 --max-shard-size 2GB
+    Examples: flexmerge export flex-2x --task sst2 --out sst2-model/ --out-dtype bfloat16 --max-shard-size 2GB;
+    flexmerge export flex-2x --format peft --rank 64 --out flex-peft/
     """
-    written = export_task(load(artifact), task, out, overwrite=overwrite, out_dtype=out_dtype,
-                          max_shard_size=max_shard_size)
-    console.print(f"wrote {escape(str(written))}", soft_wrap=True)
+    if fmt not in EXPORT_FORMATS:
+        raise UnknownNameError("export format", fmt, EXPORT_FORMATS)
+    if fmt == "full":
+        peft_only = [flag for flag, value in (("--rank", rank), ("--energy", energy)) if value is not None]
+        if norms != "fold":
+            peft_only.append("--norms")
+        if peft_only:
+            raise ConfigError(f"{peft_only[0]} is an option of --format peft")
+        if task is None:
+            raise ConfigError("--task is required: which task's model to export (or --format peft for all of them)")
+        written = export_task(load(artifact), task, out, overwrite=overwrite, out_dtype=out_dtype,
+                              max_shard_size=max_shard_size)
+        console.print(f"wrote {escape(str(written))}", soft_wrap=True)
+        return
+    if task is not None:
+        raise ConfigError("--format peft exports every task; --task is for --format full")
+    if out_dtype is not None:
+        raise ConfigError("--out-dtype is an option of --format full (a peft export keeps the stored dtype)")
+    check_target(out, overwrite, is_peft_export, "a flexmerge peft export")  # before loading the artifact
+    result = export_peft(load(artifact), out, rank=rank, energy=energy, norms=norms, overwrite=overwrite,
+                         max_shard_size=max_shard_size)
+    for name, report in result.reports.items():
+        console.print(f"{escape(name)}: {escape(report.summary())}", soft_wrap=True)
+    for note in result.notes:
+        console.print(f"note: {escape(note)}", soft_wrap=True)
+    if not result.mixed_batches:
+        console.print("note: peft cannot run these adapters in one mixed batch (adapter_names): a module saved whole "
+                      "is not a Linear or Embedding layer", soft_wrap=True)
+    console.print(f"wrote {escape(str(result.path))} (base/ and adapters/)", soft_wrap=True)
 
 
 @command
