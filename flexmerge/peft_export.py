@@ -31,7 +31,8 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -268,9 +269,11 @@ def _load_base(directory: Path, task: str) -> Any:
     config = load_config(directory, task)
     cls = model_class(config, task)
     try:
-        model, info = cls.from_pretrained(directory, config=config, dtype="auto", output_loading_info=True)
+        with _no_progress_bar():
+            model, info = cls.from_pretrained(directory, config=config, dtype="auto", output_loading_info=True)
     except (OSError, ValueError, RuntimeError) as e:
-        raise FlexMergeError(f"the base model does not load as {cls.__name__} ({str(e).splitlines()[0][:200]})") from None
+        first = (str(e).splitlines() or [type(e).__name__])[0][:200]
+        raise FlexMergeError(f"the base model does not load as {cls.__name__} ({first})") from None
     unused = list(info.get("unexpected_keys") or []) + list(info.get("mismatched_keys") or [])
     if unused:
         raise FlexMergeError(f"the base model's weights do not fit {cls.__name__}: {unused[0]} is not used")
@@ -290,6 +293,20 @@ def parameter_keys(model: Any, keys: Iterable[str]) -> dict[str, str]:
         if key is not None:
             params.update({n: key for n in names})
     return params
+
+
+@contextmanager
+def _no_progress_bar() -> Iterator[None]:
+    """transformers' loading bar is noise here: the base is loaded to be inspected, not for the user."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
 
 
 def model_plan(model: Any, params: dict[str, str], changed: set[str], norms: str) -> ModelPlan:
@@ -654,7 +671,8 @@ def _plan_for(flex: FlexModel, model: Any, base_state: dict[str, torch.Tensor], 
 def _write_adapter(directory: Path, adapter: Adapter, tokenizer: dict[str, bytes], flex: FlexModel,
                    rule: RankRule) -> None:
     directory.mkdir(parents=True)
-    write_safetensors(adapter.tensors, directory / ADAPTER_FILE, metadata={"format": "pt", PEFT_MARK: adapter.report.task})
+    write_safetensors(adapter.tensors, directory / ADAPTER_FILE,
+                      metadata={"format": "pt", PEFT_MARK: adapter.report.task})
     (directory / ADAPTER_CONFIG).write_text(json.dumps(adapter.config, indent=2) + "\n", encoding="utf-8")
     for name, data in tokenizer.items():
         (directory / side_file_name(name)).write_bytes(data)
@@ -679,8 +697,7 @@ def is_peft_export(path: Path) -> bool:
     if not adapters.is_dir() or adapters.is_symlink():
         return False
     known = {ADAPTER_FILE, ADAPTER_CONFIG, CARD, *HF_SIDE_FILES}
-    return all(d.is_dir() and not d.is_symlink() and _only_files(d, known) and is_export_file(d / ADAPTER_FILE, PEFT_MARK)
-               for d in adapters.iterdir())
+    return all(_only_files(d, known) and is_export_file(d / ADAPTER_FILE, PEFT_MARK) for d in adapters.iterdir())
 
 
 def _only_files(directory: Path, names: set[str], pattern: re.Pattern | None = None) -> bool:
@@ -717,12 +734,13 @@ def adapter_card(flex: FlexModel, report: AdapterReport, rule: RankRule) -> str:
     """README.md of one adapter: its contents, its relative error and how to load it."""
     rows = [("task", f"`{report.task}`"), ("rank rule", rule.describe()),
             ("LoRA modules", f"{len(report.ranks)} (ranks {sorted(set(report.ranks.values()))})"),
-            ("relative error", f"{report.relative_error:.4g} (‖Δ − BA‖_F / ‖Δ‖_F over the LoRA modules' weights, "
-                               "Δ = this task's weights − the base's)"),
+            ("relative error", f"{report.relative_error:.4g} (‖Δ − BA‖_F / ‖Δ‖_F over the LoRA modules' "
+                               "weights, Δ = this task's weights − the base's)"),
             ("norms folded into the Linear layers reading them", str(len(report.folded))),
             ("LoRA biases (lora_bias)", str(len(report.biases))),
             ("modules saved whole (modules_to_save)", ", ".join(f"`{m}`" for m in report.saved) or "none"),
-            ("vLLM", "loads it" if report.vllm_ready else "cannot load it (modules_to_save, LoRA biases or rank > 512)")]
+            ("vLLM's requirements (no modules_to_save, no LoRA bias, r <= 512)",
+             "met" if report.vllm_ready else "not met")]
     return "\n".join(_front({"library_name": "peft", "tags": ["merge", "flexmerge", "lora"]}) + [
         f"# {report.task}: a LoRA adapter from a FlexMerge artifact", "",
         f"Task `{report.task}` of {_artifact_line(flex)}, as a LoRA adapter of this export's shared base "
@@ -740,18 +758,19 @@ def index_card(flex: FlexModel, export: PeftExport, rule: RankRule) -> str:
     lines = _front({"tags": ["merge", "flexmerge", "lora"]}) + [
         "# A FlexMerge peft export", "", f"{len(flex.tasks)} LoRA adapters over one shared base, from "
         f"{_artifact_line(flex)}. Rank rule: {rule.describe()}.", "",
-        "| task | LoRA modules | rank (r) | relative error | saved whole | vLLM |", "|---|---|---|---|---|---|"]
+        "| task | LoRA modules | rank (r) | relative error | saved whole | vLLM-ready |", "|---|---|---|---|---|---|"]
     for task, r in export.reports.items():
         lines.append(f"| `{task}` | {len(r.ranks)} | {r.rank} | {r.relative_error:.4g} | {len(r.saved)} | "
                      f"{'yes' if r.vllm_ready else 'no'} |")
     modules = " ".join(f"{t}=EXPORT/adapters/{t}" for t in export.reports)
     rank = max(r.rank for r in export.reports.values())
-    lines += ["", *[f"Note: {n}." for n in export.notes], "", "## Serve", "",
-              f"peft: load `base/`, then each adapter with `load_adapter`; "
-              f"{'one batch may mix tasks (`adapter_names=[...]`).' if export.mixed_batches else 'peft cannot mix these adapters in one batch (a saved module is not a Linear or Embedding).'}",
+    mixing = ("one batch may mix tasks (`adapter_names=[...]`)." if export.mixed_batches else
+              "peft cannot mix these adapters in one batch (a module saved whole is not a Linear or Embedding).")
+    lines += ["", *[f"Note: {n}.\n" for n in export.notes], "## Serve", "",
+              f"peft: load `base/`, then each adapter with `load_adapter`; {mixing}",
               "", "vLLM (adapters without modules_to_save or LoRA biases):", "", "```bash",
-              f"vllm serve EXPORT/base --enable-lora --max-lora-rank {_vllm_rank(rank)} --max-loras {len(export.reports)} "
-              f"--lora-modules {modules}", "```", ""]
+              f"vllm serve EXPORT/base --enable-lora --max-lora-rank {_vllm_rank(rank)} "
+              f"--max-loras {len(export.reports)} --lora-modules {modules}", "```", ""]
     return "\n".join(lines)
 
 

@@ -204,7 +204,8 @@ def export(
                                                       "e.g. 5GB or 500MB; bigger models are sharded with an index "
                                                       "[default: 5GB]"),
     rank: Optional[int] = typer.Option(None, "--rank", help="--format peft: keep at most R singular directions of "
-                                       "each adapted weight's delta (R >= 1) [default: all above float noise, lossless]"),
+                                       "each adapted weight's delta (R >= 1); default: every one above float "
+                                       "noise (lossless)"),
     energy: Optional[float] = typer.Option(None, "--energy", help="--format peft: keep the fewest singular directions "
                                            "holding this fraction (0 < E <= 1) of each delta's energy Σσ²"),
     norms: str = typer.Option("fold", "--norms", help="--format peft: fold: norms that differ per task are folded into "
