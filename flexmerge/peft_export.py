@@ -192,22 +192,22 @@ def shared_base(flex: FlexModel) -> dict[str, torch.Tensor]:
 def _mean_own_parameters(flex: FlexModel) -> dict[str, torch.Tensor]:
     """The mean of the tasks' own parameters (heads kept per task), which must be alike in shape."""
     own = [flex.specific.get(t, {}) for t in flex.tasks]
+    if any(set(o) != set(own[0]) for o in own):
+        raise ConfigError("the tasks keep different parameters of their own: one base model cannot hold them")
     out: dict[str, torch.Tensor] = {}
     for key in own[0]:
         if key in flex.meta:
             raise ConfigError(f"the tasks added rows of their own to {key!r} (tokens of their own): one base model "
                               "cannot hold every task's vocabulary; export the tasks one by one with --task")
-        values = [o.get(key) for o in own]
-        shapes = {tuple(v.shape) if v is not None else None for v in values}
-        if len(shapes) > 1 or None in shapes:
+        values = [o[key] for o in own]
+        shapes = {tuple(v.shape) for v in values}
+        if len(shapes) > 1:
             raise ConfigError(f"the tasks' own {key!r} differ in shape ({', '.join(map(str, shapes))}; heads of "
                               "different label counts?): one base model cannot hold them; export the tasks one by "
                               "one with --task")
         first = values[0]
         out[key] = torch.stack([v.float() for v in values]).mean(0).to(first.dtype) if first.is_floating_point() \
             else first
-    if any(set(o) != set(own[0]) for o in own):
-        raise ConfigError("the tasks keep different parameters of their own: one base model cannot hold them")
     return out
 
 
@@ -274,9 +274,10 @@ def _load_base(directory: Path, task: str) -> Any:
     except (OSError, ValueError, RuntimeError) as e:
         first = (str(e).splitlines() or [type(e).__name__])[0][:200]
         raise FlexMergeError(f"the base model does not load as {cls.__name__} ({first})") from None
-    unused = list(info.get("unexpected_keys") or []) + list(info.get("mismatched_keys") or [])
-    if unused:
-        raise FlexMergeError(f"the base model's weights do not fit {cls.__name__}: {unused[0]} is not used")
+    for what, keys in (("has no weight for", info.get("missing_keys")),
+                       ("does not use", info.get("unexpected_keys")), ("cannot take", info.get("mismatched_keys"))):
+        if keys:
+            raise FlexMergeError(f"the base written does not fit {cls.__name__}: it {what} {sorted(keys)[0]!r}")
     return model.eval()
 
 
@@ -570,7 +571,10 @@ def task_adapter(task: str, plan: ModelPlan, base: dict[str, torch.Tensor], weig
         for attr, _ in plan.model.get_submodule(m).named_parameters(recurse=False):
             tensors[f"{PREFIX}{m}.{attr}"] = weights[f"{m}.{attr}"]
     if not ranks:  # no LoRA weight differs: a zero LoRA on one Linear layer keeps the adapter loadable
-        m = min(n for n, k in plan.kinds.items() if k == "linear")
+        linears = [n for n, k in plan.kinds.items() if k == "linear"]
+        if not linears:
+            raise FlexMergeError(f"{type(plan.model).__name__} has no Linear layer for a LoRA adapter to target")
+        m = min(linears)
         shape = base[f"{m}.weight"].shape
         dtype = base[f"{m}.weight"].dtype
         tensors[f"{PREFIX}{m}{LORA_A}"] = torch.zeros(1, shape[1], dtype=dtype)
