@@ -298,11 +298,13 @@ def test_bad_options_are_one_line_errors(llama, tmp_path, argv, message):
 
 def test_overwrite_replaces_only_a_peft_export_and_a_failed_export_leaves_nothing(llama, tmp_path, monkeypatch):
     out = tmp_path / "peft"
-    _cli("export", llama / "ties", "--format", "peft", "--rank", "2", "--out", out)
+    _cli("export", llama / "ties", "--format", "peft", "--rank", "2", "--max-shard-size", "20kB", "--out", out)
+    assert len(json.loads((out / "base" / "model.safetensors.index.json").read_text())["weight_map"]) > 1
     r = runner.invoke(app, ["export", str(llama / "ties"), "--format", "peft", "--out", str(out)])
     assert r.exit_code == 2 and "already exists" in r.output
     _cli("export", llama / "ties", "--format", "peft", "--rank", "4", "--out", out, "--overwrite")
-    assert max(_ranks(out / "adapters" / "ft0").values()) == 4
+    assert max(_ranks(out / "adapters" / "ft0").values()) == 4  # the sharded base replaced by one file
+    assert sorted(p.name for p in (out / "base").glob("*.safetensors")) == ["model.safetensors"]
     (out / "adapters" / "ft0" / "notes.txt").write_text("mine")
     r = runner.invoke(app, ["export", str(llama / "ties"), "--format", "peft", "--out", str(out), "--overwrite"])
     assert r.exit_code == 2 and "is not a flexmerge peft export" in r.output
