@@ -46,6 +46,6 @@ class TaskArithmetic(MergeMethod):
         return 1.0 if n == 1 else gta.linear_weight(n, self.p.convention, self.p.lam)
 
     def linear_weights(self, n: int, device: torch.device | None = None) -> torch.Tensor:
-        if self._group_weights is not None and n > 1:
-            return gta.linear_weights(self._group_weights, self.p.convention, self.p.lam).to(device)
+        if self.p.weights is not None and self._members is not None and n > 1:
+            return gta.linear_weights(self.member_weights(n), self.p.convention, self.p.lam).to(device)
         return torch.full((n,), self.member_weight(n), dtype=torch.float64, device=device)
