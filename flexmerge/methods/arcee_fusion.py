@@ -21,7 +21,7 @@ def fusion_threshold(scores: torch.Tensor) -> torch.Tensor:
     (mergekit's `DynamicThresholdFusion`, which samples a million entries of larger tensors; these
     quantiles are exact)."""
     ordered = torch.sort(scores.reshape(-1)).values
-    q1, median, q3 = ordered[(torch.tensor([0.25, 0.5, 0.75]) * (ordered.numel() - 1)).long()]
+    q1, median, q3 = ordered[(torch.tensor([0.25, 0.5, 0.75], device=ordered.device) * (ordered.numel() - 1)).long()]
     return median + 1.5 * (q3 - q1)
 
 

@@ -175,9 +175,9 @@ class MergeMethod:
         bound._tasks, bound._members = other._tasks, other._members
         return bound
 
-    def member_weights(self, n: int) -> torch.Tensor | None:
-        """The (n,) fp64 weights of the group being merged (tasks the weights do not name weigh 1);
-        None when the method has no weights (every member alike)."""
+    def member_weights(self, n: int, device: torch.device | None = None) -> torch.Tensor | None:
+        """The (n,) fp64 weights of the group being merged (tasks the weights do not name weigh 1),
+        on `device`; None when the method has no weights (every member alike)."""
         weights = getattr(self.p, "weights", None)
         if weights is None:
             return None
@@ -186,7 +186,8 @@ class MergeMethod:
                                "group (for_group) it merges")
         if len(self._members) != n:
             raise ValueError(f"method {self.name!r} is bound to a group of {len(self._members)}, given {n}")
-        return torch.tensor([float(weights.get(self._tasks[t], 1.0)) for t in self._members], dtype=torch.float64)
+        return torch.tensor([float(weights.get(self._tasks[t], 1.0)) for t in self._members], dtype=torch.float64,
+                            device=device)
 
     def storage_dtype(self, input_dtype: torch.dtype) -> torch.dtype:
         return getattr(torch, self.p.dtype) if self.p.dtype else input_dtype

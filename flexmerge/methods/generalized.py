@@ -249,12 +249,12 @@ class GTAMethod(MergeMethod):
         return self.config.transforms()
 
     def merge(self, deltas: torch.Tensor) -> GroupResult:
-        return GroupResult(merge(deltas, self.config, self.member_weights(deltas.shape[0])))
+        return GroupResult(merge(deltas, self.config, self.member_weights(deltas.shape[0], deltas.device)))
 
     def linear_weights(self, n: int, device: torch.device | None = None) -> torch.Tensor | None:
         cfg = self.config
         if cfg.consensus != "none":
             return None
         if getattr(self.p, "weights", None) is not None and self._members is not None:
-            return linear_weights(self.member_weights(n), cfg.combine, cfg.lam).to(device)
+            return linear_weights(self.member_weights(n, device), cfg.combine, cfg.lam)
         return torch.full((n,), linear_weight(n, cfg.combine, cfg.lam), dtype=torch.float64, device=device)

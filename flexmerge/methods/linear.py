@@ -42,8 +42,8 @@ class Linear(MergeMethod):
     def merge(self, deltas: torch.Tensor) -> GroupResult:
         taus = deltas[:-1] if self.needs_base else deltas
         n = taus.shape[0]
-        weights = self.member_weights(n)
-        w = torch.ones(n, dtype=torch.float64) if weights is None else weights
+        weights = self.member_weights(n, deltas.device)
+        w = torch.ones(n, dtype=torch.float64, device=deltas.device) if weights is None else weights
         merged = gta.weighted_merge(taus, self.config, w)
         if self.needs_base:  # Σ w θ = θ0 + Σ w τ + (Σ w − 1) θ0
             merged.add_(deltas[-1], alpha=float(w.sum()) - 1.0)
@@ -52,5 +52,5 @@ class Linear(MergeMethod):
     def linear_weights(self, n: int, device: torch.device | None = None) -> torch.Tensor | None:
         if self.needs_base:  # affine in θ0 unless Σ w = 1: not a combination of the task vectors
             return None
-        w = self.member_weights(n) if self.p.weights is not None and self._members is not None else None
-        return gta.linear_weights(torch.ones(n, dtype=torch.float64) if w is None else w, "mean", 1.0).to(device)
+        w = self.member_weights(n, device) if self.p.weights is not None and self._members is not None else None
+        return gta.linear_weights(torch.ones(n, dtype=torch.float64, device=device) if w is None else w, "mean", 1.0)

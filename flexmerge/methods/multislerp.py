@@ -25,7 +25,7 @@ def multislerp(tensors: torch.Tensor, weights: torch.Tensor, normalize_weights: 
     merge for two tensors and is an error for more."""
     n, shape = tensors.shape[0], tensors.shape[1:]
     flat = tensors.reshape(n, -1)
-    w = weights.to(flat.dtype)
+    w = weights.to(device=flat.device, dtype=flat.dtype)
     if normalize_weights:
         w = w / w.sum()
     norms = torch.norm(flat, dim=-1, keepdim=True)
@@ -68,7 +68,7 @@ class MultiSlerp(StructuredMethod):
         out = []
         for d in deltas:
             taus, base = (d[:-1], d[-1]) if self.needs_base else (d, 0.0)
-            w = self.member_weights(taus.shape[0])
-            w = torch.ones(taus.shape[0]) if w is None else w
+            w = self.member_weights(taus.shape[0], d.device)
+            w = torch.ones(taus.shape[0], device=d.device) if w is None else w
             out.append((multislerp(taus + base, w, self.p.normalize_weights, self.p.eps) - base).flatten())
         return GroupResult(torch.cat(out))
