@@ -434,3 +434,36 @@ def test_magprune_keeps_entries_with_mergekits_rank_probabilities(tmp_path):
         assert abs(float(kept[in_fifth].float().mean()) - float(probability.mean())) < 0.01  # ~24000 draws each
     assert abs(float(kept.float().mean()) - density) < 0.005
     assert not torch.equal(kept, _della_masks(tasks, density, epsilon, seed=1)["w"])  # the seed draws
+
+
+# --- two-model methods, and the base as one of the models ---------------------------------------------------
+
+
+def test_a_two_model_method_refuses_more_tasks_in_one_sentence(zoo):
+    base, models = zoo
+    with pytest.raises(ConfigError, match=r"method 'slerp' merges two models, got 4 tasks: for more, use "
+                                          r"multislerp or karcher"):
+        flexmerge.merge_files(base, models, "unused", size=1, method="slerp", params={"t": 0.5})
+    with pytest.raises(ConfigError, match=r"invalid parameters for method 'nearswap': t: Field required"):
+        flexmerge.merge_files(base, models, "unused", size=1, method="nearswap")
+
+
+def test_mergekits_slerp_of_its_base_and_one_model_runs_with_the_base_as_a_task(zoo, tmp_path):
+    """mergekit's slerp merges base_model (t = 0) with one other model. In flexmerge both are tasks
+    and the base is the first of them: a method that merges weights accepts a task equal to the base,
+    which any other refuses (the sign of a wrong file)."""
+    base, models = zoo
+    pair = {"first": models["task0"], "second": models["task1"]}
+    config = {"base": str(models["task0"]), "models": {k: str(v) for k, v in pair.items()},
+              "method": "slerp", "params": {"t": 0.3}, "size": 1}
+    (tmp_path / "slerp.yml").write_text(yaml.safe_dump(config))
+    r = runner.invoke(app, ["merge", "--config", str(tmp_path / "slerp.yml"), "--out", str(tmp_path / "out")])
+    assert r.exit_code == 0, r.output
+    got = flexmerge.load(tmp_path / "out").state_dict("first")
+    first, second = load_file(pair["first"]), load_file(pair["second"])
+    for k in first:
+        torch.testing.assert_close(got[k], ref_slerp([first[k], second[k]], first[k], None, 0.3), rtol=2e-6, atol=2e-6)
+    config["method"], config["params"] = "task_arithmetic", {}
+    (tmp_path / "ta.yml").write_text(yaml.safe_dump(config))
+    r = runner.invoke(app, ["merge", "--config", str(tmp_path / "ta.yml"), "--out", str(tmp_path / "ta")])
+    assert r.exit_code == 2 and "is identical to the base" in r.output
