@@ -163,7 +163,10 @@ class MergeMethod:
 
     def for_group(self, members: Sequence[int]) -> MergeMethod:
         """This method as it merges the group `members` (task indices, in task order): a weighted
-        method with those members' weights."""
+        method with those members' weights. A pairwise method merges groups of two only."""
+        if self.pairwise and len(members) != 2:
+            raise ConfigError(f"method {self.name!r} merges two models, not a group of {len(members)}: for more, "
+                              "use multislerp or karcher")
         bound = copy.copy(self)
         bound._members = tuple(members)
         return bound
