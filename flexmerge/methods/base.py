@@ -7,6 +7,7 @@ is declared by `transforms()` and applied before planning and merging.
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -74,6 +75,14 @@ class MethodParams(BaseModel):
         None, description="dtype of what is stored (default: the inputs'); arithmetic is always fp32")
 
 
+class WeightedParams(MethodParams):
+    """Options of a method that weights its members, as mergekit's per-model `weight`."""
+
+    weights: dict[str, float] | None = Field(
+        None, description="per-task weight {task name: w} (tasks not named weigh 1); a group's members keep "
+        "theirs, normalized over the group where the method normalizes")
+
+
 class MergeMethod:
     """Base class: subclasses set `name`, `Params`, and implement `merge`."""
 
@@ -85,6 +94,9 @@ class MergeMethod:
     uses_scales: ClassVar[bool] = False  # and one fp32 rescaler per member
     elementwise: ClassVar[bool] = False  # merging a slice of entries needs only that slice
     uses_residuals: ClassVar[bool] = False  # stores θ0 + shared and per member a residual per tensor
+    pairwise: ClassVar[bool] = False  # merges exactly two models (mergekit's slerp, nuslerp, nearswap, ...)
+    _tasks: tuple[str, ...] | None = None  # the merge's task names (`for_tasks`)
+    _members: tuple[int, ...] | None = None  # the group being merged, task indices (`for_group`)
 
     def residual_rank(self, shape: tuple[int, ...]) -> int | None:
         """Residual methods: the rank stored for a 2-D tensor of `shape`; None: stored exactly
@@ -102,17 +114,83 @@ class MergeMethod:
         transforms (TIES trim, DARE): then each chunk is (2n, d), the transformed rows first."""
         return False
 
+    @property
+    def needs_base(self) -> bool:
+        """Whether the method reads θ0 too (it merges the models' weights, not only their task
+        vectors): then each chunk it is given is (n + 1, d), the members' task vectors, then θ0."""
+        return False
+
+    @property
+    def merges_weights(self) -> bool:
+        """Whether the method merges the models themselves, θ0 being only what the result is stored
+        against (mergekit's weight-space methods): then one of the tasks may be the base itself."""
+        return False
+
     def __init__(self, **params: object):
+        if "weights" in params and not self.weighted():
+            raise ConfigError(f"method {self.name!r} takes no per-task weights (it merges its members alike); "
+                              f"methods that do: {', '.join(n for n, c in _REGISTRY.items() if c.weighted())}")
         try:
             self.p = self.Params(**params)
         except ValidationError as e:
             raise ConfigError(f"invalid parameters for method {self.name!r}: {_short(e, self.Params)}") from None
 
+    @classmethod
+    def weighted(cls) -> bool:
+        """Whether the method takes per-task `weights`."""
+        return "weights" in cls.Params.model_fields
+
     def params(self) -> dict[str, object]:
-        """The parameters as recorded (`describe`, manifests): all, less unset `recorded_when_set` ones."""
+        """The parameters as recorded (`describe`, manifests): all, less unset `recorded_when_set`
+        ones and unset `weights` (so artifacts of unweighted merges are written as before)."""
         fields = type(self.p).model_fields
-        return {k: v for k, v in self.p.model_dump().items()
-                if k not in self.p.recorded_when_set or v != fields[k].default}
+        unset = (*self.p.recorded_when_set, "weights")
+        return {k: v for k, v in self.p.model_dump().items() if k not in unset or v != fields[k].default}
+
+    def for_tasks(self, names: Sequence[str]) -> MergeMethod:
+        """This method for a merge of the tasks `names` (in task order): what depends on the tasks
+        is checked (a pairwise method needs two; `weights` must name tasks) and they are bound."""
+        if self.pairwise and len(names) != 2:
+            raise ConfigError(f"method {self.name!r} merges two models, got {len(names)} tasks: for more, use "
+                              "multislerp or karcher")
+        unknown = sorted(set(getattr(self.p, "weights", None) or {}) - set(names))
+        if unknown:
+            raise ConfigError(f"weights name {', '.join(map(repr, unknown))}, not among the tasks "
+                              f"({', '.join(names)})")
+        bound = copy.copy(self)
+        bound._tasks, bound._members = tuple(names), None
+        return bound
+
+    def for_group(self, members: Sequence[int]) -> MergeMethod:
+        """This method as it merges the group `members` (task indices, in task order): a weighted
+        method with those members' weights. A pairwise method merges groups of two only."""
+        if self.pairwise and len(members) != 2:
+            raise ConfigError(f"method {self.name!r} merges two models, not a group of {len(members)}: for more, "
+                              "use multislerp or karcher")
+        bound = copy.copy(self)
+        bound._members = tuple(members)
+        return bound
+
+    def bind_like(self, other: MergeMethod) -> MergeMethod:
+        """This method bound to the tasks and group `other` is bound to (a variant of `other`, such
+        as one with other parameters for one tensor, merges what `other` merges)."""
+        bound = copy.copy(self)
+        bound._tasks, bound._members = other._tasks, other._members
+        return bound
+
+    def member_weights(self, n: int, device: torch.device | None = None) -> torch.Tensor | None:
+        """The (n,) fp64 weights of the group being merged (tasks the weights do not name weigh 1),
+        on `device`; None when the method has no weights (every member alike)."""
+        weights = getattr(self.p, "weights", None)
+        if weights is None:
+            return None
+        if self._tasks is None or self._members is None:
+            raise RuntimeError(f"method {self.name!r} has weights: bind it to the tasks (for_tasks) and the "
+                               "group (for_group) it merges")
+        if len(self._members) != n:
+            raise ValueError(f"method {self.name!r} is bound to a group of {len(self._members)}, given {n}")
+        return torch.tensor([float(weights.get(self._tasks[t], 1.0)) for t in self._members], dtype=torch.float64,
+                            device=device)
 
     def storage_dtype(self, input_dtype: torch.dtype) -> torch.dtype:
         return getattr(torch, self.p.dtype) if self.p.dtype else input_dtype
