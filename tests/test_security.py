@@ -608,3 +608,68 @@ def test_safetensors_headers_the_reference_refuses_are_refused(tmp_path):
         f = _header_file(tmp_path / f"{what.replace(' ', '_')}.safetensors", header, bytes(12))
         with pytest.raises(CheckpointError):
             open_checkpoint(f)
+
+
+# Side files are part of the artifact's integrity -----------------------------------------------------
+
+
+@pytest.fixture
+def hf_artifact(hf_zoo, tmp_path):
+    """A 2x merge of two BERT fine-tunes (2 and 3 labels), each saved with its word tokenizer."""
+    from .conftest import word_tokenizer
+
+    base, dirs = hf_zoo
+    for name in ("a", "b"):
+        word_tokenizer(["cat", "dog", "sat"]).save_pretrained(dirs[name])
+    art = tmp_path / "flex"
+    r = runner.invoke(app, ["merge", "--base", str(base), "--model", f"a={dirs['a']}", "--model", f"b={dirs['b']}",
+                            "--size", "2", "--out", str(art)])
+    assert r.exit_code == 0, r.output
+    return art
+
+
+def _swap_labels(f: Path) -> None:
+    config = json.loads(f.read_text())
+    config["id2label"] = {"0": config["id2label"]["1"], "1": config["id2label"]["0"]}
+    f.write_text(json.dumps(config))
+
+
+def _swap_token_ids(f: Path) -> None:
+    tokenizer = json.loads(f.read_text())
+    vocab = tokenizer["model"]["vocab"]
+    vocab["cat"], vocab["dog"] = vocab["dog"], vocab["cat"]
+    f.write_text(json.dumps(tokenizer))
+
+
+@pytest.mark.parametrize("name, tamper, problem", [
+    ("config.json", _swap_labels, "checksum mismatch: the file was changed after the artifact was written"),
+    ("tokenizer.json", _swap_token_ids, "checksum mismatch: the file was changed after the artifact was written"),
+    ("vocab.txt", lambda f: f.write_text("[PAD]\n"), "a side file the manifest does not list"),
+    ("tokenizer_config.json", Path.unlink, "missing; the manifest lists it"),
+])
+def test_changed_side_files_are_refused_naming_the_file(hf_artifact, tmp_path, name, tamper, problem):
+    """The manifest records each side file's size and sha256 like a shard's: a config with swapped
+    label names, a tokenizer with swapped ids, a file added or removed is one error naming it."""
+    manifest = json.loads((hf_artifact / "manifest.json").read_text())
+    assert set(manifest["side_files"]) == {"a", "b"} and "tokenizer.json" in manifest["side_files"]["a"]
+    tamper(hf_artifact / "hf" / "a" / name)
+    line = _one_line_error(runner.invoke(app, ["export", str(hf_artifact), "--task", "a", "--out",
+                                               str(tmp_path / "out")]))
+    assert f"{hf_artifact / 'hf' / 'a' / name}: {problem}" in " ".join(line.split())
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_artifact_from_before_side_file_checksums_loads_with_a_note(hf_artifact, tmp_path):
+    _edit_manifest(hf_artifact, lambda m: m.pop("side_files"))
+    r = runner.invoke(app, ["export", str(hf_artifact), "--task", "b", "--out", str(tmp_path / "out")])
+    assert r.exit_code == 0, r.output
+    assert "note: " in r.output and "side files are not verified; merge again to record their checksums" in " ".join(
+        r.output.split())
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["id2label"] == {"0": "L0", "1": "L1", "2": "L2"}
+
+
+def test_side_file_entries_are_checked_with_the_manifest(hf_artifact):
+    _edit_manifest(hf_artifact, lambda m: m["side_files"]["a"].update({"../../etc/passwd": {"bytes": 1,
+                                                                                           "sha256": "0" * 64}}))
+    with pytest.raises(ArtifactError, match="malformed manifest: side file '../../etc/passwd' of task 'a'"):
+        flexmerge.load(hf_artifact)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,13 +19,14 @@ import torch
 from safetensors import safe_open
 
 from flexmerge.blocks import Block, Part, Partition
-from flexmerge.errors import ArtifactError
+from flexmerge.errors import ArtifactError, FlexMergeWarning
 from flexmerge.flexmodel.format import (
     DTYPES,
     FORMAT,
     HF_DIR,
     MANIFEST,
     ROUTER_FILE,
+    SHA256_HEX,
     SHARD_NAME,
     base_tensor,
     frozen_tensor,
@@ -35,6 +37,7 @@ from flexmerge.flexmodel.format import (
     residual_tensor,
     scales_tensor,
     sha256_file,
+    side_file_entry,
     task_tensor,
 )
 from flexmerge.flexmodel.model import BlockStore, FlexModel, StoredGroup
@@ -135,6 +138,9 @@ def check_manifest(m: dict[str, Any]) -> str | None:
     hf = m.get("hf_tasks", [])
     if not is_list(hf, str) or any(t not in tasks for t in hf):
         return "'hf_tasks' names tasks that are not in 'tasks'"
+    problem = _check_side_file_entries(m.get("side_files"), hf)
+    if problem:
+        return problem
     router = m.get("router")
     if router is not None and not (isinstance(router, dict) and router.get("file") == ROUTER_FILE
                                    and all(isinstance(router.get(k), int) and not isinstance(router.get(k), bool)
@@ -151,6 +157,23 @@ def check_manifest(m: dict[str, Any]) -> str | None:
             shared = m["keys"].get(k)
             if shared is not None and (not v["shape"] or v["shape"][1:] != shared["shape"][1:]):
                 return f"task-specific rows of {k!r} are {v['shape']}, not rows of its shared shape {shared['shape']}"
+    return None
+
+
+def _check_side_file_entries(entries: Any, hf_tasks: list[str]) -> str | None:
+    """`side_files` (when present): for each task of `hf_tasks`, {known side-file name: {bytes, sha256}}."""
+    if entries is None:
+        return None
+    if not isinstance(entries, dict) or sorted(entries) != sorted(hf_tasks):
+        return "'side_files' must map each task of 'hf_tasks' to its files"
+    for task, files in entries.items():
+        if not isinstance(files, dict):
+            return f"'side_files' of task {task!r} must map file names to {{bytes, sha256}}"
+        for name, entry in files.items():
+            if not (name in HF_SIDE_FILES and isinstance(entry, dict) and isinstance(entry.get("bytes"), int)
+                    and not isinstance(entry["bytes"], bool) and 0 <= entry["bytes"] <= SIDE_FILE_MAX_BYTES
+                    and isinstance(entry.get("sha256"), str) and SHA256_HEX.fullmatch(entry["sha256"])):
+                return f"side file {str(name)[:80]!r} of task {task!r} is not a known file with {{bytes, sha256}}"
     return None
 
 
@@ -203,8 +226,9 @@ def load(path: str | Path, verify: bool = True) -> FlexModel:
     directory = Path(path)
     manifest = read_manifest(directory)
     tensors = _read_shards(directory, manifest["shards"], verify)
+    hf_files = _read_all_side_files(directory, manifest, verify)
     try:
-        flex = _assemble(manifest, tensors, directory)
+        flex = _assemble(manifest, tensors, hf_files)
     except KeyError as e:
         raise ArtifactError(f"{directory}: tensor {e} named by the manifest is missing from the shards") from e
     except (ValueError, TypeError, IndexError, RuntimeError) as e:
@@ -233,7 +257,8 @@ def _read_shards(directory: Path, shards: list[dict[str, Any]], verify: bool) ->
     return tensors
 
 
-def _assemble(manifest: dict[str, Any], tensors: dict[str, torch.Tensor], directory: Path) -> FlexModel:
+def _assemble(manifest: dict[str, Any], tensors: dict[str, torch.Tensor],
+              hf_files: dict[str, dict[str, bytes]]) -> FlexModel:
     """The FlexModel a checked manifest describes, from the shards' tensors (KeyError: one is missing)."""
     meta = {k: TensorMeta(tuple(v["shape"]), DTYPES[v["dtype"]]) for k, v in manifest["keys"].items()}
     blocks, stores, groups = [], [], []
@@ -249,7 +274,7 @@ def _assemble(manifest: dict[str, Any], tensors: dict[str, torch.Tensor], direct
         frozen={k: tensors[frozen_tensor(k)] for k in manifest["frozen"]}, blocks=stores,
         assignment=Assignment(tuple(groups)), method=manifest["method"], size=manifest["size"],
         unit_bytes=manifest["unit_bytes"], info=manifest.get("info", {}),
-        hf_files={task: read_side_files(directory, task) for task in manifest.get("hf_tasks", [])},
+        hf_files=hf_files,
         specific={task: {k: _fitting_meta(tensors[task_tensor(task, k)], k, v) for k, v in keys.items()}
                   for task, keys in manifest.get("task_specific", {}).items()},
     )
@@ -302,6 +327,36 @@ def _fitting(t: torch.Tensor, part: Part, meta: dict[str, TensorMeta]) -> torch.
 
 
 # side files and the router -------------------------------------------------------------------
+
+def _read_all_side_files(directory: Path, manifest: dict[str, Any], verify: bool) -> dict[str, dict[str, bytes]]:
+    """Every task's side files, checked against the manifest's `side_files` (with `verify`, their
+    sha256 too): a config with swapped label names or a tokenizer with swapped ids is refused like a
+    changed shard. An artifact written before side files were hashed loads with a note."""
+    hf_tasks = manifest.get("hf_tasks", [])
+    recorded = manifest.get("side_files")
+    if hf_tasks and recorded is None:
+        warnings.warn(f"{directory}: written before flexmerge hashed config and tokenizer files, so its tasks' "
+                      "side files are not verified; merge again to record their checksums", FlexMergeWarning,
+                      stacklevel=3)
+    files = {task: read_side_files(directory, task) for task in hf_tasks}
+    for task in hf_tasks if recorded is not None else ():
+        _check_side_files(directory / HF_DIR / task, files[task], recorded[task], verify)
+    return files
+
+
+def _check_side_files(folder: Path, files: dict[str, bytes], recorded: dict[str, Any], verify: bool) -> None:
+    """A task's side files against the manifest's entries: the same names, sizes and checksums."""
+    for name in sorted({*files, *recorded}):
+        if name not in recorded:
+            raise ArtifactError(f"{folder / name}: a side file the manifest does not list (added after the "
+                                "artifact was written?)")
+        if name not in files:
+            raise ArtifactError(f"{folder / name}: missing; the manifest lists it")
+        entry = side_file_entry(files[name]) if verify else {"bytes": len(files[name]), "sha256": None}
+        if entry["bytes"] != recorded[name]["bytes"] or (verify and entry["sha256"] != recorded[name]["sha256"]):
+            raise ArtifactError(f"{folder / name}: checksum mismatch: the file was changed after the artifact "
+                                "was written")
+
 
 def read_side_files(directory: Path, task: str) -> dict[str, bytes]:
     """A task's Hugging Face config/tokenizer files: only the known names, only regular files
