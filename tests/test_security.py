@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import threading
+import time
 import zipfile
 from pathlib import Path
 
@@ -477,6 +478,54 @@ def test_malformed_manifests_are_one_line_errors(artifact, edit, message):
         flexmerge.load(artifact)
     for argv in (["inspect", str(artifact)], ["export", str(artifact), "--task", "task0", "--out", "x.safetensors"]):
         assert message in _one_line_error(runner.invoke(app, argv))
+
+
+def _widen_to(m: dict, n: int) -> None:
+    """`n` tasks, every block one group of all of them (stored once), each task with its own (empty)
+    set of parameters and side files: every per-task structure of the manifest n long."""
+    m["tasks"] = [f"t{i}" for i in range(n)]
+    for block in m["blocks"]:
+        block["groups"] = [list(range(n))]
+        block["stored"] = [{**block["stored"][0], "members": list(range(n))}]
+    m["task_specific"] = {t: {} for t in m["tasks"]}
+    m["hf_tasks"] = m["tasks"]
+    m["side_files"] = {t: {} for t in m["tasks"]}
+
+
+def test_a_manifest_of_too_many_tasks_is_refused_in_one_line(artifact):
+    """10^5 tasks (a 50 MB manifest) are over the cap: refused at once, before any per-task check."""
+    _edit_manifest(artifact, lambda m: _widen_to(m, 100_000))
+    start = time.monotonic()
+    line = _one_line_error(runner.invoke(app, ["inspect", str(artifact)]))
+    assert time.monotonic() - start < 10
+    assert "malformed manifest: 'tasks' lists 100000 tasks; at most 10000" in line
+
+
+def test_a_manifest_of_a_million_tasks_is_refused_within_seconds(artifact):
+    """10^6 tasks in one block (22 MB): parsed, then refused by the cap (it never finished: the
+    checks were quadratic); with every block listing them all (200 MB), refused unread by size."""
+    def million(m: dict) -> None:
+        m["tasks"] = [f"t{i}" for i in range(1_000_000)]
+        m["blocks"] = [{**m["blocks"][0], "groups": [list(range(1_000_000))]}]
+    _edit_manifest(artifact, million)
+    start = time.monotonic()
+    line = _one_line_error(runner.invoke(app, ["inspect", str(artifact)]))
+    assert time.monotonic() - start < 10
+    assert "malformed manifest: 'tasks' lists 1000000 tasks; at most 10000" in line
+    with open(artifact / "manifest.json", "ab") as f:
+        f.truncate(65 << 20)  # what every block listing them all would weigh, and more
+    assert "manifest.json: larger than 64 MiB; not a manifest" in _one_line_error(
+        runner.invoke(app, ["inspect", str(artifact)]))
+
+
+def test_a_manifest_of_many_tasks_is_checked_in_linear_time(artifact):
+    """At the cap, 10^4 tasks in every per-task structure load in well under a second of checks (the
+    membership tests were on lists: 5 s here, and 10^6 tasks never finished)."""
+    _edit_manifest(artifact, lambda m: _widen_to(m, 10_000))
+    start = time.monotonic()
+    flex = flexmerge.load(artifact)
+    assert time.monotonic() - start < 3
+    assert len(flex.tasks) == 10_000 and flex.hf_files["t9999"] == {}
 
 
 def test_os_errors_name_the_file(zoo, tmp_path, monkeypatch):

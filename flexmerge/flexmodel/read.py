@@ -46,8 +46,12 @@ from flexmerge.paths import UnsafePathError, check_task_name, inside
 from flexmerge.planning.path import Assignment
 from flexmerge.routing import RouterMLP, router_from_tensors
 
-MANIFEST_MAX_BYTES = 256 << 20
+# A real manifest is ~100 kB (a 0.5B model's 290 keys, 8 tasks); parsing 64 MiB of JSON takes ~2 s.
+MANIFEST_MAX_BYTES = 64 << 20
 SIDE_FILE_MAX_BYTES = 64 << 20
+# Far above any merge of fine-tunes (the largest suite has 30), low enough that a manifest's checks,
+# linear in tasks x blocks, take well under a second.
+MAX_TASKS = 10_000
 
 
 def is_artifact(path: Path) -> bool:
@@ -102,6 +106,8 @@ def check_manifest(m: dict[str, Any]) -> str | None:
     """What is structurally wrong with a manifest (None: nothing), so that loading it never fails
     half-way with a raw error, and no name in it can point outside the artifact."""
     def is_list(x, of=object):
+        if of is int:  # the long lists (task indices): `type(v) is int` also excludes bool, faster
+            return isinstance(x, list) and all(type(v) is int for v in x)
         return isinstance(x, list) and all(isinstance(v, of) and not isinstance(v, bool) for v in x)
 
     for name, kind in (("tasks", list), ("method", dict), ("keys", dict), ("frozen", list), ("blocks", list),
@@ -112,12 +118,15 @@ def check_manifest(m: dict[str, Any]) -> str | None:
         if not isinstance(m.get(name), (int, float)) or isinstance(m.get(name), bool):
             return f"field {name!r} is missing or not a number"
     tasks = m["tasks"]
+    if len(tasks) > MAX_TASKS:
+        return f"'tasks' lists {len(tasks)} tasks; at most {MAX_TASKS}"
     try:
         for t in tasks:
             check_task_name(t)
     except UnsafePathError as e:
         return str(e)
-    if len(set(tasks)) != len(tasks) or not tasks:
+    known = set(tasks)  # membership tests below: a list's would make the checks quadratic
+    if len(known) != len(tasks) or not tasks:
         return "'tasks' is empty or names a task twice"
     for k, v in m["keys"].items():
         if not _valid_meta(v, is_list):
@@ -136,7 +145,7 @@ def check_manifest(m: dict[str, Any]) -> str | None:
         if problem:
             return f"block {b}: {problem}"
     hf = m.get("hf_tasks", [])
-    if not is_list(hf, str) or any(t not in tasks for t in hf):
+    if not is_list(hf, str) or any(t not in known for t in hf):
         return "'hf_tasks' names tasks that are not in 'tasks'"
     problem = _check_side_file_entries(m.get("side_files"), hf)
     if problem:
@@ -148,7 +157,7 @@ def check_manifest(m: dict[str, Any]) -> str | None:
                                    and router["tasks"] == len(tasks) and isinstance(router.get("sha256"), str)):
         return f"'router' must be {{file: {ROUTER_FILE}, bytes, sha256, features, hidden, tasks = #tasks}}"
     own = m.get("task_specific", {})
-    if not isinstance(own, dict) or any(t not in tasks or not isinstance(keys, dict) for t, keys in own.items()):
+    if not isinstance(own, dict) or any(t not in known or not isinstance(keys, dict) for t, keys in own.items()):
         return "'task_specific' must map tasks of 'tasks' to their own keys"
     for keys in own.values():
         for k, v in keys.items():
@@ -201,8 +210,7 @@ def _check_block_entry(e: Any, keys: dict[str, Any], everyone: set[int], is_list
         members = [g if name == "groups" else (g.get("members") if isinstance(g, dict) else None) for g in e[name]]
         if not all(is_list(g, int) and g for g in members):
             return f"'{name}' must be lists of task indices"
-        flat = [t for g in members for t in g]
-        if sorted(flat) != sorted(everyone):
+        if sum(map(len, members)) != len(everyone) or set().union(*members) != everyone:
             return f"'{name}' do not assign every task (0..{len(everyone) - 1}) exactly once"
     for s in e["stored"]:
         if not (isinstance(s.get("masked"), bool) and isinstance(s.get("scales"), bool)):
@@ -338,7 +346,9 @@ def _read_all_side_files(directory: Path, manifest: dict[str, Any], verify: bool
         warnings.warn(f"{directory}: written before flexmerge hashed config and tokenizer files, so its tasks' "
                       "side files are not verified; merge again to record their checksums", FlexMergeWarning,
                       stacklevel=3)
-    files = {task: read_side_files(directory, task) for task in hf_tasks}
+    hf_root = inside(directory, HF_DIR, "side-file folder")
+    folders = set(os.listdir(hf_root)) if hf_tasks and hf_root.is_dir() else set()  # one listing for all tasks
+    files = {task: read_side_files(directory, task) if task in folders else {} for task in hf_tasks}
     for task in hf_tasks if recorded is not None else ():
         _check_side_files(directory / HF_DIR / task, files[task], recorded[task], verify)
     return files
@@ -362,10 +372,13 @@ def read_side_files(directory: Path, task: str) -> dict[str, bytes]:
     """A task's Hugging Face config/tokenizer files: only the known names, only regular files
     inside the artifact (a symlink out of it is refused)."""
     folder = inside(directory, f"{HF_DIR}/{check_task_name(task, 'artifact')}", "side-file folder")
+    if not folder.is_dir():
+        return {}
+    present = set(os.listdir(folder))  # one listing, not a look-up per known name (10^4 tasks: 9 s)
     out = {}
     for name in HF_SIDE_FILES:
         f = folder / name
-        if not os.path.lexists(f):
+        if name not in present:
             continue
         real = inside(directory, f"{HF_DIR}/{task}/{name}", "side file")
         if not real.is_file() or real.stat().st_size > SIDE_FILE_MAX_BYTES:
