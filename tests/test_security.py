@@ -471,6 +471,8 @@ def test_bad_block_patterns_and_yaml_are_one_line_errors(zoo, tmp_path):
     (lambda m: m["blocks"][0]["stored"][0].update(members=[-1]), "exactly once"),
     (lambda m: m.update(tasks="abc"), "'tasks'"),
     (lambda m: m["keys"][next(iter(m["keys"]))].update(shape=[-3]), "shape"),
+    (lambda m: m.update(unit_bytes=-5), "field 'unit_bytes' is -5; sizes are above 0"),
+    (lambda m: m.update(method={"name": 5}), "'method' has no name"),
 ])
 def test_malformed_manifests_are_one_line_errors(artifact, edit, message):
     _edit_manifest(artifact, edit)

@@ -117,6 +117,10 @@ def check_manifest(m: dict[str, Any]) -> str | None:
     for name in ("size", "unit_bytes", "stored_bytes", "frozen_bytes"):
         if not isinstance(m.get(name), (int, float)) or isinstance(m.get(name), bool):
             return f"field {name!r} is missing or not a number"
+        if m[name] < 0 or (m[name] == 0 and name in ("size", "unit_bytes")):
+            return f"field {name!r} is {m[name]!r}; sizes are above 0 (byte counts at least 0)"
+    if not isinstance(m["method"].get("name"), str):
+        return "'method' has no name"
     tasks = m["tasks"]
     if len(tasks) > MAX_TASKS:
         return f"'tasks' lists {len(tasks)} tasks; at most {MAX_TASKS}"
