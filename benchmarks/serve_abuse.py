@@ -1,6 +1,7 @@
 """Connection exhaustion and slow clients against the real `flexmerge serve` (issue 30's probes).
 
     python benchmarks/serve_abuse.py ARTIFACT [--idle 1100] [--nofile 1024] [--hold-s 10] [-- SERVE FLAGS]
+    python benchmarks/serve_abuse.py ARTIFACT --bodies
 
 The server runs in a subprocess with RLIMIT_NOFILE lowered to --nofile (as `ulimit -n 1024` would).
 Once it answers /health, --idle connections are opened to it, each sending one byte ("G") and then
@@ -11,6 +12,10 @@ tracebacks) during the hold, its VmRSS before and during it, and how many of the
 the server had closed by the end. A last probe sends a request's first line one byte a second and
 reports when (if ever, within 30 s) the server closes it. Traffic goes to 127.0.0.1 only, every
 connection is closed and the server is stopped at the end.
+
+--bodies instead posts three validation bombs inside the default body limit (800k integers, 533k
+empty strings, 133k unknown fields) and reports each answer's status, time and size, the worst
+/health latency meanwhile and the server's VmRSS growth.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -127,6 +133,36 @@ def slow_probe(port: int, limit_s: float = 30) -> float | None:
     return None
 
 
+def body_probe(port: int, pid: int, task: str) -> dict[str, dict]:
+    """Validation bombs inside the default body limit (1.6 MB): status, seconds, answer bytes, the
+    worst /health latency while each ran (a blocked event loop shows here), VmRSS growth."""
+    bodies = {"800k integers": {"inputs": [1] * 800_000}, "533k empty strings": {"inputs": [""] * 533_000},
+              "133k unknown fields": {"inputs": ["x"], **{f"k{i}": 0 for i in range(133_000)}}}
+    out = {}
+    for name, payload in bodies.items():
+        body = json.dumps(payload, separators=(",", ":")).encode()
+        rss = rss_mib(pid)
+        result: dict = {}
+
+        def post() -> None:
+            start = time.perf_counter()
+            conn = http.client.HTTPConnection(HOST, port, timeout=120)
+            conn.request("POST", f"/v1/tasks/{task}/predict", body=body, headers={"Content-Type": "application/json"})
+            r = conn.getresponse()
+            result.update(status=r.status, answer_bytes=len(r.read()), s=round(time.perf_counter() - start, 3))
+
+        worker = threading.Thread(target=post)
+        worker.start()
+        worst = 0.0
+        while worker.is_alive():
+            worst = max(worst, call(port, "GET", "/health", timeout=120)[1])
+            time.sleep(0.01)
+        worker.join()
+        out[name] = {"body_bytes": len(body), **result, "worst_health_s": round(worst, 3),
+                     "rss_growth_mib": round(rss_mib(pid) - rss, 1)}
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("artifact")
@@ -134,6 +170,7 @@ def main() -> None:
     parser.add_argument("--nofile", type=int, default=1024)
     parser.add_argument("--hold-s", type=float, default=10)
     parser.add_argument("--no-slow", action="store_true", help="skip the slow-connection probe")
+    parser.add_argument("--bodies", action="store_true", help="only the validation bombs (no connection probes)")
     parser.add_argument("flags", nargs="*", help="more `flexmerge serve` flags (after --)")
     args = parser.parse_args()
     # this process holds the idle connections: it needs descriptors for them
@@ -147,6 +184,9 @@ def main() -> None:
     try:
         wait_healthy(port, proc)
         task = json.loads(_get(port, "/tasks"))["tasks"][0]["task"]
+        if args.bodies:
+            print(json.dumps(body_probe(port, proc.pid, task), indent=1))
+            return
         rss0, fds0 = rss_mib(proc.pid), fd_count(proc.pid)
         size0 = log.stat().st_size
         lines0 = log.read_text(errors="replace").count("\n")
