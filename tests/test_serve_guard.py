@@ -184,7 +184,7 @@ def test_a_connection_beyond_the_cap_is_refused_when_none_can_be_evicted():
         def request_under_way(self) -> bool:
             return self.under_way
 
-        def close_with(self, status: int, detail: str) -> None:
+        def close_with(self, status: int, detail: str, always: bool = False) -> None:
             self.closed_with = status
             guard.forget(self)
 
@@ -207,6 +207,33 @@ def test_a_connection_beyond_the_cap_is_refused_when_none_can_be_evicted():
 
     guard = ConnectionGuard(max_connections=10, request_timeout_s=30, report_every_s=60)
     asyncio.run(scenario())
+
+
+def test_a_newcomer_is_refused_503_when_every_connection_has_a_request_in_the_works(artifact, tmp_path):  # noqa: F811
+    """Two connections, each with a complete request that waits 3 s for others to share its forward
+    pass, fill a cap of 2: a third connection gets a 503 at once, the two their answers."""
+    server = Server(artifact, _free_port(), tmp_path / "server.log", "--max-connections", "2",
+                    "--batch-wait-ms", "3000", "--max-batch", "64")
+    try:
+        server.wait_healthy()
+        time.sleep(0.3)  # the health checks' connections are gone
+        body = b'{"inputs": ["a film"]}'
+        request = (b"POST /v1/tasks/a/predict HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+                   b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        busy = [socket.create_connection(("127.0.0.1", server.port), timeout=10) for _ in range(2)]
+        for s in busy:
+            s.sendall(request)
+        time.sleep(0.5)
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as newcomer:
+            got, after = until_closed(newcomer, 2)
+        assert got.startswith(b"HTTP/1.1 503 Service Unavailable") and after is not None, got
+        assert b"connection limit (--max-connections)" in got
+        for s in busy:
+            s.settimeout(10)
+            assert s.recv(4096).startswith(b"HTTP/1.1 200 OK")
+            s.close()
+    finally:
+        server.stop()
 
 
 # --------------------------------------------------------------------------- bodies

@@ -93,7 +93,8 @@ class ConnectionGuard:
                                        "this connection, whose request had not arrived; retry")
         if len(self.open) > self.max_connections:
             self.note("refused")
-            conn.close_with(503, "the server is at its connection limit (--max-connections); retry later")
+            conn.close_with(503, "the server is at its connection limit (--max-connections); retry later",
+                            always=True)
             return False
         return True
 
@@ -189,14 +190,14 @@ class GuardedH11Protocol(H11Protocol):
         """Whether the current request (or the connection's first) has not fully arrived yet."""
         return self.conn.their_state in _REQUEST_UNDER_WAY
 
-    def close_with(self, status: int, detail: str) -> None:
-        """Close now; a client that has sent part of a request is told why (`status`) first, when
-        no response of the app has begun."""
+    def close_with(self, status: int, detail: str, always: bool = False) -> None:
+        """Close now; a client that has sent part of a request (or, with `always`, a newcomer that
+        is about to) is told why (`status`) first, when no response of the app has begun."""
         self._stop_clock()
         self.guard.forget(self)
         if self.transport.is_closing():
             return
-        if self._may_answer():
+        if always or self._may_answer():
             self.transport.write(raw_response(status, detail))
         self.transport.close()
 
