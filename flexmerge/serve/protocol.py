@@ -14,8 +14,8 @@ of thousands a second (issue 30). `ConnectionGuard.protocol()` is uvicorn's h11 
   never the oldest), down to 90% of the cap, and is refused (503, closed) only when every other
   connection has a complete request in the works. So idle connections, however many, cannot shut out a client that
   sends a request, and with the cap below the descriptor limit, accepts rarely fail;
-- a summary line, at most one per `report_every_s`, of what was evicted, refused, timed out or
-  could not be accepted, in place of a line (or a traceback) each.
+- a summary line, at most one per `report_every_s`, of what was evicted, refused or timed out, and
+  of failed accepts, in place of a line (or a traceback) each.
 """
 
 from __future__ import annotations
@@ -137,7 +137,8 @@ class ConnectionGuard:
             parts.append(f"{c['timed_out']} connections closed whose request did not arrive within "
                          f"{self.request_timeout_s:g} s (--request-timeout-s)")
         if c["accept_failed"]:
-            parts.append(f"{c['accept_failed']} connections could not be accepted ({self.accept_error}; "
+            # asyncio retries a failed accept up to its backlog at once: attempts, not connections
+            parts.append(f"{c['accept_failed']} attempts to accept a connection failed ({self.accept_error}; "
                          "raise `ulimit -n` or lower --max-connections)")
         log.warning("connection guard: %s", "; ".join(parts))
         self.counts.clear()
