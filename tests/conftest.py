@@ -105,6 +105,21 @@ class TinyNet(torch.nn.Module):
 HF_LABELS = {"a": 2, "b": 3, "c": 5}
 
 
+def reseal_side_files(artifact: Path) -> None:
+    """Record an artifact's side files as they now are in its manifest (sizes, sha256), as the author
+    of a hostile artifact would: what the loader checks beyond the checksums is tested with it."""
+    import json
+
+    from flexmerge.flexmodel.format import side_file_entry
+
+    manifest_file = artifact / "manifest.json"
+    manifest = json.loads(manifest_file.read_text())
+    manifest["side_files"] = {task: {f.name: side_file_entry(f.read_bytes()) for f in sorted((artifact / "hf" / task)
+                                                                                           .iterdir())}
+                              for task in manifest["hf_tasks"]}
+    manifest_file.write_text(json.dumps(manifest, indent=1))
+
+
 def bert_config(labels: int | Sequence[str] = 2, **overrides):
     """A tiny BertConfig (2 layers, hidden 32, vocabulary 60, 32 positions); `labels`: a count
     (names L0..L{n-1}) or the label names. `overrides`: any other BertConfig field."""
