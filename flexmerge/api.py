@@ -72,7 +72,7 @@ def first_pass_for(method: str | MergeMethod, params: Mapping[str, Any] | None =
         if not merging:
             return []
         return [AllTasksMerge(m, budget_bytes)]
-    first = m.transforms()[:1]
+    first = m.pipeline().transforms[:1]
     if first and isinstance(first[0], TopKTrim) and first[0].scope == "model":
         return [MagnitudeHistogram()]
     return []
@@ -87,7 +87,7 @@ def uses_key_grams(method: str | MergeMethod, params: Mapping[str, Any] | None =
     size cuts at the last point, as `cuts_at_last_point` finds once the tasks are loaded, or is
     below the smallest). A plan made without them runs its own pass, so False is only slower."""
     m = _method(method, params)
-    if m.transforms():
+    if m.pipeline().transforms:
         return False
     smallest = size == "min" or (isinstance(size, (int, float)) and size <= 1 + SIZE_TOLERANCE)
     return not (smallest and max_bytes is None and ends_in_whole_copies(m, planner))

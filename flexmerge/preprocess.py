@@ -9,7 +9,9 @@ parameter, element index), so the same entries drop whatever the chunking or rea
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import json
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -81,6 +83,40 @@ class Pipeline:
 
     def describe(self) -> list[dict[str, object]]:
         return [{"name": tr.name, **tr.params()} for tr in self.transforms]
+
+
+class PerTensor(Transform):
+    """Preprocessing that differs by tensor (per-tensor method parameters): `transforms_of(key)`
+    gives each tensor's transforms; tensors whose transforms are alike share one pipeline, fitted
+    on those tensors alone (a trim over the whole model takes its threshold over them)."""
+
+    name = "per_tensor"
+
+    def __init__(self, transforms_of: Callable[[str], list[Transform]]):
+        self.transforms_of = transforms_of
+        self.pipelines: dict[str, Pipeline] = {}  # key -> its group's fitted pipeline
+
+    def fit(self, tasks: TaskSet, before: Pipeline, device: torch.device | None = None) -> None:
+        if before.transforms:
+            raise ConfigError("per-tensor preprocessing must come first")
+        groups: dict[str, tuple[Pipeline, list[str]]] = {}
+        for key in tasks.mergeable:
+            pipe = Pipeline(self.transforms_of(key))
+            groups.setdefault(json.dumps(pipe.describe(), sort_keys=True), (pipe, []))[1].append(key)
+        for pipe, keys in groups.values():
+            # the tensors of one group, without the validation pass's whole-model histogram
+            pipe.fit(dataclasses.replace(tasks, mergeable=keys, first_pass={}), device)
+            self.pipelines.update(dict.fromkeys(keys, pipe))
+
+    def apply(self, task: int, chunk: Chunk, offset: int, delta: torch.Tensor) -> torch.Tensor:
+        return self.pipelines[chunk.key].apply_one(task, chunk, offset, delta)
+
+    def apply_rows(self, tasks: Sequence[int], chunk: Chunk, offset: int, deltas: torch.Tensor) -> None:
+        for tr in self.pipelines[chunk.key].transforms:
+            tr.apply_rows(tasks, chunk, offset, deltas)
+
+    def params(self) -> dict[str, object]:
+        return {"groups": len({id(p) for p in self.pipelines.values()})}
 
 
 def chunk_offset(tasks: TaskSet, chunk: Chunk) -> int:

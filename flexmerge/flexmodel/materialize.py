@@ -134,7 +134,7 @@ class AllTasksMerge:
 
     @staticmethod
     def applies(method: MergeMethod) -> bool:
-        return (method.elementwise and not method.transforms() and not method.uses_masks
+        return (method.elementwise and not method.pipeline().transforms and not method.uses_masks
                 and not method.uses_residuals and not method.uses_untransformed)
 
     def begin(self, meta, num_tasks: int) -> bool:
@@ -152,7 +152,7 @@ class AllTasksMerge:
             self.merged[chunk.key] = torch.empty(meta.shape, dtype=self.method.storage_dtype(meta.dtype))
         out = self.merged[chunk.key]
         rows = out if chunk.rows is None else out[chunk.rows[0]:chunk.rows[1]]
-        delta = self.method.merge(deltas.flatten(1)).delta.view(base.shape)
+        delta = self.method.for_key(chunk.key).merge(deltas.flatten(1)).delta.view(base.shape)
         rows.copy_(torch.add(delta, base, out=scratch("premerge.sum", base.shape, delta.dtype)))
 
     def finish(self, tasks: TaskSet) -> dict[str, object]:

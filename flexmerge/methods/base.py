@@ -8,18 +8,20 @@ is declared by `transforms()` and applied before planning and merging.
 from __future__ import annotations
 
 import json
+import itertools
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from flexmerge.blocks import PartView
 from flexmerge.device import to_host
 from flexmerge.errors import ConfigError, UnknownNameError
-from flexmerge.preprocess import DareDrop, Pipeline, Transform
+from flexmerge.preprocess import DareDrop, PerTensor, Pipeline, Transform
 
 
 # One member's residual on one tensor: (A, B) low-rank factors with residual = A @ B, or (R,) exactly.
@@ -61,8 +63,38 @@ class GroupResult:
 BlockChunks = Iterable[tuple[int, torch.Tensor]]
 
 
+class TensorRule(BaseModel):
+    """Parameters of the tensors whose name `match` (a regex) matches in full, laid over the
+    method's own: the tensors' share of per-tensor method parameters (`MethodParams.tensor_params`)."""
+
+    model_config = ConfigDict(extra="forbid")
+    match: str = Field(description="regex, matched against the whole tensor name (as task_specific)")
+    params: dict[str, Any] = Field(description="the method's parameters for these tensors, over its own")
+
+    @field_validator("match")
+    @classmethod
+    def _compiles(cls, v: str) -> str:
+        try:
+            re.compile(v)
+        except re.error as e:
+            raise ValueError(f"invalid regex {v!r}: {e}") from None
+        return v
+
+    @field_validator("params")
+    @classmethod
+    def _per_tensor(cls, v: dict[str, Any]) -> dict[str, Any]:
+        fixed = sorted(set(v) & set(WHOLE_MODEL_PARAMS))
+        if fixed:
+            raise ValueError(f"{', '.join(fixed)} cannot differ by tensor (one per artifact)")
+        return v
+
+
+WHOLE_MODEL_PARAMS = ("tensor_params", "dtype")
+
+
 class MethodParams(BaseModel):
-    """Options every method takes: DARE as an optional preprocessing of the task vectors."""
+    """Options every method takes: DARE as an optional preprocessing of the task vectors, and
+    parameters that differ by tensor."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # lam=NaN would write an all-NaN model
     # Options a method gained after artifacts were written with it: `describe` (so the manifest)
@@ -72,6 +104,9 @@ class MethodParams(BaseModel):
     seed: int = Field(0, description="seed of DARE's drops")
     dtype: Literal["float32", "float16", "bfloat16"] | None = Field(
         None, description="dtype of what is stored (default: the inputs'); arithmetic is always fp32")
+    tensor_params: list[TensorRule] = Field(
+        default_factory=list, description="per-tensor parameters: [{match: REGEX, params: {...}}], the first rule "
+        "whose regex matches a tensor's whole name gives it its parameters over the method's own")
 
 
 class MergeMethod:
@@ -107,12 +142,39 @@ class MergeMethod:
             self.p = self.Params(**params)
         except ValidationError as e:
             raise ConfigError(f"invalid parameters for method {self.name!r}: {_short(e, self.Params)}") from None
+        self._rules = [(re.compile(r.match), self._for_rule(i, r)) for i, r in enumerate(self.p.tensor_params)]
+        self._by_key: dict[str, MergeMethod] = {}
+
+    def _for_rule(self, i: int, rule: TensorRule) -> MergeMethod:
+        """The method with `rule`'s parameters over this one's (checked now, not at merge time)."""
+        own = self.p.model_dump(exclude={"tensor_params"}, exclude_unset=True)
+        try:
+            method = type(self)(**{**own, **rule.params})
+        except ConfigError as e:
+            raise ConfigError(f"tensor_params[{i}] ({rule.match!r}): {e}") from None
+        flags = ("uses_masks", "uses_scales", "uses_residuals", "elementwise", "uses_untransformed",
+                 "data_dependent_size")
+        if any(getattr(method, f) != getattr(self, f) for f in flags) or self.uses_scales or self.uses_residuals:
+            raise ConfigError(f"tensor_params[{i}] ({rule.match!r}): method {self.name!r} cannot take these "
+                              "parameters per tensor (they change what it stores)")
+        return method
+
+    def for_key(self, key: str) -> MergeMethod:
+        """The method that merges tensor `key`: this one with the parameters of the first
+        `tensor_params` rule that matches `key` (itself when none does)."""
+        if not self._rules:
+            return self
+        if key not in self._by_key:
+            self._by_key[key] = next((m for rx, m in self._rules if rx.fullmatch(key)), self)
+        return self._by_key[key]
 
     def params(self) -> dict[str, object]:
-        """The parameters as recorded (`describe`, manifests): all, less unset `recorded_when_set` ones."""
+        """The parameters as recorded (`describe`, manifests): all, less unset `recorded_when_set` ones
+        (and `tensor_params` when there are none)."""
         fields = type(self.p).model_fields
         return {k: v for k, v in self.p.model_dump().items()
-                if k not in self.p.recorded_when_set or v != fields[k].default}
+                if (k not in self.p.recorded_when_set or v != fields[k].default)
+                and (k != "tensor_params" or v)}
 
     def storage_dtype(self, input_dtype: torch.dtype) -> torch.dtype:
         return getattr(torch, self.p.dtype) if self.p.dtype else input_dtype
@@ -122,7 +184,15 @@ class MergeMethod:
         return [DareDrop(self.p.dare, self.p.seed)] if self.p.dare > 0 else []
 
     def pipeline(self) -> Pipeline:
+        """The preprocessing, unfitted: `transforms()`, or with per-tensor parameters that change
+        it, each tensor's own (`PerTensor`)."""
+        if self._rules and any(m.transforms() for _, m in self._rules):
+            return Pipeline([PerTensor(self.transforms_for)])
         return Pipeline(self.transforms())
+
+    def transforms_for(self, key: str) -> list[Transform]:
+        """The transforms of tensor `key` (`for_key`'s method's)."""
+        return self.for_key(key).transforms()
 
     def merge(self, deltas: torch.Tensor) -> GroupResult:
         """Merge the (n, D) task vectors of a group with n >= 2 members (flat view of a block)."""
@@ -137,14 +207,12 @@ class MergeMethod:
         """The one entry point for materializing: a block as consecutive (part, (n, d) chunk) pairs.
 
         Elementwise methods merge chunk by chunk, so memory holds one chunk of the members at a
-        time, and the chunks may be one reused buffer; others see the whole block, per tensor."""
-        if self.elementwise:
-            return _merge_into(self, chunks, sum(p.numel for p in parts))
-        pieces: list[list[torch.Tensor]] = [[] for _ in parts]
-        for p, c in chunks:
-            pieces[p].append(c)  # fresh tensors: only elementwise methods get a reused buffer
-        n = next(x for ps in pieces for x in ps).shape[0]
-        return self.merge_parts([torch.cat(ps, 1).view(n, *part.shape) for ps, part in zip(pieces, parts)], parts)
+        time, and the chunks may be one reused buffer; others see the whole block, per tensor.
+        With per-tensor parameters, each run of the block's tensors that one method merges is
+        merged by it (`for_key`)."""
+        if self._rules:
+            return _merge_per_tensor(self, chunks, parts)
+        return _merge_one_method(self, chunks, parts)
 
     def merge_flat(self, deltas: torch.Tensor, parts: Sequence[PartView]) -> GroupResult:
         """Merge a block held as one (n, D) tensor (planning's merged-vector mode)."""
@@ -153,11 +221,45 @@ class MergeMethod:
 
     def linear_weights(self, n: int, device: torch.device | None = None) -> torch.Tensor | None:
         """w with merged = Σ w_i τ_i when the method is linear (lets planning use Gram matrices);
-        on `device` (None: the host)."""
+        on `device` (None: the host). With per-tensor parameters, the planner measures with the
+        method's own."""
         return None
 
     def describe(self) -> dict[str, object]:
         return {"name": self.name, **self.params()}
+
+
+def _merge_per_tensor(method: MergeMethod, chunks: BlockChunks, parts: Sequence[PartView]) -> GroupResult:
+    """A block whose tensors resolve to different methods (`for_key`): each run of consecutive
+    tensors with one method is merged by it, the results joined in order."""
+    methods = [method.for_key(p.key) for p in parts]
+    runs: list[tuple[int, int]] = []  # [start, stop) of the parts of each run
+    for i in range(len(parts)):
+        if runs and methods[i] is methods[runs[-1][0]]:
+            runs[-1] = (runs[-1][0], i + 1)
+        else:
+            runs.append((i, i + 1))
+    if len(runs) == 1:
+        return _merge_one_method(methods[0], chunks, parts)
+    run_of = {p: r for r, (a, b) in enumerate(runs) for p in range(a, b)}
+    results = []
+    for r, group in itertools.groupby(chunks, key=lambda pc: run_of[pc[0]]):
+        a, b = runs[r]
+        results.append(_merge_one_method(methods[a], ((p - a, c) for p, c in group), parts[a:b]))
+    if len(results) != len(runs):
+        raise ValueError(f"the chunks hold {len(results)} runs of tensors, the parts {len(runs)}")
+    return GroupResult.concat(results)
+
+
+def _merge_one_method(method: MergeMethod, chunks: BlockChunks, parts: Sequence[PartView]) -> GroupResult:
+    """The block's tensors merged by `method` itself (no per-tensor dispatch)."""
+    if method.elementwise:
+        return _merge_into(method, chunks, sum(p.numel for p in parts))
+    pieces: list[list[torch.Tensor]] = [[] for _ in parts]
+    for p, c in chunks:
+        pieces[p].append(c)  # fresh tensors: only elementwise methods get a reused buffer
+    n = next(x for ps in pieces for x in ps).shape[0]
+    return method.merge_parts([torch.cat(ps, 1).view(n, *part.shape) for ps, part in zip(pieces, parts)], parts)
 
 
 def _merge_into(method: MergeMethod, chunks: BlockChunks, total: int) -> GroupResult:
