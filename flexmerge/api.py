@@ -35,7 +35,7 @@ from flexmerge.preprocess import MagnitudeHistogram, Pipeline, TopKTrim, fitted_
 from flexmerge.errors import ConfigError, SizeError
 from flexmerge.planning.path import SIZE_TOLERANCE, Assignment
 from flexmerge.size import ModelUnit, SizeModel, format_bytes, model_unit, point_size
-from flexmerge.taskvec import TaskSet, load_tasks
+from flexmerge.taskvec import TaskSet, load_tasks, parse_task_specs
 
 __all__ = ["load_tasks", "load_for_merge", "first_pass_for", "discover_blocks", "plan", "materialize", "merge",
            "merge_to_disk", "merge_files", "artifact_summary", "cut", "size_for_budget"]
@@ -54,6 +54,11 @@ def _method(method: str | MergeMethod, params: Mapping[str, Any] | None) -> Merg
     return get_method(method, params)
 
 
+def _method_for(tasks: TaskSet, method: str | MergeMethod, params: Mapping[str, Any] | None) -> MergeMethod:
+    """The configured method for a merge of `tasks`: checked against them, their weights bound."""
+    return _method(method, params).for_tasks(tasks.names)
+
+
 # What the validation pass may keep of a 1x merge (AllTasksMerge): at 1 GiB a 0.5B-parameter fp16
 # model (the vs_mergekit --large job, 963 MB) merges in one read, 15.9 s and 1.25 GiB peak against
 # 22.8 s and 0.81 GiB reading twice; a larger model is read twice, one block in memory at a time.
@@ -61,17 +66,19 @@ ALL_TASKS_MERGE_BYTES = 1 << 30
 
 
 def first_pass_for(method: str | MergeMethod, params: Mapping[str, Any] | None = None,
-                   budget_bytes: int = ALL_TASKS_MERGE_BYTES, merging: bool = True) -> list:
+                   budget_bytes: int = ALL_TASKS_MERGE_BYTES, merging: bool = True,
+                   names: Sequence[str] | None = None) -> list:
     """The `load_tasks(observers=...)` that let a merge with `method` read the inputs once less:
     its merge of all tasks (a linear or other elementwise method without preprocessing, when one
     copy of the weights fits `budget_bytes`; only when `merging`, a plan alone has no use for
-    it), or the first pass of its global trim (TIES and others that trim each task vector over
-    the whole model)."""
+    it; with per-task weights, only when the task `names` are given), or the first pass of its
+    global trim (TIES and others that trim each task vector over the whole model)."""
     m = _method(method, params)
     if AllTasksMerge.applies(m):
-        if not merging:
+        if not merging or (names is None and getattr(m.p, "weights", None) is not None):
             return []
-        return [AllTasksMerge(m, budget_bytes)]
+        everyone = m if names is None else m.for_tasks(names).for_group(range(len(names)))
+        return [AllTasksMerge(everyone, budget_bytes)]
     first = m.pipeline().transforms[:1]
     if first and isinstance(first[0], TopKTrim) and first[0].scope == "model":
         return [MagnitudeHistogram()]
@@ -116,7 +123,7 @@ def plan(
     (docs/scale.md, "Devices"). `calibration`: unlabelled inputs per task for the data-aware
     planners (`planner="output"`); `pipeline`: the method's preprocessing fitted already."""
     partition = partition or discover_blocks(tasks, granularity, patterns)
-    return build_path(tasks, partition, _method(method, params), PlanOptions.of(options, **option_fields),
+    return build_path(tasks, partition, _method_for(tasks, method, params), PlanOptions.of(options, **option_fields),
                       executor=executor, device=device, calibration=calibration, pipeline=pipeline)
 
 
@@ -130,7 +137,7 @@ def materialize(
 
     `size`: model units (one whole fine-tune each, its own parameters included), or "max" (every
     fine-tune as it is) or "min" (the path's smallest point)."""
-    m = _method(method or path.method["name"], params if method else _path_params(path))
+    m = _method_for(tasks, method or path.method["name"], params if method else _path_params(path))
     size = resolve_size(size, path)
     partition = partition or discover_blocks(tasks, path.options["granularity"])
     _check_same_blocks(partition, path)
@@ -147,7 +154,7 @@ def merge(tasks: TaskSet, *, size: float | str | None = None, max_bytes: int | N
     """Plan and materialize in one call: the flex model of `tasks` at `size` (or within `max_bytes`),
     planned (`options` and/or its fields, as `plan`'s) and merged on `device`."""
     device = resolve_device(device, executor)
-    m = _method(method, params)
+    m = _method_for(tasks, method, params)
     partition = discover_blocks(tasks, granularity, patterns)
     pipeline = fitted_pipeline(tasks, m, device)
     size, assignment, info = _plan_and_cut(tasks, partition, m, size, max_bytes, PlanOptions.of(options, **option_fields),
@@ -238,7 +245,7 @@ def merge_to_disk(tasks: TaskSet, out: str | Path, *, size: float | str | None =
     """
     check_target(Path(out), overwrite, is_artifact, "a flex-model artifact")  # fail before the work, not after
     device = resolve_device(device, executor)  # an unavailable device fails before the work, too
-    m = _method(method, params)
+    m = _method_for(tasks, method, params)
     options = PlanOptions.of(options, **option_fields)
     partition = discover_blocks(tasks, granularity, patterns)
     pipeline = fitted_pipeline(tasks, m, device)
@@ -263,8 +270,11 @@ def load_for_merge(base: str | Path, models: Mapping[str, str | Path] | Sequence
     """`load_tasks` whose validation pass also does the first pass of what a merge with `method`
     needs (`first_pass_for`, `uses_key_grams`), so that the merge reads the inputs once less.
     `merging=False`: for a plan alone. `load_options`: as `load_tasks`' (task_specific, executor, ...)."""
-    return load_tasks(base, models, observers=first_pass_for(method, params, merging=merging),
-                      key_grams=uses_key_grams(method, params, size, max_bytes, planner), **load_options)
+    names = list(parse_task_specs(models))
+    m = _method(method, params).for_tasks(names)  # a method that cannot merge these tasks fails before the read
+    return load_tasks(base, models, observers=first_pass_for(m, merging=merging, names=names),
+                      key_grams=uses_key_grams(m, None, size, max_bytes, planner),
+                      base_may_be_a_task=m.merges_weights, **load_options)
 
 
 def merge_files(base: str | Path, models: Mapping[str, str | Path] | Sequence[str], out: str | Path, *,

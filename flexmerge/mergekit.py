@@ -3,7 +3,8 @@
 mergekit (arcee-ai/mergekit, `merge_methods/generalized_task_arithmetic.py`) merges, per tensor,
 `θ0 + λ · Σ_i w_i m_i τ_i'` where τ_i' is τ_i sparsified (TIES: top `density` magnitudes; DARE:
 random keep with probability `density`), m_i the sign-consensus mask (TIES variants), divided by
-`Σ_i w_i m_i` when `normalize`. With equal weights w, that is flexmerge's
+`Σ_i w_i m_i` when `normalize`. Unequal weights are the method's per-task `weights`; with equal
+weights w, that is flexmerge's
 
 | mergekit | flexmerge |
 |---|---|
@@ -70,7 +71,8 @@ def from_mergekit(data: dict[str, Any], root: Path, where: str, flexmerge_keys: 
     entries = _model_entries(data.get("models"), where)
     glob = _params(data.get("parameters"), GLOBAL_PARAMS, "parameters", where)
     models, per_model = _task_models(root, base, entries, where)
-    weight = _one_value("weight", per_model, glob, None, where)
+    weights = _values("weight", per_model, glob, None, where)
+    weight = next(iter(weights.values())) if len(set(weights.values())) == 1 else None  # one for all
     density = _one_value("density", per_model, glob, 1.0, where) if consensus or dare else 1.0  # else unused
     normalize = _flag(glob, "normalize", default_normalize, where)
     rescale = _flag(glob, "rescale", dare, where)
@@ -78,7 +80,10 @@ def from_mergekit(data: dict[str, Any], root: Path, where: str, flexmerge_keys: 
     lam = _number(glob.get("lambda", 1.0), "parameters.lambda", where)
     if weight == 0:
         raise ConfigError(f"{where}: weight 0 merges nothing; give the models a non-zero weight")
-    params: dict[str, Any] = {"lam": lam if normalize else lam * weight}
+    # One weight for all folds into λ (normalize: it cancels); unequal ones are the method's per-task weights.
+    params: dict[str, Any] = {"lam": lam if normalize or weight is None else lam * weight}
+    if weight is None:
+        params["weights"] = weights
     if consensus:
         params["combine"] = "mean" if normalize else "sum"
         params["keep"] = 1.0 if dare else _fraction(density, "density", where)
@@ -190,20 +195,27 @@ def _params(raw: Any, allowed: tuple[str, ...], label: str, where: str) -> dict[
     return raw
 
 
-def _one_value(name: str, per_model: dict[str, dict[str, Any]], glob: dict[str, Any], default: float | None,
-               where: str) -> float:
-    """The one value of a per-model parameter (a model's own, else the global one, else `default`)."""
+def _values(name: str, per_model: dict[str, dict[str, Any]], glob: dict[str, Any], default: float | None,
+            where: str) -> dict[str, float]:
+    """Each task's value of a per-model parameter (its own, else the global one, else `default`)."""
     values = {}
     for task, p in per_model.items():
         value = p.get(name, glob.get(name, default))
         if value is None:
             raise ConfigError(f"{where}: model {task!r} has no {name}; mergekit requires parameters.{name}")
         values[task] = _number(value, f"{task}'s {name}", where)
+    return values
+
+
+def _one_value(name: str, per_model: dict[str, dict[str, Any]], glob: dict[str, Any], default: float | None,
+               where: str) -> float:
+    """The one value of a per-model parameter (a model's own, else the global one, else `default`)."""
+    values = _values(name, per_model, glob, default, where)
     distinct = set(values.values())
     if len(distinct) > 1:
         listed = ", ".join(f"{t}: {v:g}" for t, v in values.items())
-        raise ConfigError(f"{where}: the models' {name}s differ ({listed}); flexmerge's methods treat every task "
-                          f"alike: give them one {name}")
+        raise ConfigError(f"{where}: the models' {name} values differ ({listed}); flexmerge's methods take one "
+                          f"{name} for every task: give them one {name}")
     return distinct.pop() if distinct else float(default or 0.0)
 
 

@@ -292,6 +292,7 @@ def load_tasks(
     input_hash: str = DEFAULT_INPUT_HASH,
     observers: Sequence[PassObserver] = (),
     key_grams: bool = True,
+    base_may_be_a_task: bool = False,
 ) -> TaskSet:
     """Open and validate the base and the task models; find the frozen and task-specific parameters.
 
@@ -308,7 +309,10 @@ def load_tasks(
     `observers` (`PassObserver`) do a later stage's work in the same pass (`api.first_pass_for`).
     `key_grams`: accumulate each key's Gram matrix of raw task vectors in the same pass, for the
     similarity of a plan without preprocessing; a merge that makes no such plan (TIES, a 1x TA;
-    `api.uses_key_grams`) skips that product, and a plan made anyway runs its own similarity pass."""
+    `api.uses_key_grams`) skips that product, and a plan made anyway runs its own similarity pass.
+    `base_may_be_a_task`: a task identical to the base is accepted (a method that merges the models'
+    weights, such as slerp, may take the base as one of them); by default it is an error, the sign
+    of a wrong file."""
     named = parse_task_specs(models)
     if "base" in named:  # the manifest records the inputs by name, the base as "base"
         raise ConfigError("task name 'base' is reserved for the base model (the manifest records the inputs by "
@@ -323,7 +327,8 @@ def load_tasks(
     ex = get_executor(executor)
     active = [o for o in observers if o.begin(meta, len(sources))] if ex.name == "local" else []
     mergeable, frozen, key_grams, digests = _scan_values(base_src, sources, list(named), meta, specific,
-                                                         max_relative_change, ex, input_hash, active, key_grams)
+                                                         max_relative_change, ex, input_hash, active, key_grams,
+                                                         base_may_be_a_task)
     digests = [digests[0], *(_with_specific(d, src, specific[name], input_hash, meta)
                              for d, src, name in zip(digests[1:], sources, named))]
     provenance = {name: {"files": [file_record(f) for f in src.files()], input_hash: digest}
@@ -588,6 +593,7 @@ def _scan_values(
     input_hash: str = DEFAULT_INPUT_HASH,
     observers: Sequence[PassObserver] = (),
     grams: bool = True,
+    base_may_be_a_task: bool = False,
 ) -> tuple[list[str], list[str], dict[str, torch.Tensor], list[str]]:
     """One streaming pass: finite values, frozen keys, no task equal to the base, a plausible base,
     and each model's content hash (base first).
@@ -605,7 +611,7 @@ def _scan_values(
     base_sq = sum(s.base_sq for s in scans.values())
     delta_sq = [sum(float(s.delta_sq[t]) for s in scans.values() if s.delta_sq is not None) for t in range(m)]
     for t in range(m):
-        identical = delta_sq[t] == 0 and all(
+        identical = not base_may_be_a_task and delta_sq[t] == 0 and all(
             torch.equal(probe.read_task(t, c), probe.read_base(c)) for k in meta for c in probe.chunks(k))
         if identical:
             raise CheckpointError(

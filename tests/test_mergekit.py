@@ -140,7 +140,8 @@ def test_the_base_listed_among_models_is_skipped_and_task_names_come_from_paths(
     ({"tokenizer_source": "union"}, "tokenizer surgery (tokenizer_source)"),
     ({"chat_template": "chatml"}, "chat_template is not supported"),
     ({"merge_method": "slerp"}, "merge_method 'slerp' has no flexmerge equivalent; supported: task_arithmetic"),
-    ({"unequal": True}, "the models' weights differ (task0: 1, task1: 0.5"),
+    ({"unequal": True, "merge_method": "ties", "parameters": {"weight": 1.0, "density": 0.3}},
+     "the models' density values differ (task0: 0.3, task1: 0.5"),
     ({"parameters": {"weight": [0.1, 0.5, 1.0]}}, "parameters.weight is a gradient"),
     ({"parameters": {"weight": [{"filter": "mlp", "value": 0.5}, {"value": 1.0}]}}, "per-tensor values"),
     ({"parameters": {"gamma": 0.01, "weight": 1}}, "parameter(s) 'gamma' not supported"),
@@ -163,7 +164,7 @@ def test_what_flexmerge_cannot_honour_is_a_clear_error(zoo, tmp_path, change, me
            "parameters": {"weight": 1.0}, "models": [{"model": f"zoo/{p.name}"} for p in models.values()]}
     change = dict(change)
     if change.pop("unequal", False):
-        doc["models"][1]["parameters"] = {"weight": 0.5}
+        doc["models"][1]["parameters"] = {"density": 0.5}
     if "hub" in change:
         doc["models"][0]["model"] = change.pop("hub")
     doc.update(change)

@@ -34,6 +34,7 @@ from flexmerge.cli.options import (
     RelOpt,
     SeedOpt,
     SpecificOpt,
+    WeightOpt,
     merge_config,
 )
 from flexmerge.errors import FlexMergeError
@@ -50,7 +51,8 @@ from flexmerge.taskvec import TaskSet
 def plan(
     out: Path = typer.Option(..., "--out", help="where to write the merge path (JSON)"),
     base: Optional[Path] = BaseOpt, model: Optional[list[str]] = ModelOpt, method: Optional[str] = MethodOpt,
-    param: Optional[list[str]] = ParamOpt, granularity: Optional[str] = GranOpt, planner: Optional[str] = PlannerOpt,
+    param: Optional[list[str]] = ParamOpt, weight: Optional[list[str]] = WeightOpt,
+    granularity: Optional[str] = GranOpt, planner: Optional[str] = PlannerOpt,
     linkage: Optional[str] = LinkageOpt, mode: Optional[str] = ModeOpt, measure: Optional[str] = MeasureOpt,
     seed: Optional[int] = SeedOpt, config: Optional[Path] = ConfigOpt, allow_mixed_dtypes: Optional[bool] = MixedOpt,
     executor: Optional[str] = ExecOpt, ray_address: Optional[str] = RayOpt,
@@ -65,8 +67,8 @@ def plan(
     --method ties --out path.json
     """
     check_target(out, overwrite, is_path_file, "a flexmerge path file")  # before minutes of work, not after
-    cfg = merge_config(config, base=base, model=model, method=method, param=param, granularity=granularity,
-                       planner=planner, linkage=linkage, mode=mode, measure=measure, seed=seed,
+    cfg = merge_config(config, base=base, model=model, method=method, param=param, weight=weight,
+                       granularity=granularity, planner=planner, linkage=linkage, mode=mode, measure=measure, seed=seed,
                        mixed=allow_mixed_dtypes, executor=executor, ray_address=ray_address,
                        max_relative_change=max_relative_change, task_specific=task_specific, device=device,
                        input_hash=input_hash)
@@ -100,7 +102,8 @@ def merge(
                                        "fine-tune as stored), 1 <= size <= M; max: every fine-tune as it is; "
                                        "min: the smallest point"),
     base: Optional[Path] = BaseOpt, model: Optional[list[str]] = ModelOpt, method: Optional[str] = MethodOpt,
-    param: Optional[list[str]] = ParamOpt, granularity: Optional[str] = GranOpt, planner: Optional[str] = PlannerOpt,
+    param: Optional[list[str]] = ParamOpt, weight: Optional[list[str]] = WeightOpt,
+    granularity: Optional[str] = GranOpt, planner: Optional[str] = PlannerOpt,
     linkage: Optional[str] = LinkageOpt, mode: Optional[str] = ModeOpt, measure: Optional[str] = MeasureOpt,
     seed: Optional[int] = SeedOpt, config: Optional[Path] = ConfigOpt, allow_mixed_dtypes: Optional[bool] = MixedOpt,
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing artifact at --out"),
@@ -119,8 +122,8 @@ def merge(
     Example: flexmerge merge --base base.safetensors --model a=a.safetensors --model b=b.safetensors
     --model c=c.safetensors --method ties --size 2 --out flex-2x
     """
-    cfg = merge_config(config, base=base, model=model, method=method, param=param, granularity=granularity,
-                       planner=planner, linkage=linkage, mode=mode, measure=measure, seed=seed,
+    cfg = merge_config(config, base=base, model=model, method=method, param=param, weight=weight,
+                       granularity=granularity, planner=planner, linkage=linkage, mode=mode, measure=measure, seed=seed,
                        mixed=allow_mixed_dtypes, size=size, executor=executor, ray_address=ray_address,
                        max_relative_change=max_relative_change, task_specific=task_specific, max_bytes=max_bytes,
                        device=device, input_hash=input_hash)

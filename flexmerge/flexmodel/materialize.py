@@ -75,8 +75,9 @@ def materialize_block(
             continue
         if base is None:  # read once per block: every merged group's task vectors subtract it
             base = [tasks.read_base(c).contiguous() for c in chunks]
-        result = method.merge_chunks(_member_deltas(tasks, pipeline, method, list(g), chunks, base, device),
-                                     views).to_host()
+        group = method.for_group(g)
+        result = group.merge_chunks(_member_deltas(tasks, pipeline, group, list(g), chunks, base, device),
+                                    views).to_host()
         pieces = torch.split(result.delta, numels)
         if stored_with_masks(method, len(g)):
             masks = [pack_masks(m) for m in torch.split(result.masks, numels, dim=1)]
@@ -151,9 +152,12 @@ class AllTasksMerge:
         if chunk.key not in self.merged:
             self.merged[chunk.key] = torch.empty(meta.shape, dtype=self.method.storage_dtype(meta.dtype))
         out = self.merged[chunk.key]
-        rows = out if chunk.rows is None else out[chunk.rows[0]:chunk.rows[1]]
-        delta = self.method.for_key(chunk.key).merge(deltas.flatten(1)).delta.view(base.shape)
-        rows.copy_(torch.add(delta, base, out=scratch("premerge.sum", base.shape, delta.dtype)))
+        target = out if chunk.rows is None else out[chunk.rows[0]:chunk.rows[1]]
+        rows = deltas.flatten(1)
+        if self.method.needs_base:
+            rows = torch.cat([rows, base.reshape(1, -1)])
+        delta = self.method.for_key(chunk.key).merge(rows).delta.view(base.shape)
+        target.copy_(torch.add(delta, base, out=scratch("premerge.sum", base.shape, delta.dtype)))
 
     def finish(self, tasks: TaskSet) -> dict[str, object]:
         keep = set(tasks.mergeable)
@@ -187,6 +191,8 @@ def _member_deltas(tasks: TaskSet, pipeline: Pipeline, method: MergeMethod, memb
             if method.uses_untransformed:  # the raw task vectors below the transformed ones
                 raw = to_device(tasks.deltas(c, members, base32=base32), device)
                 deltas = torch.cat([deltas, raw.flatten(1)])
+            if method.needs_base:  # θ0 below the task vectors
+                deltas = torch.cat([deltas, to_device(base32, device).reshape(1, -1)])
             yield p, deltas
 
 

@@ -7,8 +7,9 @@ is declared by `transforms()` and applied before planning and merging.
 
 from __future__ import annotations
 
-import json
+import copy
 import itertools
+import json
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -109,6 +110,14 @@ class MethodParams(BaseModel):
         "whose regex matches a tensor's whole name gives it its parameters over the method's own")
 
 
+class WeightedParams(MethodParams):
+    """Options of a method that weights its members, as mergekit's per-model `weight`."""
+
+    weights: dict[str, float] | None = Field(
+        None, description="per-task weight {task name: w} (tasks not named weigh 1); a group's members keep "
+        "theirs, normalized over the group where the method normalizes")
+
+
 class MergeMethod:
     """Base class: subclasses set `name`, `Params`, and implement `merge`."""
 
@@ -120,6 +129,11 @@ class MergeMethod:
     uses_scales: ClassVar[bool] = False  # and one fp32 rescaler per member
     elementwise: ClassVar[bool] = False  # merging a slice of entries needs only that slice
     uses_residuals: ClassVar[bool] = False  # stores θ0 + shared and per member a residual per tensor
+    pairwise: ClassVar[bool] = False  # merges exactly two models (mergekit's slerp, nuslerp, nearswap, ...)
+    _task_weights: torch.Tensor | None = None  # per task (`for_tasks`), fp64
+    _group_weights: torch.Tensor | None = None  # per member of one group (`for_group`), fp64
+    _tasks: tuple[str, ...] | None = None  # the task names it is bound to (`for_tasks`)
+    _members: tuple[int, ...] | None = None  # the group it is bound to (`for_group`)
 
     def residual_rank(self, shape: tuple[int, ...]) -> int | None:
         """Residual methods: the rank stored for a 2-D tensor of `shape`; None: stored exactly
@@ -137,13 +151,28 @@ class MergeMethod:
         transforms (TIES trim, DARE): then each chunk is (2n, d), the transformed rows first."""
         return False
 
+    @property
+    def needs_base(self) -> bool:
+        """Whether the method reads θ0 too (it merges the models' weights, not only their task
+        vectors): then each chunk it is given is (n + 1, d), the members' task vectors, then θ0."""
+        return False
+
+    @property
+    def merges_weights(self) -> bool:
+        """Whether the method merges the models themselves, θ0 being only what the result is stored
+        against (mergekit's weight-space methods): then one of the tasks may be the base itself."""
+        return False
+
     def __init__(self, **params: object):
+        if "weights" in params and not self.weighted():
+            raise ConfigError(f"method {self.name!r} takes no per-task weights (it merges its members alike); "
+                              f"methods that do: {', '.join(n for n, c in _REGISTRY.items() if c.weighted())}")
         try:
             self.p = self.Params(**params)
         except ValidationError as e:
             raise ConfigError(f"invalid parameters for method {self.name!r}: {_short(e, self.Params)}") from None
         self._rules = [(re.compile(r.match), self._for_rule(i, r)) for i, r in enumerate(self.p.tensor_params)]
-        self._by_key: dict[str, MergeMethod] = {}
+        self._rule_of: dict[str, int | None] = {}  # tensor -> the index of its rule (None: no rule matches)
 
     def _for_rule(self, i: int, rule: TensorRule) -> MergeMethod:
         """The method with `rule`'s parameters over this one's (checked now, not at merge time)."""
@@ -153,28 +182,85 @@ class MergeMethod:
         except ConfigError as e:
             raise ConfigError(f"tensor_params[{i}] ({rule.match!r}): {e}") from None
         flags = ("uses_masks", "uses_scales", "uses_residuals", "elementwise", "uses_untransformed",
-                 "data_dependent_size")
+                 "data_dependent_size", "needs_base", "merges_weights", "pairwise")
         if any(getattr(method, f) != getattr(self, f) for f in flags) or self.uses_scales or self.uses_residuals:
             raise ConfigError(f"tensor_params[{i}] ({rule.match!r}): method {self.name!r} cannot take these "
                               "parameters per tensor (they change what it stores)")
         return method
 
+    def rule_of(self, key: str) -> int | None:
+        """The index of the first `tensor_params` rule that matches tensor `key` (None: none does)."""
+        if key not in self._rule_of:
+            self._rule_of[key] = next((i for i, (rx, _) in enumerate(self._rules) if rx.fullmatch(key)), None)
+        return self._rule_of[key]
+
     def for_key(self, key: str) -> MergeMethod:
         """The method that merges tensor `key`: this one with the parameters of the first
-        `tensor_params` rule that matches `key` (itself when none does)."""
-        if not self._rules:
-            return self
-        if key not in self._by_key:
-            self._by_key[key] = next((m for rx, m in self._rules if rx.fullmatch(key)), self)
-        return self._by_key[key]
+        `tensor_params` rule that matches `key`, bound as this one is (itself when none matches)."""
+        rule = self.rule_of(key) if self._rules else None
+        return self if rule is None else self._rules[rule][1].bind_like(self)
+
+    @classmethod
+    def weighted(cls) -> bool:
+        """Whether the method takes per-task `weights`."""
+        return "weights" in cls.Params.model_fields
 
     def params(self) -> dict[str, object]:
-        """The parameters as recorded (`describe`, manifests): all, less unset `recorded_when_set` ones
-        (and `tensor_params` when there are none)."""
+        """The parameters as recorded (`describe`, manifests): all, less unset `recorded_when_set`
+        ones, unset `weights` and empty `tensor_params` (so artifacts of merges without them are
+        written as before)."""
         fields = type(self.p).model_fields
+        unset = (*self.p.recorded_when_set, "weights", "tensor_params")
         return {k: v for k, v in self.p.model_dump().items()
-                if (k not in self.p.recorded_when_set or v != fields[k].default)
-                and (k != "tensor_params" or v)}
+                if k not in unset or v != fields[k].get_default(call_default_factory=True)}
+
+    def for_tasks(self, names: Sequence[str]) -> MergeMethod:
+        """This method for a merge of the tasks `names` (in task order): what depends on the tasks
+        is checked (a pairwise method needs two; `weights` must name tasks) and their weights bound."""
+        if self.pairwise and len(names) != 2:
+            raise ConfigError(f"method {self.name!r} merges two models, got {len(names)} tasks: for more, use "
+                              "multislerp or karcher")
+        for _, rule in self._rules:
+            rule.for_tasks(names)  # a rule's weights must name tasks too
+        weights = getattr(self.p, "weights", None)
+        bound = copy.copy(self)
+        bound._tasks = tuple(names)
+        if weights is None:
+            return bound
+        unknown = sorted(set(weights) - set(names))
+        if unknown:
+            raise ConfigError(f"weights name {', '.join(map(repr, unknown))}, not among the tasks "
+                              f"({', '.join(names)})")
+        bound._task_weights = torch.tensor([float(weights.get(n, 1.0)) for n in names], dtype=torch.float64)
+        return bound
+
+    def for_group(self, members: Sequence[int]) -> MergeMethod:
+        """This method as it merges the group `members` (task indices, in task order): a weighted
+        method with those members' weights; any other is the same for every group."""
+        if self._task_weights is None and not self._rules:
+            if getattr(self.p, "weights", None) is not None:
+                raise RuntimeError(f"method {self.name!r} has weights: bind it to the tasks (for_tasks) first")
+            return self
+        bound = copy.copy(self)
+        bound._members = tuple(members)
+        if self._task_weights is not None:
+            bound._group_weights = self._task_weights[list(members)]
+        return bound
+
+    def bind_like(self, other: MergeMethod) -> MergeMethod:
+        """This method bound to the tasks and the group `other` is bound to (`for_tasks`, `for_group`)."""
+        bound = self if other._tasks is None else self.for_tasks(other._tasks)
+        return bound if other._members is None else bound.for_group(other._members)
+
+    def member_weights(self, n: int) -> torch.Tensor | None:
+        """The (n,) fp64 weights of the group being merged; None when the merge is unweighted."""
+        if self._group_weights is None:
+            if getattr(self.p, "weights", None) is not None:
+                raise RuntimeError(f"method {self.name!r} has weights: bind it to a group (for_group) first")
+            return None
+        if self._group_weights.numel() != n:
+            raise ValueError(f"method {self.name!r} is bound to a group of {self._group_weights.numel()}, given {n}")
+        return self._group_weights
 
     def storage_dtype(self, input_dtype: torch.dtype) -> torch.dtype:
         return getattr(torch, self.p.dtype) if self.p.dtype else input_dtype
@@ -232,20 +318,21 @@ class MergeMethod:
 def _merge_per_tensor(method: MergeMethod, chunks: BlockChunks, parts: Sequence[PartView]) -> GroupResult:
     """A block whose tensors resolve to different methods (`for_key`): each run of consecutive
     tensors with one method is merged by it, the results joined in order."""
-    methods = [method.for_key(p.key) for p in parts]
+    rules = [method.rule_of(p.key) for p in parts]
     runs: list[tuple[int, int]] = []  # [start, stop) of the parts of each run
     for i in range(len(parts)):
-        if runs and methods[i] is methods[runs[-1][0]]:
+        if runs and rules[i] == rules[runs[-1][0]]:
             runs[-1] = (runs[-1][0], i + 1)
         else:
             runs.append((i, i + 1))
+    methods = [method.for_key(parts[a].key) for a, _ in runs]
     if len(runs) == 1:
         return _merge_one_method(methods[0], chunks, parts)
     run_of = {p: r for r, (a, b) in enumerate(runs) for p in range(a, b)}
     results = []
     for r, group in itertools.groupby(chunks, key=lambda pc: run_of[pc[0]]):
         a, b = runs[r]
-        results.append(_merge_one_method(methods[a], ((p - a, c) for p, c in group), parts[a:b]))
+        results.append(_merge_one_method(methods[r], ((p - a, c) for p, c in group), parts[a:b]))
     if len(results) != len(runs):
         raise ValueError(f"the chunks hold {len(results)} runs of tensors, the parts {len(runs)}")
     return GroupResult.concat(results)

@@ -23,7 +23,7 @@ import torch
 from pydantic import Field
 
 from flexmerge.errors import ConfigError
-from flexmerge.methods.kernels import disjoint_mean, disjoint_sum, elect_sign
+from flexmerge.methods.kernels import agrees, disjoint_mean, disjoint_sum, elect_sign
 from flexmerge.preprocess import DareDrop, TopKTrim, Transform, trim_rank
 
 Consensus = Literal["none", "sum", "count"]
@@ -129,16 +129,50 @@ def linear_weight(n: int, combine: Combine, lam: float) -> float:
     return lam / n if combine == "mean" else lam
 
 
-def merge(deltas: torch.Tensor, cfg: GTAConfig) -> torch.Tensor:
-    """The (D,) merge of a group's (n, D) sparsified task vectors under `cfg`.
+def linear_weights(weights: torch.Tensor, combine: Combine, lam: float) -> torch.Tensor:
+    """The coefficients of a weighted merge without sign election: λ·w / Σ w ("mean", with
+    `weighted_merge`'s guard on a vanishing Σ w) or λ·w ("sum")."""
+    if combine == "sum":
+        return lam * weights
+    total = float(weights.sum())
+    return lam * weights / (1.0 if abs(total) < 1e-8 else total)
+
+
+def merge(deltas: torch.Tensor, cfg: GTAConfig, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """The (D,) merge of a group's (n, D) sparsified task vectors under `cfg`, with the members'
+    (n,) `weights` when given (`weighted_merge`).
 
     Without a sign election it is w·Σ τ_i (w = `linear_weight`): a sum over the group reads the
     task vectors at memory speed, where the same product as a (1, n) @ (n, D) GEMV ran at half
     of it (MKL, 8 rows of 256K entries). With one, the agreeing members' disjoint mean or sum, ×λ."""
+    if weights is not None:
+        return weighted_merge(deltas, cfg, weights)
     sign = elect(deltas, cfg.consensus)
     if sign is None:
         return _scaled(deltas.sum(0), linear_weight(deltas.shape[0], cfg.combine, cfg.lam))
     return _scaled((disjoint_mean if cfg.combine == "mean" else disjoint_sum)(deltas, sign), cfg.lam)
+
+
+def weighted_merge(deltas: torch.Tensor, cfg: GTAConfig, weights: torch.Tensor) -> torch.Tensor:
+    """mergekit's merge with per-model weights w (`generalized_task_arithmetic.py`, in its order of
+    operations): the signs are elected on the weighted vectors w_i·τ_i, whose (agreeing) sum is
+    divided, for "mean" (mergekit's `normalize`), by Σ w_i over the members that enter each entry
+    (a divisor of 0 is taken as 1; without an election, one below 1e-8), then scaled by λ."""
+    w = weights.to(device=deltas.device, dtype=deltas.dtype).view(-1, *[1] * (deltas.dim() - 1))
+    weighted = deltas * w
+    sign = elect(weighted, cfg.consensus)
+    if sign is None:
+        mixed = weighted.sum(0)
+        divisor = w.sum(0)
+        divisor = torch.where(divisor.abs() < 1e-8, torch.ones_like(divisor), divisor)
+    else:
+        mask = agrees(weighted, sign)
+        mixed = weighted.mul_(mask).sum(0)
+        divisor = (w * mask).sum(0)
+        divisor = torch.where(divisor == 0, torch.ones_like(divisor), divisor)
+    if cfg.combine == "mean":
+        mixed = mixed.div_(divisor)
+    return _scaled(mixed, cfg.lam)
 
 
 def _scaled(merged: torch.Tensor, w: float) -> torch.Tensor:
