@@ -35,6 +35,7 @@ from flexmerge.cli.options import (
     SeedOpt,
     SpecificOpt,
     WeightOpt,
+    config_fields,
     merge_config,
 )
 from flexmerge.errors import FlexMergeError

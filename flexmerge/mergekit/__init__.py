@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
+import warnings
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from flexmerge.blocks import layer_of
-from flexmerge.errors import ConfigError, FlexMergeError
+from flexmerge.errors import ConfigError, FlexMergeError, FlexMergeWarning
 from flexmerge.io.open import open_checkpoint
 from flexmerge.io.side_files import read_side_files_in, template_of
 from flexmerge.mergekit.settings import SPECS, Param, Scope, resolve
@@ -347,20 +348,22 @@ def _positions(keys: list[str], slices: list[_Slice], where: str) -> dict[str, t
 
 
 def _check_names(method: str, doc: _Document) -> None:
-    """Every parameter named is one the method reads, and a model's are its own (not the merge's)."""
+    """Parameters the method does not read are ignored, as mergekit ignores them (its test configs
+    give every method a `weight`), with a warning naming them: a misspelt one is not silent."""
     spec = SPECS[method]
     levels = [("parameters", doc.params, False)]
     for n, s in enumerate(doc.slices):
         levels.append((f"slices[{n}].parameters", s.params, False))
-        levels += [(f"the parameters of {ref}", p, True) for ref, p in s.model_params.items()]
+        levels += [(Path(ref).name, p, True) for ref, p in s.model_params.items()]
+    ignored: dict[str, list[str]] = {}
     for label, scope, per_model in levels:
         for name in scope or {}:
-            if name not in spec:
-                raise ConfigError(f"{doc.where}: {label}: {name!r} is not a parameter of {method} (its parameters: "
-                                  f"{', '.join(spec) or 'none'})")
-            if per_model and spec[name].scope == "shared":
-                raise ConfigError(f"{doc.where}: {label}: {name!r} is a parameter of the whole merge: give it under "
-                                  "the top-level parameters:")
+            if name not in spec or (per_model and spec[name].scope == "shared"):
+                ignored.setdefault(name, []).append(label)
+    if ignored:
+        listed = "; ".join(f"{name} (in {', '.join(labels)})" for name, labels in ignored.items())
+        warnings.warn(f"{method} does not read {listed}: ignored, as mergekit ignores it (its parameters: "
+                      f"{', '.join(spec) or 'none'})", FlexMergeWarning, stacklevel=2)
 
 
 def _resolved(method: str, doc: _Document, key: str, at: tuple[int, float], tasks: Mapping[str, str]
