@@ -110,7 +110,7 @@ def _gta(method: str, shared: Shared, per_task: PerTask, explicit: bool, where: 
         density = _density(_same("density", per_task, where), where)
         if consensus:
             params["keep"] = 1.0 if dare else density
-            if not dare and density < 1.0:  # mergekit's `magnitude`: int(density·numel) entries per tensor
+            if not dare:  # mergekit's `magnitude`: int(density·numel) entries per tensor (density 1: none)
                 params.update(trim="floor", trim_scope="tensor")
         if dare:
             params["dare"] = round(1.0 - density, 12)  # 1 - 0.7 is 0.30000000000000004

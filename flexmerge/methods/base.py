@@ -532,7 +532,7 @@ def _short(e: ValidationError, params: type[MethodParams]) -> str:
         if err["type"] == "extra_forbidden":
             out.append(f"{where}: {err['msg']} (its parameters: {', '.join(params.model_fields)})")
         elif err["loc"]:
-            out.append(f"{where}: {err['msg']}, got {_shown(err['input'])}")
+            out.append(f"{where}: {err['msg'].removeprefix('Value error, ')}, got {_shown(err['input'])}")
         else:
             out.append(f"{where}: {err['msg']}")
     return "; ".join(out)
