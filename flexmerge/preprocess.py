@@ -218,6 +218,146 @@ class DareDrop(Transform):
         return {"p": self.p, "seed": self.seed}
 
 
+class OutlierTrim(Transform):
+    """Model Breadcrumbs' sparsification, as mergekit's `magnitude_outliers`: in each tensor of each
+    task vector (N entries), the int(γ·N) largest magnitudes are dropped (fewer when needed to keep
+    int(density·N)), and of the rest the int(density·N) largest are kept: by rank from the smallest,
+    [N − int(density·N) − int(γ·N), that + int(density·N)). The band's two magnitudes are found
+    exactly (`kth_largest_abs`); entries tied with either are kept (mergekit's sort keeps exactly the
+    band's count, choosing among ties by position)."""
+
+    name = "outlier_trim"
+
+    def __init__(self, density: float, gamma: float):
+        if not 0.0 <= density <= 1.0 or not 0.0 <= gamma <= 1.0:
+            raise ConfigError(f"density and gamma must be fractions in [0, 1], got {density} and {gamma}")
+        self.density, self.gamma = density, gamma
+        self.bands: dict[str, tuple[torch.Tensor, torch.Tensor] | None] = {}  # key -> per task (lo, hi); None: none kept
+
+    def fit(self, tasks: TaskSet, before: Pipeline, device: torch.device | None = None) -> None:
+        self.bands = {}
+        for key in tasks.mergeable:
+            n = tasks.meta[key].numel
+            kept, top = int(self.density * n), int(self.gamma * n)
+            bottom = max(0, n - kept - top)
+            if kept == 0:
+                self.bands[key] = None
+                continue
+            lo = kth_largest_abs(tasks, before, n - bottom, keys=[key], device=device)
+            hi = kth_largest_abs(tasks, before, n - bottom - kept + 1, keys=[key], device=device)
+            self.bands[key] = (torch.tensor(lo), torch.tensor(hi))
+
+    def apply(self, task: int, chunk: Chunk, offset: int, delta: torch.Tensor) -> torch.Tensor:
+        out = delta.unsqueeze(0).clone()
+        self.apply_rows([task], chunk, offset, out)
+        return out[0]
+
+    def apply_rows(self, tasks: Sequence[int], chunk: Chunk, offset: int, deltas: torch.Tensor) -> None:
+        band = self.bands[chunk.key]
+        if band is None:
+            deltas.zero_()
+            return
+        shape = (-1, *[1] * (deltas.dim() - 1))
+        lo, hi = (b[list(tasks)].to(deltas.device, deltas.dtype).view(shape) for b in band)
+        a = deltas.abs()
+        deltas.copy_(torch.where((a >= lo) & (a <= hi), deltas, torch.zeros((), dtype=deltas.dtype,
+                                                                                device=deltas.device)))
+
+    def params(self) -> dict[str, object]:
+        return {"density": self.density, "gamma": self.gamma}
+
+
+class MagPrune(Transform):
+    """DELLA's MAGPRUNE, as mergekit's `della_magprune`: in each row of each tensor of each task
+    vector, the entry of magnitude rank r (1 = the smallest of the row's C) is kept with probability
+    density − ε + 2ε·(r − 1)/(C − 1) (density itself when C = 1), drawn from the seeded counter hash
+    (`hashed_uniform`: the same draws whatever the chunking). Rows are ranked along the tensor's
+    second dimension (mergekit's dim=1); a 1-D tensor is one row, ranked against the whole tensor
+    even when it is read in several chunks (its sorted magnitudes are kept from `fit`)."""
+
+    name = "magprune"
+
+    def __init__(self, density: float, epsilon: float, seed: int = 0):
+        if not 0.0 < density - epsilon and density + epsilon < 1.0:
+            raise ConfigError(f"density ± epsilon must lie in (0, 1), got density {density}, epsilon {epsilon}")
+        self.density, self.epsilon, self.seed = density, epsilon, seed
+        self.sorted: dict[str, torch.Tensor] = {}  # 1-D key read in several chunks -> (M, N) sorted |τ|
+
+    def fit(self, tasks: TaskSet, before: Pipeline, device: torch.device | None = None) -> None:
+        self.sorted = {}
+        for key in tasks.mergeable:
+            chunks = list(tasks.chunks(key))
+            if len(tasks.meta[key].shape) == 1 and len(chunks) > 1:
+                whole = torch.cat([before.deltas(tasks, c, device=device) for c in chunks], dim=1)
+                self.sorted[key] = whole.abs().sort(dim=1).values
+
+    def apply(self, task: int, chunk: Chunk, offset: int, delta: torch.Tensor) -> torch.Tensor:
+        out = delta.unsqueeze(0).clone()
+        self.apply_rows([task], chunk, offset, out)
+        return out[0]
+
+    def apply_rows(self, tasks: Sequence[int], chunk: Chunk, offset: int, deltas: torch.Tensor) -> None:
+        keep = self.keep_probability(tasks, chunk.key, deltas.abs())
+        u = torch.stack([hashed_uniform(self.seed, t, f"{chunk.key}#magprune", offset, deltas[0].numel(),
+                                        deltas.device) for t in tasks]).view_as(deltas)
+        deltas.copy_(torch.where(u < keep, deltas, torch.zeros((), dtype=deltas.dtype, device=deltas.device)))
+
+    def keep_probability(self, tasks: Sequence[int], key: str, magnitudes: torch.Tensor) -> torch.Tensor:
+        """Each entry's keep probability from its magnitude rank in its row ((n, ...) `magnitudes`)."""
+        if magnitudes.dim() == 1:  # scalars: rows of one entry
+            return torch.full_like(magnitudes, self.density)
+        if key in self.sorted:
+            whole = self.sorted[key][list(tasks)].to(magnitudes.device)
+            ranks, count = torch.searchsorted(whole, magnitudes.contiguous()).to(magnitudes.dtype), whole.shape[1]
+        else:
+            dim = 1 if magnitudes.dim() == 2 else 2  # a 1-D tensor's row, else the tensor's dim 1
+            ranks = magnitudes.argsort(dim=dim).argsort(dim=dim).to(magnitudes.dtype)
+            count = magnitudes.shape[dim]
+        spread = ranks / (count - 1) if count > 1 else torch.full_like(ranks, 0.5)
+        return (self.density - self.epsilon) + spread * (2 * self.epsilon)
+
+    def params(self) -> dict[str, object]:
+        return {"density": self.density, "epsilon": self.epsilon, "seed": self.seed}
+
+
+class L1Rescale(Transform):
+    """mergekit's `rescale` of a sparsification (`rescaled_masked_tensor`, norm l1): what `inner`
+    keeps of each tensor of each task vector is scaled by Σ|τ| / Σ|kept|, so the tensor keeps its
+    L1 norm (left as kept when either sum is below 1e-7). `fit` streams the inputs once more to sum."""
+
+    def __init__(self, inner: Transform):
+        self.inner = inner
+        self.name = inner.name
+        self.factors: dict[str, torch.Tensor] = {}  # key -> (M,) fp32
+
+    def fit(self, tasks: TaskSet, before: Pipeline, device: torch.device | None = None) -> None:
+        self.inner.fit(tasks, before, device)
+        everyone = list(range(tasks.num_tasks))
+        self.factors = {}
+        for key in tasks.mergeable:
+            total = torch.zeros(2, tasks.num_tasks, dtype=torch.float64)
+            for c in tasks.chunks(key):
+                d = before.deltas(tasks, c, device=device)
+                kept = d.clone()
+                self.inner.apply_rows(everyone, c, chunk_offset(tasks, c), kept)
+                total[0] += d.abs().flatten(1).sum(1, dtype=torch.float64).cpu()
+                total[1] += kept.abs().flatten(1).sum(1, dtype=torch.float64).cpu()
+            before_l1, after_l1 = total
+            small = (before_l1 < 1e-7) | (after_l1 < 1e-7)
+            self.factors[key] = torch.where(small, 1.0, before_l1 / after_l1.clamp_min(1e-300)).float()
+
+    def apply(self, task: int, chunk: Chunk, offset: int, delta: torch.Tensor) -> torch.Tensor:
+        return self.inner.apply(task, chunk, offset, delta) * float(self.factors[chunk.key][task])
+
+    def apply_rows(self, tasks: Sequence[int], chunk: Chunk, offset: int, deltas: torch.Tensor) -> None:
+        self.inner.apply_rows(tasks, chunk, offset, deltas)
+        factor = self.factors[chunk.key][list(tasks)].to(deltas.device, deltas.dtype)
+        deltas.mul_(factor.view(-1, *[1] * (deltas.dim() - 1)))
+
+    def params(self) -> dict[str, object]:
+        return {**self.inner.params(), "rescale": "l1"}
+
+
 def hashed_uniform(seed: int, task: int, key: str, offset: int, n: int,
                    device: torch.device | None = None) -> torch.Tensor:
     """Uniform [0, 1) numbers for elements offset..offset+n of one tensor, chunking-independent

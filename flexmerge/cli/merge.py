@@ -218,7 +218,8 @@ def methods() -> None:
     """List the merging methods and their hyperparameters (with defaults)."""
     table = Table("method", "what it stores", "hyperparameters (default)")
     for name, cls in available_methods().items():
-        params = ", ".join(f"{k}={f.get_default(call_default_factory=True)!r}"
+        params = ", ".join(f"{k} (required)" if f.is_required()
+                           else f"{k}={f.get_default(call_default_factory=True)!r}"
                            for k, f in cls.Params.model_fields.items())
         table.add_row(name, cls.summary, params)
     console.print(table)

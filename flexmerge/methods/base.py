@@ -130,10 +130,8 @@ class MergeMethod:
     elementwise: ClassVar[bool] = False  # merging a slice of entries needs only that slice
     uses_residuals: ClassVar[bool] = False  # stores θ0 + shared and per member a residual per tensor
     pairwise: ClassVar[bool] = False  # merges exactly two models (mergekit's slerp, nuslerp, nearswap, ...)
-    _task_weights: torch.Tensor | None = None  # per task (`for_tasks`), fp64
-    _group_weights: torch.Tensor | None = None  # per member of one group (`for_group`), fp64
-    _tasks: tuple[str, ...] | None = None  # the task names it is bound to (`for_tasks`)
-    _members: tuple[int, ...] | None = None  # the group it is bound to (`for_group`)
+    _tasks: tuple[str, ...] | None = None  # the merge's task names (`for_tasks`)
+    _members: tuple[int, ...] | None = None  # the group being merged, task indices (`for_group`)
 
     def residual_rank(self, shape: tuple[int, ...]) -> int | None:
         """Residual methods: the rank stored for a 2-D tensor of `shape`; None: stored exactly
@@ -216,51 +214,50 @@ class MergeMethod:
 
     def for_tasks(self, names: Sequence[str]) -> MergeMethod:
         """This method for a merge of the tasks `names` (in task order): what depends on the tasks
-        is checked (a pairwise method needs two; `weights` must name tasks) and their weights bound."""
+        is checked (a pairwise method needs two; `weights` must name tasks) and they are bound."""
         if self.pairwise and len(names) != 2:
             raise ConfigError(f"method {self.name!r} merges two models, got {len(names)} tasks: for more, use "
                               "multislerp or karcher")
-        for _, rule in self._rules:
-            rule.for_tasks(names)  # a rule's weights must name tasks too
-        weights = getattr(self.p, "weights", None)
-        bound = copy.copy(self)
-        bound._tasks = tuple(names)
-        if weights is None:
-            return bound
-        unknown = sorted(set(weights) - set(names))
+        unknown = sorted(set(getattr(self.p, "weights", None) or {}) - set(names))
         if unknown:
             raise ConfigError(f"weights name {', '.join(map(repr, unknown))}, not among the tasks "
                               f"({', '.join(names)})")
-        bound._task_weights = torch.tensor([float(weights.get(n, 1.0)) for n in names], dtype=torch.float64)
+        for _, rule in self._rules:
+            rule.for_tasks(names)  # a rule's weights must name tasks too
+        bound = copy.copy(self)
+        bound._tasks, bound._members = tuple(names), None
         return bound
 
     def for_group(self, members: Sequence[int]) -> MergeMethod:
         """This method as it merges the group `members` (task indices, in task order): a weighted
-        method with those members' weights; any other is the same for every group."""
-        if self._task_weights is None and not self._rules:
-            if getattr(self.p, "weights", None) is not None:
-                raise RuntimeError(f"method {self.name!r} has weights: bind it to the tasks (for_tasks) first")
-            return self
+        method with those members' weights. A pairwise method merges groups of two only."""
+        if self.pairwise and len(members) != 2:
+            raise ConfigError(f"method {self.name!r} merges two models, not a group of {len(members)}: for more, "
+                              "use multislerp or karcher")
         bound = copy.copy(self)
         bound._members = tuple(members)
-        if self._task_weights is not None:
-            bound._group_weights = self._task_weights[list(members)]
         return bound
 
     def bind_like(self, other: MergeMethod) -> MergeMethod:
-        """This method bound to the tasks and the group `other` is bound to (`for_tasks`, `for_group`)."""
-        bound = self if other._tasks is None else self.for_tasks(other._tasks)
-        return bound if other._members is None else bound.for_group(other._members)
+        """This method bound to the tasks and group `other` is bound to (a variant of `other`, such
+        as one with other parameters for one tensor, merges what `other` merges)."""
+        bound = copy.copy(self)
+        bound._tasks, bound._members = other._tasks, other._members
+        return bound
 
-    def member_weights(self, n: int) -> torch.Tensor | None:
-        """The (n,) fp64 weights of the group being merged; None when the merge is unweighted."""
-        if self._group_weights is None:
-            if getattr(self.p, "weights", None) is not None:
-                raise RuntimeError(f"method {self.name!r} has weights: bind it to a group (for_group) first")
+    def member_weights(self, n: int, device: torch.device | None = None) -> torch.Tensor | None:
+        """The (n,) fp64 weights of the group being merged (tasks the weights do not name weigh 1),
+        on `device`; None when the method has no weights (every member alike)."""
+        weights = getattr(self.p, "weights", None)
+        if weights is None:
             return None
-        if self._group_weights.numel() != n:
-            raise ValueError(f"method {self.name!r} is bound to a group of {self._group_weights.numel()}, given {n}")
-        return self._group_weights
+        if self._tasks is None or self._members is None:
+            raise RuntimeError(f"method {self.name!r} has weights: bind it to the tasks (for_tasks) and the "
+                               "group (for_group) it merges")
+        if len(self._members) != n:
+            raise ValueError(f"method {self.name!r} is bound to a group of {len(self._members)}, given {n}")
+        return torch.tensor([float(weights.get(self._tasks[t], 1.0)) for t in self._members], dtype=torch.float64,
+                            device=device)
 
     def storage_dtype(self, input_dtype: torch.dtype) -> torch.dtype:
         return getattr(torch, self.p.dtype) if self.p.dtype else input_dtype

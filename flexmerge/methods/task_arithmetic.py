@@ -39,13 +39,13 @@ class TaskArithmetic(MergeMethod):
         keeps its own vector."""
         if deltas.shape[0] == 1:
             return GroupResult(deltas.sum(0))
-        return GroupResult(gta.merge(deltas, self.config, self.member_weights(deltas.shape[0])))
+        return GroupResult(gta.merge(deltas, self.config, self.member_weights(deltas.shape[0], deltas.device)))
 
     def member_weight(self, n: int) -> float:
         """Each member's weight in an unweighted group of `n` (a task alone keeps its own vector)."""
         return 1.0 if n == 1 else gta.linear_weight(n, self.p.convention, self.p.lam)
 
     def linear_weights(self, n: int, device: torch.device | None = None) -> torch.Tensor:
-        if self._group_weights is not None and n > 1:
-            return gta.linear_weights(self._group_weights, self.p.convention, self.p.lam).to(device)
+        if self.p.weights is not None and self._members is not None and n > 1:
+            return gta.linear_weights(self.member_weights(n, device), self.p.convention, self.p.lam)
         return torch.full((n,), self.member_weight(n), dtype=torch.float64, device=device)

@@ -35,4 +35,4 @@ class Ties(MergeMethod):
         return self.config.transforms()
 
     def merge(self, deltas: torch.Tensor) -> GroupResult:
-        return GroupResult(gta.merge(deltas, self.config, self.member_weights(deltas.shape[0])))
+        return GroupResult(gta.merge(deltas, self.config, self.member_weights(deltas.shape[0], deltas.device)))
