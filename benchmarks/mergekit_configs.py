@@ -434,8 +434,10 @@ def run_flexmerge(config: Path, out: Path) -> tuple[bool, str]:
            "--overwrite", "--no-resume"]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "COLUMNS": "400"}
     r = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    text = " ".join((r.stdout + r.stderr).split())
-    return r.returncode == 0, text.removeprefix("error: ")
+    if r.returncode == 0:
+        return True, " ".join(r.stdout.split())
+    errors = [line for line in (r.stdout + r.stderr).splitlines() if line.startswith("error: ")]
+    return False, " ".join((errors[-1] if errors else r.stderr or r.stdout).split()).removeprefix("error: ")
 
 
 def export_all(artifact: Path) -> list[Path]:

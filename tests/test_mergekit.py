@@ -141,7 +141,7 @@ def test_the_base_listed_among_models_is_skipped_and_task_names_come_from_paths(
 
 @pytest.mark.parametrize("change, message", [
     ({"merge_method": "frankenmerge"}, "unknown merge_method 'frankenmerge'; mergekit's: arcee_fusion"),
-    ({"unequal": True, "merge_method": "ties", "parameters": {"weight": 1.0, "density": 0.3}},
+    ({"unequal": True, "merge_method": "breadcrumbs", "parameters": {"weight": 1.0, "density": 0.3}},
      "the models' density values differ (task0: 0.3, task1: 0.5"),
     ({"parameters": {"weight": 1, "rescale": False}, "merge_method": "dare_ties"}, "rescale: false"),
     ({"parameters": {"weight": 1, "rescale": True}, "merge_method": "ties"}, "rescale: true"),
@@ -531,3 +531,44 @@ parameters: {{weight: 1.0, t: 0.3}}
     assert r.exit_code == 0, r.output
     assert "task_arithmetic does not read t (in parameters); gamma (in model_a): ignored, as mergekit ignores it" \
         in " ".join(r.output.split()), r.output
+
+
+def test_each_models_own_density_trims_its_task_vector_as_mergekits_ties(llama, tmp_path):
+    config = _write_config(tmp_path, f"""
+merge_method: ties
+base_model: {llama['base']}
+models:
+  - model: {llama['model_a']}
+    parameters: {{density: 0.3, weight: 1.0}}
+  - model: {llama['model_b']}
+    parameters: {{density: [0.9, 0.5], weight: 0.5}}
+  - model: {llama['model_c']}
+    parameters:
+      density: 1.0
+      weight: [{{filter: mlp, value: 0.7}}, {{value: 0.2}}]
+parameters: {{normalize: false, lambda: 1.2}}
+""")
+    got = _export_1x(tmp_path, config)
+    theta0, *models = _states(llama, "base", "model_a", "model_b", "model_c")
+    for key, x0 in theta0.items():
+        t = _layer_t(key)
+        densities = [0.3, _gradient([0.9, 0.5], t), 1.0]
+        w = torch.tensor([1.0, 0.5, 0.7 if "mlp" in key else 0.2]).view(-1, *[1] * x0.dim())
+        weighted = w * torch.stack([_magnitude(m[key] - x0, d) for m, d in zip(models, densities)])
+        sign = torch.where(weighted.sum(0) >= 0, 1.0, -1.0)  # normalize false: the agreeing weighted sum
+        expected = x0 + 1.2 * (weighted * (weighted.sign() == sign)).sum(0)
+        torch.testing.assert_close(got[key], expected, rtol=0, atol=1e-5, msg=key)
+
+
+def test_each_models_own_density_is_its_dare_rate(zoo):
+    import flexmerge
+    from flexmerge.preprocess import fitted_pipeline
+    from flexmerge.taskvec import Chunk
+
+    base, models = zoo
+    tasks = flexmerge.load_tasks(base, models)
+    method = flexmerge.get_method("ties", keep=1.0, dare=0.5, task_dare={"task0": 0.8, "task2": 0.1})
+    deltas = fitted_pipeline(tasks, method.for_tasks(tasks.names)).deltas(tasks, Chunk("layers.1.mlp.fc1.weight", None))
+    dropped = (deltas == 0).flatten(1).float().mean(1)
+    for rate, expected in zip(dropped.tolist(), [0.8, 0.5, 0.1, 0.5]):
+        assert abs(rate - expected) < 0.07, dropped

@@ -269,11 +269,14 @@ def _task_names(refs: list[str], doc: _Document) -> list[str]:
 
 def task_name(path: Path, taken: Iterable[str]) -> str:
     """The task name of a model: its folder or file name (checkpoint suffixes dropped), reduced to
-    the characters a task name allows, made unique with -2, -3, ..."""
+    the characters a task name allows ("base", reserved for the base, becomes "base-model"), made
+    unique with -2, -3, ..."""
     name = path.name
     for suffix in (".index.json", ".safetensors", ".bin", ".pth", ".pt"):
         name = name.removesuffix(suffix)
     name = re.sub(r"[^A-Za-z0-9._-]+", "-", name).lstrip("._-")[:120] or "model"
+    if name == "base":  # the manifest's name of the base model (a model merged as a task too: slerp's, linear's)
+        name = "base-model"
     taken = set(taken)
     unique, k = name, 2
     while unique in taken:
@@ -393,14 +396,14 @@ def _per_tensor_params(method: str, doc: _Document, keys: list[str], tasks: Mapp
     positions = _positions(keys, doc.slices, doc.where)
     resolved = {k: _resolved(method, doc, k, positions[k], tasks) for k in keys}
 
-    def translate(explicit: bool) -> dict[str, dict[str, Any]]:
-        return {k: flexmerge_params(method, *resolved[k], models=models, explicit_weights=explicit,
+    def translate(per_task: bool) -> dict[str, dict[str, Any]]:
+        return {k: flexmerge_params(method, *resolved[k], models=models, per_task_form=per_task,
                                     where=f"{doc.where}: {k}") for k in keys}
 
     by_key = translate(False)
+    if len({frozenset(p) for p in by_key.values()}) > 1:
+        by_key = translate(True)  # one form for all (per-task values spelt out), so that a rule only changes values
     groups = _groups(by_key)
-    if len(groups) > 1 and any("weights" in p for p in by_key.values()):
-        groups = _groups(translate(True))  # one form for all, so that a rule only changes values
     (default, _), *others = sorted(groups.values(), key=lambda g: -len(g[1]))
     rules = []
     for params, members in others:

@@ -52,12 +52,13 @@ def tasks_of(method: str, base: str | None, inputs: list[str], where: str) -> tu
     return (base if base is not None else inputs[0]), list(inputs), True
 
 
-def flexmerge_params(method: str, shared: Shared, per_task: PerTask, *, models: bool, explicit_weights: bool,
+def flexmerge_params(method: str, shared: Shared, per_task: PerTask, *, models: bool, per_task_form: bool,
                      where: str) -> dict[str, Any]:
     """The flexmerge method's parameters for one tensor. `models`: the tasks are merged as models
-    (`tasks_of`); `explicit_weights`: always as per-task `weights` (else a weight common to every
-    task may fold into λ)."""
-    params = TRANSLATORS[method](method, shared, per_task, explicit_weights, where)
+    (`tasks_of`); `per_task_form`: the models' values always as per-task parameters (`weights`,
+    `task_keep`, `task_dare`), so that every tensor's parameters take one form (else a value
+    common to every task is given once, a weight folded into λ)."""
+    params = TRANSLATORS[method](method, shared, per_task, per_task_form, where)
     if method in ("nuslerp", "multislerp"):
         params["space"] = "weights" if models else "deltas"
     return params
@@ -93,7 +94,8 @@ def _density(value: float, where: str) -> float:
 
 def _gta(method: str, shared: Shared, per_task: PerTask, explicit: bool, where: str) -> dict[str, Any]:
     """task_arithmetic, dare_linear, ties, dare_ties: mergekit merges θ0 + λ·Σ w_i m_i τ_i' (divided by
-    Σ w_i m_i when `normalize`); a weight common to every task folds into λ (or cancels)."""
+    Σ w_i m_i when `normalize`); a weight common to every task folds into λ (or cancels). Per-model
+    densities are the trim's per-task keep (ties) or DARE's per-task rate (1 − density)."""
     consensus, dare = method in ("ties", "dare_ties"), method in ("dare_ties", "dare_linear")
     normalize, lam = shared["normalize"], shared["lambda"]
     _check_rescale(method, dare, consensus, shared["rescale"], where)
@@ -107,13 +109,19 @@ def _gta(method: str, shared: Shared, per_task: PerTask, explicit: bool, where: 
     else:
         params["convention"] = "mean" if normalize else "sum"
     if consensus or dare:
-        density = _density(_same("density", per_task, where), where)
-        if consensus:
-            params["keep"] = 1.0 if dare else density
-            if not dare:  # mergekit's `magnitude`: int(density·numel) entries per tensor (density 1: none)
-                params.update(trim="floor", trim_scope="tensor")
-        if dare:
-            params["dare"] = round(1.0 - density, 12)  # 1 - 0.7 is 0.30000000000000004
+        densities = {t: _density(float(p["density"]), where) for t, p in per_task.items()}
+        one = len(set(densities.values())) == 1 and not explicit
+        if dare:  # 1 - 0.7 is 0.30000000000000004
+            rates = {t: round(1.0 - d, 12) for t, d in densities.items()}
+            params["dare"] = max(rates.values())
+            if not one:
+                params["task_dare"] = rates
+        if consensus and dare:
+            params["keep"] = 1.0  # no magnitude trim
+        elif consensus:  # mergekit's `magnitude`: int(density·numel) entries of each tensor
+            params.update(keep=min(densities.values()), trim="floor", trim_scope="tensor")
+            if not one:
+                params["task_keep"] = densities
     return params
 
 

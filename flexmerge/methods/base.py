@@ -14,7 +14,7 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from flexmerge.blocks import PartView
 from flexmerge.device import to_host
 from flexmerge.errors import ConfigError, UnknownNameError
-from flexmerge.preprocess import DareDrop, PerTensor, Pipeline, Transform
+from flexmerge.preprocess import DareDrop, PerTensor, Pipeline, TopKTrim, Transform
 
 
 # One member's residual on one tensor: (A, B) low-rank factors with residual = A @ B, or (R,) exactly.
@@ -105,6 +105,11 @@ class MethodParams(BaseModel):
     seed: int = Field(0, description="seed of DARE's drops")
     dtype: Literal["float32", "float16", "bfloat16"] | None = Field(
         None, description="dtype of what is stored (default: the inputs'); arithmetic is always fp32")
+    task_dare: dict[str, Annotated[float, Field(ge=0.0, lt=1.0)]] | None = Field(
+        None, description="per-task DARE drop rate {task name: p} over `dare` (mergekit's per-model density, 1 − p)")
+    task_keep: dict[str, Annotated[float, Field(gt=0.0, le=1.0)]] | None = Field(
+        None, description="per-task keep of the magnitude trim {task name: keep} over `keep` (mergekit's per-model "
+        "density), for methods that trim")
     tensor_params: list[TensorRule] = Field(
         default_factory=list, description="per-tensor parameters: [{match: REGEX, params: {...}}], the first rule "
         "whose regex matches a tensor's whole name gives it its parameters over the method's own")
@@ -208,7 +213,7 @@ class MergeMethod:
         ones, unset `weights` and empty `tensor_params` (so artifacts of merges without them are
         written as before)."""
         fields = type(self.p).model_fields
-        unset = (*self.p.recorded_when_set, "weights", "tensor_params")
+        unset = (*self.p.recorded_when_set, "weights", "task_dare", "task_keep", "tensor_params")
         return {k: v for k, v in self.p.model_dump().items()
                 if k not in unset or v != fields[k].get_default(call_default_factory=True)}
 
@@ -218,10 +223,11 @@ class MergeMethod:
         if self.pairwise and len(names) != 2:
             raise ConfigError(f"method {self.name!r} merges two models, got {len(names)} tasks: for more, use "
                               "multislerp or karcher")
-        unknown = sorted(set(getattr(self.p, "weights", None) or {}) - set(names))
-        if unknown:
-            raise ConfigError(f"weights name {', '.join(map(repr, unknown))}, not among the tasks "
-                              f"({', '.join(names)})")
+        for field in ("weights", "task_dare", "task_keep"):
+            unknown = sorted(set(getattr(self.p, field, None) or {}) - set(names))
+            if unknown:
+                raise ConfigError(f"{field} name {', '.join(map(repr, unknown))}, not among the tasks "
+                                  f"({', '.join(names)})")
         for _, rule in self._rules:
             rule.for_tasks(names)  # a rule's weights must name tasks too
         bound = copy.copy(self)
@@ -271,11 +277,26 @@ class MergeMethod:
         it, each tensor's own (`PerTensor`)."""
         if self._rules and any(m.transforms() for _, m in self._rules):
             return Pipeline([PerTensor(self.transforms_for)])
-        return Pipeline(self.transforms())
+        return Pipeline(self.task_transforms())
 
     def transforms_for(self, key: str) -> list[Transform]:
         """The transforms of tensor `key` (`for_key`'s method's)."""
-        return self.for_key(key).transforms()
+        return self.for_key(key).task_transforms()
+
+    def task_transforms(self) -> list[Transform]:
+        """`transforms()` with the per-task rates (`task_dare`, `task_keep`) of the tasks it is bound
+        to (`for_tasks`) in place of the common ones; unbound, the same transforms (their kinds and
+        order, which is what a plan asks before the tasks are known)."""
+        out = self.transforms()
+        if self._tasks is None or (self.p.task_dare is None and self.p.task_keep is None):
+            return out
+        for field, kind, off in (("task_dare", DareDrop, 0.0), ("task_keep", TopKTrim, 1.0)):
+            rates = getattr(self.p, field)
+            if rates and any(v != off for v in rates.values()) and not any(isinstance(t, kind) for t in out):
+                common = "dare > 0" if kind is DareDrop else "keep < 1"
+                raise ConfigError(f"method {self.name!r}: {field} needs its common rate on ({common}; the tasks not "
+                                  f"named take it)")
+        return [_per_task_rates(t, self.p, self._tasks) for t in out]
 
     def merge(self, deltas: torch.Tensor) -> GroupResult:
         """Merge the (n, D) task vectors of a group with n >= 2 members (flat view of a block)."""
@@ -310,6 +331,15 @@ class MergeMethod:
 
     def describe(self) -> dict[str, object]:
         return {"name": self.name, **self.params()}
+
+
+def _per_task_rates(tr: Transform, p: MethodParams, tasks: Sequence[str]) -> Transform:
+    """DARE's and the trim's transform with each task's own rate (`task_dare`, `task_keep`)."""
+    if isinstance(tr, DareDrop) and p.task_dare is not None:
+        return DareDrop(tuple(float(p.task_dare.get(t, tr.p)) for t in tasks), tr.seed)
+    if isinstance(tr, TopKTrim) and p.task_keep is not None:
+        return TopKTrim(tuple(float(p.task_keep.get(t, tr.keep)) for t in tasks), tr.rule, tr.scope)
+    return tr
 
 
 def _merge_per_tensor(method: MergeMethod, chunks: BlockChunks, parts: Sequence[PartView]) -> GroupResult:
