@@ -561,7 +561,7 @@ def _short(e: ValidationError, params: type[MethodParams]) -> str:
         elif err["loc"]:
             out.append(f"{where}: {err['msg'].removeprefix('Value error, ')}, got {_shown(err['input'])}")
         else:
-            out.append(f"{where}: {err['msg']}")
+            out.append(f"{where}: {err['msg'].removeprefix('Value error, ')}")
     return "; ".join(out)
 
 
