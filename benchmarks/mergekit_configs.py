@@ -527,6 +527,12 @@ def survey(case: Case, models: dict[str, Path], work: Path) -> dict:
     theirs = tensors(mk_out)
     row["diff"], problem = compare(ours, theirs)
     row["note"] += problem
+    if case.tool == "mergekit-multi":  # each earlier stage's output against mergekit-multi's intermediate one
+        ours_dir, theirs_dir = (x.with_name(x.name + ".stages") for x in (fm_out, mk_out))
+        for name in sorted(p.name for p in ours_dir.iterdir() if not p.name.startswith(".")):
+            d, stage_problem = compare(tensors(ours_dir / name), tensors(theirs_dir / name))
+            problem += stage_problem + ("" if d is not None and d <= 1e-5 else f"stage {name} differs; ")
+            row["stages"] = row.get("stages", "") + f"; stage {name}: {d:.1e}"
     if any(m in RANDOM_METHODS for m in row["method"].split(" > ")) and (base := base_of(config)):
         b = tensors(base)
         (f0, n0), (f1, n1) = statistics(ours, b), statistics(theirs, b)
@@ -553,6 +559,7 @@ def table(rows: list[dict]) -> str:
             diff = ""
         if r["note"] and "stats" not in r:
             diff += f"; {r['note']}" if diff else r["note"]
+        diff += r.get("stages", "")
         lines.append(f"| {r['config']} | {r['source']} | {r['method']} | {result.replace('|', '/')} | {diff} |")
     return "\n".join(lines)
 

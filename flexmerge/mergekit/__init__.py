@@ -86,7 +86,8 @@ def _refuse_other_architectures(data: dict[str, Any], where: str) -> None:
     if data.get("merge_method") == "passthrough":
         what = ("stacks layers of its slices into a model of another depth" if data.get("slices")
                 else "copies one model (with per-tensor scales), which merges nothing")
-        raise ConfigError(f"{where}: passthrough {what}; flexmerge merges models of one architecture: use mergekit-yaml")
+        raise ConfigError(f"{where}: passthrough {what}; flexmerge merges models of one architecture: "
+                          "use mergekit-yaml")
     if data.get("modules") is not None:
         raise ConfigError(f"{where}: modules: (a merge per module of a multi-module model) is not supported: give "
                           "whole models under models:, or use mergekit-yaml")
@@ -124,7 +125,8 @@ def _tokenizer_source(data: dict[str, Any], doc: _Document, where: str) -> str:
             raise ConfigError(f"{where}: tokenizer tokens / pad_to_multiple_of set embeddings of single tokens "
                               f"(tokenizer surgery), which changes the embeddings' rows: {SURGERY}")
         return "base"
-    what = "union (a vocabulary of every model's tokens)" if source == "union" else f"{source!r} (another model's vocabulary)"
+    what = ("union (a vocabulary of every model's tokens)" if source == "union"
+            else f"{source!r} (another model's vocabulary)")
     raise ConfigError(f"{where}: tokenizer source {what} re-maps every model's embedding rows onto a new vocabulary "
                       f"(tokenizer surgery), which flexmerge does not do: {SURGERY}")
 
@@ -234,8 +236,8 @@ class _Document:
         stops = [s.stop for s in out]
         if out[0].start != 0 or any(s.start != prev for s, prev in zip(out[1:], stops)):
             ranges = ", ".join(f"[{s.start}, {s.stop}]" for s in out)
-            raise ConfigError(f"{self.where}: the slices' layer ranges ({ranges}) do not follow each other from layer 0, "
-                              f"which builds a model of other layers than its inputs': {SURGERY}")
+            raise ConfigError(f"{self.where}: the slices' layer ranges ({ranges}) do not follow each other from "
+                              f"layer 0, which builds a model of other layers than its inputs': {SURGERY}")
         self.inputs.extend(refs[0])
         return out
 
@@ -335,7 +337,8 @@ def _positions(keys: list[str], slices: list[_Slice], where: str) -> dict[str, t
                               f"{len(layers)} ({', '.join(layers) or 'none'})")
         if slices[-1].stop != next(iter(layers.values())):
             raise ConfigError(f"{where}: the slices end at layer {slices[-1].stop}, the models have "
-                              f"{next(iter(layers.values()))}: slices must cover every layer ({SURGERY} to drop layers)")
+                              f"{next(iter(layers.values()))}: slices must cover every layer "
+                              f"({SURGERY} to drop layers)")
     out: dict[str, tuple[int, float]] = {}
     for key in keys:
         layer = layer_of(key)
@@ -345,7 +348,8 @@ def _positions(keys: list[str], slices: list[_Slice], where: str) -> dict[str, t
         family, index = layer.rsplit(".", 1)
         i = int(index)
         s = 0 if slices[0].start is None else next(n for n, sl in enumerate(slices) if sl.start <= i < sl.stop)
-        start, count = (0, layers[family]) if slices[s].start is None else (slices[s].start, slices[s].stop - slices[s].start)
+        sl = slices[s]
+        start, count = (0, layers[family]) if sl.start is None else (sl.start, sl.stop - sl.start)
         out[key] = (s, (i - start) / (count - 1) if count > 1 else 1.0)
     return out
 
@@ -496,8 +500,8 @@ def stage_order(docs: list[dict[str, Any]], where: str) -> list[Stage]:
             raise ConfigError(f"{where}: document {i + 1}: stage name {name!r} must be 1-128 letters, digits, "
                               "'.', '_' or '-'")
         if name in stages:
-            raise ConfigError(f"{where}: " + (f"two stages are named {name!r}" if name else
-                                              "more than one document has no name (mergekit-multi allows one final merge)"))
+            raise ConfigError(f"{where}: " + (f"two stages are named {name!r}" if name else "more than one document "
+                                              "has no name (mergekit-multi allows one final merge)"))
         stages[name] = body
     needs = {n: tuple(r for r in _references(d) if r in stages and r is not None and r != n) for n, d in stages.items()}
     order: list[Stage] = []
