@@ -373,10 +373,10 @@ def _assert_refused(tmp_path: Path, config: Path, message: str, command: str = "
 @pytest.mark.parametrize("doc, message", [
     ("merge_method: passthrough\nslices:\n  - sources: [{model: $a, layer_range: [0, 4]}]\n"
      "  - sources: [{model: $a, layer_range: [2, 4]}]\n",
-     "passthrough stacks layers of its slices into a model of another depth; flexmerge merges models of one "
-     "architecture: use mergekit-yaml"),
+     "passthrough stacks layers of its slices into a model of another depth, an architecture its inputs do not have; "
+     "use mergekit-yaml"),
     ("merge_method: passthrough\nmodels:\n  - model: $a\n    parameters: {scale: [{filter: o_proj, value: 0}]}\n",
-     "passthrough copies one model (with per-tensor scales), which merges nothing"),
+     "passthrough copies one model (with per-tensor scales): there is nothing to merge; use mergekit-yaml"),
     ("base_model: $a\ngate_mode: hidden\ndtype: bfloat16\nexperts:\n  - source_model: $a\n"
      "    positive_prompts: [hello]\n  - source_model: $b\n    positive_prompts: [doctor]\n",
      "a mergekit-moe config (experts, gate_mode) builds a mixture-of-experts model, an architecture its inputs do not "
@@ -387,7 +387,7 @@ def _assert_refused(tmp_path: Path, config: Path, message: str, command: str = "
     ("merge_method: task_arithmetic\nbase_model: $base\nmodels: [{model: $a}, {model: $b}]\nparameters: {weight: 1}\n"
      "tokenizer_source: $a\n", "(another model's vocabulary) re-maps every model's embedding rows"),
     ("merge_method: task_arithmetic\nbase_model: $base\nmodels: [{model: $a}, {model: $b}]\nparameters: {weight: 1}\n"
-     "tokenizer: {source: base, tokens: {x: {source: $a, force: true}}}\n", "(tokenizer surgery)"),
+     "tokenizer: {source: base, tokens: {x: {source: $a, force: true}}}\n", "are tokenizer surgery, which changes"),
     ("merge_method: task_arithmetic\nbase_model: $base\nparameters: {weight: 1}\n"
      "modules: {text: {models: [{model: $a}]}}\n", "modules: (a merge per module of a multi-module model)"),
     ("merge_method: task_arithmetic\nbase_model: $base\nmodels: [{model: $a}, {model: $b}]\nparameters: {weight: 1}\n"

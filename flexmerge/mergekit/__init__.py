@@ -84,10 +84,9 @@ def _refuse_other_architectures(data: dict[str, Any], where: str) -> None:
         raise ConfigError(f"{where}: a mergekit-moe config (experts, gate_mode) builds a mixture-of-experts model, "
                           "an architecture its inputs do not have, which flexmerge does not make: use mergekit-moe")
     if data.get("merge_method") == "passthrough":
-        what = ("stacks layers of its slices into a model of another depth" if data.get("slices")
-                else "copies one model (with per-tensor scales), which merges nothing")
-        raise ConfigError(f"{where}: passthrough {what}; flexmerge merges models of one architecture: "
-                          "use mergekit-yaml")
+        what = ("stacks layers of its slices into a model of another depth, an architecture its inputs do not "
+                "have" if data.get("slices") else "copies one model (with per-tensor scales): there is nothing to merge")
+        raise ConfigError(f"{where}: passthrough {what}; use mergekit-yaml")
     if data.get("modules") is not None:
         raise ConfigError(f"{where}: modules: (a merge per module of a multi-module model) is not supported: give "
                           "whole models under models:, or use mergekit-yaml")
@@ -122,8 +121,9 @@ def _tokenizer_source(data: dict[str, Any], doc: _Document, where: str) -> str:
         return "tasks"
     if source == "base" or (isinstance(source, str) and doc.base is not None and _same_model(source, doc)):
         if tokens:
-            raise ConfigError(f"{where}: tokenizer tokens / pad_to_multiple_of set embeddings of single tokens "
-                              f"(tokenizer surgery), which changes the embeddings' rows: {SURGERY}")
+            raise ConfigError(f"{where}: tokenizer: tokens (single tokens' embeddings taken from other models) and "
+                              f"pad_to_multiple_of (rows added to the vocabulary) are tokenizer surgery, which changes "
+                              f"the embeddings' rows: {SURGERY}")
         return "base"
     what = ("union (a vocabulary of every model's tokens)" if source == "union"
             else f"{source!r} (another model's vocabulary)")
