@@ -46,7 +46,7 @@ def is_multi_stage(file: Path | None) -> bool:
         return False
     try:
         return len(read_documents(file)) > 1
-    except Exception:  # noqa: BLE001 (reported by build_config)
+    except ConfigError:  # build_config reports it
         return False
 
 

@@ -155,6 +155,7 @@ def test_the_base_listed_among_models_is_skipped_and_task_names_come_from_paths(
     ({"hub": "nowhere/x/y.safetensors"}, "not found (relative paths are taken from the config's folder"),
     ({"method": "ties"}, "unknown key(s) 'method'"),
     ({"base_model": None}, "task_arithmetic needs base_model"),
+    ({"tokenizer_source": "base"}, "tokenizer_source base: the base"),
 ])
 def test_what_flexmerge_cannot_honour_is_a_clear_error(zoo, tmp_path, change, message):
     _, models = zoo

@@ -14,7 +14,7 @@ from flexmerge.executors import get_executor
 from flexmerge.flexmodel.model import BlockStore, FlexModel, StoredGroup, pack_masks
 from flexmerge.io.adapters import AdapterSource
 from flexmerge.io.side_files import own_side_files, pick_side_files, read_hf_side_files, with_options
-from flexmerge.io.source import rows_shape
+from flexmerge.io.source import HF_SIDE_GROUPS, rows_shape
 from flexmerge.methods.base import MergeMethod
 from flexmerge.planning.path import Assignment
 from flexmerge.preprocess import Pipeline, fitted_pipeline
@@ -234,6 +234,8 @@ def collect_hf_files(tasks: TaskSet, tokenizer_source: str = "tasks",
     if tokenizer_source not in TOKENIZER_SOURCES:
         raise ConfigError(f"tokenizer_source must be one of {', '.join(TOKENIZER_SOURCES)}, got {tokenizer_source!r}")
     base = read_hf_side_files(tasks.base)
+    if tokenizer_source == "base" and not any(n in base for n in HF_SIDE_GROUPS["tokenizer"]):
+        raise ConfigError(f"tokenizer_source base: the base {tasks.base.path} has no tokenizer files beside it")
     out: dict[str, dict[str, bytes]] = {}
     for name, src in zip(tasks.names, tasks.sources):
         if isinstance(src, AdapterSource) or src.hf_dir is not None or tasks.base.hf_dir is not None:
