@@ -79,7 +79,7 @@ def first_pass_for(method: str | MergeMethod, params: Mapping[str, Any] | None =
             return []
         everyone = m if names is None else m.for_tasks(names).for_group(range(len(names)))
         return [AllTasksMerge(everyone, budget_bytes)]
-    first = m.transforms()[:1]
+    first = m.pipeline().transforms[:1]
     if first and isinstance(first[0], TopKTrim) and first[0].scope == "model":
         return [MagnitudeHistogram()]
     return []
@@ -94,7 +94,7 @@ def uses_key_grams(method: str | MergeMethod, params: Mapping[str, Any] | None =
     size cuts at the last point, as `cuts_at_last_point` finds once the tasks are loaded, or is
     below the smallest). A plan made without them runs its own pass, so False is only slower."""
     m = _method(method, params)
-    if m.transforms():
+    if m.pipeline().transforms:
         return False
     smallest = size == "min" or (isinstance(size, (int, float)) and size <= 1 + SIZE_TOLERANCE)
     return not (smallest and max_bytes is None and ends_in_whole_copies(m, planner))
@@ -150,16 +150,18 @@ def merge(tasks: TaskSet, *, size: float | str | None = None, max_bytes: int | N
           method: str | MergeMethod = "task_arithmetic", params: Mapping[str, Any] | None = None,
           device: str | None = None, granularity: str = "sublayer", patterns: Mapping[str, str] | None = None,
           options: PlanOptions | None = None, executor=None, calibration: Calibration | None = None,
-          **option_fields: Any) -> FlexModel:
+          tokenizer_source: str = "tasks", chat_template: str | None = None, **option_fields: Any) -> FlexModel:
     """Plan and materialize in one call: the flex model of `tasks` at `size` (or within `max_bytes`),
-    planned (`options` and/or its fields, as `plan`'s) and merged on `device`."""
+    planned (`options` and/or its fields, as `plan`'s) and merged on `device`. `tokenizer_source`
+    ("tasks": each its own; "base": the base's) and `chat_template`: what the exports carry."""
     device = resolve_device(device, executor)
     m = _method_for(tasks, method, params)
     partition = discover_blocks(tasks, granularity, patterns)
     pipeline = fitted_pipeline(tasks, m, device)
     size, assignment, info = _plan_and_cut(tasks, partition, m, size, max_bytes, PlanOptions.of(options, **option_fields),
                                            pipeline, device=device, executor=executor, calibration=calibration)
-    return _materialize(tasks, partition, assignment, m, info=info, device=device, pipeline=pipeline)
+    return _materialize(tasks, partition, assignment, m, info=info, device=device, pipeline=pipeline,
+                        tokenizer_source=tokenizer_source, chat_template=chat_template)
 
 
 def _plan_and_cut(tasks: TaskSet, partition: Partition, m: MergeMethod, size: float | str | None,
@@ -235,9 +237,10 @@ def merge_to_disk(tasks: TaskSet, out: str | Path, *, size: float | str | None =
                   resume: bool = True, shard_bytes: int = SHARD_BYTES, device: str | None = None,
                   granularity: str = "sublayer", patterns: Mapping[str, str] | None = None,
                   options: PlanOptions | None = None, calibration: Calibration | None = None,
+                  tokenizer_source: str = "tasks", chat_template: str | None = None,
                   **option_fields: Any) -> dict[str, Any]:
     """Plan (`options` and/or its fields, as `plan`'s), then materialize block by block straight
-    into an artifact; returns its manifest.
+    into an artifact; returns its manifest. `tokenizer_source`, `chat_template`: as `merge`'s.
 
     Memory holds one block's merge and one shard's buffer, not the model. With `resume`, an
     interrupted run of the same job continues where its last written shard ended. `device`: where
@@ -254,7 +257,7 @@ def merge_to_disk(tasks: TaskSet, out: str | Path, *, size: float | str | None =
     header = ArtifactHeader(
         list(tasks.names), partition, dict(tasks.meta), assignment, m.describe(),
         point_size(tasks, partition, m, assignment.group_sizes()), model_unit(tasks, m), info,
-        collect_hf_files(tasks), dict(tasks.specific),
+        collect_hf_files(tasks, tokenizer_source, chat_template), dict(tasks.specific),
         size_from_stored=m.data_dependent_size)
     return write_artifact(
         out, header, {k: tasks.base.read(k) for k in tasks.frozen},

@@ -9,7 +9,9 @@ parameter, element index), so the same entries drop whatever the chunking or rea
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import json
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -83,6 +85,40 @@ class Pipeline:
         return [{"name": tr.name, **tr.params()} for tr in self.transforms]
 
 
+class PerTensor(Transform):
+    """Preprocessing that differs by tensor (per-tensor method parameters): `transforms_of(key)`
+    gives each tensor's transforms; tensors whose transforms are alike share one pipeline, fitted
+    on those tensors alone (a trim over the whole model takes its threshold over them)."""
+
+    name = "per_tensor"
+
+    def __init__(self, transforms_of: Callable[[str], list[Transform]]):
+        self.transforms_of = transforms_of
+        self.pipelines: dict[str, Pipeline] = {}  # key -> its group's fitted pipeline
+
+    def fit(self, tasks: TaskSet, before: Pipeline, device: torch.device | None = None) -> None:
+        if before.transforms:
+            raise ConfigError("per-tensor preprocessing must come first")
+        groups: dict[str, tuple[Pipeline, list[str]]] = {}
+        for key in tasks.mergeable:
+            pipe = Pipeline(self.transforms_of(key))
+            groups.setdefault(json.dumps(pipe.describe(), sort_keys=True), (pipe, []))[1].append(key)
+        for pipe, keys in groups.values():
+            # the tensors of one group, without the validation pass's whole-model histogram
+            pipe.fit(dataclasses.replace(tasks, mergeable=keys, first_pass={}), device)
+            self.pipelines.update(dict.fromkeys(keys, pipe))
+
+    def apply(self, task: int, chunk: Chunk, offset: int, delta: torch.Tensor) -> torch.Tensor:
+        return self.pipelines[chunk.key].apply_one(task, chunk, offset, delta)
+
+    def apply_rows(self, tasks: Sequence[int], chunk: Chunk, offset: int, deltas: torch.Tensor) -> None:
+        for tr in self.pipelines[chunk.key].transforms:
+            tr.apply_rows(tasks, chunk, offset, deltas)
+
+    def params(self) -> dict[str, object]:
+        return {"groups": len({id(p) for p in self.pipelines.values()})}
+
+
 def chunk_offset(tasks: TaskSet, chunk: Chunk) -> int:
     if chunk.rows is None:
         return 0
@@ -93,12 +129,13 @@ def chunk_offset(tasks: TaskSet, chunk: Chunk) -> int:
 class TopKTrim(Transform):
     """Keep the `keep` fraction of largest-magnitude entries of each task vector (TIES step 1):
     over the whole model (`scope="model"`, the TIES paper's and FlexMerge's), or of each tensor
-    on its own (`scope="tensor"`, as mergekit's TIES does)."""
+    on its own (`scope="tensor"`, as mergekit's TIES does). `keep` is one fraction for every
+    task, or one per task (a tuple in task order: mergekit's per-model density)."""
 
     name = "trim"
 
-    def __init__(self, keep: float, rule: str = "reference", scope: str = "model"):
-        if not 0.0 < keep <= 1.0:
+    def __init__(self, keep: float | tuple[float, ...], rule: str = "reference", scope: str = "model"):
+        if not all(0.0 < k <= 1.0 for k in _per_task(keep)):
             raise ConfigError(f"keep must be a fraction in (0, 1], got {keep}")
         if rule not in TRIM_RULES:
             raise ConfigError(f"trim rule must be one of {', '.join(map(repr, TRIM_RULES))}, got {rule!r}")
@@ -112,14 +149,22 @@ class TopKTrim(Transform):
     def fit(self, tasks: TaskSet, before: Pipeline, device: torch.device | None = None) -> None:
         if self.scope == "model":
             total = sum(tasks.meta[k].numel for k in tasks.mergeable)
-            self.thresholds = kth_largest_abs(tasks, before, trim_rank(total, self.keep, self.rule), device=device)
+            self.thresholds = kth_largest_abs(tasks, before, self._ranks(total, tasks.num_tasks), device=device)
             self._limits = {None: _bit_patterns(self.thresholds)}
             return
         self.tensor_thresholds = {
-            key: kth_largest_abs(tasks, before, trim_rank(tasks.meta[key].numel, self.keep, self.rule), keys=[key],
+            key: kth_largest_abs(tasks, before, self._ranks(tasks.meta[key].numel, tasks.num_tasks), keys=[key],
                                  device=device)
             for key in tasks.mergeable if tasks.meta[key].numel}
         self._limits = {key: _bit_patterns(v) for key, v in self.tensor_thresholds.items()}
+
+    def _ranks(self, total: int, num_tasks: int) -> int | list[int]:
+        """The threshold's rank among `total` entries: one for all tasks, or each task's."""
+        if isinstance(self.keep, tuple):
+            if len(self.keep) != num_tasks:
+                raise ConfigError(f"a keep per task needs {num_tasks} values, got {len(self.keep)}")
+            return [trim_rank(total, k, self.rule) for k in self.keep]
+        return trim_rank(total, self.keep, self.rule)
 
     def apply(self, task: int, chunk: Chunk, offset: int, delta: torch.Tensor) -> torch.Tensor:
         by_task = self.thresholds if self.scope == "model" else self.tensor_thresholds[chunk.key]
@@ -139,10 +184,16 @@ class TopKTrim(Transform):
         deltas.view(torch.int32).bitwise_and_(mask)
 
     def params(self) -> dict[str, object]:
-        return {"keep": self.keep, "rule": self.rule, **({"scope": self.scope} if self.scope != "model" else {})}
+        keep = list(self.keep) if isinstance(self.keep, tuple) else self.keep
+        return {"keep": keep, "rule": self.rule, **({"scope": self.scope} if self.scope != "model" else {})}
 
 
 TRIM_RULES = ("reference", "exact", "floor")
+
+
+def _per_task(value: float | tuple[float, ...]) -> tuple[float, ...]:
+    """A rate given once for all tasks or per task, as a tuple."""
+    return value if isinstance(value, tuple) else (value,)
 
 
 def _bit_patterns(thresholds: list[float]) -> torch.Tensor:
@@ -165,21 +216,23 @@ def trim_rank(total: int, keep: float, rule: str = "reference") -> int:
 
 
 class DareDrop(Transform):
-    """Drop each entry with probability p and rescale the survivors by 1/(1-p) (DARE)."""
+    """Drop each entry with probability p and rescale the survivors by 1/(1-p) (DARE); `p` is one
+    rate for every task, or one per task (a tuple in task order)."""
 
     name = "dare"
 
-    def __init__(self, p: float, seed: int = 0):
-        if not 0.0 <= p < 1.0:
+    def __init__(self, p: float | tuple[float, ...], seed: int = 0):
+        if not all(0.0 <= x < 1.0 for x in _per_task(p)):
             raise ConfigError(f"DARE drop rate p must be in [0, 1), got {p}")
         self.p, self.seed = p, seed
 
     def apply(self, task: int, chunk: Chunk, offset: int, delta: torch.Tensor) -> torch.Tensor:
+        p = self.p[task] if isinstance(self.p, tuple) else self.p
         u = hashed_uniform(self.seed, task, chunk.key, offset, delta.numel(), delta.device).view_as(delta)
-        return torch.where(u >= self.p, delta / (1.0 - self.p), torch.zeros((), dtype=delta.dtype, device=delta.device))
+        return torch.where(u >= p, delta / (1.0 - p), torch.zeros((), dtype=delta.dtype, device=delta.device))
 
     def params(self) -> dict[str, object]:
-        return {"p": self.p, "seed": self.seed}
+        return {"p": list(self.p) if isinstance(self.p, tuple) else self.p, "seed": self.seed}
 
 
 class OutlierTrim(Transform):
@@ -336,15 +389,18 @@ def hashed_uniform(seed: int, task: int, key: str, offset: int, n: int,
     return ((x >> 11) & ((1 << 24) - 1)).to(torch.float32) / float(1 << 24)
 
 
-def kth_largest_abs(tasks: TaskSet, before: Pipeline, k: int, keys: Sequence[str] | None = None,
+def kth_largest_abs(tasks: TaskSet, before: Pipeline, k: int | Sequence[int], keys: Sequence[str] | None = None,
                     device: torch.device | None = None) -> list[float]:
-    """Exact k-th largest |τ_t| over all mergeable entries (or those of `keys`), per task, in two
-    streaming passes (on `device`); entries that fit in one chunk are selected directly. The
-    first pass is skipped when the validation pass made its histogram (`MagnitudeHistogram`)."""
+    """Exact k-th largest |τ_t| over all mergeable entries (or those of `keys`), per task (`k`: one
+    rank for all, or each task's), in two streaming passes (on `device`); entries that fit in one
+    chunk are selected directly. The first pass is skipped when the validation pass made its
+    histogram (`MagnitudeHistogram`)."""
     chunks = [c for key in (tasks.mergeable if keys is None else keys) for c in tasks.chunks(key)]
     if len(chunks) == 1:
-        d = before.deltas(tasks, chunks[0], device=device)
-        return d.abs().flatten(1).float().topk(k, dim=1).values[:, -1].tolist()
+        d = before.deltas(tasks, chunks[0], device=device).abs().flatten(1).float()
+        if isinstance(k, int):
+            return d.topk(k, dim=1).values[:, -1].tolist()
+        return [float(row.topk(r).values[-1]) for row, r in zip(d, k)]
 
     def stream() -> Iterable[torch.Tensor]:
         for c in chunks:
@@ -404,10 +460,11 @@ def _histogram_into(hist: torch.Tensor, offsets: torch.Tensor, x: torch.Tensor) 
 
 
 def kth_largest(
-    stream: Callable[[], Iterable[torch.Tensor]], k: int, rows: int, total: int | None, desc: str,
+    stream: Callable[[], Iterable[torch.Tensor]], k: int | Sequence[int], rows: int, total: int | None, desc: str,
     hist: torch.Tensor | None = None,
 ) -> list[float]:
-    """Exact k-th largest magnitude per row over a stream of (rows, ...) float tensors.
+    """Exact k-th largest magnitude per row (`k`: one rank, or each row's) over a stream of
+    (rows, ...) float tensors.
 
     Pass 1 histograms the top 16 bits of each |x|'s fp32 bit pattern (monotone in |x|) with one
     bincount for all rows (or `hist`, its result, is given); pass 2 keeps only the values in the
@@ -427,10 +484,11 @@ def kth_largest(
     above = hist.flip(1).cumsum(1).flip(1)  # above[r, b] = count of values in bins >= b
     target_bin, rank_in_bin = [], []
     for r in range(rows):
-        b = int((above[r] >= k).nonzero().max()) if int(above[r, 0]) >= k else 0
+        kr = k if isinstance(k, int) else k[r]
+        b = int((above[r] >= kr).nonzero().max()) if int(above[r, 0]) >= kr else 0
         target_bin.append(b)
         higher = int(above[r, b + 1]) if b + 1 < _BINS else 0
-        rank_in_bin.append(k - higher)
+        rank_in_bin.append(kr - higher)
     # The bin sizes are known, so the candidates go into preallocated buffers: collecting many
     # small tensors instead fragments the heap and inflates the resident memory.
     kept = [torch.empty(int(hist[r, target_bin[r]]), device=device) for r in range(rows)]

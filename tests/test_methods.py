@@ -383,7 +383,7 @@ def test_method_spec_build_errors_name_the_key_value_and_choices():
     with pytest.raises(ConfigError, match=r"'ties': trim_scope: Input should be 'model' or 'tensor', got 'layer'"):
         MethodSpec.parse("ties:trim_scope=layer").build()
     with pytest.raises(ConfigError, match=r"'emr': kep: Extra inputs are not permitted \(its parameters: dare, seed, "
-                                          r"dtype, rescale\)"):
+                                          r"dtype, task_dare, task_keep, tensor_params, rescale\)"):
         MethodSpec.parse("emr:kep=1").build()
     with pytest.raises(ConfigError, match=r"s='a:b' cannot be written in a method spec"):
         str(MethodSpec("x", {"s": "a:b"}))

@@ -12,7 +12,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from flexmerge._atomic import check_target
-from flexmerge.api import artifact_summary, load_for_merge, merge_files, path_unit
+from flexmerge.api import artifact_summary, load_for_merge, path_unit
 from flexmerge.api import plan as plan_path
 from flexmerge.cli.app import command, console
 from flexmerge.cli.options import (
@@ -35,6 +35,7 @@ from flexmerge.cli.options import (
     SeedOpt,
     SpecificOpt,
     WeightOpt,
+    config_fields,
     merge_config,
 )
 from flexmerge.errors import ConfigError, FlexMergeError, UnknownNameError
@@ -45,6 +46,7 @@ from flexmerge.methods import available_methods
 from flexmerge.peft_export import export_peft, is_peft_export
 from flexmerge.planning.path import SIZE_TOLERANCE, MergePath, is_path_file
 from flexmerge.size import format_bytes
+from flexmerge.stages import is_multi_stage, merge_from_config, merge_stages
 from flexmerge.taskvec import TaskSet
 
 EXPORT_FORMATS = ("full", "peft")
@@ -125,20 +127,22 @@ def merge(
     Example: flexmerge merge --base base.safetensors --model a=a.safetensors --model b=b.safetensors
     --model c=c.safetensors --method ties --size 2 --out flex-2x
     """
-    cfg = merge_config(config, base=base, model=model, method=method, param=param, weight=weight,
-                       granularity=granularity, planner=planner, linkage=linkage, mode=mode, measure=measure, seed=seed,
-                       mixed=allow_mixed_dtypes, size=size, executor=executor, ray_address=ray_address,
-                       max_relative_change=max_relative_change, task_specific=task_specific, max_bytes=max_bytes,
-                       device=device, input_hash=input_hash)
-    if cfg.size is None and cfg.max_bytes is None:
-        raise FlexMergeError("--size or --max-bytes (or `size:` / `max_bytes:` in --config) is required")
-    manifest = merge_files(cfg.base, cfg.models, out, size=cfg.size, max_bytes=cfg.max_bytes, method=cfg.method,
-                           params=cfg.params, overwrite=overwrite,
-                           executor=get_executor(cfg.executor, address=cfg.ray_address),
-                           load_options=cfg.load_options(), options=cfg.plan_options(), resume=resume,
-                           device=cfg.device, **cfg.partition_options())
-    asked = (f"{cfg.size:g}x" if isinstance(cfg.size, float) else str(cfg.size)) if cfg.size is not None \
-        else f"at most {format_bytes(cfg.max_bytes)}"
+    flags = dict(base=base, model=model, method=method, param=param, weight=weight, granularity=granularity,
+                 planner=planner, linkage=linkage, mode=mode, measure=measure, seed=seed, mixed=allow_mixed_dtypes,
+                 size=size, executor=executor, ray_address=ray_address, max_relative_change=max_relative_change,
+                 task_specific=task_specific, max_bytes=max_bytes, device=device, input_hash=input_hash)
+    if is_multi_stage(config):  # mergekit-multi's stages: the ones before the last at 1x into OUT.stages/NAME
+        manifest = merge_stages(config, config_fields(**flags), out, overwrite=overwrite, resume=resume,
+                                log=lambda line: console.print(escape(line), soft_wrap=True))
+        requested = manifest.get("info", {}).get("requested_size")
+        asked = f"{requested:g}x" if isinstance(requested, (int, float)) else str(requested)
+    else:
+        cfg = merge_config(config, **flags)
+        if cfg.size is None and cfg.max_bytes is None:
+            raise FlexMergeError("--size or --max-bytes (or `size:` / `max_bytes:` in --config) is required")
+        manifest = merge_from_config(cfg, out, overwrite=overwrite, resume=resume)
+        asked = (f"{cfg.size:g}x" if isinstance(cfg.size, float) else str(cfg.size)) if cfg.size is not None \
+            else f"at most {format_bytes(cfg.max_bytes)}"
     total = manifest["stored_bytes"] + manifest["frozen_bytes"] + manifest["task_specific_bytes"]
     console.print(f"wrote {escape(str(out))}: {len(manifest['tasks'])} tasks, method {manifest['method']['name']}, "
                   f"size {manifest['size']:.4f}x, {format_bytes(total)} (asked {asked})", soft_wrap=True)
@@ -258,7 +262,8 @@ def methods() -> None:
     """List the merging methods and their hyperparameters (with defaults)."""
     table = Table("method", "what it stores", "hyperparameters (default)")
     for name, cls in available_methods().items():
-        params = ", ".join(f"{k} (required)" if f.is_required() else f"{k}={f.default!r}"
+        params = ", ".join(f"{k} (required)" if f.is_required()
+                           else f"{k}={f.get_default(call_default_factory=True)!r}"
                            for k, f in cls.Params.model_fields.items())
         table.add_row(name, cls.summary, params)
     console.print(table)

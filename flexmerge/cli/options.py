@@ -48,19 +48,22 @@ CacheOpt = typer.Option(None, "--cache-dir", help="where fine-tuned zoos are cac
 RebuildOpt = typer.Option(False, "--rebuild", help="retrain the zoo even if a verified cached one exists")
 
 
-def merge_config(config: Path | None, *, model: list[str] | None = None, param: list[str] | None = None,
-                 weight: list[str] | None = None, task_specific: list[str] | None = None, mixed: bool | None = None,
-                 **flags: Any) -> MergeConfig:
+def merge_config(config: Path | None, **flags: Any) -> MergeConfig:
     """The validated merge description: the --config file (YAML or mergekit), then the flags given
-    over it (`flags`: MergeConfig field names; None means not given)."""
+    over it (see `config_fields`)."""
+    return build_config(config, config_fields(**flags))
+
+
+def config_fields(*, model: list[str] | None = None, param: list[str] | None = None, weight: list[str] | None = None,
+                  task_specific: list[str] | None = None, mixed: bool | None = None, **flags: Any) -> dict[str, Any]:
+    """The flags as MergeConfig fields (`flags`: field names already; None means not given)."""
     params = parse_params(param or [])
     if weight:
         if "weights" in params:
             raise FlexMergeError("weights given twice: by --weight and by --param weights=...; give one")
         params["weights"] = task_weights(weight)
-    fields = {**flags, "models": parse_task_specs(model) if model else None, "params": params,
-              "task_specific": task_specific or None, "allow_mixed_dtypes": mixed}
-    return build_config(config, fields)
+    return {**flags, "models": parse_task_specs(model) if model else None, "params": params,
+            "task_specific": task_specific or None, "allow_mixed_dtypes": mixed}
 
 
 def task_weights(items: list[str]) -> dict[str, float]:

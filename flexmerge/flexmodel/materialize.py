@@ -13,8 +13,8 @@ from flexmerge.errors import ConfigError
 from flexmerge.executors import get_executor
 from flexmerge.flexmodel.model import BlockStore, FlexModel, StoredGroup, pack_masks
 from flexmerge.io.adapters import AdapterSource
-from flexmerge.io.side_files import own_side_files, pick_side_files, read_hf_side_files
-from flexmerge.io.source import rows_shape
+from flexmerge.io.side_files import own_side_files, pick_side_files, read_hf_side_files, with_options
+from flexmerge.io.source import HF_SIDE_GROUPS, rows_shape
 from flexmerge.methods.base import MergeMethod
 from flexmerge.planning.path import Assignment
 from flexmerge.preprocess import Pipeline, fitted_pipeline
@@ -135,7 +135,7 @@ class AllTasksMerge:
 
     @staticmethod
     def applies(method: MergeMethod) -> bool:
-        return (method.elementwise and not method.transforms() and not method.uses_masks
+        return (method.elementwise and not method.pipeline().transforms and not method.uses_masks
                 and not method.uses_residuals and not method.uses_untransformed)
 
     def begin(self, meta, num_tasks: int) -> bool:
@@ -156,7 +156,7 @@ class AllTasksMerge:
         rows = deltas.flatten(1)
         if self.method.needs_base:
             rows = torch.cat([rows, base.reshape(1, -1)])
-        delta = self.method.merge(rows).delta.view(base.shape)
+        delta = self.method.for_key(chunk.key).merge(rows).delta.view(base.shape)
         target.copy_(torch.add(delta, base, out=scratch("premerge.sum", base.shape, delta.dtype)))
 
     def finish(self, tasks: TaskSet) -> dict[str, object]:
@@ -199,10 +199,11 @@ def _member_deltas(tasks: TaskSet, pipeline: Pipeline, method: MergeMethod, memb
 def materialize(
     tasks: TaskSet, partition: Partition, assignment: Assignment, method: MergeMethod,
     info: dict | None = None, executor=None, device=None, pipeline: Pipeline | None = None,
+    tokenizer_source: str = "tasks", chat_template: str | None = None,
 ) -> FlexModel:
     """The flex model of one assignment, in memory (`api.merge_to_disk` streams to disk instead),
     merged on `device` (see `materialize_blocks`); `pipeline`: the method's preprocessing, fitted
-    on `tasks` already (else fitted here)."""
+    on `tasks` already (else fitted here); `tokenizer_source`, `chat_template`: see `collect_hf_files`."""
     device = resolve_device(device, executor)
     if pipeline is None:
         pipeline = fitted_pipeline(tasks, method, device)
@@ -217,19 +218,30 @@ def materialize(
         frozen={k: tasks.base.read(k) for k in tasks.frozen}, blocks=blocks, assignment=assignment,
         method=method.describe(),
         size=size,
-        unit_bytes=unit.nbytes, info=dict(info or {}), hf_files=collect_hf_files(tasks),
+        unit_bytes=unit.nbytes, info=dict(info or {}),
+        hf_files=collect_hf_files(tasks, tokenizer_source, chat_template),
         specific={name: tasks.read_specific(t) for t, name in enumerate(tasks.names)},
     )
 
 
-def collect_hf_files(tasks: TaskSet) -> dict[str, dict[str, bytes]]:
+def collect_hf_files(tasks: TaskSet, tokenizer_source: str = "tasks",
+                     chat_template: str | None = None) -> dict[str, dict[str, bytes]]:
     """Per task, the Hugging Face side files its export carries: each group (config, generation
     config, tokenizer, chat template) from the task's fine-tune, or from the base when it has none.
     A PEFT adapter's own files are those its adapter directory holds (a config with the task's own
-    labels, a tokenizer with added tokens)."""
+    labels, a tokenizer with added tokens). `tokenizer_source="base"`: every task carries the base's
+    tokenizer; `chat_template`: every task carries this chat template."""
+    if tokenizer_source not in TOKENIZER_SOURCES:
+        raise ConfigError(f"tokenizer_source must be one of {', '.join(TOKENIZER_SOURCES)}, got {tokenizer_source!r}")
     base = read_hf_side_files(tasks.base)
+    if tokenizer_source == "base" and not any(n in base for n in HF_SIDE_GROUPS["tokenizer"]):
+        raise ConfigError(f"tokenizer_source base: the base {tasks.base.path} has no tokenizer files beside it")
     out: dict[str, dict[str, bytes]] = {}
     for name, src in zip(tasks.names, tasks.sources):
         if isinstance(src, AdapterSource) or src.hf_dir is not None or tasks.base.hf_dir is not None:
-            out[name] = pick_side_files(own_side_files(src), base)
+            out[name] = with_options(pick_side_files(own_side_files(src), base), base, tokenizer_source == "base",
+                                     chat_template)
     return out
+
+
+TOKENIZER_SOURCES = ("tasks", "base")

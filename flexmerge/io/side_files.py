@@ -60,6 +60,43 @@ def pick_side_files(own: dict[str, bytes], base: dict[str, bytes]) -> dict[str, 
     return out
 
 
+def template_of(files: dict[str, bytes]) -> str | None:
+    """The chat template that side `files` carry (chat_template.jinja, or kept inline in
+    tokenizer_config.json), None when they carry none (or only a multi-template chat_template.json)."""
+    if CHAT_TEMPLATE_FILE in files:
+        return files[CHAT_TEMPLATE_FILE].decode("utf-8", errors="replace")
+    inline = _inline_template(files)
+    return inline if isinstance(inline, str) and inline else None
+
+
+def with_options(files: dict[str, bytes], base: dict[str, bytes], tokenizer_from_base: bool,
+                 chat_template: str | None) -> dict[str, bytes]:
+    """A task's side files with the merge's options applied: the base's tokenizer group instead of
+    its own (`tokenizer_from_base`, mergekit's `tokenizer_source: base`), and `chat_template` as its
+    only chat template (chat_template.jinja; one kept inline in tokenizer_config.json is taken out)."""
+    out = dict(files)
+    if tokenizer_from_base:
+        for name in (*HF_SIDE_GROUPS["tokenizer"], *HF_SIDE_GROUPS["chat template"]):
+            out.pop(name, None)
+        out.update({n: base[n] for n in HF_SIDE_GROUPS["tokenizer"] if n in base})
+        out.update(_chat_template(base, inline_too=False))
+    if chat_template is not None:
+        for name in HF_SIDE_GROUPS["chat template"]:
+            out.pop(name, None)
+        out[CHAT_TEMPLATE_FILE] = chat_template.encode("utf-8")
+        out.update(_without_inline_template(out))
+    return out
+
+
+def _without_inline_template(files: dict[str, bytes]) -> dict[str, bytes]:
+    """tokenizer_config.json without its `chat_template` field (rewritten only when it has one)."""
+    if not _inline_template(files):
+        return {}
+    config = json.loads(files["tokenizer_config.json"])
+    del config["chat_template"]
+    return {"tokenizer_config.json": (json.dumps(config, indent=2, ensure_ascii=False) + "\n").encode("utf-8")}
+
+
 def _inline_template(files: dict[str, bytes]) -> object:
     """The `chat_template` field of tokenizer_config.json (older transformers keep it there)."""
     try:
