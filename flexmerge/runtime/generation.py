@@ -116,7 +116,7 @@ def stop_ids(directory: Path, tokenizer: Any, config: Any) -> tuple[int, ...]:
 class Sampling:
     """How a sequence picks its tokens, with OpenAI's parameters and defaults: `temperature` 0 is
     greedy; `top_p` keeps the smallest set of tokens whose probability reaches it; `seed` makes
-    sampling repeatable; generation ends at an end-of-sequence token, at a `stop` string (not part
+    sampling repeatable (top_p 0 keeps the most likely token only); generation ends at an end-of-sequence token, at a `stop` string (not part
     of the text) or after `max_tokens` tokens."""
 
     max_tokens: int = 16
@@ -130,8 +130,8 @@ class Sampling:
             raise ConfigError(f"max_tokens must be a whole number of at least 1, got {self.max_tokens!r}")
         if not (math.isfinite(self.temperature) and self.temperature >= 0):
             raise ConfigError(f"temperature must be a number of at least 0, got {self.temperature!r}")
-        if not (math.isfinite(self.top_p) and 0 < self.top_p <= 1):
-            raise ConfigError(f"top_p must be above 0 and at most 1, got {self.top_p!r}")
+        if not (math.isfinite(self.top_p) and 0 <= self.top_p <= 1):
+            raise ConfigError(f"top_p must be from 0 to 1, got {self.top_p!r}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise ConfigError("stop strings must be non-empty strings")
 
@@ -246,20 +246,23 @@ class Generation:
         if self.finished and self._stream is not None:
             text += self._stream.flush()
         self.text += text
-        return Update(self, text)
+        return Update(self, text, len(self.tokens), self.finish_reason)
 
 
 @dataclass(frozen=True)
 class Update:
     """What one step did to a sequence: the text it added (may be empty: a character or a stop
-    string not complete yet) and, through `generation`, its tokens and whether it has ended."""
+    string not complete yet), its token count then, and its finish reason if it ended (a snapshot:
+    the sequence itself moves on while the update waits to be read)."""
 
     generation: Generation
     text: str
+    tokens: int
+    finish_reason: str | None = None
 
     @property
     def finished(self) -> bool:
-        return self.generation.finished
+        return self.finish_reason is not None
 
 
 # ------------------------------------------------------------------------------------ sampling
