@@ -87,10 +87,13 @@ def _request(url: str, body: bytes | None = None, content_type: str = "applicati
 
 
 class Server:
-    def __init__(self, artifact: Path, port: int, log: Path, *flags: str):
+    """`flexmerge serve ARTIFACT` in a subprocess, its output in `log`; `flags` added to the test
+    limits, `env` to the environment."""
+
+    def __init__(self, artifact: Path, port: int, log: Path, *flags: str, env: dict[str, str] | None = None):
         self.url = f"http://127.0.0.1:{port}"
         self.log = log
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         cmd = [sys.executable, "-m", "flexmerge", "serve", str(artifact), "--port", str(port),
                "--max-inputs", str(MAX_INPUTS), "--max-chars", str(MAX_CHARS), "--max-batch", "16",
                "--batch-wait-ms", "20", *flags]
