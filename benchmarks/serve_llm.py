@@ -169,7 +169,8 @@ class PlainModels:
         self._decoding = {}
         for t in self.tasks:
             tok, config = load_tokenizer(zoo / t, t), load_config(zoo / t, t)
-            self._decoding[t] = TaskDecoding(tok, stop_ids(zoo / t, tok, config), context_length(config))
+            self._decoding[t] = TaskDecoding(tok, stop_ids(zoo / t, tok, config), context_length(config),
+                                             config.vocab_size)
 
     def task_info(self, task):
         return {"task": task, "kind": "text-generation", "labels": None}

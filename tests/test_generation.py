@@ -10,6 +10,8 @@ import torch
 
 import flexmerge
 from flexmerge.errors import ConfigError
+from hypothesis import given, settings, strategies as st
+
 from tests.conftest import llama_tokenizer, write_llama_zoo
 
 transformers = pytest.importorskip("transformers")
@@ -27,6 +29,7 @@ from flexmerge.runtime.generation import (  # noqa: E402
 )
 
 TASKS = ("copy", "rev", "next")
+_TOKENIZER = llama_tokenizer()
 PROMPTS = [("copy", "copy a b c ="), ("rev", "rev a b ="), ("next", "next a b c d e f"), ("copy", "copy a"),
            ("rev", "rev g h a b c d e f = . a b"), ("next", "next a"), ("copy", "b"), ("rev", "rev c d e f g h a =")]
 NEW = 10
@@ -139,6 +142,30 @@ def test_a_stream_holds_back_what_may_begin_a_stop_string():
     assert out == [(" a", False), (" ", False), ("", False), ("b c d", False)]  # "b c" might have begun "b c e"
     stream = TextStream(tok, [], stop=("c",))
     assert [stream.push(i) for i in ids[:3]] == [("a", False), (" b", False), (" ", True)]
+
+
+@settings(max_examples=150, deadline=None)
+@given(tokens=st.lists(st.sampled_from([6, 7, 13, 14, 15, 16, 17]), min_size=1, max_size=12),
+       stops=st.lists(st.sampled_from(["a", "b c", " b", "c d e", "= .", "h i", "zz"]), max_size=3))
+def test_streamed_text_is_the_decoded_text_cut_at_the_first_stop(tokens, stops):
+    """Whatever the tokens and stop strings: the pieces handed out add up to the completion's text
+    (the prompt and completion decoded, less the prompt's text) up to the first stop string, and
+    nothing of a stop string is handed out."""
+    tok = _TOKENIZER
+    prompt = tok("copy a =")["input_ids"]
+    stream = TextStream(tok, prompt, stops)
+    pieces, stopped = [], False
+    for t in tokens:
+        piece, stopped = stream.push(t)
+        pieces.append(piece)
+        if stopped:
+            break
+    if not stopped:
+        pieces.append(stream.flush())
+    full = tok.decode(prompt + tokens, skip_special_tokens=True)[len(tok.decode(prompt, skip_special_tokens=True)):]
+    ends = [full.find(s) for s in stops if s in full]
+    assert "".join(pieces) == (full[:min(ends)] if ends else full)
+    assert stopped == bool(ends)
 
 
 def test_seeded_sampling_is_the_formula_and_does_not_depend_on_the_batch(llm, references):

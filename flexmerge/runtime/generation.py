@@ -143,11 +143,13 @@ class Sampling:
 @dataclass(frozen=True)
 class TaskDecoding:
     """What decoding needs of a task: its tokenizer (None: tokens only, no text), its
-    end-of-sequence ids and the most positions its model takes (None: not stated)."""
+    end-of-sequence ids, the most positions its model takes and its vocabulary size (None: not
+    stated; a prompt's token ids must be below it)."""
 
     tokenizer: Any
     stops: tuple[int, ...]
     context: int | None = None
+    vocab: int | None = None
 
 
 class TextStream:
@@ -190,9 +192,17 @@ class TextStream:
         return min(found) if found else None
 
     def _held(self) -> int:
-        """The length of the longest tail of the text that begins a stop string."""
-        return max((k for s in self.stop for k in range(min(len(s) - 1, len(self.text)), 0, -1)
-                    if self.text.endswith(s[:k])), default=0)
+        """The length of the longest tail of the text that begins a stop string: the earliest
+        place, within a stop string's length of the end, where one could start."""
+        longest = 0
+        for s in self.stop:
+            at = self.text.find(s[0], max(0, len(self.text) - len(s) + 1))
+            while at != -1 and len(self.text) - at > longest:
+                if s.startswith(self.text[at:]):
+                    longest = len(self.text) - at
+                    break
+                at = self.text.find(s[0], at + 1)
+        return longest
 
     def _take(self, end: int) -> str:
         out = self.text[self.sent:max(end, self.sent)]
@@ -288,7 +298,7 @@ def sample(logits: torch.Tensor, generations: Sequence[Generation]) -> list[int]
     for row, g in enumerate(generations):
         if not g.sampling.greedy:
             probs = top_p_filter(logits[row] / g.sampling.temperature, g.sampling.top_p).softmax(-1)
-            tokens[row] = int(torch.multinomial(probs, 1, generator=g.random))
+            tokens[row] = int(torch.multinomial(probs.cpu(), 1, generator=g.random))  # the generator is on the CPU
     return tokens
 
 
@@ -312,6 +322,11 @@ class Lane:
     def cache_name(self) -> str:
         """transformers 5 calls the KV cache `cache`; earlier versions `past_key_values`."""
         return "cache" if "cache" in self._params else "past_key_values"
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model's weights are: inputs go there."""
+        return next(self.model.parameters()).device
 
     def sort_key(self, task: str) -> int:
         return self.rows.sort_key(self.tasks[task]) if self.rows is not None else 0
@@ -347,7 +362,7 @@ class _Batch:
         """Only `rows` (in that order) stay; leading columns that no row reads any more go."""
         if len(rows) == len(self.generations) and rows == list(range(len(rows))):
             return
-        index = torch.tensor(rows, dtype=torch.long)
+        index = torch.tensor(rows, dtype=torch.long, device=self.mask.device)
         self.cache.batch_select_indices(index)
         self.mask, self.last = self.mask[index], self.last[index]
         self.generations = [self.generations[i] for i in rows]
@@ -428,6 +443,12 @@ class Generator:
             raise ConfigError(f"unknown task {task!r}; this generator serves: {', '.join(self.tasks)}")
         if not prompt:
             raise ConfigError("the prompt has no tokens")
+        vocab = self.tasks[task].vocab
+        bad = next((i for i in prompt if isinstance(i, bool) or not isinstance(i, int) or i < 0
+                    or (vocab is not None and i >= vocab)), None)
+        if bad is not None:
+            raise ConfigError(f"the prompt holds token id {bad!r}, which is not in the model's vocabulary "
+                              f"(0 to {vocab - 1 if vocab else 'its size'})")
         context = self.tasks[task].context
         if context is not None and len(prompt) + sampling.max_tokens > context:
             raise ContextLengthError(context, len(prompt), sampling.max_tokens)
@@ -512,13 +533,13 @@ class Generator:
     def _prefill(self, lane: int, newcomers: list[Generation]) -> list[Update]:
         model = self.lanes[lane]
         newcomers = sorted(newcomers, key=lambda g: model.sort_key(g.task))
-        ids, mask = _left_padded([g.prompt for g in newcomers])
+        ids, mask = (t.to(model.device) for t in _left_padded([g.prompt for g in newcomers]))
         with self._lock:
             logits, cache = model.forward([g.task for g in newcomers], ids, mask, None)
         self.passes += 1
         tokens = sample(logits, newcomers)
         updates = [g.push(t) for g, t in zip(newcomers, tokens)]
-        fresh = _Batch(newcomers, cache, mask, torch.tensor(tokens, dtype=torch.long))
+        fresh = _Batch(newcomers, cache, mask, torch.tensor(tokens, dtype=torch.long, device=mask.device))
         fresh.keep([i for i, g in enumerate(newcomers) if not g.finished])
         if not fresh:
             return updates
@@ -542,7 +563,7 @@ class Generator:
         self.passes += 1
         batch.mask = mask
         tokens = sample(logits, batch.generations)
-        batch.last = torch.tensor(tokens, dtype=torch.long)
+        batch.last = torch.tensor(tokens, dtype=torch.long, device=mask.device)
         updates = [g.push(t) for g, t in zip(batch.generations, tokens)]
         self._settle(lane, [i for i, g in enumerate(batch.generations) if not g.finished])
         return updates

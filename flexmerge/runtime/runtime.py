@@ -217,12 +217,13 @@ class Runtime:
             raise ConfigError(f"task {task!r}: {e}") from None
 
     def decoding(self, task: str) -> TaskDecoding:
-        """The task's tokenizer, end-of-sequence ids and context length, read once."""
+        """The task's tokenizer, end-of-sequence ids, context length and vocabulary size, read once."""
         self._check(task)
         if task not in self._decoding:
             tokenizer, config = self._tokenizer(task), self._config(task)
+            vocab = getattr(config, "vocab_size", None)
             self._decoding[task] = TaskDecoding(tokenizer, stop_ids(self._hf_dir(task), tokenizer, config),
-                                                context_length(config))
+                                                context_length(config), vocab if isinstance(vocab, int) else None)
         return self._decoding[task]
 
     def generator(self, *, max_batch: int = 32, join: str = "continuous") -> Generator:

@@ -41,6 +41,7 @@ log = logging.getLogger("flexmerge.serve")
 
 PATHS = ("/v1/models", "/v1/completions", "/v1/chat/completions")
 MAX_STOP = 4  # stop sequences per request, as OpenAI allows
+MAX_STOP_CHARS = 256  # characters of one stop sequence: the text is searched for it at every token
 COMPLETION_DEFAULT_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions
 MAX_ERRORS_SHOWN = 3
 Number = StrictInt | StrictFloat
@@ -257,8 +258,9 @@ def _check_common(body: _Body, kinds: dict[str, str], max_tokens: int) -> None:
     if body.stream_options is not None and set(body.stream_options) - {"include_usage"}:
         raise OpenAIError(400, "stream_options takes include_usage only", param="stream_options")
     stops = [body.stop] if isinstance(body.stop, str) else body.stop or []
-    if len(stops) > MAX_STOP or any(not s for s in stops):
-        raise OpenAIError(400, f"stop takes at most {MAX_STOP} non-empty strings", param="stop")
+    if len(stops) > MAX_STOP or any(not s or len(s) > MAX_STOP_CHARS for s in stops):
+        raise OpenAIError(400, f"stop takes at most {MAX_STOP} non-empty strings of at most {MAX_STOP_CHARS} "
+                               "characters", param="stop")
     if body.max_tokens is not None:
         _check_budget(body.max_tokens, max_tokens, "max_tokens")
 
