@@ -35,7 +35,6 @@ import os
 import random
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import threading
@@ -126,16 +125,29 @@ def make_stream(tasks: list[str], n: int, rate: float, vocab: int, seed: int) ->
     return out
 
 
-def summarize(stream: list[Request], start: float) -> dict:
-    """Tokens/s over the run, TTFT and inter-token latency percentiles (ms)."""
-    ttft = [(r.times[0] - start - r.arrival) * 1e3 for r in stream if r.times]
-    gaps = [(b - a) * 1e3 for r in stream for a, b in zip(r.times, r.times[1:])]
-    tokens = sum(r.tokens for r in stream)
-    end = max(r.times[-1] for r in stream if r.times)
-    return {"tokens": tokens, "seconds": round(end - start, 3), "tokens_per_s": round(tokens / (end - start), 1),
-            "ttft_p50_ms": round(_pct(ttft, 50), 1), "ttft_p99_ms": round(_pct(ttft, 99), 1),
-            "itl_p50_ms": round(_pct(gaps, 50), 2), "itl_p99_ms": round(_pct(gaps, 99), 2),
+def measure(stream: list[Request], start: float) -> dict:
+    """One run's raw figures: tokens, seconds (first arrival to last token), TTFT and gaps (ms)."""
+    end = max((r.times[-1] for r in stream if r.times), default=start)
+    return {"tokens": sum(r.tokens for r in stream), "seconds": end - start,
+            "ttft": [(r.times[0] - start - r.arrival) * 1e3 for r in stream if r.times],
+            "gaps": [(b - a) * 1e3 for r in stream for a, b in zip(r.times, r.times[1:])],
             "answered": sum(bool(r.times) for r in stream), "requests": len(stream)}
+
+
+def summarize(runs: list[dict]) -> dict:
+    """Tokens/s over all runs (their tokens over their seconds), TTFT and inter-token latency
+    percentiles (ms) over all their samples."""
+    tokens, seconds = sum(r["tokens"] for r in runs), sum(r["seconds"] for r in runs)
+    ttft = [x for r in runs for x in r["ttft"]]
+    gaps = [x for r in runs for x in r["gaps"]]
+    out = {"tokens": tokens, "seconds": round(seconds, 2), "tokens_per_s": round(tokens / seconds, 1),
+           "ttft_p50_ms": round(_pct(ttft, 50), 1), "ttft_p99_ms": round(_pct(ttft, 99), 1),
+           "itl_p50_ms": round(_pct(gaps, 50), 2), "itl_p99_ms": round(_pct(gaps, 99), 2),
+           "answered": sum(r["answered"] for r in runs), "requests": sum(r["requests"] for r in runs)}
+    for key in ("passes", "rss_mib"):
+        if key in runs[0]:
+            out[key] = runs[0][key] if key == "rss_mib" else sum(r[key] for r in runs)
+    return out
 
 
 def _pct(xs: list[float], q: float) -> float:
@@ -201,16 +213,15 @@ class PlainModels:
         return Generator(list(lanes.values()), self._decoding, max_batch=max_batch, join=join)
 
 
-def generator_for(name: str, zoo: Path, max_batch: int, join: str):
-    """(the generator, the object serving it) for `flexmerge <size>x`, `plain` or `separate`."""
+def engine_for(name: str, zoo: Path):
+    """What serves `name`: the artifact's Runtime for `<size>x` (warmed up), else PlainModels."""
     from flexmerge.runtime import Runtime
 
     if name in ("plain", "separate"):
-        server = PlainModels(zoo, name)
-    else:
-        server = Runtime.load(artifact(zoo, float(name.rstrip("x"))))
-        server.warm_up()
-    return server.generator(max_batch=max_batch, join=join), server
+        return PlainModels(zoo, name)
+    runtime = Runtime.load(artifact(zoo, float(name.rstrip("x"))))
+    runtime.warm_up()
+    return runtime
 
 
 # ----------------------------------------------------------------------------------- in process
@@ -239,7 +250,7 @@ def run_inprocess(generator, stream: list[Request]) -> dict:
             r = owner[u.generation.id]
             r.times.append(stamp)
             r.tokens = u.tokens
-    return {**summarize(stream, start), "passes": generator.passes}
+    return {**measure(stream, start), "passes": generator.passes}
 
 
 # ------------------------------------------------------------------------------------ over HTTP
@@ -280,6 +291,7 @@ class Server:
                    "--port", str(self.port), "--max-batch", str(max_batch), "--max-tokens", "128"]
         self.proc = subprocess.Popen(cmd, stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env)
         self.log = log
+        self.rss = float("nan")  # MiB once warmed up
 
     def wait(self, limit_s: float = 300) -> None:
         import urllib.request
@@ -328,7 +340,7 @@ def run_http(url: str, stream: list[Request]) -> dict:
         t.start()
     for t in threads:
         t.join()
-    return summarize(stream, start)
+    return measure(stream, start)
 
 
 # -------------------------------------------------------------------------------------- main
@@ -347,6 +359,7 @@ def main() -> None:
     ap.add_argument("--max-batch", type=int, default=32)
     ap.add_argument("--join", default="continuous", help="comma-separated: continuous, static")
     ap.add_argument("--mode", default="inprocess", choices=["inprocess", "http"])
+    ap.add_argument("--rounds", type=int, default=1, help="streams per engine, the engines visited in rotated order")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--json", type=Path)
@@ -362,24 +375,40 @@ def main() -> None:
     tasks = zoo_tasks(zoo)
     vocab = json.loads((zoo / "base" / "config.json").read_text())["vocab_size"]
     names = [f"{float(s):g}x" for s in args.sizes.split(",") if s] + [b for b in args.baselines.split(",") if b]
-    results = {}
-    for join in args.join.split(","):
-        for name in names:
-            stream = make_stream(tasks, args.requests, args.rate, vocab, args.seed)
+    runs = [(name, join) for join in args.join.split(",") for name in names]
+    parts: dict[str, list[dict]] = {f"{n} {j}": [] for n, j in runs}
+    servers: dict[tuple[str, str], object] = {}
+    try:
+        for name, join in runs:  # every engine or server up, warmed, before any measurement
             if args.mode == "inprocess":
-                generator, _ = generator_for(name, zoo, args.max_batch, join)
-                result = run_inprocess(generator, stream)
+                servers[name, join] = servers.get((name, "")) or engine_for(name, zoo)
+                servers[name, ""] = servers[name, join]
             else:
-                server = Server(name, zoo, args.max_batch, join, args.cache / f"server-{name}.log")
-                try:
-                    server.wait()
-                    run_http(server.url, make_stream(tasks, 8, 100.0, vocab, args.seed + 1))  # warm-up
-                    rss = rss_mib(server.proc.pid)
-                    result = {**run_http(server.url, stream), "rss_mib": round(rss, 1)}
-                finally:
-                    server.stop()
-            results[f"{name} {join}"] = result
-            print(f"{name:>9} {join:<10} " + " ".join(f"{k}={v}" for k, v in result.items()), flush=True)
+                server = Server(name, zoo, args.max_batch, join, args.cache / f"server-{name}-{join}.log")
+                servers[name, join] = server
+                server.wait()
+                run_http(server.url, make_stream(tasks, 8, 100.0, vocab, args.seed + 10**6))  # warm-up
+                server.rss = rss_mib(server.proc.pid)
+        for round_ in range(args.rounds):  # rounds visit the engines in rotated order: load changes hit all alike
+            shift = round_ % len(runs)
+            for name, join in runs[shift:] + runs[:shift]:
+                stream = make_stream(tasks, args.requests, args.rate, vocab, args.seed + round_)
+                if args.mode == "inprocess":
+                    part = run_inprocess(servers[name, join].generator(max_batch=args.max_batch, join=join), stream)
+                else:
+                    part = {**run_http(servers[name, join].url, stream), "rss_mib": round(servers[name, join].rss, 1)}
+                parts[f"{name} {join}"].append(part)
+                brief = summarize([part])
+                print(f"round {round_ + 1} {name:>9} {join:<10} " + " ".join(f"{k}={v}" for k, v in brief.items()),
+                      flush=True)
+    finally:
+        for server in servers.values():
+            if isinstance(server, Server):
+                server.stop()
+    results = {key: summarize(p) for key, p in parts.items()}
+    print("\nall rounds:")
+    for key, result in results.items():
+        print(f"{key:>20} " + " ".join(f"{k}={v}" for k, v in result.items()), flush=True)
     if args.json:
         args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "results": results},
                                         indent=1))

@@ -185,6 +185,7 @@ def test_several_prompts_are_several_choices(client, llm):
     (dict(model="copy", prompt="a", temperature=3), openai.BadRequestError, 400, None,
      "temperature: Input should be less than or equal to 2"),
     (dict(model="copy", prompt="a", logprobs=2), openai.BadRequestError, 400, None, "logprobs is not supported"),
+    (dict(model="copy", prompt="a", seed=2**64), openai.BadRequestError, 400, None, "seed must be a 64-bit integer"),
     (dict(model="copy", prompt=[1, 12, 999]), openai.BadRequestError, 400, None,
      "token id 999, which is not in the model's vocabulary (0 to 21)"),
 ])

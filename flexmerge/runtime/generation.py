@@ -134,6 +134,8 @@ class Sampling:
             raise ConfigError(f"top_p must be from 0 to 1, got {self.top_p!r}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise ConfigError("stop strings must be non-empty strings")
+        if self.seed is not None and not -(2**63) <= self.seed < 2**64:
+            raise ConfigError(f"seed must be a 64-bit integer, got {self.seed!r}")
 
     @property
     def greedy(self) -> bool:

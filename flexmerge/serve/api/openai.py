@@ -255,8 +255,6 @@ def _check_common(body: _Body, kinds: dict[str, str], max_tokens: int) -> None:
         raise OpenAIError(400, f"n must be 1: this server generates one choice per prompt, got n={body.n}", param="n")
     if body.stream_options is not None and not body.stream:
         raise OpenAIError(400, "stream_options is only allowed when stream is true", param="stream_options")
-    if body.stream_options is not None and set(body.stream_options) - {"include_usage"}:
-        raise OpenAIError(400, "stream_options takes include_usage only", param="stream_options")
     stops = [body.stop] if isinstance(body.stop, str) else body.stop or []
     if len(stops) > MAX_STOP or any(not s or len(s) > MAX_STOP_CHARS for s in stops):
         raise OpenAIError(400, f"stop takes at most {MAX_STOP} non-empty strings of at most {MAX_STOP_CHARS} "
@@ -275,8 +273,11 @@ def _check_budget(asked: int, most: int, param: str) -> None:
 
 def _sampling(body: _Body, max_tokens: int) -> Sampling:
     stops = [body.stop] if isinstance(body.stop, str) else body.stop or []
-    return Sampling(max_tokens=max_tokens, temperature=1.0 if body.temperature is None else float(body.temperature),
-                    top_p=1.0 if body.top_p is None else float(body.top_p), seed=body.seed, stop=tuple(stops))
+    try:
+        return Sampling(max_tokens=max_tokens, temperature=1.0 if body.temperature is None else float(body.temperature),
+                        top_p=1.0 if body.top_p is None else float(body.top_p), seed=body.seed, stop=tuple(stops))
+    except ConfigError as e:
+        raise OpenAIError(400, str(e)) from None
 
 
 def _too_long(what: str, chars: int, most: int) -> OpenAIError:
@@ -347,8 +348,6 @@ def _chat_prompt(runtime: GeneratingRuntime, body: ChatRequest, max_chars: int) 
 
 class _CompletionFormat:
     """The bodies of /v1/completions: `text_completion` objects and their chunks."""
-
-    kind = "cmpl"
 
     def __init__(self, model: str):
         self.model, self.id, self.created = model, f"cmpl-{uuid.uuid4().hex}", int(time.time())
