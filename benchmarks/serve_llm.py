@@ -3,7 +3,8 @@
 driven by the official client with streaming, `--mode http`).
 
     python benchmarks/serve_llm.py [--zoo DIR] [--sizes 1,2,4,8] [--requests 200] [--rate 30]
-                                   [--mode inprocess|http] [--join continuous,static] [--json OUT]
+                                   [--mode inprocess|http|steps] [--join continuous,static] [--rounds N]
+                                   [--json OUT]
 
 The zoo: `--zoo DIR` holds `DIR/base` and one directory per fine-tune (transformers causal LMs with
 their tokenizers, e.g. the wordgen suite's); without it a synthetic zoo is generated once into
@@ -19,6 +20,9 @@ token (arrival -> first token), inter-token latency (gaps between a request's to
 run: generated tokens / seconds from the first arrival to the last token. In process, one thread
 submits arrivals and steps the generator; over HTTP, one client thread per request streams
 (`stream_options.include_usage` counts its tokens), and the server's VmRSS is read after warm-up.
+
+`--mode steps` times one decode step (no prefill) at each of --rows running sequences spread over
+the tasks: what mixing costs per token as the batch grows.
 
 Baselines, on the same stream and the same generation core:
   plain     one plain model (the base) for every task: what serving one model costs;
@@ -253,6 +257,26 @@ def run_inprocess(generator, stream: list[Request]) -> dict:
     return {**measure(stream, start), "passes": generator.passes}
 
 
+def decode_step_ms(engine, tasks: list[str], rows: int, vocab: int, seed: int) -> float:
+    """The time of one decode step of `rows` running sequences (tasks round-robin), best of 3 x 5
+    steps: the pass every running row pays each token, without prefills."""
+    from flexmerge.runtime.generation import Sampling
+
+    generator = engine.generator(max_batch=rows)
+    stream = make_stream(tasks, rows, 1.0, vocab, seed)
+    for i, r in enumerate(stream):
+        generator.submit(tasks[i % len(tasks)], r.prompt[:32], Sampling(max_tokens=64, temperature=0))
+    generator.step()  # every row's prefill
+    generator.step()
+    best = float("inf")
+    for _ in range(3):
+        start = time.perf_counter()
+        for _ in range(5):
+            generator.step()
+        best = min(best, (time.perf_counter() - start) / 5)
+    return best * 1e3
+
+
 # ------------------------------------------------------------------------------------ over HTTP
 
 
@@ -358,7 +382,9 @@ def main() -> None:
     ap.add_argument("--rate", type=float, default=30.0, help="requests per second (Poisson arrivals)")
     ap.add_argument("--max-batch", type=int, default=32)
     ap.add_argument("--join", default="continuous", help="comma-separated: continuous, static")
-    ap.add_argument("--mode", default="inprocess", choices=["inprocess", "http"])
+    ap.add_argument("--mode", default="inprocess", choices=["inprocess", "http", "steps"],
+                    help="steps: the time of one decode step at each of --rows running sequences")
+    ap.add_argument("--rows", default="8,32,128,256", help="with --mode steps: batch sizes")
     ap.add_argument("--rounds", type=int, default=1, help="streams per engine, the engines visited in rotated order")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
@@ -375,6 +401,17 @@ def main() -> None:
     tasks = zoo_tasks(zoo)
     vocab = json.loads((zoo / "base" / "config.json").read_text())["vocab_size"]
     names = [f"{float(s):g}x" for s in args.sizes.split(",") if s] + [b for b in args.baselines.split(",") if b]
+    if args.mode == "steps":
+        table = {}
+        for name in names:
+            engine = engine_for(name, zoo)
+            table[name] = {int(b): round(decode_step_ms(engine, tasks, int(b), vocab, args.seed), 1)
+                           for b in args.rows.split(",")}
+            print(f"{name:>9} decode step ms by rows: {table[name]}", flush=True)
+        if args.json:
+            args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "step_ms": table},
+                                            indent=1))
+        return
     runs = [(name, join) for join in args.join.split(",") for name in names]
     parts: dict[str, list[dict]] = {f"{n} {j}": [] for n, j in runs}
     servers: dict[tuple[str, str], object] = {}
