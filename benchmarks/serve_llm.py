@@ -77,7 +77,8 @@ def synthetic_zoo(root: Path, tasks: int, seed: int = 0) -> Path:
     tok.decoder = decoders.WordPiece()
     tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
                                                      unk_token="<unk>", pad_token="<pad>", chat_template=CHAT_TEMPLATE)
-    config = transformers.LlamaConfig(**SHAPE, bos_token_id=1, eos_token_id=2, pad_token_id=3, tie_word_embeddings=False)
+    config = transformers.LlamaConfig(**SHAPE, bos_token_id=1, eos_token_id=2, pad_token_id=3,
+                                      tie_word_embeddings=False)
     torch.manual_seed(seed)
     base = transformers.LlamaForCausalLM(config).eval()
     for name in ["base", *names]:

@@ -60,8 +60,8 @@ def llm(tmp_path_factory):
 def references(llm):
     """Per task: its exported model and tokenizer, loaded the ordinary way."""
     _, exports = llm
-    return {t: (transformers.AutoModelForCausalLM.from_pretrained(d).eval(), transformers.AutoTokenizer.from_pretrained(d))
-            for t, d in exports.items()}
+    return {t: (transformers.AutoModelForCausalLM.from_pretrained(d).eval(),
+                transformers.AutoTokenizer.from_pretrained(d)) for t, d in exports.items()}
 
 
 def _generate(references, task: str, prompt: list[int], new: int) -> list[int]:
@@ -91,7 +91,8 @@ def test_a_mixed_batch_decodes_as_each_exported_model_generates(llm, references)
                                      with_kwargs=True)
     runs, widths = [], []
     for i, (task, text) in enumerate(PROMPTS):
-        runs.append(generator.submit(task, rt.encode_prompt(task, text), Sampling(max_tokens=NEW - i % 3, temperature=0)))
+        sampling = Sampling(max_tokens=NEW - i % 3, temperature=0)
+        runs.append(generator.submit(task, rt.encode_prompt(task, text), sampling))
         if i % 2:  # two more sequences arrive every second step
             before = len(passes)
             generator.step()
@@ -230,7 +231,8 @@ def test_an_end_of_sequence_token_ends_a_row_and_counts(llm, references):
 def test_a_cancelled_sequence_leaves_and_the_others_go_on(llm, references):
     rt = Runtime.load(llm[0])
     generator = rt.generator()
-    runs = [generator.submit(t, rt.encode_prompt(t, x), Sampling(max_tokens=NEW, temperature=0)) for t, x in PROMPTS[:3]]
+    greedy = Sampling(max_tokens=NEW, temperature=0)
+    runs = [generator.submit(t, rt.encode_prompt(t, x), greedy) for t, x in PROMPTS[:3]]
     generator.step()
     generator.step()
     generator.cancel(runs[1])

@@ -60,7 +60,8 @@ def is_causal_lm(config: Any) -> bool:
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     arch = (getattr(config, "architectures", None) or [""])[0]
-    return isinstance(arch, str) and (arch.endswith("ForCausalLM") or arch in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+    causal = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
+    return isinstance(arch, str) and (arch.endswith("ForCausalLM") or arch in causal)
 
 
 def context_length(config: Any) -> int | None:
@@ -116,8 +117,8 @@ def stop_ids(directory: Path, tokenizer: Any, config: Any) -> tuple[int, ...]:
 class Sampling:
     """How a sequence picks its tokens, with OpenAI's parameters and defaults: `temperature` 0 is
     greedy; `top_p` keeps the smallest set of tokens whose probability reaches it; `seed` makes
-    sampling repeatable (top_p 0 keeps the most likely token only); generation ends at an end-of-sequence token, at a `stop` string (not part
-    of the text) or after `max_tokens` tokens."""
+    sampling repeatable (top_p 0 keeps the most likely token only); generation ends at an
+    end-of-sequence token, at a `stop` string (not part of the text) or after `max_tokens` tokens."""
 
     max_tokens: int = 16
     temperature: float = 1.0
@@ -333,7 +334,8 @@ class Lane:
     def sort_key(self, task: str) -> int:
         return self.rows.sort_key(self.tasks[task]) if self.rows is not None else 0
 
-    def forward(self, tasks: Sequence[str], ids: torch.Tensor, mask: torch.Tensor, cache: Any) -> tuple[torch.Tensor, Any]:
+    def forward(self, tasks: Sequence[str], ids: torch.Tensor, mask: torch.Tensor,
+                cache: Any) -> tuple[torch.Tensor, Any]:
         """(the last position's logits [B, V], the cache) of one pass; rows sorted by `sort_key`."""
         positions = mask.cumsum(-1) - 1
         positions.masked_fill_(mask == 0, 1)  # as transformers' generate: padding positions are never read

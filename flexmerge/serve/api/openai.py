@@ -225,7 +225,8 @@ def router(runtime: GeneratingRuntime, infos: Sequence[dict[str, Any]], *, max_i
         if asked is None:  # as OpenAI: as long as the model's context allows (here, and this server's limit)
             context = runtime.decoding(body.model).context
             asked = max_tokens if context is None else max(1, min(max_tokens, context - len(prompt)))
-        _check_budget(asked, max_tokens, "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens")
+        _check_budget(asked, max_tokens,
+                      "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens")
         return await _answer(request, body, [(prompt, _sampling(body, asked))], _ChatFormat(body.model))
 
     return api
@@ -386,7 +387,8 @@ class _ChatFormat(_CompletionFormat):
         return {**self.envelope("chat.completion"), "choices": choices, "usage": usage}
 
     def opening(self, index: int) -> list[dict[str, Any]]:
-        choice = {"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+        choice = {"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                  "finish_reason": None}
         return [{**self.envelope("chat.completion.chunk"), "choices": [choice]}]
 
     def chunk(self, index: int, update: Update) -> dict[str, Any] | None:
