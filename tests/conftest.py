@@ -170,3 +170,57 @@ def digits_cache(tmp_path_factory):
     cache = tmp_path_factory.mktemp("cache")
     get_zoo(get_suite("digits"), cache, log=lambda s: None)
     return cache
+
+
+LLAMA_WORDS = ["<unk>", "<s>", "</s>", *"copy rev next = . system user assistant : ; a b c d e f g h i".split()]
+LLAMA_CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} ; {% endfor %}"
+                       "{% if add_generation_prompt %}assistant :{% endif %}")
+
+
+def llama_tokenizer(chat: bool = False):
+    """A word-level tokenizer over LLAMA_WORDS that adds a BOS to a prompt (no pad token); with
+    `chat`, a chat template."""
+    import tokenizers
+    import transformers
+    from tokenizers import decoders, models, pre_tokenizers, processors
+
+    tok = tokenizers.Tokenizer(models.WordLevel({w: i for i, w in enumerate(LLAMA_WORDS)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tok.decoder = decoders.WordPiece()
+    out = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                               unk_token="<unk>")
+    if chat:
+        out.chat_template = LLAMA_CHAT_TEMPLATE
+    return out
+
+
+def llama_config(**overrides):
+    """A tiny LlamaConfig: 2 layers, hidden 32, 4 heads (2 KV heads), 64 positions, LLAMA_WORDS."""
+    import transformers
+
+    kw = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+              vocab_size=len(LLAMA_WORDS), max_position_embeddings=64, bos_token_id=1, eos_token_id=2,
+              initializer_range=0.1)
+    return transformers.LlamaConfig(**{**kw, **overrides})
+
+
+def write_llama_zoo(root: Path, tasks: Sequence[str] = ("copy", "rev", "next"),
+                    chat: Sequence[str] = ("next",)) -> tuple[Path, dict[str, Path]]:
+    """A random tiny LlamaForCausalLM base and fine-tunes of it (every weight moved by noise of its
+    own per task), saved with their tokenizers (`chat` tasks with a chat template)."""
+    import transformers
+
+    torch.manual_seed(0)
+    base = transformers.LlamaForCausalLM(llama_config()).eval()
+    base.save_pretrained(root / "base")
+    llama_tokenizer().save_pretrained(root / "base")
+    dirs = {}
+    for i, task in enumerate(tasks):
+        torch.manual_seed(10 + i)
+        model = transformers.LlamaForCausalLM(base.config).eval()
+        model.load_state_dict({k: v + 0.05 * torch.randn_like(v) for k, v in base.state_dict().items()})
+        model.save_pretrained(root / task)
+        llama_tokenizer(chat=task in chat).save_pretrained(root / task)
+        dirs[task] = root / task
+    return root / "base", dirs

@@ -88,14 +88,16 @@ def _request(url: str, body: bytes | None = None, content_type: str = "applicati
 
 
 class Server:
-    """`flexmerge serve` in a subprocess (later flags override the defaults here); `nofile`: its
-    descriptor limit (soft and hard), as `ulimit -n` would set it."""
+    """`flexmerge serve` in a subprocess, its output in `log` (later flags override the defaults
+    here); `env`: added to the environment; `nofile`: its descriptor limit (soft and hard), as
+    `ulimit -n` would set it."""
 
-    def __init__(self, artifact: Path, port: int, log: Path, *flags: str, nofile: int | None = None):
+    def __init__(self, artifact: Path, port: int, log: Path, *flags: str, nofile: int | None = None,
+                 env: dict[str, str] | None = None):
         self.url = f"http://127.0.0.1:{port}"
         self.port = port
         self.log = log
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         cmd = [sys.executable, "-m", "flexmerge", "serve", str(artifact), "--port", str(port),
                "--max-inputs", str(MAX_INPUTS), "--max-chars", str(MAX_CHARS), "--max-batch", "16",
                "--batch-wait-ms", "20", *flags]

@@ -16,8 +16,8 @@ from flexmerge.evaluation import read_text_pairs
 from flexmerge.extras import require_extra
 from flexmerge.flexmodel.write import attach_router
 from flexmerge.runtime import Runtime
-from flexmerge.serve.limits import (DEFAULT_REQUEST_TIMEOUT_S, allowed_hosts, check_connections, check_grace,
-                                    check_limits, check_listen)
+from flexmerge.serve.limits import (DEFAULT_MAX_TOKENS, DEFAULT_REQUEST_TIMEOUT_S, allowed_hosts, check_api_key,
+                                    check_connections, check_grace, check_limits, check_listen, check_max_tokens)
 from flexmerge.suites import get_suite
 from flexmerge.suites.serving import suite_artifact, suite_serve_options
 
@@ -51,8 +51,14 @@ def serve(
     allowed_host: list[str] = typer.Option([], "--allowed-host", help="a Host header to answer (repeatable): "
                                            "example.com, *.example.com, or * for any; IP addresses and localhost "
                                            "always [default: the --host name and this machine's names]"),
+    max_tokens: int = typer.Option(DEFAULT_MAX_TOKENS, "--max-tokens", help="causal LMs: most tokens one request "
+                                   "generates (more: 400)"),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="FLEXMERGE_API_KEY", show_envvar=True,
+                                          help="refuse requests without 'Authorization: Bearer KEY' (401), all "
+                                          "but /health; prefer the environment variable (a flag shows in ps)"),
 ) -> None:
-    """Serve every task of a flex model over HTTP (JSON): /health, /tasks, /v1/tasks/TASK/predict.
+    """Serve every task of a flex model over HTTP (JSON): /health, /tasks, /v1/tasks/TASK/predict,
+    and for causal LMs the OpenAI API (/v1/models, /v1/completions, /v1/chat/completions; model = task).
 
     Concurrent requests, of any tasks, share forward passes. SIGTERM or Ctrl-C stops it gracefully.
     See docs/serving.md.
@@ -75,6 +81,8 @@ def serve(
     check_grace(grace_s)
     connections = check_connections(max_connections, request_timeout_s)
     hosts = allowed_hosts(allowed_host, host)
+    check_max_tokens(max_tokens)
+    check_api_key(api_key)
     check_listen(host, port)
     from flexmerge.serve.server import create_app, run_server  # the serve extra (FastAPI, uvicorn)
 
@@ -87,9 +95,9 @@ def serve(
         runtime = Runtime.load(artifact)
     # one input per task before listening: the models are built now (not in the first request),
     # and an artifact that cannot run fails here, with a message, instead of in every request
-    runtime.predict_mixed([(task, "warm up") for task in runtime.tasks])
+    runtime.warm_up()
     http = create_app(runtime, max_inputs=max_inputs, max_chars=max_chars, max_batch=max_batch,
-                      batch_wait_ms=batch_wait_ms, allowed_hosts=hosts)
+                      batch_wait_ms=batch_wait_ms, allowed_hosts=hosts, max_tokens=max_tokens, api_key=api_key)
     run_server(http, host=host, port=port, log_level="info", grace_s=grace_s, max_connections=connections,
                request_timeout_s=request_timeout_s)
 

@@ -36,12 +36,27 @@ DESCRIPTOR_RESERVE = 64
 DEFAULT_REQUEST_TIMEOUT_S = 15.0
 MAX_REQUEST_TIMEOUT_S = 600.0
 _HOST_PATTERN = re.compile(r"(\*|(\*\.)?[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_])?|\[[0-9A-Fa-f:.]+\])")
+MAX_NEW_TOKENS = 1_000_000  # the upper bound of --max-tokens: beyond any model's context
+DEFAULT_MAX_TOKENS = 1024  # --max-tokens: the most tokens one request generates, unless raised
 
 
 def check_grace(grace_s: float) -> None:
     """The shutdown grace period: finite, above zero, at most MAX_GRACE_S seconds."""
     if not math.isfinite(float(grace_s)) or not 0 < float(grace_s) <= MAX_GRACE_S:
         raise ConfigError(f"--grace-s must be above 0 and at most {MAX_GRACE_S:g} seconds, got {grace_s!r}")
+
+
+def check_max_tokens(max_tokens: int) -> None:
+    """The most tokens one request may generate: a whole number from 1 to MAX_NEW_TOKENS."""
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or not 1 <= max_tokens <= MAX_NEW_TOKENS:
+        raise ConfigError(f"--max-tokens must be a whole number from 1 to {MAX_NEW_TOKENS}, got {max_tokens!r}")
+
+
+def check_api_key(key: str | None) -> None:
+    """An API key, when given, is a non-empty printable ASCII string (it travels in an HTTP header)."""
+    if key is not None and not (key and key.isascii() and key.isprintable() and key == key.strip()):
+        raise ConfigError("--api-key (or FLEXMERGE_API_KEY) must be a non-empty string of printable ASCII "
+                          "characters without surrounding spaces")
 
 
 def check_limits(*, max_inputs: int, max_chars: int, max_batch: int, batch_wait_ms: float) -> None:

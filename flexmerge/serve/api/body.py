@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, model_validator
+from pydantic_core import PydanticCustomError
 
 __all__ = ["StrictBody"]
 
@@ -33,6 +34,9 @@ class StrictBody(BaseModel):
             if unknown:
                 shown = ", ".join(repr(str(k)[:64]) for k in unknown[:SHOWN_FIELDS])
                 more = f" and {len(unknown) - SHOWN_FIELDS} more" if len(unknown) > SHOWN_FIELDS else ""
-                raise ValueError(f"unknown field {shown}{more}; the body takes "
-                                 + ", ".join(repr(k) for k in cls.model_fields))
+                takes = ", ".join(repr(k) for k in cls.model_fields)
+                # one error of its own type, so an API may word it its way (`fields`: the first few)
+                raise PydanticCustomError("unknown_fields", "unknown field {shown}{more}; the body takes {takes}",
+                                          {"shown": shown, "more": more, "takes": takes,
+                                           "fields": ", ".join(str(k)[:64] for k in unknown[:SHOWN_FIELDS]) + more})
         return data
