@@ -1,12 +1,10 @@
 from __future__ import annotations
 
-from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 
-from flexmerge.blocks import PartView
-from flexmerge.methods.base import GroupResult, MethodParams, StructuredMethod, register
+from flexmerge.methods.base import MethodParams, WeightSpaceMethod, register
 
 
 def importance(b: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
@@ -26,7 +24,7 @@ def fusion_threshold(scores: torch.Tensor) -> torch.Tensor:
 
 
 @register
-class ArceeFusion(StructuredMethod):
+class ArceeFusion(WeightSpaceMethod):
     """mergekit's `arcee_fusion`, per tensor: the first task's model (mergekit's base_model) takes the
     second's values where they matter most: importance |θ_2 − θ_1|·KL(softmax θ_2 ‖ softmax θ_1) per
     row, above median + 1.5·IQR. Two tasks only."""
@@ -37,19 +35,8 @@ class ArceeFusion(StructuredMethod):
     Params = MethodParams
     pairwise = True
 
-    @property
-    def needs_base(self) -> bool:
-        return True
-
-    @property
-    def merges_weights(self) -> bool:
-        return True
-
-    def merge_parts(self, deltas: list[torch.Tensor], parts: Sequence[PartView]) -> GroupResult:
-        out = []
-        for d in deltas:  # rows: τ_first, τ_second, θ0
-            a, b = d[2] + d[0], d[2] + d[1]
-            scores = importance(b, a)
-            mask = (scores >= fusion_threshold(scores)).to(d.dtype)
-            out.append((a + (b - a) * mask - d[2]).flatten())
-        return GroupResult(torch.cat(out))
+    def merge_models(self, models: torch.Tensor) -> torch.Tensor:
+        a, b = models[0], models[1]
+        scores = importance(b, a)
+        mask = (scores >= fusion_threshold(scores)).to(models.dtype)
+        return a + (b - a) * mask

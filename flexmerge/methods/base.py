@@ -223,10 +223,10 @@ class MergeMethod:
         if self.pairwise and len(names) != 2:
             raise ConfigError(f"method {self.name!r} merges two models, got {len(names)} tasks: for more, use "
                               "multislerp or karcher")
-        for field in ("weights", "task_dare", "task_keep"):
-            unknown = sorted(set(getattr(self.p, field, None) or {}) - set(names))
+        for per_task in ("weights", "task_dare", "task_keep"):
+            unknown = sorted(set(getattr(self.p, per_task, None) or {}) - set(names))
             if unknown:
-                raise ConfigError(f"{field} name {', '.join(map(repr, unknown))}, not among the tasks "
+                raise ConfigError(f"{per_task} name {', '.join(map(repr, unknown))}, not among the tasks "
                                   f"({', '.join(names)})")
         for _, rule in self._rules:
             rule.for_tasks(names)  # a rule's weights must name tasks too
@@ -290,11 +290,11 @@ class MergeMethod:
         out = self.transforms()
         if self._tasks is None or (self.p.task_dare is None and self.p.task_keep is None):
             return out
-        for field, kind, off in (("task_dare", DareDrop, 0.0), ("task_keep", TopKTrim, 1.0)):
-            rates = getattr(self.p, field)
+        for per_task, kind, off in (("task_dare", DareDrop, 0.0), ("task_keep", TopKTrim, 1.0)):
+            rates = getattr(self.p, per_task)
             if rates and any(v != off for v in rates.values()) and not any(isinstance(t, kind) for t in out):
                 common = "dare > 0" if kind is DareDrop else "keep < 1"
-                raise ConfigError(f"method {self.name!r}: {field} needs its common rate on ({common}; the tasks not "
+                raise ConfigError(f"method {self.name!r}: {per_task} needs its common rate on ({common}; the tasks not "
                                   f"named take it)")
         return [_per_task_rates(t, self.p, self._tasks) for t in out]
 
@@ -579,3 +579,28 @@ class StructuredMethod(MergeMethod):
 
     def merge_parts(self, deltas: list[torch.Tensor], parts: Sequence[PartView]) -> GroupResult:
         raise NotImplementedError
+
+
+class WeightSpaceMethod(StructuredMethod):
+    """A method defined on the models' weights θ0 + τ_i, not on their task vectors (slerp, Karcher,
+    Arcee Fusion): it reads θ0, may take the base itself as one of its tasks, and implements
+    `merge_models`, per tensor; what is stored is the merged weights less θ0."""
+
+    @property
+    def needs_base(self) -> bool:
+        return True
+
+    @property
+    def merges_weights(self) -> bool:
+        return True
+
+    def merge_models(self, models: torch.Tensor) -> torch.Tensor:
+        """The merged weights of one tensor from the members' (n, *shape) weights."""
+        raise NotImplementedError
+
+    def merge_parts(self, deltas: list[torch.Tensor], parts: Sequence[PartView]) -> GroupResult:
+        out = []
+        for d in deltas:  # rows: the members' τ, then θ0
+            base = d[-1]
+            out.append((self.merge_models(d[:-1] + base) - base).flatten())
+        return GroupResult(torch.cat(out))

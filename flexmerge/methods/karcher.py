@@ -5,8 +5,7 @@ from collections.abc import Sequence
 import torch
 from pydantic import Field
 
-from flexmerge.blocks import PartView
-from flexmerge.methods.base import GroupResult, StructuredMethod, WeightedParams, register
+from flexmerge.methods.base import WeightSpaceMethod, WeightedParams, register
 
 
 class KarcherParams(WeightedParams):
@@ -51,7 +50,7 @@ def karcher_mean(tensors: Sequence[torch.Tensor], alphas: Sequence[float], max_i
 
 
 @register
-class Karcher(StructuredMethod):
+class Karcher(WeightSpaceMethod):
     """mergekit's `karcher`, per tensor: the Karcher mean of the members' weights (the models
     themselves, as mergekit merges all its inputs), each of weight w_i / Σ w (mergekit: equal; the
     weights are flexmerge's). Any group: a merge of more than two models."""
@@ -61,20 +60,8 @@ class Karcher(StructuredMethod):
     reference = "https://arxiv.org/abs/2603.04972"
     Params = KarcherParams
 
-    @property
-    def needs_base(self) -> bool:
-        return True
-
-    @property
-    def merges_weights(self) -> bool:
-        return True
-
-    def merge_parts(self, deltas: list[torch.Tensor], parts: Sequence[PartView]) -> GroupResult:
-        out = []
-        for d in deltas:
-            taus, base = d[:-1], d[-1]
-            n = taus.shape[0]
-            w = self.member_weights(n)
-            alphas = [1.0 / n] * n if w is None else (w / w.sum()).tolist()
-            out.append((karcher_mean(list(taus + base), alphas, self.p.max_iter, self.p.tol) - base).flatten())
-        return GroupResult(torch.cat(out))
+    def merge_models(self, models: torch.Tensor) -> torch.Tensor:
+        n = models.shape[0]
+        w = self.member_weights(n)
+        alphas = [1.0 / n] * n if w is None else (w / w.sum()).tolist()
+        return karcher_mean(list(models), alphas, self.p.max_iter, self.p.tol)

@@ -1,13 +1,11 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 
 import torch
 from pydantic import Field
 
-from flexmerge.blocks import PartView
-from flexmerge.methods.base import GroupResult, MethodParams, StructuredMethod, register
+from flexmerge.methods.base import MethodParams, WeightSpaceMethod, register
 
 
 class SlerpParams(MethodParams):
@@ -30,7 +28,7 @@ def slerp(t: float, a: torch.Tensor, b: torch.Tensor, dot_threshold: float = 0.9
 
 
 @register
-class Slerp(StructuredMethod):
+class Slerp(WeightSpaceMethod):
     """mergekit's `slerp`, per tensor: the spherical interpolation of two models' weights, from the
     group's first task (t = 0; mergekit's base_model) to its second (t = 1). It merges exactly two
     models, so it exists for two tasks only (multislerp or karcher merge more)."""
@@ -41,17 +39,5 @@ class Slerp(StructuredMethod):
     Params = SlerpParams
     pairwise = True
 
-    @property
-    def needs_base(self) -> bool:
-        return True
-
-    @property
-    def merges_weights(self) -> bool:
-        return True
-
-    def merge_parts(self, deltas: list[torch.Tensor], parts: Sequence[PartView]) -> GroupResult:
-        out = []
-        for d in deltas:  # rows: τ_first, τ_second, θ0
-            base = d[2]
-            out.append((slerp(self.p.t, base + d[0], base + d[1]) - base).flatten())
-        return GroupResult(torch.cat(out))
+    def merge_models(self, models: torch.Tensor) -> torch.Tensor:
+        return slerp(self.p.t, models[0], models[1])

@@ -31,7 +31,6 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
-from flexmerge.errors import ConfigError
 from flexmerge.serve.api import health, openai as openai_api, tasks as tasks_api
 from flexmerge.serve.api.tasks import RuntimeLike
 from flexmerge.serve.auth import APIKey
