@@ -348,3 +348,11 @@ def test_the_api_loads_over_the_base_vocabulary_and_refuses_the_base_tokenizer_w
         flexmerge.merge(flexmerge.load_tasks(base, dirs), size="max", tokenizer_source="base")
     with pytest.raises(ConfigError, match="vocabulary must be one of tasks, base"):
         flexmerge.load_tasks(base, dirs, vocabulary="union")
+
+
+def test_tokenizer_source_base_refuses_an_unreadable_tokenizer_in_one_error(tmp_path):
+    base, dirs = _zoo(tmp_path, added=(2, 0))
+    (dirs["ft1"] / "tokenizer.json").write_text('{"model": {"vocab": 7}')
+    with pytest.raises(CheckpointError, match=r"task 'ft1' .*: tokenizer\.json is not a readable tokenizer"):
+        flexmerge.load_tasks(base, dirs, vocabulary="base")
+    flexmerge.load_tasks(base, dirs)  # each task's own tokenizer: its ids are not compared

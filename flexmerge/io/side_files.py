@@ -17,8 +17,8 @@ from flexmerge.io.source import HF_SIDE_GROUPS, CheckpointSource
 from flexmerge.paths import inside
 
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
-# the largest tokenizer.json read for its vocabulary (the largest public ones hold ~35 MB)
-MAX_TOKENIZER_JSON = 256 << 20
+# the largest tokenizer.json read for its vocabulary (an artifact's side file limit)
+MAX_TOKENIZER_JSON = 64 << 20
 
 
 def read_hf_side_files(src: CheckpointSource) -> dict[str, bytes]:
