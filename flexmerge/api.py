@@ -150,10 +150,12 @@ def merge(tasks: TaskSet, *, size: float | str | None = None, max_bytes: int | N
           method: str | MergeMethod = "task_arithmetic", params: Mapping[str, Any] | None = None,
           device: str | None = None, granularity: str = "sublayer", patterns: Mapping[str, str] | None = None,
           options: PlanOptions | None = None, executor=None, calibration: Calibration | None = None,
-          tokenizer_source: str = "tasks", chat_template: str | None = None, **option_fields: Any) -> FlexModel:
+          tokenizer_source: str | None = None, chat_template: str | None = None, **option_fields: Any) -> FlexModel:
     """Plan and materialize in one call: the flex model of `tasks` at `size` (or within `max_bytes`),
     planned (`options` and/or its fields, as `plan`'s) and merged on `device`. `tokenizer_source`
-    ("tasks": each its own; "base": the base's) and `chat_template`: what the exports carry."""
+    ("tasks": each its own; "base": the base's, with tasks loaded over the base's vocabulary when a
+    fine-tune added tokens; default: the vocabulary `tasks` were loaded over) and `chat_template`:
+    what the exports carry."""
     device = resolve_device(device, executor)
     m = _method_for(tasks, method, params)
     partition = discover_blocks(tasks, granularity, patterns)
@@ -237,7 +239,7 @@ def merge_to_disk(tasks: TaskSet, out: str | Path, *, size: float | str | None =
                   resume: bool = True, shard_bytes: int = SHARD_BYTES, device: str | None = None,
                   granularity: str = "sublayer", patterns: Mapping[str, str] | None = None,
                   options: PlanOptions | None = None, calibration: Calibration | None = None,
-                  tokenizer_source: str = "tasks", chat_template: str | None = None,
+                  tokenizer_source: str | None = None, chat_template: str | None = None,
                   **option_fields: Any) -> dict[str, Any]:
     """Plan (`options` and/or its fields, as `plan`'s), then materialize block by block straight
     into an artifact; returns its manifest. `tokenizer_source`, `chat_template`: as `merge`'s.
@@ -289,9 +291,12 @@ def merge_files(base: str | Path, models: Mapping[str, str | Path] | Sequence[st
     validation pass does the merge's first pass (`load_for_merge`), then `merge_to_disk`
     (`merge_options`: its other options, plan option fields included). Returns the manifest."""
     check_target(Path(out), overwrite, is_artifact, "a flex-model artifact")  # before the validation pass
+    load_options = dict(load_options or {})
+    if merge_options.get("tokenizer_source") == "base":  # mergekit's: every model over the base's vocabulary
+        load_options.setdefault("vocabulary", "base")
     options = PlanOptions.of(options, **{k: merge_options.pop(k) for k in list(merge_options) if k in PLAN_FIELDS})
     tasks = load_for_merge(base, models, method=method, params=params, size=size, max_bytes=max_bytes,
-                           planner=options.planner, executor=executor, **dict(load_options or {}))
+                           planner=options.planner, executor=executor, **load_options)
     return merge_to_disk(tasks, out, size=size, max_bytes=max_bytes, method=method, params=params,
                          overwrite=overwrite, executor=executor, options=options, **merge_options)
 
@@ -331,10 +336,13 @@ def _info(path: MergePath, size: float, tasks: TaskSet, device=None) -> dict[str
 
 def _point_info(planner: str, options: dict[str, Any], point: int, points: int, size: float, tasks: TaskSet,
                 device=None) -> dict[str, Any]:
-    """The artifact's provenance; a GPU it was merged on is named (a CPU merge's info is as it was)."""
+    """The artifact's provenance; a GPU it was merged on is named, and tasks read over the base's
+    vocabulary (their added tokens dropped) say so (otherwise the info is as it was)."""
     info = {"requested_size": size, "planner": planner, "plan_options": options,
             "path_point": point, "path_points": points,
             "inputs": tasks.provenance, "names": input_names(tasks.base, dict(zip(tasks.names, tasks.sources)))}
+    if tasks.vocabulary != "tasks":
+        info["vocabulary"] = tasks.vocabulary
     if device is not None and device.type != "cpu":
         info["device"] = str(device)
     return info

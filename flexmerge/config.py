@@ -51,7 +51,8 @@ class MergeConfig(BaseModel):
                         "cpu | auto (CUDA when available) | cuda | cuda:N")
     tokenizer_source: Literal["tasks", "base"] = Field(
         "tasks", description="the tokenizer every export carries: each task's own (or the base's when it has none), "
-        "or the base's")
+        "or the base's (every model then read over the base's vocabulary: rows a fine-tune added are dropped, "
+        "as mergekit's tokenizer_source: base)")
     chat_template: str | None = Field(None, description="a Jinja chat template every export carries")
 
     @field_validator("models")
@@ -102,7 +103,8 @@ class MergeConfig(BaseModel):
     def load_options(self) -> dict[str, Any]:
         """`load_tasks`' options (the executor aside: it is made from `executor` and `ray_address`)."""
         return {"task_specific": self.task_specific, "allow_mixed_dtypes": self.allow_mixed_dtypes,
-                "max_relative_change": self.max_relative_change, "input_hash": self.input_hash}
+                "max_relative_change": self.max_relative_change, "input_hash": self.input_hash,
+                "vocabulary": self.tokenizer_source}
 
     def partition_options(self) -> dict[str, Any]:
         """How the parameters are cut into blocks (`discover_blocks`' granularity and patterns)."""

@@ -208,15 +208,15 @@ def _write_hf(directory: Path, state: dict[str, torch.Tensor], side: dict[str, s
 
 @pytest.fixture
 def llama(tmp_path) -> dict[str, Path]:
-    """base (with a tokenizer and an inline chat template) and model_a (its own tokenizer and
-    template), model_b, model_c: fine-tunes of it (base + noise on every tensor)."""
+    """base (with a tokenizer and an inline chat template) and model_a (its own tokenizer, one more
+    token, and template), model_b, model_c: fine-tunes of it (base + noise on every tensor)."""
     g = torch.Generator().manual_seed(0)
     base = _llama_state(g)
     tokenizer = {"tokenizer.json": json.dumps({"model": {"vocab": {"base": 0}}}),
                  "tokenizer_config.json": json.dumps({"chat_template": BASE_TEMPLATE, "model_max_length": 64})}
     dirs = {"base": _write_hf(tmp_path / "base", base, tokenizer)}
     for name in ("model_a", "model_b", "model_c"):
-        own = {"tokenizer.json": json.dumps({"model": {"vocab": {"own": 0}}}),
+        own = {"tokenizer.json": json.dumps({"model": {"vocab": {"base": 0, "own": 1}}}),  # the base's ids kept
                "tokenizer_config.json": json.dumps({"chat_template": OWN_TEMPLATE})} if name == "model_a" else None
         dirs[name] = _write_hf(tmp_path / name, {k: v + 0.05 * torch.randn(v.shape, generator=g)
                                                  for k, v in base.items()}, own)

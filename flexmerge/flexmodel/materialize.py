@@ -199,7 +199,7 @@ def _member_deltas(tasks: TaskSet, pipeline: Pipeline, method: MergeMethod, memb
 def materialize(
     tasks: TaskSet, partition: Partition, assignment: Assignment, method: MergeMethod,
     info: dict | None = None, executor=None, device=None, pipeline: Pipeline | None = None,
-    tokenizer_source: str = "tasks", chat_template: str | None = None,
+    tokenizer_source: str | None = None, chat_template: str | None = None,
 ) -> FlexModel:
     """The flex model of one assignment, in memory (`api.merge_to_disk` streams to disk instead),
     merged on `device` (see `materialize_blocks`); `pipeline`: the method's preprocessing, fitted
@@ -224,15 +224,19 @@ def materialize(
     )
 
 
-def collect_hf_files(tasks: TaskSet, tokenizer_source: str = "tasks",
+def collect_hf_files(tasks: TaskSet, tokenizer_source: str | None = None,
                      chat_template: str | None = None) -> dict[str, dict[str, bytes]]:
     """Per task, the Hugging Face side files its export carries: each group (config, generation
     config, tokenizer, chat template) from the task's fine-tune, or from the base when it has none.
     A PEFT adapter's own files are those its adapter directory holds (a config with the task's own
     labels, a tokenizer with added tokens). `tokenizer_source="base"`: every task carries the base's
-    tokenizer; `chat_template`: every task carries this chat template."""
+    tokenizer and the base's vocab_size (the tasks must be loaded over the base's vocabulary when a
+    fine-tune added tokens); None: the vocabulary the tasks were loaded over (`load_tasks`');
+    `chat_template`: every task carries this chat template."""
+    tokenizer_source = tokenizer_source or tasks.vocabulary
     if tokenizer_source not in TOKENIZER_SOURCES:
         raise ConfigError(f"tokenizer_source must be one of {', '.join(TOKENIZER_SOURCES)}, got {tokenizer_source!r}")
+    _check_vocabulary(tasks, tokenizer_source)
     base = read_hf_side_files(tasks.base)
     if tokenizer_source == "base" and not any(n in base for n in HF_SIDE_GROUPS["tokenizer"]):
         raise ConfigError(f"tokenizer_source base: the base {tasks.base.path} has no tokenizer files beside it")
@@ -245,3 +249,16 @@ def collect_hf_files(tasks: TaskSet, tokenizer_source: str = "tasks",
 
 
 TOKENIZER_SOURCES = ("tasks", "base")
+
+
+def _check_vocabulary(tasks: TaskSet, tokenizer_source: str) -> None:
+    """The tokenizer an export carries must know every row of its embeddings: tasks read over the
+    base's vocabulary carry the base's, and the base's cannot go with rows a fine-tune added."""
+    if tasks.vocabulary == "base" and tokenizer_source != "base":
+        raise ConfigError("the tasks were loaded over the base's vocabulary (their added tokens dropped): their "
+                          "exports carry the base's tokenizer; give tokenizer_source='base'")
+    added = [(name, k) for name, own in tasks.specific.items() for k in own if k in tasks.meta]
+    if tokenizer_source == "base" and added:
+        name, k = added[0]
+        raise ConfigError(f"tokenizer_source base: task {name!r} keeps rows it added to {k!r}, which the base's "
+                          "tokenizer knows nothing of; load the tasks with vocabulary='base' to drop them")
