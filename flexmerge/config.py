@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from flexmerge.device import resolve_device
 from flexmerge.errors import ConfigError
+from flexmerge.methods import MethodSpec, available_methods
 from flexmerge.mergekit import MERGEKIT_KEYS, from_mergekit, is_mergekit
 from flexmerge.paths import UnsafePathError, check_task_name
 from flexmerge.planning.options import PlanOptions
@@ -57,9 +58,9 @@ class MergeConfig(BaseModel):
 
     @field_validator("models")
     @classmethod
-    def _two_or_more(cls, v: dict[str, Path]) -> dict[str, Path]:
-        if len(v) < 2:
-            raise ValueError(f"merging needs at least 2 task models, got {len(v)}")
+    def _task_names(cls, v: dict[str, Path]) -> dict[str, Path]:
+        if not v:
+            raise ValueError("merging needs task models, got none")
         for name in v:
             check_task_name(name)
         return v
@@ -80,6 +81,18 @@ class MergeConfig(BaseModel):
     @classmethod
     def _bytes(cls, v: Any) -> Any:
         return parse_bytes(v) if isinstance(v, str) else v
+
+    @model_validator(mode="after")
+    def _enough_models(self) -> "MergeConfig":
+        """Two models or more; one for a method that takes one (mergekit's passthrough)."""
+        try:
+            single = available_methods()[MethodSpec.of(self.method).name].single
+        except (ConfigError, KeyError):
+            single = False  # an unknown method fails where it is built, with the list of methods
+        least = 1 if single else 2
+        if len(self.models) < least:
+            raise ValueError(f"merging needs at least {least} task models, got {len(self.models)}")
+        return self
 
     @model_validator(mode="after")
     def _one_target(self) -> "MergeConfig":

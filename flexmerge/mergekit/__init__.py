@@ -83,10 +83,9 @@ def _refuse_other_architectures(data: dict[str, Any], where: str) -> None:
     if any(k in data for k in MOE_KEYS) and "merge_method" not in data:
         raise ConfigError(f"{where}: a mergekit-moe config (experts, gate_mode) builds a mixture-of-experts model, "
                           "an architecture its inputs do not have, which flexmerge does not make: use mergekit-moe")
-    if data.get("merge_method") == "passthrough":
-        what = ("stacks layers of its slices into a model of another depth, an architecture its inputs do not "
-                "have" if data.get("slices") else "copies one model (with per-tensor scales): there is nothing to merge")
-        raise ConfigError(f"{where}: passthrough {what}; use mergekit-yaml")
+    if data.get("merge_method") == "passthrough" and len(data.get("slices") or ()) > 1:
+        raise ConfigError(f"{where}: passthrough stacks layers of its slices into a model of another depth, an "
+                          "architecture its inputs do not have; use mergekit-yaml")
     if data.get("modules") is not None:
         raise ConfigError(f"{where}: modules: (a merge per module of a multi-module model) is not supported: give "
                           "whole models under models:, or use mergekit-yaml")
