@@ -12,6 +12,7 @@ from flexmerge.device import resolve_device
 from flexmerge.errors import ConfigError
 from flexmerge.methods import MethodSpec, available_methods
 from flexmerge.mergekit import MERGEKIT_KEYS, from_mergekit, is_mergekit
+from flexmerge.mergekit.tokenizer_surgery import TokenizerSurgery
 from flexmerge.paths import UnsafePathError, check_task_name
 from flexmerge.planning.options import PlanOptions
 from flexmerge.size import parse_bytes
@@ -55,6 +56,10 @@ class MergeConfig(BaseModel):
         "or the base's (every model then read over the base's vocabulary: rows a fine-tune added are dropped, "
         "as mergekit's tokenizer_source: base)")
     chat_template: str | None = Field(None, description="a Jinja chat template every export carries")
+    tokenizer: TokenizerSurgery | None = Field(
+        None, description="mergekit's tokenizer surgery (tokenizer_source union or a model, tokenizer: tokens, "
+        "pad_to_multiple_of): every model is re-written over the output vocabulary before the merge "
+        "(docs/mergekit.md); set from a mergekit config")
 
     @field_validator("models")
     @classmethod
