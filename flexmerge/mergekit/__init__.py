@@ -43,6 +43,8 @@ HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
 # other named templates are read from an installed mergekit (`named_template`).
 CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + "
           "'<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+# the names pydantic gives the branches of a union in an error's location (not the user's keys)
+PYDANTIC_BRANCHES = ("ModelToken", "Zero", "path", "is-instance[Path]", "literal['union','base']")
 SURGERY = "use mergekit-yaml for it, then merge its output with flexmerge"
 
 
@@ -157,7 +159,8 @@ def _tokenizer_source(data: dict[str, Any], doc: _Document, where: str) -> tuple
             if isinstance(tokens, dict) or tokens is None else tokens, pad_to_multiple_of=pad)
     except ValidationError as e:
         first = e.errors()[0]
-        raise ConfigError(f"{where}: tokenizer: {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+        loc = ".".join(str(x) for x in first["loc"] if "[" not in str(x) and str(x) not in PYDANTIC_BRANCHES)
+        raise ConfigError(f"{where}: tokenizer: {loc}: {first['msg'].removeprefix('Value error, ')}") from None
     return "base", surgery
 
 
