@@ -7,8 +7,10 @@ parameters of their own, per-tensor parameters (`tensor_params` rules, one per g
 that resolve alike; `settings` resolves each tensor as mergekit does). Several documents (what
 `mergekit-multi` reads) are named stages, run in dependency order (`stage_order`).
 
-What flexmerge does not do is refused in one sentence: what changes the architecture (layer
-stacking, mixtures of experts, tokenizer surgery), with the mergekit command to use instead.
+mergekit's tokenizer surgery is described here (`tokenizer`: a `TokenizerSurgery`) and done
+before the merge (`tokenizer_surgery`, run by `flexmerge.stages`). What flexmerge does not do is
+refused in one sentence: what changes the architecture (layer stacking, mixtures of experts),
+with the mergekit command to use instead.
 """
 
 from __future__ import annotations
