@@ -221,6 +221,9 @@ def config_of(data: dict[str, Any], file: Path | None, overrides: dict[str, Any]
     if file is not None and data:
         if is_mergekit(data):
             data = from_mergekit(data, file.parent, str(file), MERGEKIT_EXTRA_KEYS, stages)
+        elif "tokenizer" in data:
+            raise ConfigError(f"{file}: tokenizer: (tokenizer surgery) is read from mergekit configs (with "
+                              "merge_method:), whose model references it resolves; write the merge as one")
         else:
             data = _resolve_paths(data, file)
     for k, v in overrides.items():

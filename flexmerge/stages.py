@@ -99,6 +99,7 @@ def merge_stages(file: Path, overrides: Mapping[str, Any], out: Path, *, overwri
         flex = load(artifact)
         export(flex, flex.tasks[0], target, overwrite=True)
         shutil.rmtree(artifact)
+        shutil.rmtree(vocabulary_dir(artifact), ignore_errors=True)  # a tokenizer surgery's re-written models
         outputs[str(stage.name)] = target
         log(f"stage {stage.name}: {len(cfg.models)} models, method {cfg.method}, 1x -> {target}")
     cfg = config_of(stages[-1].doc, file, dict(overrides), stages=outputs)

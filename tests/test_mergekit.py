@@ -386,7 +386,8 @@ def _assert_refused(tmp_path: Path, config: Path, message: str, command: str = "
      "tokenizer: {source: union, tokens: {x: {source: {kind: model_token, model: $a}}}}\n",
      "tokenizer: tokens.x.source: give one of token_id and token"),
     ("merge_method: task_arithmetic\nbase_model: $base\nmodels: [{model: $a}, {model: $b}]\nparameters: {weight: 1}\n"
-     "tokenizer: {source: union, pad_to_multiple_of: 0}\n", "tokenizer: pad_to_multiple_of: Input should be greater than 0"),
+     "tokenizer: {source: union, pad_to_multiple_of: 0}\n",
+     "tokenizer: pad_to_multiple_of: Input should be greater than 0"),
     ("merge_method: task_arithmetic\nbase_model: $base\nparameters: {weight: 1}\n"
      "modules: {text: {models: [{model: $a}]}}\n", "modules: (a merge per module of a multi-module model)"),
     ("merge_method: task_arithmetic\nbase_model: $base\nmodels: [{model: $a}, {model: $b}]\nparameters: {weight: 1}\n"

@@ -97,7 +97,8 @@ def _one_model_linear(params: dict[str, Any]) -> dict[str, Any]:
 
     default = {k: v for k, v in params.items() if k != "tensor_params"}
     out = {**scale(default), **({"dtype": params["dtype"]} if "dtype" in params else {})}
-    rules = [{"match": r["match"], "params": scale({**default, **r["params"]})} for r in params.get("tensor_params", ())]
+    rules = [{"match": r["match"], "params": scale({**default, **r["params"]})}
+             for r in params.get("tensor_params", ())]
     if any(r["params"] for r in rules):
         out["tensor_params"] = [{"match": r["match"], "params": r["params"] or {"scale": None}} for r in rules]
     return out
