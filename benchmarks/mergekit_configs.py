@@ -1,12 +1,13 @@
 """mergekit's own configs through flexmerge: does a mergekit user's config run at `--size 1`, and
 does it give mergekit's tensors?
 
-The corpus (`CORPUS`, 54 configs) is mergekit's, rebuilt on tiny Llama models:
+The corpus (`CORPUS`, 56 configs) is mergekit's, rebuilt on tiny Llama models:
 - its shipped example configs (`examples/*.yml`, 6);
 - every config its merge tests build (`tests/test_basic_merges.py`: 32, the Granite and GPT-2
   fixtures made Llama, the nuSLERP loop unrolled; `test_chat_template.py`: 2;
   `test_tokenizer.py`: 8);
 - the multi-stage example of `docs/multimerge.md` and the two example configs of `docs/moe.md`;
+- the tokenizer example and `chat_template: auto` of its README (2);
 - one config for each registered method no test exercises (dare_linear, breadcrumbs_ties, della_linear).
 Hub ids become local tiny models; layer ranges are scaled to `LAYERS` layers.
 
@@ -269,6 +270,22 @@ CORPUS: list[Case] = [
              """))),
     Case("test_tok_pad_to_multiple_of", "tests/test_tokenizer.py::test_pad_to_multiple_of",
          _tokenizer_case(["$tok_chatml"], "tokenizer:\n  source: base\n  pad_to_multiple_of: 16\n")),
+    # README.md: the tokenizer section's example (union; ChatML tokens from the ChatML model, a token
+    # forced from another model, a new token with a zero embedding) and `chat_template: auto`
+    Case("readme_tokenizer_tokens", "README.md (tokenizer: practical example)",
+         _tokenizer_case(["$base", "$a", "$tok_chatml"], textwrap.dedent("""\
+             tokenizer:
+               source: union
+               tokens:
+                 <|im_start|>: {source: $tok_chatml}
+                 <|im_end|>: {source: $tok_chatml}
+                 </s>: {source: $a, force: true}
+                 <|unused|>:
+                   source: {kind: zero}
+             """))),
+    Case("readme_chat_template_auto", "README.md (chat_template: auto)",
+         _two_model("linear", "$base", a="$base", b="$tok_chatml", weights=(0.5, 0.5))
+         + "tokenizer_source: union\nchat_template: auto\n"),
     # docs/multimerge.md: the example with a final merge
     Case("doc_multimerge", "docs/multimerge.md", textwrap.dedent("""\
         name: first-merge
@@ -477,6 +494,29 @@ def compare(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor]) -> t
     return worst, "; ".join(problems)
 
 
+def token_ids(directory: Path) -> dict[str, int] | None:
+    """Each token's id in a directory's tokenizer.json (its vocabulary and added tokens)."""
+    f = directory / "tokenizer.json"
+    if not f.exists():
+        return None
+    data = json.loads(f.read_text())
+    ids = dict(data["model"]["vocab"])
+    ids.update({t["content"]: t["id"] for t in data.get("added_tokens", [])})
+    return ids
+
+
+def vocabulary_problem(ours: Path, theirs: Path) -> str:
+    """What differs in the tokenizer (token ids) and config vocab_size of two outputs ("" if nothing)."""
+    problems = []
+    a, b = token_ids(ours), token_ids(theirs)
+    if b is not None and a != b:
+        problems.append(f"tokenizers differ ({len(a or {})} vs {len(b)} tokens)")
+    sizes = [json.loads((d / "config.json").read_text()).get("vocab_size") for d in (ours, theirs)]
+    if sizes[0] != sizes[1]:
+        problems.append(f"vocab_size {sizes[0]} vs {sizes[1]}")
+    return "; ".join(problems)
+
+
 def statistics(merged: dict[str, torch.Tensor], base: dict[str, torch.Tensor]) -> tuple[float, float]:
     """(fraction of entries left at the base's value, L2 norm of the merged task vector)."""
     same = total = 0
@@ -526,6 +566,7 @@ def survey(case: Case, models: dict[str, Path], work: Path) -> dict:
         return row
     theirs = tensors(mk_out)
     row["diff"], problem = compare(ours, theirs)
+    problem += vocabulary_problem(exports[0], mk_out)
     row["note"] += problem
     if case.tool == "mergekit-multi":  # each earlier stage's output against mergekit-multi's intermediate one
         ours_dir, theirs_dir = (x.with_name(x.name + ".stages") for x in (fm_out, mk_out))

@@ -279,7 +279,8 @@ def load_for_merge(base: str | Path, models: Mapping[str, str | Path] | Sequence
     m = _method(method, params).for_tasks(names)  # a method that cannot merge these tasks fails before the read
     return load_tasks(base, models, observers=first_pass_for(m, merging=merging, names=names),
                       key_grams=uses_key_grams(m, None, size, max_bytes, planner),
-                      base_may_be_a_task=m.merges_weights, **load_options)
+                      base_may_be_a_task=m.merges_weights, min_tasks=1 if m.single else 2,
+                      freeze_equal=not m.single, **load_options)
 
 
 def merge_files(base: str | Path, models: Mapping[str, str | Path] | Sequence[str], out: str | Path, *,

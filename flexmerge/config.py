@@ -10,7 +10,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from flexmerge.device import resolve_device
 from flexmerge.errors import ConfigError
+from flexmerge.methods import MethodSpec, available_methods
 from flexmerge.mergekit import MERGEKIT_KEYS, from_mergekit, is_mergekit
+from flexmerge.mergekit.tokenizer_surgery import TokenizerSurgery
 from flexmerge.paths import UnsafePathError, check_task_name
 from flexmerge.planning.options import PlanOptions
 from flexmerge.size import parse_bytes
@@ -54,12 +56,16 @@ class MergeConfig(BaseModel):
         "or the base's (every model then read over the base's vocabulary: rows a fine-tune added are dropped, "
         "as mergekit's tokenizer_source: base)")
     chat_template: str | None = Field(None, description="a Jinja chat template every export carries")
+    tokenizer: TokenizerSurgery | None = Field(
+        None, description="mergekit's tokenizer surgery (tokenizer_source union or a model, tokenizer: tokens, "
+        "pad_to_multiple_of): every model is re-written over the output vocabulary before the merge "
+        "(docs/mergekit.md); set from a mergekit config")
 
     @field_validator("models")
     @classmethod
-    def _two_or_more(cls, v: dict[str, Path]) -> dict[str, Path]:
-        if len(v) < 2:
-            raise ValueError(f"merging needs at least 2 task models, got {len(v)}")
+    def _task_names(cls, v: dict[str, Path]) -> dict[str, Path]:
+        if not v:
+            raise ValueError("merging needs task models, got none")
         for name in v:
             check_task_name(name)
         return v
@@ -80,6 +86,18 @@ class MergeConfig(BaseModel):
     @classmethod
     def _bytes(cls, v: Any) -> Any:
         return parse_bytes(v) if isinstance(v, str) else v
+
+    @model_validator(mode="after")
+    def _enough_models(self) -> "MergeConfig":
+        """Two models or more; one for a method that takes one (mergekit's passthrough)."""
+        try:
+            single = available_methods()[MethodSpec.of(self.method).name].single
+        except (ConfigError, KeyError):
+            single = False  # an unknown method fails where it is built, with the list of methods
+        least = 1 if single else 2
+        if len(self.models) < least:
+            raise ValueError(f"merging needs at least {least} task models, got {len(self.models)}")
+        return self
 
     @model_validator(mode="after")
     def _one_target(self) -> "MergeConfig":
@@ -203,6 +221,9 @@ def config_of(data: dict[str, Any], file: Path | None, overrides: dict[str, Any]
     if file is not None and data:
         if is_mergekit(data):
             data = from_mergekit(data, file.parent, str(file), MERGEKIT_EXTRA_KEYS, stages)
+        elif "tokenizer" in data:
+            raise ConfigError(f"{file}: tokenizer: (tokenizer surgery) is read from mergekit configs (with "
+                              "merge_method:), whose model references it resolves; write the merge as one")
         else:
             data = _resolve_paths(data, file)
     for k, v in overrides.items():

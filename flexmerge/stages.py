@@ -24,6 +24,7 @@ from flexmerge.flexmodel import export, load
 from flexmerge.flexmodel.export import is_export_dir
 from flexmerge.flexmodel.read import is_artifact
 from flexmerge.mergekit import stage_order
+from flexmerge.mergekit.tokenizer_surgery import remap_models
 
 # command-line fields that hold for every stage (how to read, where to compute); the others (size,
 # method, models, ...) are the last stage's
@@ -31,12 +32,34 @@ EVERY_STAGE = ("executor", "ray_address", "device", "input_hash", "allow_mixed_d
 
 
 def merge_from_config(cfg: MergeConfig, out: Path, *, overwrite: bool = False, resume: bool = True) -> dict[str, Any]:
-    """The merge `cfg` describes, written to the artifact `out`; returns its manifest."""
+    """The merge `cfg` describes, written to the artifact `out`; returns its manifest. With
+    mergekit's tokenizer surgery, the models are first re-written over the output vocabulary
+    (into OUT.vocabulary) and merged from there."""
+    if cfg.tokenizer is not None:
+        check_target(out, overwrite, is_artifact, "a flex-model artifact")  # before the models are re-written
+        cfg = over_output_vocabulary(cfg, vocabulary_dir(out))
     return merge_files(cfg.base, cfg.models, out, size=cfg.size, max_bytes=cfg.max_bytes, method=cfg.method,
                        params=cfg.params, overwrite=overwrite, executor=get_executor(cfg.executor,
                                                                                      address=cfg.ray_address),
                        load_options=cfg.load_options(), options=cfg.plan_options(), resume=resume,
                        device=cfg.device, **cfg.partition_options(), **cfg.side_file_options())
+
+
+def vocabulary_dir(out: Path) -> Path:
+    """Where the models re-written over a tokenizer surgery's vocabulary are kept."""
+    return out.with_name(out.name + ".vocabulary")
+
+
+def over_output_vocabulary(cfg: MergeConfig, folder: Path) -> MergeConfig:
+    """`cfg` over the models re-written (into `folder`) over the output vocabulary of its tokenizer
+    surgery: each carries the output tokenizer, so every export takes the base's."""
+    names = {cfg.base: "base", **{path: name for name, path in cfg.models.items()}}
+    moved = remap_models(cfg.tokenizer, names, folder)
+    missing = [p for p in (cfg.base, *cfg.models.values()) if p not in moved]
+    if missing:  # by construction every model merged is one of the surgery's inputs
+        raise ConfigError(f"tokenizer surgery: {missing[0]} is merged but not among the surgery's models")
+    return cfg.model_copy(update={"base": moved[cfg.base], "models": {n: moved[p] for n, p in cfg.models.items()},
+                                  "tokenizer": None, "tokenizer_source": "base"})
 
 
 def is_multi_stage(file: Path | None) -> bool:
@@ -76,6 +99,7 @@ def merge_stages(file: Path, overrides: Mapping[str, Any], out: Path, *, overwri
         flex = load(artifact)
         export(flex, flex.tasks[0], target, overwrite=True)
         shutil.rmtree(artifact)
+        shutil.rmtree(vocabulary_dir(artifact), ignore_errors=True)  # a tokenizer surgery's re-written models
         outputs[str(stage.name)] = target
         log(f"stage {stage.name}: {len(cfg.models)} models, method {cfg.method}, 1x -> {target}")
     cfg = config_of(stages[-1].doc, file, dict(overrides), stages=outputs)

@@ -299,6 +299,8 @@ def load_tasks(
     key_grams: bool = True,
     base_may_be_a_task: bool = False,
     vocabulary: Literal["tasks", "base"] = "tasks",
+    min_tasks: int = 2,
+    freeze_equal: bool = True,
 ) -> TaskSet:
     """Open and validate the base and the task models; find the frozen and task-specific parameters.
 
@@ -320,13 +322,16 @@ def load_tasks(
     weights, such as slerp, may take the base as one of them); by default it is an error, the sign
     of a wrong file. `vocabulary="base"` (mergekit's `tokenizer_source: base`): every task is read
     over the base's vocabulary, the rows a fine-tune added dropped, so that 1x is one model; each
-    task's tokenizer must give every base token the base's id (mergekit maps rows by token)."""
+    task's tokenizer must give every base token the base's id (mergekit maps rows by token).
+    `min_tasks`: 1 for a method that takes one model (passthrough). `freeze_equal=False`: a
+    floating-point key every model holds alike is merged all the same (not frozen), for a method
+    whose result on equal inputs is not that input (passthrough's `scale`)."""
     named = parse_task_specs(models)
     if "base" in named:  # the manifest records the inputs by name, the base as "base"
         raise ConfigError("task name 'base' is reserved for the base model (the manifest records the inputs by "
                           "name); give the task another name")
-    if len(named) < 2:
-        raise ConfigError(f"merging needs at least 2 task models, got {len(named)}")
+    if len(named) < min_tasks:
+        raise ConfigError(f"merging needs at least {min_tasks} task models, got {len(named)}")
     patterns = _compile_patterns(task_specific)
     if vocabulary not in VOCABULARIES:
         raise ConfigError(f"vocabulary must be one of {', '.join(VOCABULARIES)}, got {vocabulary!r}")
@@ -339,7 +344,7 @@ def load_tasks(
     active = [o for o in observers if o.begin(meta, len(sources))] if ex.name == "local" else []
     mergeable, frozen, key_grams, digests = _scan_values(base_src, sources, list(named), meta, specific,
                                                          max_relative_change, ex, input_hash, active, key_grams,
-                                                         base_may_be_a_task)
+                                                         base_may_be_a_task, freeze_equal)
     digests = [digests[0], *(_with_specific(d, src, specific[name], input_hash, meta)
                              for d, src, name in zip(digests[1:], sources, named))]
     provenance = {name: {"files": [file_record(f) for f in src.files()], input_hash: digest}
@@ -633,6 +638,7 @@ def _scan_values(
     observers: Sequence[PassObserver] = (),
     grams: bool = True,
     base_may_be_a_task: bool = False,
+    freeze_equal: bool = True,
 ) -> tuple[list[str], list[str], dict[str, torch.Tensor], list[str]]:
     """One streaming pass: finite values, frozen keys, no task equal to the base, a plausible base,
     and each model's content hash (base first).
@@ -668,8 +674,9 @@ def _scan_values(
     for k in meta:
         if scans[k].differs and not meta[k].dtype.is_floating_point:
             raise CheckpointError(f"key {k!r} ({meta[k].dtype}) differs between models but is not floating point")
-    mergeable = [k for k in meta if scans[k].differs]
-    frozen = [k for k in meta if not scans[k].differs]
+    merged = {k for k in meta if scans[k].differs or (not freeze_equal and meta[k].dtype.is_floating_point)}
+    mergeable = [k for k in meta if k in merged]
+    frozen = [k for k in meta if k not in merged]
     return mergeable, frozen, {k: scans[k].gram for k in mergeable if scans[k].gram is not None}, digests
 
 

@@ -87,9 +87,11 @@ def test_every_method_on_device_cpu_equals_the_default(zoo, spec):
     base, models = zoo
     parsed = MethodSpec.parse(spec)
     name, params = parsed.name, dict(parsed.params)
-    if get_method(name, **params).pairwise:
-        models = dict(list(models.items())[:2])
-    default_tasks, cpu_tasks = flexmerge.load_tasks(base, models), flexmerge.load_tasks(base, models)
+    method = get_method(name, **params)
+    if method.pairwise or method.single:
+        models = dict(list(models.items())[:1 if method.single else 2])
+    load = {"min_tasks": 1, "freeze_equal": False} if method.single else {}
+    default_tasks, cpu_tasks = flexmerge.load_tasks(base, models, **load), flexmerge.load_tasks(base, models, **load)
     p0 = flexmerge.plan(default_tasks, method=name, params=params)
     p1 = flexmerge.plan(cpu_tasks, method=name, params=params, device="cpu")
     assert p0.steps == p1.steps and p0.sizes == p1.sizes
@@ -198,7 +200,7 @@ def test_methods_create_their_tensors_on_the_inputs_device(spec):
     name, params = parsed.name, dict(parsed.params)
     method = get_method(name, **params)
     g = torch.Generator().manual_seed(0)
-    rows = (6 if method.uses_untransformed else 2 if method.pairwise else 3) + method.needs_base
+    rows = (6 if method.uses_untransformed else 2 if method.pairwise else 1 if method.single else 3) + method.needs_base
     parts = [PartView("w", (8, 5)), PartView("b", (8,))]
     chunks = [(0, torch.randn(rows, 40, generator=g)), (1, torch.randn(rows, 8, generator=g))]
     audit = _FactoryAudit()

@@ -376,19 +376,18 @@ def _assert_refused(tmp_path: Path, config: Path, message: str, command: str = "
      "  - sources: [{model: $a, layer_range: [2, 4]}]\n",
      "passthrough stacks layers of its slices into a model of another depth, an architecture its inputs do not have; "
      "use mergekit-yaml"),
-    ("merge_method: passthrough\nmodels:\n  - model: $a\n    parameters: {scale: [{filter: o_proj, value: 0}]}\n",
-     "passthrough copies one model (with per-tensor scales): there is nothing to merge; use mergekit-yaml"),
+    ("merge_method: passthrough\nbase_model: $base\nmodels:\n  - model: $a\n",
+     "passthrough copies one model, got 2 (base_model counts; mergekit takes one input)"),
     ("base_model: $a\ngate_mode: hidden\ndtype: bfloat16\nexperts:\n  - source_model: $a\n"
      "    positive_prompts: [hello]\n  - source_model: $b\n    positive_prompts: [doctor]\n",
      "a mergekit-moe config (experts, gate_mode) builds a mixture-of-experts model, an architecture its inputs do not "
      "have, which flexmerge does not make: use mergekit-moe"),
-    ("merge_method: linear\nmodels: [{model: $a}, {model: $b}]\nparameters: {weight: 1}\ntokenizer_source: union\n",
-     "tokenizer source union (a vocabulary of every model's tokens) re-maps every model's embedding rows onto a new "
-     "vocabulary (tokenizer surgery), which flexmerge does not do: use mergekit-yaml for it"),
     ("merge_method: task_arithmetic\nbase_model: $base\nmodels: [{model: $a}, {model: $b}]\nparameters: {weight: 1}\n"
-     "tokenizer_source: $a\n", "(another model's vocabulary) re-maps every model's embedding rows"),
+     "tokenizer: {source: union, tokens: {x: {source: {kind: model_token, model: $a}}}}\n",
+     "tokenizer: tokens.x.source: give one of token_id and token"),
     ("merge_method: task_arithmetic\nbase_model: $base\nmodels: [{model: $a}, {model: $b}]\nparameters: {weight: 1}\n"
-     "tokenizer: {source: base, tokens: {x: {source: $a, force: true}}}\n", "are tokenizer surgery, which changes"),
+     "tokenizer: {source: union, pad_to_multiple_of: 0}\n",
+     "tokenizer: pad_to_multiple_of: Input should be greater than 0"),
     ("merge_method: task_arithmetic\nbase_model: $base\nparameters: {weight: 1}\n"
      "modules: {text: {models: [{model: $a}]}}\n", "modules: (a merge per module of a multi-module model)"),
     ("merge_method: task_arithmetic\nbase_model: $base\nmodels: [{model: $a}, {model: $b}]\nparameters: {weight: 1}\n"

@@ -94,7 +94,7 @@ REQUIRED = {"slerp": {"t": 0.3}, "nearswap": {"t": 0.5}}  # parameters without a
 @pytest.mark.parametrize("name", sorted(available_methods()))
 def test_method_contract(name):
     method = get_method(name, **REQUIRED.get(name, {}))
-    n = 2 if method.pairwise else 5  # members; a method that reads θ0 gets it as one more row
+    n = 2 if method.pairwise else 1 if method.single else 5  # members; a method that reads θ0 gets it as one more row
     d = torch.randn(n + method.needs_base, 300, generator=torch.Generator().manual_seed(0))
     a, b = method.merge(d.clone()), method.merge(d.clone())
     assert a.delta.shape == (300,) and a.delta.dtype == torch.float32
@@ -149,7 +149,8 @@ def test_dare_is_chunking_independent_and_drops_at_rate(tasks, monkeypatch):
 @pytest.mark.parametrize("name", sorted(available_methods()))
 def test_chunked_merge_equals_whole_block_merge(name):
     method = get_method(name, **REQUIRED.get(name, {}))
-    d = torch.randn((2 if method.pairwise else 4) + method.needs_base, 1000, generator=torch.Generator().manual_seed(1))
+    members = 2 if method.pairwise else 1 if method.single else 4
+    d = torch.randn(members + method.needs_base, 1000, generator=torch.Generator().manual_seed(1))
     whole = method.merge(d)
     chunked = method.merge_chunks([(0, c) for c in d.split([100, 250, 650], dim=1)], [PartView("w", (1000,))])
     torch.testing.assert_close(chunked.delta, whole.delta, rtol=0, atol=0)

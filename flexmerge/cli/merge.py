@@ -46,7 +46,7 @@ from flexmerge.methods import available_methods
 from flexmerge.peft_export import export_peft, is_peft_export
 from flexmerge.planning.path import SIZE_TOLERANCE, MergePath, is_path_file
 from flexmerge.size import format_bytes
-from flexmerge.stages import is_multi_stage, merge_from_config, merge_stages
+from flexmerge.stages import is_multi_stage, merge_from_config, merge_stages, over_output_vocabulary, vocabulary_dir
 from flexmerge.taskvec import TaskSet
 
 EXPORT_FORMATS = ("full", "peft")
@@ -77,6 +77,8 @@ def plan(
                        mixed=allow_mixed_dtypes, executor=executor, ray_address=ray_address,
                        max_relative_change=max_relative_change, task_specific=task_specific, device=device,
                        input_hash=input_hash)
+    if cfg.tokenizer is not None:  # mergekit's tokenizer surgery: plan over the re-written models
+        cfg = over_output_vocabulary(cfg, vocabulary_dir(out))
     ex = get_executor(cfg.executor, address=cfg.ray_address)
     tasks = load_for_merge(cfg.base, cfg.models, method=cfg.method, params=cfg.params, planner=cfg.planner,
                            merging=False, executor=ex, **cfg.load_options())

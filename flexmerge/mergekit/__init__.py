@@ -7,8 +7,10 @@ parameters of their own, per-tensor parameters (`tensor_params` rules, one per g
 that resolve alike; `settings` resolves each tensor as mergekit does). Several documents (what
 `mergekit-multi` reads) are named stages, run in dependency order (`stage_order`).
 
-What flexmerge does not do is refused in one sentence: what changes the architecture (layer
-stacking, mixtures of experts, tokenizer surgery), with the mergekit command to use instead.
+mergekit's tokenizer surgery is described here (`tokenizer`: a `TokenizerSurgery`) and done
+before the merge (`tokenizer_surgery`, run by `flexmerge.stages`). What flexmerge does not do is
+refused in one sentence: what changes the architecture (layer stacking, mixtures of experts),
+with the mergekit command to use instead.
 """
 
 from __future__ import annotations
@@ -23,11 +25,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from flexmerge.blocks import layer_of
 from flexmerge.errors import ConfigError, FlexMergeError, FlexMergeWarning
 from flexmerge.io.open import open_checkpoint
 from flexmerge.io.side_files import read_side_files_in, template_of
 from flexmerge.mergekit.settings import SPECS, Param, Scope, resolve
+from flexmerge.mergekit.tokenizer_surgery import TokenizerSurgery
 from flexmerge.mergekit.translate import FLEXMERGE_METHOD, flexmerge_params, tasks_of
 from flexmerge.paths import TASK_NAME
 
@@ -40,6 +45,8 @@ HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
 # other named templates are read from an installed mergekit (`named_template`).
 CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + "
           "'<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+# the names pydantic gives the branches of a union in an error's location (not the user's keys)
+PYDANTIC_BRANCHES = ("ModelToken", "Zero", "path", "is-instance[Path]", "literal['union','base']")
 SURGERY = "use mergekit-yaml for it, then merge its output with flexmerge"
 
 
@@ -69,9 +76,31 @@ def from_mergekit(data: dict[str, Any], root: Path, where: str, flexmerge_keys: 
     if dtype is not None:
         params["dtype"] = _dtype(dtype, where)
     out = {k: data[k] for k in extra if k in data}
+    if flex_method == "linear" and len(names) == 1:
+        flex_method, params = "passthrough", _one_model_linear(params)
+    tokenizer_source, surgery = _tokenizer_source(data, doc, where)
     out.update(base=doc.paths[base], models={n: doc.paths[r] for n, r in zip(names, task_refs)}, method=flex_method,
-               params=params, tokenizer_source=_tokenizer_source(data, doc, where),
+               params=params, tokenizer_source=tokenizer_source,
                chat_template=_chat_template(data.get("chat_template"), doc, where))
+    if surgery is not None:
+        out["tokenizer"] = surgery
+    return out
+
+
+def _one_model_linear(params: dict[str, Any]) -> dict[str, Any]:
+    """mergekit's `linear` of one model as a passthrough: Σ w θ / Σ w is θ, Σ w θ (normalize false)
+    is θ times w (per tensor, as the linear's rules)."""
+    def scale(p: dict[str, Any]) -> dict[str, Any]:
+        weights = list((p.get("weights") or {}).values())
+        w = weights[0] if weights else 1.0
+        return {} if p.get("normalize", True) or w == 1.0 else {"scale": w}
+
+    default = {k: v for k, v in params.items() if k != "tensor_params"}
+    out = {**scale(default), **({"dtype": params["dtype"]} if "dtype" in params else {})}
+    rules = [{"match": r["match"], "params": scale({**default, **r["params"]})}
+             for r in params.get("tensor_params", ())]
+    if any(r["params"] for r in rules):
+        out["tensor_params"] = [{"match": r["match"], "params": r["params"] or {"scale": None}} for r in rules]
     return out
 
 
@@ -83,10 +112,9 @@ def _refuse_other_architectures(data: dict[str, Any], where: str) -> None:
     if any(k in data for k in MOE_KEYS) and "merge_method" not in data:
         raise ConfigError(f"{where}: a mergekit-moe config (experts, gate_mode) builds a mixture-of-experts model, "
                           "an architecture its inputs do not have, which flexmerge does not make: use mergekit-moe")
-    if data.get("merge_method") == "passthrough":
-        what = ("stacks layers of its slices into a model of another depth, an architecture its inputs do not "
-                "have" if data.get("slices") else "copies one model (with per-tensor scales): there is nothing to merge")
-        raise ConfigError(f"{where}: passthrough {what}; use mergekit-yaml")
+    if data.get("merge_method") == "passthrough" and len(data.get("slices") or ()) > 1:
+        raise ConfigError(f"{where}: passthrough stacks layers of its slices into a model of another depth, an "
+                          "architecture its inputs do not have; use mergekit-yaml")
     if data.get("modules") is not None:
         raise ConfigError(f"{where}: modules: (a merge per module of a multi-module model) is not supported: give "
                           "whole models under models:, or use mergekit-yaml")
@@ -106,29 +134,49 @@ def _check_keys(data: dict[str, Any], extra: set[str], where: str) -> None:
                           "parameters: ...}}) and `slices:`")
 
 
-def _tokenizer_source(data: dict[str, Any], doc: _Document, where: str) -> str:
-    """"base" (every export carries the base's tokenizer) or "tasks" (each its own, flexmerge's
-    default); other sources build a vocabulary, which flexmerge does not."""
-    source, tokens = data.get("tokenizer_source"), None
+def _tokenizer_source(data: dict[str, Any], doc: _Document, where: str) -> tuple[str, TokenizerSurgery | None]:
+    """("tasks", None): each export carries its own tokenizer (flexmerge's default); ("base", None):
+    the base's, every model read over its vocabulary; ("base", surgery): mergekit's tokenizer
+    surgery builds a vocabulary and re-writes every model over it before the merge
+    (`tokenizer_surgery`), whose first model then carries the output tokenizer."""
+    source, tokens, pad = data.get("tokenizer_source"), None, None
     if data.get("tokenizer") is not None:
         tok = data["tokenizer"]
         if not isinstance(tok, dict) or set(tok) - {"source", "tokens", "pad_to_multiple_of"}:
             raise ConfigError(f"{where}: tokenizer: must be {{source, tokens, pad_to_multiple_of}}")
         if data.get("tokenizer_source") is not None:
             raise ConfigError(f"{where}: give tokenizer_source or tokenizer:, not both (as mergekit)")
-        source, tokens = tok.get("source"), tok.get("tokens") or tok.get("pad_to_multiple_of")
+        source, tokens, pad = tok.get("source", "union"), tok.get("tokens"), tok.get("pad_to_multiple_of")
     if source is None:
-        return "tasks"
-    if source == "base" or (isinstance(source, str) and doc.base is not None and _same_model(source, doc)):
-        if tokens:
-            raise ConfigError(f"{where}: tokenizer: tokens (single tokens' embeddings taken from other models) and "
-                              f"pad_to_multiple_of (rows added to the vocabulary) are tokenizer surgery, which changes "
-                              f"the embeddings' rows: {SURGERY}")
-        return "base"
-    what = ("union (a vocabulary of every model's tokens)" if source == "union"
-            else f"{source!r} (another model's vocabulary)")
-    raise ConfigError(f"{where}: tokenizer source {what} re-maps every model's embedding rows onto a new vocabulary "
-                      f"(tokenizer surgery), which flexmerge does not do: {SURGERY}")
+        return "tasks", None
+    is_base = source == "base" or (isinstance(source, str) and doc.base is not None and _same_model(source, doc))
+    if is_base and not tokens and not pad:
+        return "base", None
+    if not isinstance(source, str) or not source:
+        raise ConfigError(f"{where}: tokenizer source must be 'union', 'base' or a model, got {source!r}")
+    try:
+        surgery = TokenizerSurgery(
+            source=source if source in ("union", "base") else doc.path_of(source, "tokenizer source"),
+            inputs=[doc.paths[r] for r in doc.inputs], base_model=doc.paths[doc.base] if doc.base else None,
+            tokens={t: _token_source(c, doc, f"tokenizer.tokens[{t!r}]") for t, c in (tokens or {}).items()}
+            if isinstance(tokens, dict) or tokens is None else tokens, pad_to_multiple_of=pad)
+    except ValidationError as e:
+        first = e.errors()[0]
+        loc = ".".join(str(x) for x in first["loc"] if "[" not in str(x) and str(x) not in PYDANTIC_BRANCHES)
+        raise ConfigError(f"{where}: tokenizer: {loc}: {first['msg'].removeprefix('Value error, ')}") from None
+    return "base", surgery
+
+
+def _token_source(cfg: Any, doc: _Document, label: str) -> Any:
+    """One `tokens:` entry with its model references resolved to paths (validated by `TokenSource`)."""
+    if not isinstance(cfg, dict):
+        return cfg
+    source = cfg.get("source")
+    if isinstance(source, str):
+        source = doc.path_of(source, f"{label}.source")
+    elif isinstance(source, dict) and isinstance(source.get("model"), str):
+        source = {**source, "model": doc.path_of(source["model"], f"{label}.source.model")}
+    return {**cfg, "source": source} if "source" in cfg else cfg
 
 
 def _same_model(source: str, doc: _Document) -> bool:

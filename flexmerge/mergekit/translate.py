@@ -10,7 +10,8 @@ how the base takes part is its method's (`InputContract`):
 - linear and karcher merge every input as a model, the base too: all are tasks, flexmerge's base
   (what they are stored against) is `base_model`, else the first model;
 - nuslerp and multislerp merge task vectors with a base (`space: deltas`), models without one
-  (`space: weights`).
+  (`space: weights`);
+- passthrough copies its one input (scaled per tensor): that model is the base and the one task.
 """
 
 from __future__ import annotations
@@ -20,12 +21,12 @@ from typing import Any
 
 from flexmerge.errors import ConfigError
 
-TASK_VECTORS, PAIR, ALL_MODELS, OPTIONAL_BASE = "task vectors", "pair", "all models", "optional base"
+TASK_VECTORS, PAIR, ALL_MODELS, OPTIONAL_BASE, ONE = "task vectors", "pair", "all models", "optional base", "one"
 ROLE = {**dict.fromkeys(("task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties",
                          "della", "della_linear", "sce", "model_stock", "ram", "ramplus_tl"), TASK_VECTORS),
         **dict.fromkeys(("slerp", "nearswap", "arcee_fusion"), PAIR),
         **dict.fromkeys(("linear", "karcher"), ALL_MODELS),
-        **dict.fromkeys(("nuslerp", "multislerp"), OPTIONAL_BASE)}
+        **dict.fromkeys(("nuslerp", "multislerp"), OPTIONAL_BASE), "passthrough": ONE}
 # mergekit method -> the flexmerge method that computes it
 FLEXMERGE_METHOD = {**{m: m for m in ROLE}, "dare_linear": "dare", "dare_ties": "ties"}
 
@@ -39,6 +40,11 @@ def tasks_of(method: str, base: str | None, inputs: list[str], where: str) -> tu
     role = ROLE[method]
     if role == OPTIONAL_BASE:
         role = TASK_VECTORS if base is not None else ALL_MODELS
+    if role == ONE:
+        if len(inputs) != 1:
+            raise ConfigError(f"{where}: passthrough copies one model, got {len(inputs)} (base_model counts; "
+                              "mergekit takes one input)")
+        return inputs[0], list(inputs), True
     if role in (TASK_VECTORS, PAIR) and base is None:
         raise ConfigError(f"{where}: {method} needs base_model (mergekit requires one)")
     if role == TASK_VECTORS:
@@ -172,4 +178,5 @@ TRANSLATORS: dict[str, Callable[..., dict[str, Any]]] = {
     "sce": _shared_only("select_topk"),
     "ram": _shared_only("epsilon"),
     "ramplus_tl": _shared_only("r", "alpha", "epsilon"),
+    "passthrough": lambda method, shared, per_task, explicit, where: {"scale": next(iter(per_task.values()))["scale"]},
 }

@@ -16,6 +16,7 @@ from flexmerge.methods import (  # noqa: F401
     multislerp,
     nearswap,
     nuslerp,
+    passthrough,
     pcb,
     ram,
     sce,

@@ -135,6 +135,7 @@ class MergeMethod:
     elementwise: ClassVar[bool] = False  # merging a slice of entries needs only that slice
     uses_residuals: ClassVar[bool] = False  # stores θ0 + shared and per member a residual per tensor
     pairwise: ClassVar[bool] = False  # merges exactly two models (mergekit's slerp, nuslerp, nearswap, ...)
+    single: ClassVar[bool] = False  # takes exactly one model (mergekit's passthrough): nothing to merge
     _tasks: tuple[str, ...] | None = None  # the merge's task names (`for_tasks`)
     _members: tuple[int, ...] | None = None  # the group being merged, task indices (`for_group`)
 
@@ -185,7 +186,7 @@ class MergeMethod:
         except ConfigError as e:
             raise ConfigError(f"tensor_params[{i}] ({rule.match!r}): {e}") from None
         flags = ("uses_masks", "uses_scales", "uses_residuals", "elementwise", "uses_untransformed",
-                 "data_dependent_size", "needs_base", "merges_weights", "pairwise")
+                 "data_dependent_size", "needs_base", "merges_weights", "pairwise", "single")
         if any(getattr(method, f) != getattr(self, f) for f in flags) or self.uses_scales or self.uses_residuals:
             raise ConfigError(f"tensor_params[{i}] ({rule.match!r}): method {self.name!r} cannot take these "
                               "parameters per tensor (they change what it stores)")
@@ -223,6 +224,8 @@ class MergeMethod:
         if self.pairwise and len(names) != 2:
             raise ConfigError(f"method {self.name!r} merges two models, got {len(names)} tasks: for more, use "
                               "multislerp or karcher")
+        if self.single and len(names) != 1:
+            raise ConfigError(f"method {self.name!r} takes one model, got {len(names)} tasks")
         for per_task in ("weights", "task_dare", "task_keep"):
             unknown = sorted(set(getattr(self.p, per_task, None) or {}) - set(names))
             if unknown:
@@ -240,6 +243,8 @@ class MergeMethod:
         if self.pairwise and len(members) != 2:
             raise ConfigError(f"method {self.name!r} merges two models, not a group of {len(members)}: for more, "
                               "use multislerp or karcher")
+        if self.single and len(members) != 1:
+            raise ConfigError(f"method {self.name!r} takes one model, not a group of {len(members)}")
         bound = copy.copy(self)
         bound._members = tuple(members)
         return bound
