@@ -21,16 +21,16 @@ The stream (seeded, the same for every engine): --requests requests arriving as 
 of --rate per second (open loop: arrivals do not wait for answers), tasks drawn uniformly,
 max_tokens 8-64 (at most what the context leaves), greedy (temperature 0). Prompts: the zoo's
 test questions (`data/<task>/test.jsonl`, chat rows, the user turn rendered by the base's chat
-template) when it has them, else 8-48 random tokens. `--eos ignore` (the default, as vLLM's
-benchmark `--ignore-eos`) decodes every request to its max_tokens: the real fine-tunes answer in
-2-4 tokens, which would leave the stream mostly prefills; `--eos stop` ends each at its
-end-of-sequence token as served. Measured per request: time to first token (arrival -> first
-token), inter-token latency (gaps between a request's tokens), and over the run: generated tokens
-/ seconds from the first arrival to the last token. In process, one thread submits arrivals and
-steps the generator; over HTTP, one client thread per request streams
-(`stream_options.include_usage` counts its tokens), and the server's VmRSS is read after warm-up.
-`--rss` (in process) loads each engine alone in a fresh subprocess, runs a warm-up stream and
-reads its VmRSS.
+template) when it has them, else 8-48 random tokens. `--eos ignore` (the default in process, as
+vLLM's benchmark `--ignore-eos`) decodes every request to its max_tokens: the real fine-tunes
+answer in 1-4 tokens, which would leave the stream mostly prefills; `--eos stop` (the default
+over HTTP, whose API has no ignore_eos) ends each at its end-of-sequence token, as served.
+Measured per request: time to first token (arrival -> first token), inter-token latency (gaps
+between a request's tokens), and over the run: generated tokens / seconds from the first arrival
+to the last token. In process, one thread submits arrivals and steps the generator; over HTTP,
+one client thread per request streams (`stream_options.include_usage` counts its tokens), and the
+server's VmRSS is read after warm-up. `--rss` (in process) loads each engine alone in a fresh
+subprocess, runs a warm-up stream and reads its VmRSS.
 
 `--mode steps` times one decode step (no prefill) at each of --rows running sequences spread over
 the tasks: what mixing costs per token as the batch grows.
@@ -593,8 +593,9 @@ def main() -> None:
                     "rank RANK, served by peft")
     ap.add_argument("--requests", type=int, default=200)
     ap.add_argument("--rate", type=float, default=30.0, help="requests per second (Poisson arrivals)")
-    ap.add_argument("--eos", default="ignore", choices=["ignore", "stop"],
-                    help="ignore: every request runs to its max_tokens (in process only); stop: as served")
+    ap.add_argument("--eos", choices=["ignore", "stop"],
+                    help="ignore (the default in process): every request runs to its max_tokens; stop (the "
+                    "default, and the only choice, over HTTP): as served")
     ap.add_argument("--max-batch", type=int, default=32)
     ap.add_argument("--join", default="continuous", help="comma-separated: continuous, static")
     ap.add_argument("--mode", default="inprocess", choices=["inprocess", "http", "steps"],
@@ -618,6 +619,7 @@ def main() -> None:
         return
     tasks = zoo.tasks
     prompts = Prompts(zoo)
+    args.eos = args.eos or ("stop" if args.mode == "http" else "ignore")
     if args.rss_of:
         print(warm_rss(args.rss_of, zoo, lora_zoo, args.cache, prompts, args.max_batch, args.seed))
         return
@@ -644,9 +646,8 @@ def main() -> None:
         raise SystemExit("--eos ignore is in process only (the OpenAI API has no ignore_eos): pass --eos stop")
     rss: dict[str, float] = {}
     if args.rss and args.mode == "inprocess":
-        argv = [a for a in sys.argv[1:]]
         for name in names:
-            rss[name] = round(rss_in_subprocess(name, argv), 1)
+            rss[name] = round(rss_in_subprocess(name, sys.argv[1:]), 1)
             print(f"{name:>16} RSS after warm-up, alone: {rss[name]} MiB", flush=True)
         print(f"one model: {one_model_mib(zoo):.1f} MiB", flush=True)
     runs = [(name, join) for join in args.join.split(",") for name in names]
