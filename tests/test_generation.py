@@ -277,6 +277,31 @@ def test_mixed_modules_cut_keyword_and_tuple_io_by_rows():
     torch.testing.assert_close(got, x * torch.tensor([2.0, -1, -1, 2])[:, None, None] + shift)
 
 
+def test_linear_groups_of_few_rows_equal_each_linear_on_its_rows():
+    """A Linear group reading few rows runs as (W · xᵀ)ᵀ, not through its forward: equal to each
+    task's Linear on its rows (bias or none, 2-D and 3-D inputs, groups over SKINNY_ROWS too);
+    a Linear with a hook runs as itself, so the hook sees its rows."""
+    torch.manual_seed(0)
+    with_bias, without = torch.nn.Linear(6, 5), torch.nn.Linear(6, 5, bias=False)
+    rows = BatchRows([0, 1])
+    module = MixedModule(rows, [([0], with_bias), ([1], without)])
+    for row_tasks, shape in (([0, 0, 1], (1,)), ([0, 1, 1], (4,)), ([0, 1], ()), ([0] * 3 + [1] * 12, (2,))):
+        rows.set(row_tasks)
+        x = torch.randn(len(row_tasks), *shape, 6)
+        want = torch.stack([x[i] @ without.weight.T if t else x[i] @ with_bias.weight.T + with_bias.bias
+                            for i, t in enumerate(row_tasks)])
+        torch.testing.assert_close(module(x), want)
+
+    rows.set([0, 1, 1])
+    without.forward = with_bias.forward = None  # few rows: not called
+    module(torch.randn(3, 1, 6))
+    del without.forward, with_bias.forward
+    seen = []
+    without.register_forward_hook(lambda m, args, out: seen.append(args[0].shape[0]))
+    module(torch.randn(3, 1, 6))
+    assert seen == [2]
+
+
 def test_mixed_copy_declines_sequence_first_modules():
     class Seq(torch.nn.Module):
         def __init__(self):
