@@ -107,8 +107,8 @@ def plot_curves(result: SweepResult, out: str | Path) -> dict[str, Path]:
     curves, areas = result.curves(), result.areas()
     ft_mean = sum(result.finetuned.values()) / len(result.finetuned)
     base_mean = sum(result.base.values()) / len(result.base) if result.base else None
-    base_norm = (sum(result.base[t] / result.finetuned[t] for t in result.finetuned) / len(result.finetuned)
-                 if result.base else None)
+    scored = [t for t in result.finetuned if result.finetuned[t]]  # the normalized mean's tasks (`curves`)
+    base_norm = sum(result.base[t] / result.finetuned[t] for t in scored) / len(scored) if result.base else None
     paths = {}
     for key, ylabel, ft_level, base_level in [
         ("normalized", "mean normalized accuracy (merged / fine-tuned)", 1.0, base_norm),
