@@ -19,7 +19,7 @@ from flexmerge.evaluation.generation import encode
 from flexmerge.suites import SUITES, get_zoo, run_sweep
 from flexmerge.suites.base import verify_zoo
 from flexmerge.suites.wordgen import Pretraining, WordGenLoraSuite, WordGenSuite, wordnet
-from flexmerge.suites.wordgen_data import TASKS, split_pairs, task_pairs
+from flexmerge.suites.wordgen_data import TASKS, candidates, split_pairs, task_pairs
 from flexmerge.suites.wordgen_lm import ModelShape, chat_example
 from flexmerge.suites.wordnet import WORDNET_DIR
 
@@ -175,15 +175,19 @@ def test_a_corrupted_zoo_file_is_caught_and_the_zoo_rebuilt(sweep_out, tmp_path,
 def test_every_task_gives_one_answer_per_prompt_in_seeded_disjoint_splits():
     wn = wordnet()
     for task in TASKS:
-        pairs = task_pairs(wn, task, 400, seed=3)
-        assert len(pairs) == len({p for p, _ in pairs}) >= 380, task  # prompts are unique, so one answer each
-        assert all(p and a and a == a.strip() for p, a in pairs), task
-        assert pairs == task_pairs(wn, task, 400, seed=3) != task_pairs(wn, task, 400, seed=4)
+        pool = candidates(wn, task)
+        assert len(pool) == len({p for p, _ in pool}) >= 1500, task  # prompts are unique: one answer each
+        assert all(p and a and a == a.strip() and "_" not in a for p, a in pool), task
+        pairs = task_pairs(wn, task, 384, seed=3)  # 384: 16 of each class of pos (4) and category (24)
+        assert len(pairs) == 384 and pairs == task_pairs(wn, task, 384, seed=3) != task_pairs(wn, task, 384, seed=4)
         splits = split_pairs(pairs, 20, 50, 1000)
+        assert [len(splits[s]) for s in ("train", "val", "test")] == [314, 20, 50]
         prompts = {s: {p for p, _ in rows} for s, rows in splits.items()}
         assert not (prompts["train"] & prompts["test"] or prompts["val"] & prompts["test"] or
                     prompts["train"] & prompts["val"]), task
-    classes = Counter(a for _, a in task_pairs(wn, "pos", 2000, seed=0))
-    assert set(classes) == {"noun", "verb", "adjective", "adverb"} and len(set(classes.values())) == 1
-    assert ("Adverb of: quick", "quickly") in task_pairs(wn, "adverb", 10**6, seed=0)
-    assert ("Antonym of: able", "unable") in task_pairs(wn, "antonym", 10**6, seed=0)
+    for task, classes in (("pos", 4), ("category", 24)):  # class tasks: the same number of each class
+        counts = Counter(a for _, a in task_pairs(wn, task, classes * 30, seed=0))
+        assert len(counts) == classes and set(counts.values()) == {30}, task
+    assert ("Adverb of: happy", "happily") in candidates(wn, "adverb")
+    assert ("Antonym of: able", "unable") in candidates(wn, "antonym")
+    assert ("Part of speech of: sweatpants", "noun") in candidates(wn, "pos")

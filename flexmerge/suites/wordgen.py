@@ -226,7 +226,7 @@ class WordGenSuite(Suite):
             info["test_examples"][task] = len(self.splits()[task]["test"])
             out = directory / self.layout()["models"][task]
             model.save_pretrained(out)
-            self.save_side_files(tokenizer, out)
+            self.finish_saving(tokenizer, out)
         t0 = time.perf_counter()
         evaluate = self._evaluator(directory, "test")
         base_state = load_file(directory / "base" / "model.safetensors")
@@ -244,7 +244,7 @@ class WordGenSuite(Suite):
         """The model whose trainable parameters a task's fine-tuning trains: all of them."""
         return model
 
-    def save_side_files(self, tokenizer, out: Path) -> None:
+    def finish_saving(self, tokenizer, out: Path) -> None:
         """A full fine-tune is a whole model directory, tokenizer and chat template included."""
         tokenizer.save_pretrained(out)
 
@@ -307,9 +307,12 @@ class WordGenLoraSuite(WordGenSuite):
         import peft
 
         torch.manual_seed(self.seed + k)
+        # what adapter_config.json and the adapter's card name as the base: the zoo's, seen from the
+        # adapter's directory (not the build's work directory, which is renamed when done)
+        model.name_or_path = model.config.name_or_path = "../../base"
         config = peft.LoraConfig(r=self.rank, lora_alpha=self.alpha, target_modules=list(LORA_TARGETS),
                                  lora_dropout=0.0, bias="none", task_type="CAUSAL_LM")
         return peft.get_peft_model(model, config)
 
-    def save_side_files(self, tokenizer, out: Path) -> None:
+    def finish_saving(self, tokenizer, out: Path) -> None:
         """An adapter directory holds the adapter alone: its tokenizer and config are the base's."""

@@ -16,7 +16,7 @@ import random
 import re
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from flexmerge.suites.wordnet import Synset
 
@@ -40,6 +40,7 @@ class WordNet:
     """The synsets by (part of speech, offset), and the lookups the tasks share."""
 
     synsets: dict[tuple[str, str], Synset]
+    _pools: dict[str, list[Pair]] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def of(cls, synsets: Iterable[Synset]) -> WordNet:
@@ -94,28 +95,31 @@ def genus_of(wn: WordNet, s: Synset) -> str | None:
     if len(hypernyms) != 1:
         return None
     words = wn.synsets[(hypernyms[0].pos, hypernyms[0].offset)].words
-    named = [text(w) for w in words if re.search(rf"\b{re.escape(text(w))}\b", s.definition)]
+    named = [text(w) for w in words
+             if text(w) in s.definition and re.search(rf"\b{re.escape(text(w))}\b", s.definition)]
     return named[0] if len(named) == 1 else None
 
 
-def balanced(by_class: Mapping[str, list[Pair]], total: int, seed: int) -> list[Pair]:
-    """`total // classes` pairs of each class (seeded draw), class by class."""
+def balanced(pairs: list[Pair], total: int, seed: int) -> list[Pair]:
+    """`total // classes` pairs of each class (the answer is the class; a seeded draw), class by class."""
+    by_class: dict[str, list[Pair]] = defaultdict(list)
+    for pair in pairs:
+        by_class[pair[1]].append(pair)
     per_class = total // len(by_class)
     rng = random.Random(seed)
     out: list[Pair] = []
     for label in sorted(by_class):
-        pairs = by_class[label]
-        if len(pairs) < per_class:
-            raise ValueError(f"class {label!r} has {len(pairs)} examples, fewer than the {per_class} asked")
-        out += rng.sample(pairs, per_class)
+        if len(by_class[label]) < per_class:
+            raise ValueError(f"class {label!r} has {len(by_class[label])} examples, fewer than the {per_class} asked")
+        out += rng.sample(by_class[label], per_class)
     return out
 
 
-def _relation(prompt: str, pairs: Callable[[WordNet], Mapping[str, str]]) -> Callable[[WordNet, int, int], list[Pair]]:
-    return lambda wn, total, seed: [(prompt.format(w), a) for w, a in pairs(wn).items()]
+def _relation(prompt: str, pairs: Callable[[WordNet], Mapping[str, str]]) -> Callable[[WordNet], list[Pair]]:
+    return lambda wn: [(prompt.format(w), a) for w, a in pairs(wn).items()]
 
 
-def _hypernym(wn: WordNet, total: int, seed: int) -> list[Pair]:
+def _hypernym(wn: WordNet) -> list[Pair]:
     out = []
     for s in wn.definitions("noun"):
         genus = genus_of(wn, s)
@@ -124,23 +128,17 @@ def _hypernym(wn: WordNet, total: int, seed: int) -> list[Pair]:
     return out
 
 
-def _category(wn: WordNet, total: int, seed: int) -> list[Pair]:
-    by_class: dict[str, list[Pair]] = defaultdict(list)
-    for s in wn.definitions("noun"):
-        if s.lexname not in SMALL_CATEGORIES:
-            by_class[s.lexname.split(".", 1)[1]].append((f"Category of: {s.definition}", s.lexname.split(".", 1)[1]))
-    return balanced({c: list(dict(p).items()) for c, p in by_class.items()}, total, seed)
+def _category(wn: WordNet) -> list[Pair]:
+    return [(f"Category of: {s.definition}", s.lexname.split(".", 1)[1]) for s in wn.definitions("noun")
+            if s.lexname not in SMALL_CATEGORIES]
 
 
-def _pos(wn: WordNet, total: int, seed: int) -> list[Pair]:
-    by_class: dict[str, list[Pair]] = defaultdict(list)
-    for word, pos in wn.only_pos().items():
-        by_class[pos].append((f"Part of speech of: {word}", pos))
-    return balanced(by_class, total, seed)
+def _pos(wn: WordNet) -> list[Pair]:
+    return [(f"Part of speech of: {word}", pos) for word, pos in wn.only_pos().items()]
 
 
-# name -> (what it asks, pool builder (wordnet, pool size, seed) -> (prompt, answer) pairs)
-TASKS: dict[str, tuple[str, Callable[[WordNet, int, int], list[Pair]]]] = {
+# name -> (what it asks, candidate (prompt, answer) pairs of the whole of WordNet)
+TASKS: dict[str, tuple[str, Callable[[WordNet], list[Pair]]]] = {
     "adverb": ("adjective -> its adverb (quick -> quickly)",
                _relation("Adverb of: {}", lambda wn: invert(wn.related("adv", "\\", "adj")))),
     "pertainym": ("relational adjective -> the noun it pertains to (musical -> music)",
@@ -153,15 +151,28 @@ TASKS: dict[str, tuple[str, Callable[[WordNet, int, int], list[Pair]]]] = {
                _relation("Act of doing: {}", lambda wn: wn.related("verb", "+", "noun", ("noun.act",)))),
     "hypernym": ("noun and its definition -> the hypernym the definition names (puppy, a young dog -> dog)",
                  _hypernym),
-    "category": ("noun definition -> its lexicographer category (23 classes, balanced)", _category),
+    "category": ("noun definition -> its lexicographer category (24 classes, balanced)", _category),
     "pos": ("word -> its part of speech (4 classes, balanced)", _pos),
 }
+BALANCED = ("category", "pos")  # answers are classes: drawn equally per class
+
+
+def candidates(wn: WordNet, task: str) -> list[Pair]:
+    """Every (prompt, answer) pair of `task` in WordNet, in file order, computed once per WordNet;
+    a prompt that recurs with another answer (two synsets of one definition) is left out."""
+    if task not in wn._pools:
+        answers: dict[str, set[str]] = defaultdict(set)
+        for prompt, answer in TASKS[task][1](wn):
+            answers[prompt].add(answer)
+        wn._pools[task] = [(prompt, a.pop()) for prompt, a in answers.items() if len(a) == 1]
+    return wn._pools[task]
 
 
 def task_pairs(wn: WordNet, task: str, total: int, seed: int) -> list[Pair]:
-    """At most `total` (prompt, answer) pairs of `task`, one per prompt, in a seeded order."""
-    build = TASKS[task][1]
-    pairs = list(dict(build(wn, total, seed)).items())  # one answer per prompt
+    """At most `total` (prompt, answer) pairs of `task`, in a seeded order; classes balanced for
+    the tasks in BALANCED."""
+    pairs = candidates(wn, task)
+    pairs = balanced(pairs, total, seed) if task in BALANCED else list(pairs)
     random.Random(seed).shuffle(pairs)
     return pairs[:total]
 
