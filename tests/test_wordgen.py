@@ -28,16 +28,25 @@ pytestmark = pytest.mark.skipif(not (WORDNET_DIR / "data.noun").is_file(), reaso
 TINY_SHAPE = ModelShape(vocab_size=384, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=96)
 TINY_PRETRAINING = Pretraining(shape=TINY_SHAPE, steps=20, batch_size=16, entries=2000)
-TASKS_2 = ["pos", "category"]  # classes: even a tiny fine-tune learns to answer one of them
-TINY = {"tasks": TASKS_2, "examples": (200, 20, 40), "steps": 40, "batch_size": 16, "pretraining": TINY_PRETRAINING}
+TASKS_2 = ["pos", "noun_category"]  # a tiny fine-tune learns pos (4 answers) a little
+TINY = {"tasks": TASKS_2, "examples": (200, 20, 40), "steps": 60, "batch_size": 16, "pretraining": TINY_PRETRAINING}
 
 
 def tiny_suite() -> WordGenSuite:
-    return WordGenSuite(**TINY, lr=2e-3)
+    return WordGenSuite(**TINY, lr=1e-3)
 
 
 def tiny_lora_suite() -> WordGenLoraSuite:
     return WordGenLoraSuite(**TINY, lr=1e-2, rank=4, alpha=8)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models: one thread is faster than two, and far faster on a loaded machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +83,8 @@ def test_sweep_scores_exact_match_and_the_mx_point_is_the_fine_tunes(sweep_out):
     for rec in records:
         if rec["requested_size"] == 2:  # Mx: the fine-tuned models themselves
             assert rec["accuracy"] == rec["finetuned"] == zoo.info["finetuned"][rec["task"]]
-            assert rec["normalized"] == 1.0
+            # (a tiny model may not learn noun_category at all: a fine-tune scoring 0 normalizes nothing)
+            assert rec["normalized"] == (1.0 if rec["finetuned"] else None)
     twin_1x = [r for r in records if r["method"] == "twin:rank=2" and r["requested_size"] == 1]
     assert twin_1x and all(r["accuracy"] is None and "below the minimum size" in r["note"] for r in twin_1x)
     ta_1x = [r for r in records if r["method"] == "task_arithmetic" and r["requested_size"] == 1]
@@ -174,20 +184,20 @@ def test_a_corrupted_zoo_file_is_caught_and_the_zoo_rebuilt(sweep_out, tmp_path,
 
 def test_every_task_gives_one_answer_per_prompt_in_seeded_disjoint_splits():
     wn = wordnet()
-    for task in TASKS:
+    for task, spec in TASKS.items():
         pool = candidates(wn, task)
-        assert len(pool) == len({p for p, _ in pool}) >= 1500, task  # prompts are unique: one answer each
+        assert len(pool) == len({p for p, _ in pool}) >= 1000, task  # prompts are unique: one answer each
         assert all(p and a and a == a.strip() and "_" not in a for p, a in pool), task
-        pairs = task_pairs(wn, task, 384, seed=3)  # 384: 16 of each class of pos (4) and category (24)
-        assert len(pairs) == 384 and pairs == task_pairs(wn, task, 384, seed=3) != task_pairs(wn, task, 384, seed=4)
+        pairs = task_pairs(wn, task, 384, seed=3)
+        counts = Counter(a for _, a in pairs)  # the K commonest answers, as many of each
+        assert len(counts) == spec.answers and set(counts.values()) == {384 // spec.answers}, task
+        assert pairs == task_pairs(wn, task, 384, seed=3) != task_pairs(wn, task, 384, seed=4)
         splits = split_pairs(pairs, 20, 50, 1000)
-        assert [len(splits[s]) for s in ("train", "val", "test")] == [314, 20, 50]
+        assert [len(splits[s]) for s in ("test", "val")] == [50, 20] and len(splits["train"]) == len(pairs) - 70
         prompts = {s: {p for p, _ in rows} for s, rows in splits.items()}
         assert not (prompts["train"] & prompts["test"] or prompts["val"] & prompts["test"] or
                     prompts["train"] & prompts["val"]), task
-    for task, classes in (("pos", 4), ("category", 24)):  # class tasks: the same number of each class
-        counts = Counter(a for _, a in task_pairs(wn, task, classes * 30, seed=0))
-        assert len(counts) == classes and set(counts.values()) == {30}, task
-    assert ("Adverb of: happy", "happily") in candidates(wn, "adverb")
-    assert ("Antonym of: able", "unable") in candidates(wn, "antonym")
     assert ("Part of speech of: sweatpants", "noun") in candidates(wn, "pos")
+    assert ("Category of the noun: tennis", "act") in candidates(wn, "word_category")
+    words = [p.rsplit(" ", 1)[1] for p, _ in candidates(wn, "pos")]
+    assert "run" not in words and "quick" not in words  # a noun and a verb (an adjective, ...): no one answer

@@ -2,20 +2,22 @@
 dictionary entries the base model is pretrained on, and 8 generative tasks, each a prompt with
 one answer.
 
-Each task is one relation WordNet states, kept only where it gives one answer: a word whose
-relation leads to two different answers (over all its senses) is left out. Inputs and answers
-are single words unless the relation's target is a phrase ("Middle Ages"); underscores become
-spaces. The classification-like tasks (category, pos) draw the same number of examples per
-class, so that always answering the commonest class is worth 1 / classes. Pools and splits are
-drawn with seeded generators, so the same seed gives the same rows.
+Each task reads a word or a definition and answers with what WordNet says of it: its part of
+speech, its lexicographer category, its topic domain or its hypernym (a word or a phrase such as
+"bird genus"). A tiny model learns these from the prompt itself (suffixes, the definition's
+words); answers that need a copy of the prompt's own tokens (quick -> quickly) it does not learn
+in the suite's budget, so no task asks for one. A task keeps the K commonest answers and draws
+the same number of examples of each, so that always giving one answer scores 1 / K; a prompt
+that WordNet gives two answers for (a word in two parts of speech, one definition in two
+synsets) is left out. Pools and splits are drawn with seeded generators: the same seed gives
+the same rows.
 """
 
 from __future__ import annotations
 
 import random
-import re
-from collections import defaultdict
-from collections.abc import Callable, Iterable, Mapping
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 from flexmerge.suites.wordnet import Synset
@@ -23,7 +25,6 @@ from flexmerge.suites.wordnet import Synset
 Pair = tuple[str, str]  # (prompt, answer)
 POS_NAMES = {"noun": "noun", "verb": "verb", "adj": "adjective", "adv": "adverb"}
 MAX_DEFINITION_WORDS = 20  # definitions in prompts: at most this many words (bounds sequence length)
-SMALL_CATEGORIES = ("noun.Tops", "noun.motive")  # ~50 synsets each: too few to draw a class from
 
 
 def text(word: str) -> str:
@@ -35,9 +36,14 @@ def single_word(word: str) -> bool:
     return word.isalpha() and word.isascii() and word.islower()
 
 
+def category(s: Synset) -> str:
+    """The lexicographer category without its part of speech: noun.artifact -> artifact."""
+    return s.lexname.split(".", 1)[1]
+
+
 @dataclass(frozen=True)
 class WordNet:
-    """The synsets by (part of speech, offset), and the lookups the tasks share."""
+    """The synsets by (part of speech, offset), and each task's candidate pairs once computed."""
 
     synsets: dict[tuple[str, str], Synset]
     _pools: dict[str, list[Pair]] = field(default_factory=dict, compare=False, repr=False)
@@ -46,135 +52,117 @@ class WordNet:
     def of(cls, synsets: Iterable[Synset]) -> WordNet:
         return cls({s.key: s for s in synsets})
 
-    def related(self, pos: str, symbol: str, target_pos: str, categories: tuple[str, ...] = ()) -> dict[str, str]:
-        """word -> the one word its `symbol` pointers reach (of `target_pos`, in `categories` when
-        given), over every sense of the word; words reaching several are left out."""
-        found: dict[str, set[str]] = defaultdict(set)
+    def defined(self, pos: str) -> Iterator[Synset]:
+        """The synsets of `pos` whose definition is at most MAX_DEFINITION_WORDS words."""
+        return (s for s in self.synsets.values()
+                if s.pos == pos and s.definition and len(s.definition.split()) <= MAX_DEFINITION_WORDS)
+
+    def hypernym(self, s: Synset) -> str | None:
+        """The first word of the synset's one hypernym (None: it has none, or several)."""
+        found = [p for p in s.pointers if p.symbol == "@"]
+        return text(self.synsets[(found[0].pos, found[0].offset)].words[0]) if len(found) == 1 else None
+
+    def monosemous(self, pos: str | None = None) -> dict[str, Synset]:
+        """Single words (`single_word`) with one sense in all of WordNet (of `pos`, when given) -> that sense."""
+        senses: dict[str, list[Synset]] = defaultdict(list)
         for s in self.synsets.values():
-            if s.pos != pos:
-                continue
-            for p in s.pointers:
-                if p.symbol != symbol or p.pos != target_pos:
-                    continue
-                target = self.synsets[(p.pos, p.offset)]
-                if categories and target.lexname not in categories:
-                    continue
-                sources = s.words if p.source == 0 else (s.words[p.source - 1],)
-                answer = text(target.words[max(p.target, 1) - 1])
-                for word in sources:
-                    found[word].add(answer)
-        return {w: a.pop() for w, a in found.items() if len(a) == 1 and single_word(w)}
+            for word in s.words:
+                senses[word].append(s)
+        return {w: ss[0] for w, ss in senses.items()
+                if len(ss) == 1 and single_word(w) and (pos is None or ss[0].pos == pos)}
 
     def only_pos(self) -> dict[str, str]:
-        """word -> its part of speech, for words of one part of speech only."""
+        """Single words of one part of speech only -> that part of speech."""
         found: dict[str, set[str]] = defaultdict(set)
         for s in self.synsets.values():
             for word in s.words:
                 found[word].add(s.pos)
         return {w: POS_NAMES[p.pop()] for w, p in found.items() if len(p) == 1 and single_word(w)}
 
-    def definitions(self, pos: str) -> list[Synset]:
-        """The synsets of `pos` whose definition is at most MAX_DEFINITION_WORDS words."""
-        return [s for s in self.synsets.values()
-                if s.pos == pos and s.definition and len(s.definition.split()) <= MAX_DEFINITION_WORDS]
+
+def _pos(wn: WordNet) -> Iterable[Pair]:
+    return ((f"Part of speech of: {w}", pos) for w, pos in wn.only_pos().items())
 
 
-def invert(pairs: Mapping[str, str]) -> dict[str, str]:
-    """answer -> word, for answers that one word only leads to (and that are single words)."""
-    found: dict[str, set[str]] = defaultdict(set)
-    for word, answer in pairs.items():
-        found[answer].add(word)
-    return {a: w.pop() for a, w in found.items() if len(w) == 1 and single_word(a)}
+def _gloss_pos(wn: WordNet) -> Iterable[Pair]:
+    return ((f"Part of speech of the word defined as: {s.definition}", POS_NAMES[pos])
+            for pos in POS_NAMES for s in wn.defined(pos))
 
 
-def genus_of(wn: WordNet, s: Synset) -> str | None:
-    """The hypernym's word that the definition names (a definition is usually genus + difference:
-    "a young dog" -> dog), when the synset has one hypernym and exactly one of its words is in
-    the definition as a whole word; else None."""
-    hypernyms = [p for p in s.pointers if p.symbol == "@"]
-    if len(hypernyms) != 1:
-        return None
-    words = wn.synsets[(hypernyms[0].pos, hypernyms[0].offset)].words
-    named = [text(w) for w in words
-             if text(w) in s.definition and re.search(rf"\b{re.escape(text(w))}\b", s.definition)]
-    return named[0] if len(named) == 1 else None
+def _noun_category(wn: WordNet) -> Iterable[Pair]:
+    return ((f"Category of the noun defined as: {s.definition}", category(s)) for s in wn.defined("noun"))
 
 
-def balanced(pairs: list[Pair], total: int, seed: int) -> list[Pair]:
-    """`total // classes` pairs of each class (the answer is the class; a seeded draw), class by class."""
-    by_class: dict[str, list[Pair]] = defaultdict(list)
-    for pair in pairs:
-        by_class[pair[1]].append(pair)
-    per_class = total // len(by_class)
-    rng = random.Random(seed)
-    out: list[Pair] = []
-    for label in sorted(by_class):
-        if len(by_class[label]) < per_class:
-            raise ValueError(f"class {label!r} has {len(by_class[label])} examples, fewer than the {per_class} asked")
-        out += rng.sample(by_class[label], per_class)
-    return out
+def _verb_category(wn: WordNet) -> Iterable[Pair]:
+    return ((f"Category of the verb defined as: {s.definition}", category(s)) for s in wn.defined("verb"))
 
 
-def _relation(prompt: str, pairs: Callable[[WordNet], Mapping[str, str]]) -> Callable[[WordNet], list[Pair]]:
-    return lambda wn: [(prompt.format(w), a) for w, a in pairs(wn).items()]
+def _word_category(wn: WordNet) -> Iterable[Pair]:
+    return ((f"Category of the noun: {w}", category(s)) for w, s in wn.monosemous("noun").items())
 
 
-def _hypernym(wn: WordNet) -> list[Pair]:
-    out = []
-    for s in wn.definitions("noun"):
-        genus = genus_of(wn, s)
-        if genus is not None and single_word(s.words[0]):
-            out.append((f"Hypernym of {s.words[0]}, {s.definition}", genus))
-    return out
+def _domain(wn: WordNet) -> Iterable[Pair]:
+    for pos in POS_NAMES:
+        for s in wn.defined(pos):
+            domains = [p for p in s.pointers if p.symbol == ";c"]
+            if len(domains) == 1:
+                yield f"Domain of: {s.definition}", text(wn.synsets[(domains[0].pos, domains[0].offset)].words[0])
 
 
-def _category(wn: WordNet) -> list[Pair]:
-    return [(f"Category of: {s.definition}", s.lexname.split(".", 1)[1]) for s in wn.definitions("noun")
-            if s.lexname not in SMALL_CATEGORIES]
+def _hypernym(pos: str) -> Callable[[WordNet], Iterable[Pair]]:
+    def pairs(wn: WordNet) -> Iterable[Pair]:
+        for s in wn.defined(pos):
+            hypernym = wn.hypernym(s)
+            if hypernym is not None:
+                yield f"Hypernym of the {pos} defined as: {s.definition}", hypernym
+    return pairs
 
 
-def _pos(wn: WordNet) -> list[Pair]:
-    return [(f"Part of speech of: {word}", pos) for word, pos in wn.only_pos().items()]
+@dataclass(frozen=True)
+class Task:
+    """A generative task: what it asks, its K answers (the commonest), and its candidate pairs."""
+
+    asks: str
+    answers: int
+    pairs: Callable[[WordNet], Iterable[Pair]]
 
 
-# name -> (what it asks, candidate (prompt, answer) pairs of the whole of WordNet)
-TASKS: dict[str, tuple[str, Callable[[WordNet], list[Pair]]]] = {
-    "adverb": ("adjective -> its adverb (quick -> quickly)",
-               _relation("Adverb of: {}", lambda wn: invert(wn.related("adv", "\\", "adj")))),
-    "pertainym": ("relational adjective -> the noun it pertains to (musical -> music)",
-                  _relation("Noun of the adjective: {}", lambda wn: wn.related("adj", "\\", "noun"))),
-    "antonym": ("adjective -> its antonym (able -> unable)",
-                _relation("Antonym of: {}", lambda wn: wn.related("adj", "!", "adj"))),
-    "agent": ("verb -> who does it (teach -> teacher)",
-              _relation("Person who does: {}", lambda wn: wn.related("verb", "+", "noun", ("noun.person",)))),
-    "action": ("verb -> the act of doing it (banish -> banishment)",
-               _relation("Act of doing: {}", lambda wn: wn.related("verb", "+", "noun", ("noun.act",)))),
-    "hypernym": ("noun and its definition -> the hypernym the definition names (puppy, a young dog -> dog)",
-                 _hypernym),
-    "category": ("noun definition -> its lexicographer category (24 classes, balanced)", _category),
-    "pos": ("word -> its part of speech (4 classes, balanced)", _pos),
+TASKS: dict[str, Task] = {
+    "pos": Task("word -> its part of speech", 4, _pos),
+    "gloss_pos": Task("definition -> the part of speech of the word it defines", 4, _gloss_pos),
+    "noun_category": Task("noun definition -> its lexicographer category", 12, _noun_category),
+    "verb_category": Task("verb definition -> its lexicographer category", 10, _verb_category),
+    "word_category": Task("noun (one sense in WordNet) -> its lexicographer category", 8, _word_category),
+    "domain": Task("definition -> its topic domain (law, music, ...)", 8, _domain),
+    "hypernym": Task("noun definition -> its hypernym (person, bird genus, ...)", 16, _hypernym("noun")),
+    "verb_hypernym": Task("verb definition -> its hypernym (change, move, ...)", 12, _hypernym("verb")),
 }
-BALANCED = ("category", "pos")  # answers are classes: drawn equally per class
 
 
 def candidates(wn: WordNet, task: str) -> list[Pair]:
-    """Every (prompt, answer) pair of `task` in WordNet, in file order, computed once per WordNet;
-    a prompt that recurs with another answer (two synsets of one definition) is left out."""
+    """Every (prompt, answer) pair of `task` whose answer is one of its K commonest, in file order,
+    computed once per WordNet; a prompt that recurs with another answer is left out."""
     if task not in wn._pools:
         answers: dict[str, set[str]] = defaultdict(set)
-        for prompt, answer in TASKS[task][1](wn):
+        for prompt, answer in TASKS[task].pairs(wn):
             answers[prompt].add(answer)
-        wn._pools[task] = [(prompt, a.pop()) for prompt, a in answers.items() if len(a) == 1]
+        pairs = [(prompt, a.pop()) for prompt, a in answers.items() if len(a) == 1]
+        common = {a for a, _ in Counter(a for _, a in pairs).most_common(TASKS[task].answers)}
+        wn._pools[task] = [(prompt, a) for prompt, a in pairs if a in common]
     return wn._pools[task]
 
 
 def task_pairs(wn: WordNet, task: str, total: int, seed: int) -> list[Pair]:
-    """At most `total` (prompt, answer) pairs of `task`, in a seeded order; classes balanced for
-    the tasks in BALANCED."""
-    pairs = candidates(wn, task)
-    pairs = balanced(pairs, total, seed) if task in BALANCED else list(pairs)
-    random.Random(seed).shuffle(pairs)
-    return pairs[:total]
+    """At most `total` (prompt, answer) pairs of `task`, as many of each answer (a seeded draw:
+    `total // K`, or all of the rarest answer's if fewer), in a seeded order."""
+    by_answer: dict[str, list[Pair]] = defaultdict(list)
+    for pair in candidates(wn, task):
+        by_answer[pair[1]].append(pair)
+    per_answer = min(total // len(by_answer), *(len(p) for p in by_answer.values()))
+    rng = random.Random(seed)
+    pairs = [pair for answer in sorted(by_answer) for pair in rng.sample(by_answer[answer], per_answer)]
+    rng.shuffle(pairs)
+    return pairs
 
 
 def split_pairs(pairs: list[Pair], n_val: int, n_test: int, n_train: int) -> dict[str, list[Pair]]:

@@ -59,6 +59,14 @@ class Schedule:
     weight_decay: float = 0.0
 
 
+def quiet_transformers() -> None:
+    """No progress bars ("Writing model shards") or warnings from transformers while a zoo is built."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
 def train_tokenizer(texts: Iterable[str], vocab_size: int):
     """A BPE tokenizer trained on `texts`, as a transformers fast tokenizer with the chat template."""
     import transformers
