@@ -155,7 +155,7 @@ class WordGenSuite(Suite):
     base_name = "pretrained base (no fine-tuning)"
 
     def __init__(self, tasks: Sequence[str] | None = None, examples: tuple[int, int, int] = (2000, 100, 300),
-                 steps: int = 200, batch_size: int = 16, lr: float = 2e-3, seed: int = 0,
+                 steps: int = 200, batch_size: int = 16, lr: float = 1.5e-3, seed: int = 0,
                  pretraining: Pretraining = Pretraining()):
         """`examples`: at most that many train, and exactly that many val and test rows per task;
         `steps` minibatches of `batch_size` chats each fine-tune, at `lr` (warmup, cosine decay)."""

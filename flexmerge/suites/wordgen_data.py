@@ -2,9 +2,9 @@
 dictionary entries the base model is pretrained on, and 8 generative tasks, each a prompt with
 one answer.
 
-Each task reads a word or a definition and answers with what WordNet says of it: its part of
-speech, its lexicographer category, its topic domain or its hypernym (a word or a phrase such as
-"bird genus"). A tiny model learns these from the prompt itself (suffixes, the definition's
+Each task reads a word, a definition or an example sentence and answers with what WordNet says
+of it: a part of speech, a lexicographer category, a topic domain or a hypernym (a word or a
+phrase such as "bird genus"). A tiny model learns these from the prompt itself (suffixes, the definition's
 words); answers that need a copy of the prompt's own tokens (quick -> quickly) it does not learn
 in the suite's budget, so no task asks for one. A task keeps the K commonest answers and draws
 the same number of examples of each, so that always giving one answer scores 1 / K; a prompt
@@ -16,6 +16,7 @@ the same rows.
 from __future__ import annotations
 
 import random
+import re
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -89,12 +90,20 @@ def _gloss_pos(wn: WordNet) -> Iterable[Pair]:
             for pos in POS_NAMES for s in wn.defined(pos))
 
 
+def _pos_in_context(wn: WordNet) -> Iterable[Pair]:
+    """Words of several parts of speech, in a synset's example: the context tells which."""
+    one_pos = wn.only_pos()
+    for s in wn.synsets.values():
+        for example in s.examples:
+            if len(example.split()) > MAX_DEFINITION_WORDS:
+                continue
+            for w in s.words:
+                if single_word(w) and w not in one_pos and re.search(rf"\b{w}\b", example):
+                    yield f"Part of speech of {w} in: {example}", POS_NAMES[s.pos]
+
+
 def _noun_category(wn: WordNet) -> Iterable[Pair]:
     return ((f"Category of the noun defined as: {s.definition}", category(s)) for s in wn.defined("noun"))
-
-
-def _verb_category(wn: WordNet) -> Iterable[Pair]:
-    return ((f"Category of the verb defined as: {s.definition}", category(s)) for s in wn.defined("verb"))
 
 
 def _word_category(wn: WordNet) -> Iterable[Pair]:
@@ -131,7 +140,8 @@ TASKS: dict[str, Task] = {
     "pos": Task("word -> its part of speech", 4, _pos),
     "gloss_pos": Task("definition -> the part of speech of the word it defines", 4, _gloss_pos),
     "noun_category": Task("noun definition -> its lexicographer category", 12, _noun_category),
-    "verb_category": Task("verb definition -> its lexicographer category", 10, _verb_category),
+    "pos_in_context": Task("word of several parts of speech, in an example sentence -> its part of speech there",
+                           4, _pos_in_context),
     "word_category": Task("noun (one sense in WordNet) -> its lexicographer category", 8, _word_category),
     "domain": Task("definition -> its topic domain (law, music, ...)", 8, _domain),
     "hypernym": Task("noun definition -> its hypernym (person, bird genus, ...)", 16, _hypernym("noun")),
