@@ -35,7 +35,7 @@ from flexmerge.preprocess import MagnitudeHistogram, Pipeline, TopKTrim, fitted_
 from flexmerge.errors import ConfigError, SizeError
 from flexmerge.planning.path import SIZE_TOLERANCE, Assignment
 from flexmerge.size import ModelUnit, SizeModel, format_bytes, model_unit, point_size
-from flexmerge.taskvec import TaskSet, load_tasks
+from flexmerge.taskvec import TaskSet, load_tasks, parse_task_specs
 
 __all__ = ["load_tasks", "load_for_merge", "first_pass_for", "discover_blocks", "plan", "materialize", "merge",
            "merge_to_disk", "merge_files", "artifact_summary", "cut", "size_for_budget"]
@@ -54,6 +54,11 @@ def _method(method: str | MergeMethod, params: Mapping[str, Any] | None) -> Merg
     return get_method(method, params)
 
 
+def _method_for(tasks: TaskSet, method: str | MergeMethod, params: Mapping[str, Any] | None) -> MergeMethod:
+    """The configured method for a merge of `tasks`: checked against them, their weights bound."""
+    return _method(method, params).for_tasks(tasks.names)
+
+
 # What the validation pass may keep of a 1x merge (AllTasksMerge): at 1 GiB a 0.5B-parameter fp16
 # model (the vs_mergekit --large job, 963 MB) merges in one read, 15.9 s and 1.25 GiB peak against
 # 22.8 s and 0.81 GiB reading twice; a larger model is read twice, one block in memory at a time.
@@ -61,18 +66,20 @@ ALL_TASKS_MERGE_BYTES = 1 << 30
 
 
 def first_pass_for(method: str | MergeMethod, params: Mapping[str, Any] | None = None,
-                   budget_bytes: int = ALL_TASKS_MERGE_BYTES, merging: bool = True) -> list:
+                   budget_bytes: int = ALL_TASKS_MERGE_BYTES, merging: bool = True,
+                   names: Sequence[str] | None = None) -> list:
     """The `load_tasks(observers=...)` that let a merge with `method` read the inputs once less:
     its merge of all tasks (a linear or other elementwise method without preprocessing, when one
     copy of the weights fits `budget_bytes`; only when `merging`, a plan alone has no use for
-    it), or the first pass of its global trim (TIES and others that trim each task vector over
-    the whole model)."""
+    it; with per-task weights, only when the task `names` are given), or the first pass of its
+    global trim (TIES and others that trim each task vector over the whole model)."""
     m = _method(method, params)
     if AllTasksMerge.applies(m):
-        if not merging:
+        if not merging or (names is None and getattr(m.p, "weights", None) is not None):
             return []
-        return [AllTasksMerge(m, budget_bytes)]
-    first = m.transforms()[:1]
+        everyone = m if names is None else m.for_tasks(names).for_group(range(len(names)))
+        return [AllTasksMerge(everyone, budget_bytes)]
+    first = m.pipeline().transforms[:1]
     if first and isinstance(first[0], TopKTrim) and first[0].scope == "model":
         return [MagnitudeHistogram()]
     return []
@@ -87,7 +94,7 @@ def uses_key_grams(method: str | MergeMethod, params: Mapping[str, Any] | None =
     size cuts at the last point, as `cuts_at_last_point` finds once the tasks are loaded, or is
     below the smallest). A plan made without them runs its own pass, so False is only slower."""
     m = _method(method, params)
-    if m.transforms():
+    if m.pipeline().transforms:
         return False
     smallest = size == "min" or (isinstance(size, (int, float)) and size <= 1 + SIZE_TOLERANCE)
     return not (smallest and max_bytes is None and ends_in_whole_copies(m, planner))
@@ -116,7 +123,7 @@ def plan(
     (docs/scale.md, "Devices"). `calibration`: unlabelled inputs per task for the data-aware
     planners (`planner="output"`); `pipeline`: the method's preprocessing fitted already."""
     partition = partition or discover_blocks(tasks, granularity, patterns)
-    return build_path(tasks, partition, _method(method, params), PlanOptions.of(options, **option_fields),
+    return build_path(tasks, partition, _method_for(tasks, method, params), PlanOptions.of(options, **option_fields),
                       executor=executor, device=device, calibration=calibration, pipeline=pipeline)
 
 
@@ -130,7 +137,7 @@ def materialize(
 
     `size`: model units (one whole fine-tune each, its own parameters included), or "max" (every
     fine-tune as it is) or "min" (the path's smallest point)."""
-    m = _method(method or path.method["name"], params if method else _path_params(path))
+    m = _method_for(tasks, method or path.method["name"], params if method else _path_params(path))
     size = resolve_size(size, path)
     partition = partition or discover_blocks(tasks, path.options["granularity"])
     _check_same_blocks(partition, path)
@@ -143,16 +150,20 @@ def merge(tasks: TaskSet, *, size: float | str | None = None, max_bytes: int | N
           method: str | MergeMethod = "task_arithmetic", params: Mapping[str, Any] | None = None,
           device: str | None = None, granularity: str = "sublayer", patterns: Mapping[str, str] | None = None,
           options: PlanOptions | None = None, executor=None, calibration: Calibration | None = None,
-          **option_fields: Any) -> FlexModel:
+          tokenizer_source: str | None = None, chat_template: str | None = None, **option_fields: Any) -> FlexModel:
     """Plan and materialize in one call: the flex model of `tasks` at `size` (or within `max_bytes`),
-    planned (`options` and/or its fields, as `plan`'s) and merged on `device`."""
+    planned (`options` and/or its fields, as `plan`'s) and merged on `device`. `tokenizer_source`
+    ("tasks": each its own; "base": the base's, with tasks loaded over the base's vocabulary when a
+    fine-tune added tokens; default: the vocabulary `tasks` were loaded over) and `chat_template`:
+    what the exports carry."""
     device = resolve_device(device, executor)
-    m = _method(method, params)
+    m = _method_for(tasks, method, params)
     partition = discover_blocks(tasks, granularity, patterns)
     pipeline = fitted_pipeline(tasks, m, device)
     size, assignment, info = _plan_and_cut(tasks, partition, m, size, max_bytes, PlanOptions.of(options, **option_fields),
                                            pipeline, device=device, executor=executor, calibration=calibration)
-    return _materialize(tasks, partition, assignment, m, info=info, device=device, pipeline=pipeline)
+    return _materialize(tasks, partition, assignment, m, info=info, device=device, pipeline=pipeline,
+                        tokenizer_source=tokenizer_source, chat_template=chat_template)
 
 
 def _plan_and_cut(tasks: TaskSet, partition: Partition, m: MergeMethod, size: float | str | None,
@@ -228,9 +239,10 @@ def merge_to_disk(tasks: TaskSet, out: str | Path, *, size: float | str | None =
                   resume: bool = True, shard_bytes: int = SHARD_BYTES, device: str | None = None,
                   granularity: str = "sublayer", patterns: Mapping[str, str] | None = None,
                   options: PlanOptions | None = None, calibration: Calibration | None = None,
+                  tokenizer_source: str | None = None, chat_template: str | None = None,
                   **option_fields: Any) -> dict[str, Any]:
     """Plan (`options` and/or its fields, as `plan`'s), then materialize block by block straight
-    into an artifact; returns its manifest.
+    into an artifact; returns its manifest. `tokenizer_source`, `chat_template`: as `merge`'s.
 
     Memory holds one block's merge and one shard's buffer, not the model. With `resume`, an
     interrupted run of the same job continues where its last written shard ended. `device`: where
@@ -238,7 +250,7 @@ def merge_to_disk(tasks: TaskSet, out: str | Path, *, size: float | str | None =
     """
     check_target(Path(out), overwrite, is_artifact, "a flex-model artifact")  # fail before the work, not after
     device = resolve_device(device, executor)  # an unavailable device fails before the work, too
-    m = _method(method, params)
+    m = _method_for(tasks, method, params)
     options = PlanOptions.of(options, **option_fields)
     partition = discover_blocks(tasks, granularity, patterns)
     pipeline = fitted_pipeline(tasks, m, device)
@@ -247,7 +259,7 @@ def merge_to_disk(tasks: TaskSet, out: str | Path, *, size: float | str | None =
     header = ArtifactHeader(
         list(tasks.names), partition, dict(tasks.meta), assignment, m.describe(),
         point_size(tasks, partition, m, assignment.group_sizes()), model_unit(tasks, m), info,
-        collect_hf_files(tasks), dict(tasks.specific),
+        collect_hf_files(tasks, tokenizer_source, chat_template), dict(tasks.specific),
         size_from_stored=m.data_dependent_size)
     return write_artifact(
         out, header, {k: tasks.base.read(k) for k in tasks.frozen},
@@ -263,8 +275,11 @@ def load_for_merge(base: str | Path, models: Mapping[str, str | Path] | Sequence
     """`load_tasks` whose validation pass also does the first pass of what a merge with `method`
     needs (`first_pass_for`, `uses_key_grams`), so that the merge reads the inputs once less.
     `merging=False`: for a plan alone. `load_options`: as `load_tasks`' (task_specific, executor, ...)."""
-    return load_tasks(base, models, observers=first_pass_for(method, params, merging=merging),
-                      key_grams=uses_key_grams(method, params, size, max_bytes, planner), **load_options)
+    names = list(parse_task_specs(models))
+    m = _method(method, params).for_tasks(names)  # a method that cannot merge these tasks fails before the read
+    return load_tasks(base, models, observers=first_pass_for(m, merging=merging, names=names),
+                      key_grams=uses_key_grams(m, None, size, max_bytes, planner),
+                      base_may_be_a_task=m.merges_weights, **load_options)
 
 
 def merge_files(base: str | Path, models: Mapping[str, str | Path] | Sequence[str], out: str | Path, *,
@@ -276,9 +291,12 @@ def merge_files(base: str | Path, models: Mapping[str, str | Path] | Sequence[st
     validation pass does the merge's first pass (`load_for_merge`), then `merge_to_disk`
     (`merge_options`: its other options, plan option fields included). Returns the manifest."""
     check_target(Path(out), overwrite, is_artifact, "a flex-model artifact")  # before the validation pass
+    load_options = dict(load_options or {})
+    if merge_options.get("tokenizer_source") == "base":  # mergekit's: every model over the base's vocabulary
+        load_options.setdefault("vocabulary", "base")
     options = PlanOptions.of(options, **{k: merge_options.pop(k) for k in list(merge_options) if k in PLAN_FIELDS})
     tasks = load_for_merge(base, models, method=method, params=params, size=size, max_bytes=max_bytes,
-                           planner=options.planner, executor=executor, **dict(load_options or {}))
+                           planner=options.planner, executor=executor, **load_options)
     return merge_to_disk(tasks, out, size=size, max_bytes=max_bytes, method=method, params=params,
                          overwrite=overwrite, executor=executor, options=options, **merge_options)
 
@@ -318,10 +336,13 @@ def _info(path: MergePath, size: float, tasks: TaskSet, device=None) -> dict[str
 
 def _point_info(planner: str, options: dict[str, Any], point: int, points: int, size: float, tasks: TaskSet,
                 device=None) -> dict[str, Any]:
-    """The artifact's provenance; a GPU it was merged on is named (a CPU merge's info is as it was)."""
+    """The artifact's provenance; a GPU it was merged on is named, and tasks read over the base's
+    vocabulary (their added tokens dropped) say so (otherwise the info is as it was)."""
     info = {"requested_size": size, "planner": planner, "plan_options": options,
             "path_point": point, "path_points": points,
             "inputs": tasks.provenance, "names": input_names(tasks.base, dict(zip(tasks.names, tasks.sources)))}
+    if tasks.vocabulary != "tasks":
+        info["vocabulary"] = tasks.vocabulary
     if device is not None and device.type != "cpu":
         info["device"] = str(device)
     return info

@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from flexmerge.device import resolve_device
 from flexmerge.errors import ConfigError
-from flexmerge.mergekit import from_mergekit, is_mergekit
+from flexmerge.mergekit import MERGEKIT_KEYS, from_mergekit, is_mergekit
 from flexmerge.paths import UnsafePathError, check_task_name
 from flexmerge.planning.options import PlanOptions
 from flexmerge.size import parse_bytes
@@ -49,6 +49,11 @@ class MergeConfig(BaseModel):
     ray_address: str | None = Field(None, description="an existing Ray cluster (default: start a local one)")
     device: str = Field("cpu", description="where preprocessing, the similarity pass and merging compute: "
                         "cpu | auto (CUDA when available) | cuda | cuda:N")
+    tokenizer_source: Literal["tasks", "base"] = Field(
+        "tasks", description="the tokenizer every export carries: each task's own (or the base's when it has none), "
+        "or the base's (every model then read over the base's vocabulary: rows a fine-tune added are dropped, "
+        "as mergekit's tokenizer_source: base)")
+    chat_template: str | None = Field(None, description="a Jinja chat template every export carries")
 
     @field_validator("models")
     @classmethod
@@ -98,11 +103,16 @@ class MergeConfig(BaseModel):
     def load_options(self) -> dict[str, Any]:
         """`load_tasks`' options (the executor aside: it is made from `executor` and `ray_address`)."""
         return {"task_specific": self.task_specific, "allow_mixed_dtypes": self.allow_mixed_dtypes,
-                "max_relative_change": self.max_relative_change, "input_hash": self.input_hash}
+                "max_relative_change": self.max_relative_change, "input_hash": self.input_hash,
+                "vocabulary": self.tokenizer_source}
 
     def partition_options(self) -> dict[str, Any]:
         """How the parameters are cut into blocks (`discover_blocks`' granularity and patterns)."""
         return {"granularity": self.granularity, "patterns": self.blocks}
+
+    def side_file_options(self) -> dict[str, Any]:
+        """What every export carries besides the weights (`merge_to_disk`'s tokenizer_source, chat_template)."""
+        return {"tokenizer_source": self.tokenizer_source, "chat_template": self.chat_template}
 
 
 def _one_line(e: yaml.YAMLError) -> str:
@@ -135,7 +145,8 @@ _UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
 
 
 # flexmerge's own fields a mergekit YAML may add (`size`, `max_bytes`, the planner's options, ...)
-MERGEKIT_EXTRA_KEYS = tuple(k for k in MergeConfig.model_fields if k not in ("base", "models", "method", "params"))
+MERGEKIT_EXTRA_KEYS = tuple(k for k in MergeConfig.model_fields
+                            if k not in ("base", "models", "method", "params") and k not in MERGEKIT_KEYS)
 
 
 def _resolve_paths(data: dict[str, Any], file: Path) -> dict[str, Any]:
@@ -151,27 +162,47 @@ def _resolve_paths(data: dict[str, Any], file: Path) -> dict[str, Any]:
     return data
 
 
+def read_documents(file: Path) -> list[dict[str, Any]]:
+    """The YAML documents of a config file (one, or mergekit-multi's stages), each a mapping."""
+    if not file.exists():
+        raise ConfigError(f"config file not found: {file}")
+    if not file.is_file():
+        raise ConfigError(f"config {file} is not a regular file")
+    try:
+        docs = [d if d is not None else {} for d in yaml.load_all(file.read_bytes().decode("utf-8"),
+                                                                 Loader=_UniqueKeyLoader)]
+    except OSError as e:
+        raise ConfigError(f"{file}: cannot read ({e.strerror or e})") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{file}: not UTF-8 text ({e})") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{file}: invalid YAML ({_one_line(e)})") from None
+    for i, doc in enumerate(docs):
+        if not isinstance(doc, dict):
+            which = f"document {i + 1}" if len(docs) > 1 else "the file"
+            raise ConfigError(f"{file}: expected a mapping of fields at the top level of {which}")
+    return docs or [{}]
+
+
 def build_config(file: Path | None, overrides: dict[str, Any]) -> MergeConfig:
     """Fields from a YAML file (paths relative to it; flexmerge's or mergekit's, see `flexmerge.mergekit`),
-    then the overrides that are not None."""
-    data: dict[str, Any] = {}
-    if file is not None:
-        if not file.exists():
-            raise ConfigError(f"config file not found: {file}")
-        if not file.is_file():
-            raise ConfigError(f"config {file} is not a regular file")
-        try:
-            data = yaml.load(file.read_bytes().decode("utf-8"), Loader=_UniqueKeyLoader) or {}
-        except OSError as e:
-            raise ConfigError(f"{file}: cannot read ({e.strerror or e})") from None
-        except UnicodeDecodeError as e:
-            raise ConfigError(f"{file}: not UTF-8 text ({e})") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{file}: invalid YAML ({_one_line(e)})") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{file}: expected a mapping of fields at the top level")
+    then the overrides that are not None. A file of several documents (mergekit-multi's stages)
+    is `flexmerge.stages`'."""
+    docs = read_documents(file) if file is not None else [{}]
+    if len(docs) > 1:
+        raise ConfigError(f"{file}: {len(docs)} YAML documents are mergekit-multi's stages, which `flexmerge merge` "
+                          "runs in order; give one document here")
+    return config_of(docs[0], file, overrides)
+
+
+def config_of(data: dict[str, Any], file: Path | None, overrides: dict[str, Any],
+              stages: dict[str, Path] | None = None) -> MergeConfig:
+    """The validated configuration of one document `data` of `file` (flexmerge's or mergekit's; a
+    mergekit document's models may name the outputs of earlier `stages`), overrides laid over it."""
+    data = dict(data)
+    if file is not None and data:
         if is_mergekit(data):
-            data = from_mergekit(data, file.parent, str(file), MERGEKIT_EXTRA_KEYS)
+            data = from_mergekit(data, file.parent, str(file), MERGEKIT_EXTRA_KEYS, stages)
         else:
             data = _resolve_paths(data, file)
     for k, v in overrides.items():

@@ -181,7 +181,7 @@ def sweep(
         for planner in planners:
             planning = PlanOptions.of(given, planner=planner)
             for name in methods:
-                method = spec_method(name, params)
+                method = spec_method(name, params).for_tasks(tasks.names)
                 scores = scores_of.setdefault(name, WeightsScores(method, finetuned))
                 t0 = time.perf_counter()
                 bar.update(0, now=f"planning {name}/{planner}")

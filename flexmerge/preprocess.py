@@ -9,7 +9,9 @@ parameter, element index), so the same entries drop whatever the chunking or rea
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import json
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -83,6 +85,40 @@ class Pipeline:
         return [{"name": tr.name, **tr.params()} for tr in self.transforms]
 
 
+class PerTensor(Transform):
+    """Preprocessing that differs by tensor (per-tensor method parameters): `transforms_of(key)`
+    gives each tensor's transforms; tensors whose transforms are alike share one pipeline, fitted
+    on those tensors alone (a trim over the whole model takes its threshold over them)."""
+
+    name = "per_tensor"
+
+    def __init__(self, transforms_of: Callable[[str], list[Transform]]):
+        self.transforms_of = transforms_of
+        self.pipelines: dict[str, Pipeline] = {}  # key -> its group's fitted pipeline
+
+    def fit(self, tasks: TaskSet, before: Pipeline, device: torch.device | None = None) -> None:
+        if before.transforms:
+            raise ConfigError("per-tensor preprocessing must come first")
+        groups: dict[str, tuple[Pipeline, list[str]]] = {}
+        for key in tasks.mergeable:
+            pipe = Pipeline(self.transforms_of(key))
+            groups.setdefault(json.dumps(pipe.describe(), sort_keys=True), (pipe, []))[1].append(key)
+        for pipe, keys in groups.values():
+            # the tensors of one group, without the validation pass's whole-model histogram
+            pipe.fit(dataclasses.replace(tasks, mergeable=keys, first_pass={}), device)
+            self.pipelines.update(dict.fromkeys(keys, pipe))
+
+    def apply(self, task: int, chunk: Chunk, offset: int, delta: torch.Tensor) -> torch.Tensor:
+        return self.pipelines[chunk.key].apply_one(task, chunk, offset, delta)
+
+    def apply_rows(self, tasks: Sequence[int], chunk: Chunk, offset: int, deltas: torch.Tensor) -> None:
+        for tr in self.pipelines[chunk.key].transforms:
+            tr.apply_rows(tasks, chunk, offset, deltas)
+
+    def params(self) -> dict[str, object]:
+        return {"groups": len({id(p) for p in self.pipelines.values()})}
+
+
 def chunk_offset(tasks: TaskSet, chunk: Chunk) -> int:
     if chunk.rows is None:
         return 0
@@ -93,12 +129,13 @@ def chunk_offset(tasks: TaskSet, chunk: Chunk) -> int:
 class TopKTrim(Transform):
     """Keep the `keep` fraction of largest-magnitude entries of each task vector (TIES step 1):
     over the whole model (`scope="model"`, the TIES paper's and FlexMerge's), or of each tensor
-    on its own (`scope="tensor"`, as mergekit's TIES does)."""
+    on its own (`scope="tensor"`, as mergekit's TIES does). `keep` is one fraction for every
+    task, or one per task (a tuple in task order: mergekit's per-model density)."""
 
     name = "trim"
 
-    def __init__(self, keep: float, rule: str = "reference", scope: str = "model"):
-        if not 0.0 < keep <= 1.0:
+    def __init__(self, keep: float | tuple[float, ...], rule: str = "reference", scope: str = "model"):
+        if not all(0.0 < k <= 1.0 for k in _per_task(keep)):
             raise ConfigError(f"keep must be a fraction in (0, 1], got {keep}")
         if rule not in TRIM_RULES:
             raise ConfigError(f"trim rule must be one of {', '.join(map(repr, TRIM_RULES))}, got {rule!r}")
@@ -112,14 +149,22 @@ class TopKTrim(Transform):
     def fit(self, tasks: TaskSet, before: Pipeline, device: torch.device | None = None) -> None:
         if self.scope == "model":
             total = sum(tasks.meta[k].numel for k in tasks.mergeable)
-            self.thresholds = kth_largest_abs(tasks, before, trim_rank(total, self.keep, self.rule), device=device)
+            self.thresholds = kth_largest_abs(tasks, before, self._ranks(total, tasks.num_tasks), device=device)
             self._limits = {None: _bit_patterns(self.thresholds)}
             return
         self.tensor_thresholds = {
-            key: kth_largest_abs(tasks, before, trim_rank(tasks.meta[key].numel, self.keep, self.rule), keys=[key],
+            key: kth_largest_abs(tasks, before, self._ranks(tasks.meta[key].numel, tasks.num_tasks), keys=[key],
                                  device=device)
             for key in tasks.mergeable if tasks.meta[key].numel}
         self._limits = {key: _bit_patterns(v) for key, v in self.tensor_thresholds.items()}
+
+    def _ranks(self, total: int, num_tasks: int) -> int | list[int]:
+        """The threshold's rank among `total` entries: one for all tasks, or each task's."""
+        if isinstance(self.keep, tuple):
+            if len(self.keep) != num_tasks:
+                raise ConfigError(f"a keep per task needs {num_tasks} values, got {len(self.keep)}")
+            return [trim_rank(total, k, self.rule) for k in self.keep]
+        return trim_rank(total, self.keep, self.rule)
 
     def apply(self, task: int, chunk: Chunk, offset: int, delta: torch.Tensor) -> torch.Tensor:
         by_task = self.thresholds if self.scope == "model" else self.tensor_thresholds[chunk.key]
@@ -139,10 +184,16 @@ class TopKTrim(Transform):
         deltas.view(torch.int32).bitwise_and_(mask)
 
     def params(self) -> dict[str, object]:
-        return {"keep": self.keep, "rule": self.rule, **({"scope": self.scope} if self.scope != "model" else {})}
+        keep = list(self.keep) if isinstance(self.keep, tuple) else self.keep
+        return {"keep": keep, "rule": self.rule, **({"scope": self.scope} if self.scope != "model" else {})}
 
 
 TRIM_RULES = ("reference", "exact", "floor")
+
+
+def _per_task(value: float | tuple[float, ...]) -> tuple[float, ...]:
+    """A rate given once for all tasks or per task, as a tuple."""
+    return value if isinstance(value, tuple) else (value,)
 
 
 def _bit_patterns(thresholds: list[float]) -> torch.Tensor:
@@ -165,21 +216,163 @@ def trim_rank(total: int, keep: float, rule: str = "reference") -> int:
 
 
 class DareDrop(Transform):
-    """Drop each entry with probability p and rescale the survivors by 1/(1-p) (DARE)."""
+    """Drop each entry with probability p and rescale the survivors by 1/(1-p) (DARE); `p` is one
+    rate for every task, or one per task (a tuple in task order)."""
 
     name = "dare"
 
-    def __init__(self, p: float, seed: int = 0):
-        if not 0.0 <= p < 1.0:
+    def __init__(self, p: float | tuple[float, ...], seed: int = 0):
+        if not all(0.0 <= x < 1.0 for x in _per_task(p)):
             raise ConfigError(f"DARE drop rate p must be in [0, 1), got {p}")
         self.p, self.seed = p, seed
 
     def apply(self, task: int, chunk: Chunk, offset: int, delta: torch.Tensor) -> torch.Tensor:
+        p = self.p[task] if isinstance(self.p, tuple) else self.p
         u = hashed_uniform(self.seed, task, chunk.key, offset, delta.numel(), delta.device).view_as(delta)
-        return torch.where(u >= self.p, delta / (1.0 - self.p), torch.zeros((), dtype=delta.dtype, device=delta.device))
+        return torch.where(u >= p, delta / (1.0 - p), torch.zeros((), dtype=delta.dtype, device=delta.device))
 
     def params(self) -> dict[str, object]:
-        return {"p": self.p, "seed": self.seed}
+        return {"p": list(self.p) if isinstance(self.p, tuple) else self.p, "seed": self.seed}
+
+
+class OutlierTrim(Transform):
+    """Model Breadcrumbs' sparsification, as mergekit's `magnitude_outliers`: in each tensor of each
+    task vector (N entries), the int(γ·N) largest magnitudes are dropped (fewer when needed to keep
+    int(density·N)), and of the rest the int(density·N) largest are kept: by rank from the smallest,
+    [N − int(density·N) − int(γ·N), that + int(density·N)). The band's two magnitudes are found
+    exactly (`kth_largest_abs`); entries tied with either are kept (mergekit's sort keeps exactly the
+    band's count, choosing among ties by position)."""
+
+    name = "outlier_trim"
+
+    def __init__(self, density: float, gamma: float):
+        if not 0.0 <= density <= 1.0 or not 0.0 <= gamma <= 1.0:
+            raise ConfigError(f"density and gamma must be fractions in [0, 1], got {density} and {gamma}")
+        self.density, self.gamma = density, gamma
+        self.bands: dict[str, tuple[torch.Tensor, torch.Tensor] | None] = {}  # key -> per task (lo, hi); None: none kept
+
+    def fit(self, tasks: TaskSet, before: Pipeline, device: torch.device | None = None) -> None:
+        self.bands = {}
+        for key in tasks.mergeable:
+            n = tasks.meta[key].numel
+            kept, top = int(self.density * n), int(self.gamma * n)
+            bottom = max(0, n - kept - top)
+            if kept == 0:
+                self.bands[key] = None
+                continue
+            lo = kth_largest_abs(tasks, before, n - bottom, keys=[key], device=device)
+            hi = kth_largest_abs(tasks, before, n - bottom - kept + 1, keys=[key], device=device)
+            self.bands[key] = (torch.tensor(lo), torch.tensor(hi))
+
+    def apply(self, task: int, chunk: Chunk, offset: int, delta: torch.Tensor) -> torch.Tensor:
+        out = delta.unsqueeze(0).clone()
+        self.apply_rows([task], chunk, offset, out)
+        return out[0]
+
+    def apply_rows(self, tasks: Sequence[int], chunk: Chunk, offset: int, deltas: torch.Tensor) -> None:
+        band = self.bands[chunk.key]
+        if band is None:
+            deltas.zero_()
+            return
+        shape = (-1, *[1] * (deltas.dim() - 1))
+        lo, hi = (b[list(tasks)].to(deltas.device, deltas.dtype).view(shape) for b in band)
+        a = deltas.abs()
+        deltas.copy_(torch.where((a >= lo) & (a <= hi), deltas, torch.zeros((), dtype=deltas.dtype,
+                                                                                device=deltas.device)))
+
+    def params(self) -> dict[str, object]:
+        return {"density": self.density, "gamma": self.gamma}
+
+
+class MagPrune(Transform):
+    """DELLA's MAGPRUNE, as mergekit's `della_magprune`: in each row of each tensor of each task
+    vector, the entry of magnitude rank r (1 = the smallest of the row's C) is kept with probability
+    density − ε + 2ε·(r − 1)/(C − 1) (density itself when C = 1), drawn from the seeded counter hash
+    (`hashed_uniform`: the same draws whatever the chunking). Rows are ranked along the tensor's
+    second dimension (mergekit's dim=1); a 1-D tensor is one row, ranked against the whole tensor
+    even when it is read in several chunks (its sorted magnitudes are kept from `fit`)."""
+
+    name = "magprune"
+
+    def __init__(self, density: float, epsilon: float, seed: int = 0):
+        if not 0.0 < density - epsilon and density + epsilon < 1.0:
+            raise ConfigError(f"density ± epsilon must lie in (0, 1), got density {density}, epsilon {epsilon}")
+        self.density, self.epsilon, self.seed = density, epsilon, seed
+        self.sorted: dict[str, torch.Tensor] = {}  # 1-D key read in several chunks -> (M, N) sorted |τ|
+
+    def fit(self, tasks: TaskSet, before: Pipeline, device: torch.device | None = None) -> None:
+        self.sorted = {}
+        for key in tasks.mergeable:
+            chunks = list(tasks.chunks(key))
+            if len(tasks.meta[key].shape) == 1 and len(chunks) > 1:
+                whole = torch.cat([before.deltas(tasks, c, device=device) for c in chunks], dim=1)
+                self.sorted[key] = whole.abs().sort(dim=1).values
+
+    def apply(self, task: int, chunk: Chunk, offset: int, delta: torch.Tensor) -> torch.Tensor:
+        out = delta.unsqueeze(0).clone()
+        self.apply_rows([task], chunk, offset, out)
+        return out[0]
+
+    def apply_rows(self, tasks: Sequence[int], chunk: Chunk, offset: int, deltas: torch.Tensor) -> None:
+        keep = self.keep_probability(tasks, chunk.key, deltas.abs())
+        u = torch.stack([hashed_uniform(self.seed, t, f"{chunk.key}#magprune", offset, deltas[0].numel(),
+                                        deltas.device) for t in tasks]).view_as(deltas)
+        deltas.copy_(torch.where(u < keep, deltas, torch.zeros((), dtype=deltas.dtype, device=deltas.device)))
+
+    def keep_probability(self, tasks: Sequence[int], key: str, magnitudes: torch.Tensor) -> torch.Tensor:
+        """Each entry's keep probability from its magnitude rank in its row ((n, ...) `magnitudes`)."""
+        if magnitudes.dim() == 1:  # scalars: rows of one entry
+            return torch.full_like(magnitudes, self.density)
+        if key in self.sorted:
+            whole = self.sorted[key][list(tasks)].to(magnitudes.device)
+            ranks, count = torch.searchsorted(whole, magnitudes.contiguous()).to(magnitudes.dtype), whole.shape[1]
+        else:
+            dim = 1 if magnitudes.dim() == 2 else 2  # a 1-D tensor's row, else the tensor's dim 1
+            ranks = magnitudes.argsort(dim=dim).argsort(dim=dim).to(magnitudes.dtype)
+            count = magnitudes.shape[dim]
+        spread = ranks / (count - 1) if count > 1 else torch.full_like(ranks, 0.5)
+        return (self.density - self.epsilon) + spread * (2 * self.epsilon)
+
+    def params(self) -> dict[str, object]:
+        return {"density": self.density, "epsilon": self.epsilon, "seed": self.seed}
+
+
+class L1Rescale(Transform):
+    """mergekit's `rescale` of a sparsification (`rescaled_masked_tensor`, norm l1): what `inner`
+    keeps of each tensor of each task vector is scaled by Σ|τ| / Σ|kept|, so the tensor keeps its
+    L1 norm (left as kept when either sum is below 1e-7). `fit` streams the inputs once more to sum."""
+
+    def __init__(self, inner: Transform):
+        self.inner = inner
+        self.name = inner.name
+        self.factors: dict[str, torch.Tensor] = {}  # key -> (M,) fp32
+
+    def fit(self, tasks: TaskSet, before: Pipeline, device: torch.device | None = None) -> None:
+        self.inner.fit(tasks, before, device)
+        everyone = list(range(tasks.num_tasks))
+        self.factors = {}
+        for key in tasks.mergeable:
+            total = torch.zeros(2, tasks.num_tasks, dtype=torch.float64)
+            for c in tasks.chunks(key):
+                d = before.deltas(tasks, c, device=device)
+                kept = d.clone()
+                self.inner.apply_rows(everyone, c, chunk_offset(tasks, c), kept)
+                total[0] += d.abs().flatten(1).sum(1, dtype=torch.float64).cpu()
+                total[1] += kept.abs().flatten(1).sum(1, dtype=torch.float64).cpu()
+            before_l1, after_l1 = total
+            small = (before_l1 < 1e-7) | (after_l1 < 1e-7)
+            self.factors[key] = torch.where(small, 1.0, before_l1 / after_l1.clamp_min(1e-300)).float()
+
+    def apply(self, task: int, chunk: Chunk, offset: int, delta: torch.Tensor) -> torch.Tensor:
+        return self.inner.apply(task, chunk, offset, delta) * float(self.factors[chunk.key][task])
+
+    def apply_rows(self, tasks: Sequence[int], chunk: Chunk, offset: int, deltas: torch.Tensor) -> None:
+        self.inner.apply_rows(tasks, chunk, offset, deltas)
+        factor = self.factors[chunk.key][list(tasks)].to(deltas.device, deltas.dtype)
+        deltas.mul_(factor.view(-1, *[1] * (deltas.dim() - 1)))
+
+    def params(self) -> dict[str, object]:
+        return {**self.inner.params(), "rescale": "l1"}
 
 
 def hashed_uniform(seed: int, task: int, key: str, offset: int, n: int,
@@ -196,15 +389,18 @@ def hashed_uniform(seed: int, task: int, key: str, offset: int, n: int,
     return ((x >> 11) & ((1 << 24) - 1)).to(torch.float32) / float(1 << 24)
 
 
-def kth_largest_abs(tasks: TaskSet, before: Pipeline, k: int, keys: Sequence[str] | None = None,
+def kth_largest_abs(tasks: TaskSet, before: Pipeline, k: int | Sequence[int], keys: Sequence[str] | None = None,
                     device: torch.device | None = None) -> list[float]:
-    """Exact k-th largest |τ_t| over all mergeable entries (or those of `keys`), per task, in two
-    streaming passes (on `device`); entries that fit in one chunk are selected directly. The
-    first pass is skipped when the validation pass made its histogram (`MagnitudeHistogram`)."""
+    """Exact k-th largest |τ_t| over all mergeable entries (or those of `keys`), per task (`k`: one
+    rank for all, or each task's), in two streaming passes (on `device`); entries that fit in one
+    chunk are selected directly. The first pass is skipped when the validation pass made its
+    histogram (`MagnitudeHistogram`)."""
     chunks = [c for key in (tasks.mergeable if keys is None else keys) for c in tasks.chunks(key)]
     if len(chunks) == 1:
-        d = before.deltas(tasks, chunks[0], device=device)
-        return d.abs().flatten(1).float().topk(k, dim=1).values[:, -1].tolist()
+        d = before.deltas(tasks, chunks[0], device=device).abs().flatten(1).float()
+        if isinstance(k, int):
+            return d.topk(k, dim=1).values[:, -1].tolist()
+        return [float(row.topk(r).values[-1]) for row, r in zip(d, k)]
 
     def stream() -> Iterable[torch.Tensor]:
         for c in chunks:
@@ -264,10 +460,11 @@ def _histogram_into(hist: torch.Tensor, offsets: torch.Tensor, x: torch.Tensor) 
 
 
 def kth_largest(
-    stream: Callable[[], Iterable[torch.Tensor]], k: int, rows: int, total: int | None, desc: str,
+    stream: Callable[[], Iterable[torch.Tensor]], k: int | Sequence[int], rows: int, total: int | None, desc: str,
     hist: torch.Tensor | None = None,
 ) -> list[float]:
-    """Exact k-th largest magnitude per row over a stream of (rows, ...) float tensors.
+    """Exact k-th largest magnitude per row (`k`: one rank, or each row's) over a stream of
+    (rows, ...) float tensors.
 
     Pass 1 histograms the top 16 bits of each |x|'s fp32 bit pattern (monotone in |x|) with one
     bincount for all rows (or `hist`, its result, is given); pass 2 keeps only the values in the
@@ -287,10 +484,11 @@ def kth_largest(
     above = hist.flip(1).cumsum(1).flip(1)  # above[r, b] = count of values in bins >= b
     target_bin, rank_in_bin = [], []
     for r in range(rows):
-        b = int((above[r] >= k).nonzero().max()) if int(above[r, 0]) >= k else 0
+        kr = k if isinstance(k, int) else k[r]
+        b = int((above[r] >= kr).nonzero().max()) if int(above[r, 0]) >= kr else 0
         target_bin.append(b)
         higher = int(above[r, b + 1]) if b + 1 < _BINS else 0
-        rank_in_bin.append(k - higher)
+        rank_in_bin.append(kr - higher)
     # The bin sizes are known, so the candidates go into preallocated buffers: collecting many
     # small tensors instead fragments the heap and inflates the resident memory.
     kept = [torch.empty(int(hist[r, target_bin[r]]), device=device) for r in range(rows)]

@@ -70,3 +70,9 @@ def block_deltas(
     pieces = [pipeline.deltas(tasks, c, members).flatten(1)
               for p in partition.blocks[block].parts for c in tasks.chunks(p.key, p.rows)]
     return torch.cat(pieces, dim=1)
+
+
+def block_base(tasks: TaskSet, partition: Partition, block: int) -> torch.Tensor:
+    """θ0 on one block, flattened in the order of `block_deltas`: (D_block,) fp32."""
+    return torch.cat([tasks.read_base(c).to(tasks.compute_dtype).flatten()
+                      for p in partition.blocks[block].parts for c in tasks.chunks(p.key, p.rows)])

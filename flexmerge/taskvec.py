@@ -14,7 +14,7 @@ import re
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Literal, Protocol
 from pathlib import Path
 
 import torch
@@ -25,8 +25,9 @@ from flexmerge.errors import CheckpointError, ConfigError, FlexMergeWarning
 from flexmerge.executors import get_executor
 from flexmerge.paths import check_task_name
 from flexmerge.io.open import open_checkpoint
-from flexmerge.io.side_files import own_side_files, read_hf_side_files, side_groups
+from flexmerge.io.side_files import moved_token, own_side_files, read_hf_side_files, side_groups, token_ids
 from flexmerge.io.source import (
+    HF_SIDE_GROUPS,
     CheckpointSource,
     TensorMeta,
     file_record,
@@ -107,6 +108,9 @@ class TaskSet:
     # per task, its own keys that no --task-specific pattern or head names: the base lacks them or
     # shapes them otherwise, which a wrong base model would also do (the CLI says so in one line)
     undeclared_specific: dict[str, list[str]] = field(default_factory=dict)
+    # "base": every task is read over the base's vocabulary (mergekit's `tokenizer_source: base`);
+    # rows a fine-tune added past the base's are dropped, not kept as its own
+    vocabulary: str = "tasks"
 
     @property
     def num_tasks(self) -> int:
@@ -143,8 +147,9 @@ class TaskSet:
 
     def task_rows(self, task: int, chunk: Chunk) -> tuple[int, int] | None:
         """The rows of `chunk` in task `task`'s checkpoint: all of a key it has in the base's shape,
-        the base's rows of one whose rows it extended (its added tokens are its own)."""
-        if chunk.rows is None and chunk.key in self.specific.get(self.names[task], ()) and chunk.key in self.meta:
+        the base's rows of one whose rows it extended (its added tokens are its own, or dropped)."""
+        if (chunk.rows is None and chunk.key in self.meta
+                and self.sources[task].meta(chunk.key).shape[0] != self.meta[chunk.key].shape[0]):
             return (0, self.meta[chunk.key].shape[0])
         return chunk.rows
 
@@ -292,6 +297,8 @@ def load_tasks(
     input_hash: str = DEFAULT_INPUT_HASH,
     observers: Sequence[PassObserver] = (),
     key_grams: bool = True,
+    base_may_be_a_task: bool = False,
+    vocabulary: Literal["tasks", "base"] = "tasks",
 ) -> TaskSet:
     """Open and validate the base and the task models; find the frozen and task-specific parameters.
 
@@ -308,7 +315,12 @@ def load_tasks(
     `observers` (`PassObserver`) do a later stage's work in the same pass (`api.first_pass_for`).
     `key_grams`: accumulate each key's Gram matrix of raw task vectors in the same pass, for the
     similarity of a plan without preprocessing; a merge that makes no such plan (TIES, a 1x TA;
-    `api.uses_key_grams`) skips that product, and a plan made anyway runs its own similarity pass."""
+    `api.uses_key_grams`) skips that product, and a plan made anyway runs its own similarity pass.
+    `base_may_be_a_task`: a task identical to the base is accepted (a method that merges the models'
+    weights, such as slerp, may take the base as one of them); by default it is an error, the sign
+    of a wrong file. `vocabulary="base"` (mergekit's `tokenizer_source: base`): every task is read
+    over the base's vocabulary, the rows a fine-tune added dropped, so that 1x is one model; each
+    task's tokenizer must give every base token the base's id (mergekit maps rows by token)."""
     named = parse_task_specs(models)
     if "base" in named:  # the manifest records the inputs by name, the base as "base"
         raise ConfigError("task name 'base' is reserved for the base model (the manifest records the inputs by "
@@ -316,14 +328,18 @@ def load_tasks(
     if len(named) < 2:
         raise ConfigError(f"merging needs at least 2 task models, got {len(named)}")
     patterns = _compile_patterns(task_specific)
+    if vocabulary not in VOCABULARIES:
+        raise ConfigError(f"vocabulary must be one of {', '.join(VOCABULARIES)}, got {vocabulary!r}")
     new_hasher(input_hash)  # an unknown name fails before any model is read
     base_src = open_checkpoint(base)
     sources = [open_checkpoint(p, base=base_src) for p in named.values()]  # PEFT adapters read against the base
-    meta, specific, unexplained = _check_structure(base_src, sources, list(named), allow_mixed_dtypes, patterns)
+    meta, specific, unexplained = _check_structure(base_src, sources, list(named), allow_mixed_dtypes, patterns,
+                                                   vocabulary)
     ex = get_executor(executor)
     active = [o for o in observers if o.begin(meta, len(sources))] if ex.name == "local" else []
     mergeable, frozen, key_grams, digests = _scan_values(base_src, sources, list(named), meta, specific,
-                                                         max_relative_change, ex, input_hash, active, key_grams)
+                                                         max_relative_change, ex, input_hash, active, key_grams,
+                                                         base_may_be_a_task)
     digests = [digests[0], *(_with_specific(d, src, specific[name], input_hash, meta)
                              for d, src, name in zip(digests[1:], sources, named))]
     provenance = {name: {"files": [file_record(f) for f in src.files()], input_hash: digest}
@@ -331,10 +347,11 @@ def load_tasks(
     if unexplained:
         warnings.warn(undeclared_note(unexplained), FlexMergeWarning, stacklevel=2)
     tasks = TaskSet(list(named), base_src, sources, meta, mergeable, frozen, provenance, key_grams=key_grams,
-                    specific=specific, undeclared_specific=unexplained)
+                    specific=specific, undeclared_specific=unexplained, vocabulary=vocabulary)
     return dataclasses.replace(tasks, first_pass={o.name: o.finish(tasks) for o in active})
 
 
+VOCABULARIES = ("tasks", "base")
 # Hugging Face classifier heads: a task's own output layers, detected without a pattern. Output
 # embeddings (`lm_head`) are not among them: they merge like any parameter, as in mergekit.
 HF_HEADS = ("classifier", "score", "qa_outputs")
@@ -406,12 +423,12 @@ def _hf_config(directory: Path) -> dict:
 
 def _check_structure(
     base: CheckpointSource, sources: list[CheckpointSource], names: list[str], allow_mixed_dtypes: bool,
-    patterns: Sequence[re.Pattern] = (),
+    patterns: Sequence[re.Pattern] = (), vocabulary: str = "tasks",
 ) -> tuple[dict[str, TensorMeta], dict[str, dict[str, TensorMeta]], dict[str, list[str]]]:
     """The shared keys' metadata (the base's, minus task-specific keys), each task's own keys (of a
-    key whose rows it extended, the meta of the rows past the base's), and per task the own keys
-    that nothing declared: no pattern or head names them, the base lacks them or shapes them
-    otherwise (what a wrong base model looks like, too)."""
+    key whose rows it extended, the meta of the rows past the base's; none over the base's
+    `vocabulary`), and per task the own keys that nothing declared: no pattern or head names them,
+    the base lacks them or shapes them otherwise (what a wrong base model looks like, too)."""
     tied = _tied_copies([base, *sources])
     base_keys = [k for k in base.keys() if k not in tied]
     base_set = set(base_keys)
@@ -443,6 +460,9 @@ def _check_structure(
         explained = _hf_head_keys(src, src.keys()) | grown
         unexplained[name] = sorted(k for k in specific[name]
                                    if k not in explained and not any(p.fullmatch(k) for p in patterns))
+        if vocabulary == "base":  # the added rows are dropped: the export carries the base's tokenizer
+            _check_token_ids(name, src, base)
+            continue
         extended = {k: meta[k] for k in meta if k in grown}  # in the base's order
         specific[name] |= {k: _added_rows(src.meta(k), m) for k, m in extended.items() if src.meta(k).shape != m.shape}
         _check_side_files(name, src, base, extended, specific[name])
@@ -480,6 +500,30 @@ def _check_side_files(name: str, src: CheckpointSource, base: CheckpointSource, 
             f"it has {grown[k].shape[0] + own[k].shape[0]}) but has no {' or '.join(lacking)} files of its own: "
             "its export would carry the base's, which lack the added tokens; save them beside its weights "
             "(tokenizer.save_pretrained(dir), model.config.save_pretrained(dir))")
+
+
+def _check_token_ids(name: str, src: CheckpointSource, base: CheckpointSource) -> None:
+    """Over the base's vocabulary, a task's row i must be the base's token i: its own tokenizer
+    (when it has one) gives every base token the base's id, as mergekit, which maps rows by token
+    string, then takes the same rows."""
+    mine = own_side_files(src)
+    if "tokenizer" not in side_groups(mine):
+        return  # the fine-tune uses the base's tokenizer
+    theirs = read_hf_side_files(base)
+    if all(mine.get(n) == theirs.get(n) for n in HF_SIDE_GROUPS["tokenizer"]):
+        return
+    base_ids, task_ids = token_ids(theirs, f"the base {base.path}"), token_ids(mine, f"task {name!r} ({src.path})")
+    if base_ids is None or task_ids is None:
+        raise CheckpointError(
+            f"tokenizer_source base: task {name!r} ({src.path}) has a tokenizer of its own and "
+            f"{'the base' if base_ids is None else 'it'} has no tokenizer.json to check that every base token keeps "
+            "its id; save the fast tokenizer (tokenizer.save_pretrained(dir) writes tokenizer.json)")
+    moved = moved_token(base_ids, task_ids)
+    if moved:
+        raise CheckpointError(
+            f"tokenizer_source base: task {name!r} ({src.path}) numbers the base's tokens otherwise ({moved}), "
+            "so its embedding rows are not the base's tokens; re-mapping rows by token is tokenizer surgery: "
+            "use mergekit-yaml")
 
 
 def _with_specific(digest: str, src: CheckpointSource, keys: Mapping[str, TensorMeta], input_hash: str,
@@ -588,6 +632,7 @@ def _scan_values(
     input_hash: str = DEFAULT_INPUT_HASH,
     observers: Sequence[PassObserver] = (),
     grams: bool = True,
+    base_may_be_a_task: bool = False,
 ) -> tuple[list[str], list[str], dict[str, torch.Tensor], list[str]]:
     """One streaming pass: finite values, frozen keys, no task equal to the base, a plausible base,
     and each model's content hash (base first).
@@ -605,7 +650,7 @@ def _scan_values(
     base_sq = sum(s.base_sq for s in scans.values())
     delta_sq = [sum(float(s.delta_sq[t]) for s in scans.values() if s.delta_sq is not None) for t in range(m)]
     for t in range(m):
-        identical = delta_sq[t] == 0 and all(
+        identical = not base_may_be_a_task and delta_sq[t] == 0 and all(
             torch.equal(probe.read_task(t, c), probe.read_base(c)) for k in meta for c in probe.chunks(k))
         if identical:
             raise CheckpointError(

@@ -105,6 +105,21 @@ class TinyNet(torch.nn.Module):
 HF_LABELS = {"a": 2, "b": 3, "c": 5}
 
 
+def reseal_side_files(artifact: Path) -> None:
+    """Record an artifact's side files as they now are in its manifest (sizes, sha256), as the author
+    of a hostile artifact would: what the loader checks beyond the checksums is tested with it."""
+    import json
+
+    from flexmerge.flexmodel.format import side_file_entry
+
+    manifest_file = artifact / "manifest.json"
+    manifest = json.loads(manifest_file.read_text())
+    manifest["side_files"] = {task: {f.name: side_file_entry(f.read_bytes()) for f in sorted((artifact / "hf" / task)
+                                                                                           .iterdir())}
+                              for task in manifest["hf_tasks"]}
+    manifest_file.write_text(json.dumps(manifest, indent=1))
+
+
 def bert_config(labels: int | Sequence[str] = 2, **overrides):
     """A tiny BertConfig (2 layers, hidden 32, vocabulary 60, 32 positions); `labels`: a count
     (names L0..L{n-1}) or the label names. `overrides`: any other BertConfig field."""
@@ -155,3 +170,57 @@ def digits_cache(tmp_path_factory):
     cache = tmp_path_factory.mktemp("cache")
     get_zoo(get_suite("digits"), cache, log=lambda s: None)
     return cache
+
+
+LLAMA_WORDS = ["<unk>", "<s>", "</s>", *"copy rev next = . system user assistant : ; a b c d e f g h i".split()]
+LLAMA_CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} ; {% endfor %}"
+                       "{% if add_generation_prompt %}assistant :{% endif %}")
+
+
+def llama_tokenizer(chat: bool = False):
+    """A word-level tokenizer over LLAMA_WORDS that adds a BOS to a prompt (no pad token); with
+    `chat`, a chat template."""
+    import tokenizers
+    import transformers
+    from tokenizers import decoders, models, pre_tokenizers, processors
+
+    tok = tokenizers.Tokenizer(models.WordLevel({w: i for i, w in enumerate(LLAMA_WORDS)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tok.decoder = decoders.WordPiece()
+    out = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                               unk_token="<unk>")
+    if chat:
+        out.chat_template = LLAMA_CHAT_TEMPLATE
+    return out
+
+
+def llama_config(**overrides):
+    """A tiny LlamaConfig: 2 layers, hidden 32, 4 heads (2 KV heads), 64 positions, LLAMA_WORDS."""
+    import transformers
+
+    kw = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+              vocab_size=len(LLAMA_WORDS), max_position_embeddings=64, bos_token_id=1, eos_token_id=2,
+              initializer_range=0.1)
+    return transformers.LlamaConfig(**{**kw, **overrides})
+
+
+def write_llama_zoo(root: Path, tasks: Sequence[str] = ("copy", "rev", "next"),
+                    chat: Sequence[str] = ("next",)) -> tuple[Path, dict[str, Path]]:
+    """A random tiny LlamaForCausalLM base and fine-tunes of it (every weight moved by noise of its
+    own per task), saved with their tokenizers (`chat` tasks with a chat template)."""
+    import transformers
+
+    torch.manual_seed(0)
+    base = transformers.LlamaForCausalLM(llama_config()).eval()
+    base.save_pretrained(root / "base")
+    llama_tokenizer().save_pretrained(root / "base")
+    dirs = {}
+    for i, task in enumerate(tasks):
+        torch.manual_seed(10 + i)
+        model = transformers.LlamaForCausalLM(base.config).eval()
+        model.load_state_dict({k: v + 0.05 * torch.randn_like(v) for k, v in base.state_dict().items()})
+        model.save_pretrained(root / task)
+        llama_tokenizer(chat=task in chat).save_pretrained(root / task)
+        dirs[task] = root / task
+    return root / "base", dirs

@@ -22,10 +22,13 @@ from flexmerge.methods import available_methods
 from flexmerge.methods.base import MethodSpec, get_method
 
 # every registered method, plus the variants that take other code paths (DARE, a per-tensor
-# trim, the untransformed rows of consensus/twin, data-dependent twin ranks)
-SPECS = sorted(available_methods()) + [
+# trim, the untransformed rows of consensus/twin, data-dependent twin ranks, the sparsifications of
+# breadcrumbs and della, θ0 as a row), with the parameters that have no default
+REQUIRED = {"slerp": "slerp:t=0.3", "nearswap": "nearswap:t=0.01"}
+SPECS = [REQUIRED.get(n, n) for n in sorted(available_methods())] + [
     "ties:dare=0.3:trim_scope=tensor", "consensus:base=ties:mask_source=finetuned", "twin:base=ties",
-    "twin:energy=0.9", "emr:rescale=entries", "pcb:inter=softmax"]
+    "twin:energy=0.9", "emr:rescale=entries", "pcb:inter=softmax", "breadcrumbs_ties:density=0.6:rescale=true",
+    "della:density=0.5", "linear:normalize=false", "multislerp:space=weights"]
 
 
 def _fake_cuda(monkeypatch, count: int = 1) -> list[tuple[tuple[int, ...], str]]:
@@ -84,6 +87,8 @@ def test_every_method_on_device_cpu_equals_the_default(zoo, spec):
     base, models = zoo
     parsed = MethodSpec.parse(spec)
     name, params = parsed.name, dict(parsed.params)
+    if get_method(name, **params).pairwise:
+        models = dict(list(models.items())[:2])
     default_tasks, cpu_tasks = flexmerge.load_tasks(base, models), flexmerge.load_tasks(base, models)
     p0 = flexmerge.plan(default_tasks, method=name, params=params)
     p1 = flexmerge.plan(cpu_tasks, method=name, params=params, device="cpu")
@@ -193,7 +198,7 @@ def test_methods_create_their_tensors_on_the_inputs_device(spec):
     name, params = parsed.name, dict(parsed.params)
     method = get_method(name, **params)
     g = torch.Generator().manual_seed(0)
-    rows = 6 if method.uses_untransformed else 3
+    rows = (6 if method.uses_untransformed else 2 if method.pairwise else 3) + method.needs_base
     parts = [PartView("w", (8, 5)), PartView("b", (8,))]
     chunks = [(0, torch.randn(rows, 40, generator=g)), (1, torch.randn(rows, 8, generator=g))]
     audit = _FactoryAudit()

@@ -88,23 +88,27 @@ def test_emr_and_consensus_follow_their_definitions():
     assert torch.equal(cons.masks, d.abs() > 0.3 * (total - d).abs())
 
 
+REQUIRED = {"slerp": {"t": 0.3}, "nearswap": {"t": 0.5}}  # parameters without a default (as mergekit's)
+
+
 @pytest.mark.parametrize("name", sorted(available_methods()))
 def test_method_contract(name):
-    d = torch.randn(5, 300, generator=torch.Generator().manual_seed(0))
-    method = get_method(name)
+    method = get_method(name, **REQUIRED.get(name, {}))
+    n = 2 if method.pairwise else 5  # members; a method that reads θ0 gets it as one more row
+    d = torch.randn(n + method.needs_base, 300, generator=torch.Generator().manual_seed(0))
     a, b = method.merge(d.clone()), method.merge(d.clone())
     assert a.delta.shape == (300,) and a.delta.dtype == torch.float32
     assert torch.equal(a.delta, b.delta)  # deterministic
     assert torch.isfinite(a.delta).all()
     if method.uses_masks:
-        assert a.masks.shape == (5, 300) and a.masks.dtype == torch.bool
+        assert a.masks.shape == (n, 300) and a.masks.dtype == torch.bool
     else:
         assert a.masks is None
-    assert get_method(name).describe()["name"] == name
+    assert method.describe()["name"] == name
 
 
 def test_method_errors_name_the_value_and_choices():
-    with pytest.raises(UnknownNameError, match=r"unknown merging method 'tiez'; choose one of: average, consensus"):
+    with pytest.raises(UnknownNameError, match=r"unknown merging method 'tiez'; choose one of: arcee_fusion, average, breadcrumbs"):
         get_method("tiez")
     with pytest.raises(ConfigError, match=r"invalid parameters for method 'ties': keep"):
         get_method("ties", keep=20)
@@ -144,8 +148,8 @@ def test_dare_is_chunking_independent_and_drops_at_rate(tasks, monkeypatch):
 
 @pytest.mark.parametrize("name", sorted(available_methods()))
 def test_chunked_merge_equals_whole_block_merge(name):
-    d = torch.randn(4, 1000, generator=torch.Generator().manual_seed(1))
-    method = get_method(name)
+    method = get_method(name, **REQUIRED.get(name, {}))
+    d = torch.randn((2 if method.pairwise else 4) + method.needs_base, 1000, generator=torch.Generator().manual_seed(1))
     whole = method.merge(d)
     chunked = method.merge_chunks([(0, c) for c in d.split([100, 250, 650], dim=1)], [PartView("w", (1000,))])
     torch.testing.assert_close(chunked.delta, whole.delta, rtol=0, atol=0)
@@ -372,14 +376,14 @@ def test_method_spec_syntax_errors(text, message):
 def test_method_spec_build_errors_name_the_key_value_and_choices():
     from flexmerge.methods import MethodSpec
 
-    with pytest.raises(UnknownNameError, match=r"unknown merging method 'tiez'; choose one of: average, consensus"):
+    with pytest.raises(UnknownNameError, match=r"unknown merging method 'tiez'; choose one of: arcee_fusion, average, breadcrumbs"):
         MethodSpec.parse("tiez:keep=0.3").build()
     with pytest.raises(ConfigError, match=r"method 'ties': keep: Input should be less than or equal to 1, got 20"):
         MethodSpec.parse("ties:keep=20").build()
     with pytest.raises(ConfigError, match=r"'ties': trim_scope: Input should be 'model' or 'tensor', got 'layer'"):
         MethodSpec.parse("ties:trim_scope=layer").build()
     with pytest.raises(ConfigError, match=r"'emr': kep: Extra inputs are not permitted \(its parameters: dare, seed, "
-                                          r"dtype, rescale\)"):
+                                          r"dtype, task_dare, task_keep, tensor_params, rescale\)"):
         MethodSpec.parse("emr:kep=1").build()
     with pytest.raises(ConfigError, match=r"s='a:b' cannot be written in a method spec"):
         str(MethodSpec("x", {"s": "a:b"}))

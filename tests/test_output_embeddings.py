@@ -1,7 +1,9 @@
 """Output embeddings merge like any parameter (as in mergekit): three full fine-tunes of a tiny
 Llama merge to 1x, every tensor (lm_head included) the method's formula written out here; Mx
 gives each fine-tune's logits back; tied embeddings stay tied in every export; fine-tunes that
-added tokens merge the base's rows, keep the added rows as their own and export their tokenizer."""
+added tokens merge the base's rows, keep the added rows as their own and export their tokenizer;
+under `tokenizer_source: base` their added rows are dropped (as mergekit builds every model over
+the base's vocabulary), so 1x is one model with the base's tokenizer."""
 
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from typer.testing import CliRunner
 
 import flexmerge
 from flexmerge.cli import app
-from flexmerge.errors import CheckpointError
+from flexmerge.errors import CheckpointError, ConfigError
 from flexmerge.taskvec import Chunk, as_taskset, spec_of
 from tests.conftest import word_tokenizer
 
@@ -280,3 +282,77 @@ def test_a_manifest_whose_added_rows_do_not_fit_their_key_is_refused(tmp_path):
     path.write_text(json.dumps(manifest))
     with pytest.raises(Exception, match=r"task-specific rows of 'model\.embed_tokens\.weight'"):
         flexmerge.load(tmp_path / "f")
+
+
+def _mergekit_base_vocabulary(root, base, dirs):
+    """mergekit's task_arithmetic (weight 0.5 each, λ 1) over the base's tokenizer."""
+    models = "".join(f"  - model: {d}\n    parameters: {{weight: 0.5}}\n" for d in dirs.values())
+    (root / "mk.yml").write_text(f"merge_method: task_arithmetic\nbase_model: {base}\nmodels:\n{models}"
+                                 "tokenizer_source: base\n")
+    return root / "mk.yml"
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_tokenizer_source_base_drops_added_rows_and_merges_to_1x_over_the_base_vocabulary(tmp_path, tied):
+    """mergekit builds every model's embeddings over the base's vocabulary (row of each base token,
+    the same id in every model here), then merges: θ0 + Σ 0.5 · τ_i on the base's rows."""
+    base, dirs = _zoo(tmp_path, tied=tied, added=(2, 0))
+    assert _weights(dirs["ft0"])[EMBED].shape == (VOCAB + 2, 32)
+    r = runner.invoke(app, ["merge", "--config", str(_mergekit_base_vocabulary(tmp_path, base, dirs)),
+                            "--size", "1", "--out", str(tmp_path / "f")])
+    assert r.exit_code == 0, r.output
+    manifest = json.loads((tmp_path / "f" / "manifest.json").read_text())
+    assert manifest["size"] == 1.0 and manifest["task_specific_bytes"] == 0
+    assert manifest["info"]["vocabulary"] == "base" and not manifest.get("task_specific")
+    theta0 = _weights(base)
+    fts = [{k: v[:VOCAB] for k, v in _weights(d).items()} for d in dirs.values()]  # the base's token ids' rows
+    want = {k: theta0[k] + sum(0.5 * (ft[k] - theta0[k]) for ft in fts) for k in theta0}
+    base_tokenizer = (base / "tokenizer.json").read_text()
+    for name in dirs:
+        exported = tmp_path / f"export-{name}"
+        assert runner.invoke(app, ["export", str(tmp_path / "f"), "--task", name, "--out", str(exported)]
+                             ).exit_code == 0
+        got = _weights(exported)
+        assert got.keys() == want.keys() and got[EMBED].shape == (VOCAB, 32)
+        for k in want:
+            torch.testing.assert_close(got[k], want[k], rtol=0, atol=2e-6, msg=f"{name} {k}")
+        assert (exported / "tokenizer.json").read_text() == base_tokenizer
+        assert json.loads((exported / "config.json").read_text())["vocab_size"] == VOCAB
+        assert len(transformers.AutoTokenizer.from_pretrained(exported)) == VOCAB
+        assert _logits(exported).shape[-1] == VOCAB  # transformers loads it as the base's vocabulary
+
+
+def test_tokenizer_source_base_refuses_a_tokenizer_that_numbers_the_base_tokens_otherwise(tmp_path):
+    base, dirs = _zoo(tmp_path, added=(2, 0))
+    words = [f"w{i}" for i in range(VOCAB - 5)]
+    word_tokenizer([words[1], words[0], *words[2:]]).save_pretrained(dirs["ft1"])  # w0 and w1 swap ids
+    r = runner.invoke(app, ["merge", "--config", str(_mergekit_base_vocabulary(tmp_path, base, dirs)),
+                            "--size", "1", "--out", str(tmp_path / "f")])
+    assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1, r.output
+    line = " ".join(r.output.split())
+    assert "task 'ft1'" in line and "the base gives 'w0' id 5, the task's tokenizer gives it id 6" in line, line
+    assert "use mergekit-yaml" in line and not (tmp_path / "f").exists()
+
+
+def test_the_api_loads_over_the_base_vocabulary_and_refuses_the_base_tokenizer_with_added_rows(tmp_path):
+    base, dirs = _zoo(tmp_path, added=(2, 0))
+    tasks = flexmerge.load_tasks(base, dirs, vocabulary="base")
+    assert tasks.specific == {n: {} for n in dirs} and tasks.meta[EMBED].shape == (VOCAB, 32)
+    assert as_taskset(spec_of(tasks)).read_task(0, Chunk(EMBED, None)).shape == (VOCAB, 32)  # a worker's view
+    assert flexmerge.plan(tasks, method="average").min_size == 1.0
+    flex = flexmerge.merge(tasks, size=1, method="average")  # the base's tokenizer by default, as loaded
+    assert flex.hf_files["ft0"]["tokenizer.json"] == (base / "tokenizer.json").read_bytes()
+    with pytest.raises(ConfigError, match="exports carry the base's tokenizer; give tokenizer_source='base'"):
+        flexmerge.merge(tasks, size=1, method="average", tokenizer_source="tasks")
+    with pytest.raises(ConfigError, match=r"task 'ft0' keeps rows it added to .*load the tasks with vocabulary='base'"):
+        flexmerge.merge(flexmerge.load_tasks(base, dirs), size="max", tokenizer_source="base")
+    with pytest.raises(ConfigError, match="vocabulary must be one of tasks, base"):
+        flexmerge.load_tasks(base, dirs, vocabulary="union")
+
+
+def test_tokenizer_source_base_refuses_an_unreadable_tokenizer_in_one_error(tmp_path):
+    base, dirs = _zoo(tmp_path, added=(2, 0))
+    (dirs["ft1"] / "tokenizer.json").write_text('{"model": {"vocab": 7}')
+    with pytest.raises(CheckpointError, match=r"task 'ft1' .*: tokenizer\.json is not a readable tokenizer"):
+        flexmerge.load_tasks(base, dirs, vocabulary="base")
+    flexmerge.load_tasks(base, dirs)  # each task's own tokenizer: its ids are not compared

@@ -328,7 +328,7 @@ def test_cost_greedy_against_every_assignment():
         for t in range(m):
             x = rng.normal(size=(m, 6)) + rng.normal(size=6)  # shared direction: tasks are alike
             quad[b, t] = x @ x.T
-    cost = QuadraticCost(quad, lambda n: np.full(n, 1.5 / n))
+    cost = QuadraticCost(quad, lambda members: np.full(len(members), 1.5 / len(members)))
     steps = run_cost_greedy(cost, lambda b, groups, i, j: block_units[b], byte_power=1.0)
     partitions = list(_set_partitions(list(range(m))))
     best: dict[float, float] = {}

@@ -8,7 +8,7 @@ import torch
 
 import flexmerge
 from flexmerge.errors import ConfigError
-from tests.conftest import bert_config, word_tokenizer
+from tests.conftest import bert_config, reseal_side_files, word_tokenizer
 
 transformers = pytest.importorskip("transformers")
 from flexmerge.runtime import Runtime  # noqa: E402
@@ -307,6 +307,7 @@ def test_an_artifacts_config_is_checked_before_any_model_is_built(artifact, tmp_
     shutil.copytree(out, copy)
     config = copy / "hf" / "a" / "config.json"
     config.write_text(json.dumps({**json.loads(config.read_text()), **change}))
+    reseal_side_files(copy)  # the checksums agree: the author of the artifact wrote this config
     with pytest.raises(flexmerge.errors.FlexMergeError, match=message):
         Runtime.load(copy).predict("a", ["the cat"])
 
@@ -318,5 +319,6 @@ def test_a_malformed_tokenizer_is_one_error(artifact, tmp_path):
     copy = tmp_path / "flex"
     shutil.copytree(out, copy)
     (copy / "hf" / "a" / "tokenizer.json").write_text("{ not json")
+    reseal_side_files(copy)
     with pytest.raises(flexmerge.errors.FlexMergeError, match="task 'a': its tokenizer files cannot be used"):
         Runtime.load(copy).predict("a", ["the cat"])

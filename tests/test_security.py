@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import threading
+import time
 import zipfile
 from pathlib import Path
 
@@ -470,6 +471,8 @@ def test_bad_block_patterns_and_yaml_are_one_line_errors(zoo, tmp_path):
     (lambda m: m["blocks"][0]["stored"][0].update(members=[-1]), "exactly once"),
     (lambda m: m.update(tasks="abc"), "'tasks'"),
     (lambda m: m["keys"][next(iter(m["keys"]))].update(shape=[-3]), "shape"),
+    (lambda m: m.update(unit_bytes=-5), "field 'unit_bytes' is -5; sizes are above 0"),
+    (lambda m: m.update(method={"name": 5}), "'method' has no name"),
 ])
 def test_malformed_manifests_are_one_line_errors(artifact, edit, message):
     _edit_manifest(artifact, edit)
@@ -477,6 +480,54 @@ def test_malformed_manifests_are_one_line_errors(artifact, edit, message):
         flexmerge.load(artifact)
     for argv in (["inspect", str(artifact)], ["export", str(artifact), "--task", "task0", "--out", "x.safetensors"]):
         assert message in _one_line_error(runner.invoke(app, argv))
+
+
+def _widen_to(m: dict, n: int) -> None:
+    """`n` tasks, every block one group of all of them (stored once), each task with its own (empty)
+    set of parameters and side files: every per-task structure of the manifest n long."""
+    m["tasks"] = [f"t{i}" for i in range(n)]
+    for block in m["blocks"]:
+        block["groups"] = [list(range(n))]
+        block["stored"] = [{**block["stored"][0], "members": list(range(n))}]
+    m["task_specific"] = {t: {} for t in m["tasks"]}
+    m["hf_tasks"] = m["tasks"]
+    m["side_files"] = {t: {} for t in m["tasks"]}
+
+
+def test_a_manifest_of_too_many_tasks_is_refused_in_one_line(artifact):
+    """10^5 tasks (a 50 MB manifest) are over the cap: refused at once, before any per-task check."""
+    _edit_manifest(artifact, lambda m: _widen_to(m, 100_000))
+    start = time.monotonic()
+    line = _one_line_error(runner.invoke(app, ["inspect", str(artifact)]))
+    assert time.monotonic() - start < 10
+    assert "malformed manifest: 'tasks' lists 100000 tasks; at most 10000" in line
+
+
+def test_a_manifest_of_a_million_tasks_is_refused_within_seconds(artifact):
+    """10^6 tasks in one block (22 MB): parsed, then refused by the cap (it never finished: the
+    checks were quadratic); with every block listing them all (200 MB), refused unread by size."""
+    def million(m: dict) -> None:
+        m["tasks"] = [f"t{i}" for i in range(1_000_000)]
+        m["blocks"] = [{**m["blocks"][0], "groups": [list(range(1_000_000))]}]
+    _edit_manifest(artifact, million)
+    start = time.monotonic()
+    line = _one_line_error(runner.invoke(app, ["inspect", str(artifact)]))
+    assert time.monotonic() - start < 10
+    assert "malformed manifest: 'tasks' lists 1000000 tasks; at most 10000" in line
+    with open(artifact / "manifest.json", "ab") as f:
+        f.truncate(65 << 20)  # what every block listing them all would weigh, and more
+    assert "manifest.json: larger than 64 MiB; not a manifest" in _one_line_error(
+        runner.invoke(app, ["inspect", str(artifact)]))
+
+
+def test_a_manifest_of_many_tasks_is_checked_in_linear_time(artifact):
+    """At the cap, 10^4 tasks in every per-task structure load in well under a second of checks (the
+    membership tests were on lists: 5 s here, and 10^6 tasks never finished)."""
+    _edit_manifest(artifact, lambda m: _widen_to(m, 10_000))
+    start = time.monotonic()
+    flex = flexmerge.load(artifact)
+    assert time.monotonic() - start < 3
+    assert len(flex.tasks) == 10_000 and flex.hf_files["t9999"] == {}
 
 
 def test_os_errors_name_the_file(zoo, tmp_path, monkeypatch):
@@ -608,3 +659,68 @@ def test_safetensors_headers_the_reference_refuses_are_refused(tmp_path):
         f = _header_file(tmp_path / f"{what.replace(' ', '_')}.safetensors", header, bytes(12))
         with pytest.raises(CheckpointError):
             open_checkpoint(f)
+
+
+# Side files are part of the artifact's integrity -----------------------------------------------------
+
+
+@pytest.fixture
+def hf_artifact(hf_zoo, tmp_path):
+    """A 2x merge of two BERT fine-tunes (2 and 3 labels), each saved with its word tokenizer."""
+    from .conftest import word_tokenizer
+
+    base, dirs = hf_zoo
+    for name in ("a", "b"):
+        word_tokenizer(["cat", "dog", "sat"]).save_pretrained(dirs[name])
+    art = tmp_path / "flex"
+    r = runner.invoke(app, ["merge", "--base", str(base), "--model", f"a={dirs['a']}", "--model", f"b={dirs['b']}",
+                            "--size", "2", "--out", str(art)])
+    assert r.exit_code == 0, r.output
+    return art
+
+
+def _swap_labels(f: Path) -> None:
+    config = json.loads(f.read_text())
+    config["id2label"] = {"0": config["id2label"]["1"], "1": config["id2label"]["0"]}
+    f.write_text(json.dumps(config))
+
+
+def _swap_token_ids(f: Path) -> None:
+    tokenizer = json.loads(f.read_text())
+    vocab = tokenizer["model"]["vocab"]
+    vocab["cat"], vocab["dog"] = vocab["dog"], vocab["cat"]
+    f.write_text(json.dumps(tokenizer))
+
+
+@pytest.mark.parametrize("name, tamper, problem", [
+    ("config.json", _swap_labels, "checksum mismatch: the file was changed after the artifact was written"),
+    ("tokenizer.json", _swap_token_ids, "checksum mismatch: the file was changed after the artifact was written"),
+    ("vocab.txt", lambda f: f.write_text("[PAD]\n"), "a side file the manifest does not list"),
+    ("tokenizer_config.json", Path.unlink, "missing; the manifest lists it"),
+])
+def test_changed_side_files_are_refused_naming_the_file(hf_artifact, tmp_path, name, tamper, problem):
+    """The manifest records each side file's size and sha256 like a shard's: a config with swapped
+    label names, a tokenizer with swapped ids, a file added or removed is one error naming it."""
+    manifest = json.loads((hf_artifact / "manifest.json").read_text())
+    assert set(manifest["side_files"]) == {"a", "b"} and "tokenizer.json" in manifest["side_files"]["a"]
+    tamper(hf_artifact / "hf" / "a" / name)
+    line = _one_line_error(runner.invoke(app, ["export", str(hf_artifact), "--task", "a", "--out",
+                                               str(tmp_path / "out")]))
+    assert f"{hf_artifact / 'hf' / 'a' / name}: {problem}" in " ".join(line.split())
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_artifact_from_before_side_file_checksums_loads_with_a_note(hf_artifact, tmp_path):
+    _edit_manifest(hf_artifact, lambda m: m.pop("side_files"))
+    r = runner.invoke(app, ["export", str(hf_artifact), "--task", "b", "--out", str(tmp_path / "out")])
+    assert r.exit_code == 0, r.output
+    assert "note: " in r.output and "side files are not verified; merge again to record their checksums" in " ".join(
+        r.output.split())
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["id2label"] == {"0": "L0", "1": "L1", "2": "L2"}
+
+
+def test_side_file_entries_are_checked_with_the_manifest(hf_artifact):
+    _edit_manifest(hf_artifact, lambda m: m["side_files"]["a"].update({"../../etc/passwd": {"bytes": 1,
+                                                                                           "sha256": "0" * 64}}))
+    with pytest.raises(ArtifactError, match="malformed manifest: side file '../../etc/passwd' of task 'a'"):
+        flexmerge.load(hf_artifact)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -87,14 +88,22 @@ def _request(url: str, body: bytes | None = None, content_type: str = "applicati
 
 
 class Server:
-    def __init__(self, artifact: Path, port: int, log: Path, *flags: str):
+    """`flexmerge serve` in a subprocess, its output in `log` (later flags override the defaults
+    here); `env`: added to the environment; `nofile`: its descriptor limit (soft and hard), as
+    `ulimit -n` would set it."""
+
+    def __init__(self, artifact: Path, port: int, log: Path, *flags: str, nofile: int | None = None,
+                 env: dict[str, str] | None = None):
         self.url = f"http://127.0.0.1:{port}"
+        self.port = port
         self.log = log
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         cmd = [sys.executable, "-m", "flexmerge", "serve", str(artifact), "--port", str(port),
                "--max-inputs", str(MAX_INPUTS), "--max-chars", str(MAX_CHARS), "--max-batch", "16",
                "--batch-wait-ms", "20", *flags]
-        self.proc = subprocess.Popen(cmd, stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env)
+        limit = None if nofile is None else (lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile)))
+        self.proc = subprocess.Popen(cmd, stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env,
+                                     preexec_fn=limit)
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")

@@ -12,7 +12,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from flexmerge._atomic import check_target
-from flexmerge.api import artifact_summary, load_for_merge, merge_files, path_unit
+from flexmerge.api import artifact_summary, load_for_merge, path_unit
 from flexmerge.api import plan as plan_path
 from flexmerge.cli.app import command, console
 from flexmerge.cli.options import (
@@ -34,23 +34,30 @@ from flexmerge.cli.options import (
     RelOpt,
     SeedOpt,
     SpecificOpt,
+    WeightOpt,
+    config_fields,
     merge_config,
 )
-from flexmerge.errors import FlexMergeError
+from flexmerge.errors import ConfigError, FlexMergeError, UnknownNameError
 from flexmerge.executors import get_executor
 from flexmerge.flexmodel import export as export_task
 from flexmerge.flexmodel import load
 from flexmerge.methods import available_methods
+from flexmerge.peft_export import export_peft, is_peft_export
 from flexmerge.planning.path import SIZE_TOLERANCE, MergePath, is_path_file
 from flexmerge.size import format_bytes
+from flexmerge.stages import is_multi_stage, merge_from_config, merge_stages
 from flexmerge.taskvec import TaskSet
+
+EXPORT_FORMATS = ("full", "peft")
 
 
 @command
 def plan(
     out: Path = typer.Option(..., "--out", help="where to write the merge path (JSON)"),
     base: Optional[Path] = BaseOpt, model: Optional[list[str]] = ModelOpt, method: Optional[str] = MethodOpt,
-    param: Optional[list[str]] = ParamOpt, granularity: Optional[str] = GranOpt, planner: Optional[str] = PlannerOpt,
+    param: Optional[list[str]] = ParamOpt, weight: Optional[list[str]] = WeightOpt,
+    granularity: Optional[str] = GranOpt, planner: Optional[str] = PlannerOpt,
     linkage: Optional[str] = LinkageOpt, mode: Optional[str] = ModeOpt, measure: Optional[str] = MeasureOpt,
     seed: Optional[int] = SeedOpt, config: Optional[Path] = ConfigOpt, allow_mixed_dtypes: Optional[bool] = MixedOpt,
     executor: Optional[str] = ExecOpt, ray_address: Optional[str] = RayOpt,
@@ -65,8 +72,8 @@ def plan(
     --method ties --out path.json
     """
     check_target(out, overwrite, is_path_file, "a flexmerge path file")  # before minutes of work, not after
-    cfg = merge_config(config, base=base, model=model, method=method, param=param, granularity=granularity,
-                       planner=planner, linkage=linkage, mode=mode, measure=measure, seed=seed,
+    cfg = merge_config(config, base=base, model=model, method=method, param=param, weight=weight,
+                       granularity=granularity, planner=planner, linkage=linkage, mode=mode, measure=measure, seed=seed,
                        mixed=allow_mixed_dtypes, executor=executor, ray_address=ray_address,
                        max_relative_change=max_relative_change, task_specific=task_specific, device=device,
                        input_hash=input_hash)
@@ -100,7 +107,8 @@ def merge(
                                        "fine-tune as stored), 1 <= size <= M; max: every fine-tune as it is; "
                                        "min: the smallest point"),
     base: Optional[Path] = BaseOpt, model: Optional[list[str]] = ModelOpt, method: Optional[str] = MethodOpt,
-    param: Optional[list[str]] = ParamOpt, granularity: Optional[str] = GranOpt, planner: Optional[str] = PlannerOpt,
+    param: Optional[list[str]] = ParamOpt, weight: Optional[list[str]] = WeightOpt,
+    granularity: Optional[str] = GranOpt, planner: Optional[str] = PlannerOpt,
     linkage: Optional[str] = LinkageOpt, mode: Optional[str] = ModeOpt, measure: Optional[str] = MeasureOpt,
     seed: Optional[int] = SeedOpt, config: Optional[Path] = ConfigOpt, allow_mixed_dtypes: Optional[bool] = MixedOpt,
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing artifact at --out"),
@@ -119,20 +127,22 @@ def merge(
     Example: flexmerge merge --base base.safetensors --model a=a.safetensors --model b=b.safetensors
     --model c=c.safetensors --method ties --size 2 --out flex-2x
     """
-    cfg = merge_config(config, base=base, model=model, method=method, param=param, granularity=granularity,
-                       planner=planner, linkage=linkage, mode=mode, measure=measure, seed=seed,
-                       mixed=allow_mixed_dtypes, size=size, executor=executor, ray_address=ray_address,
-                       max_relative_change=max_relative_change, task_specific=task_specific, max_bytes=max_bytes,
-                       device=device, input_hash=input_hash)
-    if cfg.size is None and cfg.max_bytes is None:
-        raise FlexMergeError("--size or --max-bytes (or `size:` / `max_bytes:` in --config) is required")
-    manifest = merge_files(cfg.base, cfg.models, out, size=cfg.size, max_bytes=cfg.max_bytes, method=cfg.method,
-                           params=cfg.params, overwrite=overwrite,
-                           executor=get_executor(cfg.executor, address=cfg.ray_address),
-                           load_options=cfg.load_options(), options=cfg.plan_options(), resume=resume,
-                           device=cfg.device, **cfg.partition_options())
-    asked = (f"{cfg.size:g}x" if isinstance(cfg.size, float) else str(cfg.size)) if cfg.size is not None \
-        else f"at most {format_bytes(cfg.max_bytes)}"
+    flags = dict(base=base, model=model, method=method, param=param, weight=weight, granularity=granularity,
+                 planner=planner, linkage=linkage, mode=mode, measure=measure, seed=seed, mixed=allow_mixed_dtypes,
+                 size=size, executor=executor, ray_address=ray_address, max_relative_change=max_relative_change,
+                 task_specific=task_specific, max_bytes=max_bytes, device=device, input_hash=input_hash)
+    if is_multi_stage(config):  # mergekit-multi's stages: the ones before the last at 1x into OUT.stages/NAME
+        manifest = merge_stages(config, config_fields(**flags), out, overwrite=overwrite, resume=resume,
+                                log=lambda line: console.print(escape(line), soft_wrap=True))
+        requested = manifest.get("info", {}).get("requested_size")
+        asked = f"{requested:g}x" if isinstance(requested, (int, float)) else str(requested)
+    else:
+        cfg = merge_config(config, **flags)
+        if cfg.size is None and cfg.max_bytes is None:
+            raise FlexMergeError("--size or --max-bytes (or `size:` / `max_bytes:` in --config) is required")
+        manifest = merge_from_config(cfg, out, overwrite=overwrite, resume=resume)
+        asked = (f"{cfg.size:g}x" if isinstance(cfg.size, float) else str(cfg.size)) if cfg.size is not None \
+            else f"at most {format_bytes(cfg.max_bytes)}"
     total = manifest["stored_bytes"] + manifest["frozen_bytes"] + manifest["task_specific_bytes"]
     console.print(f"wrote {escape(str(out))}: {len(manifest['tasks'])} tasks, method {manifest['method']['name']}, "
                   f"size {manifest['size']:.4f}x, {format_bytes(total)} (asked {asked})", soft_wrap=True)
@@ -187,23 +197,64 @@ def inspect(
 @command
 def export(
     artifact: Path = typer.Argument(..., help="flex-model directory"),
-    task: str = typer.Option(..., "--task", help="which task's model to export"),
-    out: Path = typer.Option(..., "--out", help="a .safetensors file, or a directory (HF layout when inputs were HF)"),
+    out: Path = typer.Option(..., "--out", help="--format full: a .safetensors file, or a directory (HF layout when "
+                             "inputs were HF); --format peft: a directory (OUT/base, OUT/adapters/<task>)"),
+    task: Optional[str] = typer.Option(None, "--task", help="which task's model to export (--format full)"),
+    fmt: str = typer.Option("full", "--format", help="full: one task's whole checkpoint; peft: one shared base model "
+                            "+ one PEFT LoRA adapter per task, for peft and vLLM (Hugging Face models only)"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an earlier flexmerge export (nothing else)"),
     out_dtype: Optional[str] = typer.Option(None, "--out-dtype",
-                                            help="cast the weights: float32 | float16 | bfloat16 [default: as stored]"),
+                                            help="--format full: cast the weights: float32 | float16 | bfloat16 "
+                                                 "[default: as stored]"),
     max_shard_size: Optional[str] = typer.Option(None, "--max-shard-size",
-                                                 help="largest weight file of a directory export, e.g. 5GB or 500MB; "
-                                                      "bigger models are sharded with an index [default: 5GB]"),
+                                                 help="largest weight file of a directory export (peft: of the base), "
+                                                      "e.g. 5GB or 500MB; bigger models are sharded with an index "
+                                                      "[default: 5GB]"),
+    rank: Optional[int] = typer.Option(None, "--rank", help="--format peft: keep at most R singular directions of "
+                                       "each adapted weight's delta (R >= 1); default: every one above float "
+                                       "noise (lossless)"),
+    energy: Optional[float] = typer.Option(None, "--energy", help="--format peft: keep the fewest singular directions "
+                                           "holding this fraction (0 < E <= 1) of each delta's energy Σσ²"),
+    norms: str = typer.Option("fold", "--norms", help="--format peft: fold: norms that differ per task are folded into "
+                              "the LoRA of the Linear layers reading them where exact (adapters stay plain LoRA: peft "
+                              "mixed batches, vLLM); save: saved whole as modules_to_save (lower ranks, but peft runs "
+                              "them one adapter at a time and vLLM refuses them)"),
 ) -> None:
-    """Write one task's full checkpoint: a .safetensors file, or a directory as save_pretrained
-    writes it (shards + index, config, tokenizer, generation config, chat template) with a model card.
+    """Write one task's full checkpoint (a .safetensors file, or a directory as save_pretrained writes
+    it, with a model card), or with --format peft every task as a LoRA adapter of one shared base.
 
-    Example: flexmerge export flex-2x --task sst2 --out sst2-model/ --out-dtype bfloat16 --max-shard-size 2GB
+    Examples: flexmerge export flex-2x --task sst2 --out sst2-model/ --out-dtype bfloat16 --max-shard-size 2GB;
+    flexmerge export flex-2x --format peft --rank 64 --out flex-peft/
     """
-    written = export_task(load(artifact), task, out, overwrite=overwrite, out_dtype=out_dtype,
-                          max_shard_size=max_shard_size)
-    console.print(f"wrote {escape(str(written))}", soft_wrap=True)
+    if fmt not in EXPORT_FORMATS:
+        raise UnknownNameError("export format", fmt, EXPORT_FORMATS)
+    if fmt == "full":
+        peft_only = [flag for flag, value in (("--rank", rank), ("--energy", energy)) if value is not None]
+        if norms != "fold":
+            peft_only.append("--norms")
+        if peft_only:
+            raise ConfigError(f"{peft_only[0]} is an option of --format peft")
+        if task is None:
+            raise ConfigError("--task is required: which task's model to export (or --format peft for all of them)")
+        written = export_task(load(artifact), task, out, overwrite=overwrite, out_dtype=out_dtype,
+                              max_shard_size=max_shard_size)
+        console.print(f"wrote {escape(str(written))}", soft_wrap=True)
+        return
+    if task is not None:
+        raise ConfigError("--format peft exports every task; --task is for --format full")
+    if out_dtype is not None:
+        raise ConfigError("--out-dtype is an option of --format full (a peft export keeps the stored dtype)")
+    check_target(out, overwrite, is_peft_export, "a flexmerge peft export")  # before loading the artifact
+    result = export_peft(load(artifact), out, rank=rank, energy=energy, norms=norms, overwrite=overwrite,
+                         max_shard_size=max_shard_size)
+    for name, report in result.reports.items():
+        console.print(f"{escape(name)}: {escape(report.summary())}", soft_wrap=True)
+    for note in result.notes:
+        console.print(f"note: {escape(note)}", soft_wrap=True)
+    if not result.mixed_batches:
+        console.print("note: peft cannot run these adapters in one mixed batch (adapter_names): a module saved whole "
+                      "is not a Linear or Embedding layer", soft_wrap=True)
+    console.print(f"wrote {escape(str(result.path))} (base/ and adapters/)", soft_wrap=True)
 
 
 @command
@@ -211,6 +262,8 @@ def methods() -> None:
     """List the merging methods and their hyperparameters (with defaults)."""
     table = Table("method", "what it stores", "hyperparameters (default)")
     for name, cls in available_methods().items():
-        params = ", ".join(f"{k}={f.default!r}" for k, f in cls.Params.model_fields.items())
+        params = ", ".join(f"{k} (required)" if f.is_required()
+                           else f"{k}={f.get_default(call_default_factory=True)!r}"
+                           for k, f in cls.Params.model_fields.items())
         table.add_row(name, cls.summary, params)
     console.print(table)

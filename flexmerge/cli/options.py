@@ -17,6 +17,9 @@ ModelOpt = typer.Option(None, "--model", help="a fine-tuned model as NAME=PATH (
 MethodOpt = typer.Option(None, "--method", help="merging method (see `flexmerge methods`), optionally with its "
                                                 "parameters: ties:keep=0.3 (as sweep --methods) [default: task_arithmetic]")
 ParamOpt = typer.Option(None, "--param", help="method hyperparameter KEY=VALUE, e.g. lam=1.0 (repeatable)")
+WeightOpt = typer.Option(None, "--weight", help="a task's weight NAME=W for methods that weight their tasks "
+                                                "(linear, ties, ...; mergekit's per-model weight; repeatable; "
+                                                "tasks not named weigh 1)")
 GranOpt = typer.Option(None, "--granularity", help="layer | sublayer | tensor | split:K [default: sublayer]")
 PlannerOpt = typer.Option(None, "--planner", help="greedy | recon | left-right | right-left | random | channel | "
                                                   "cluster (output: data-aware, suites only; docs/planners.md)")
@@ -45,13 +48,40 @@ CacheOpt = typer.Option(None, "--cache-dir", help="where fine-tuned zoos are cac
 RebuildOpt = typer.Option(False, "--rebuild", help="retrain the zoo even if a verified cached one exists")
 
 
-def merge_config(config: Path | None, *, model: list[str] | None = None, param: list[str] | None = None,
-                 task_specific: list[str] | None = None, mixed: bool | None = None, **flags: Any) -> MergeConfig:
+def merge_config(config: Path | None, **flags: Any) -> MergeConfig:
     """The validated merge description: the --config file (YAML or mergekit), then the flags given
-    over it (`flags`: MergeConfig field names; None means not given)."""
-    fields = {**flags, "models": parse_task_specs(model) if model else None, "params": parse_params(param or []),
-              "task_specific": task_specific or None, "allow_mixed_dtypes": mixed}
-    return build_config(config, fields)
+    over it (see `config_fields`)."""
+    return build_config(config, config_fields(**flags))
+
+
+def config_fields(*, model: list[str] | None = None, param: list[str] | None = None, weight: list[str] | None = None,
+                  task_specific: list[str] | None = None, mixed: bool | None = None, **flags: Any) -> dict[str, Any]:
+    """The flags as MergeConfig fields (`flags`: field names already; None means not given)."""
+    params = parse_params(param or [])
+    if weight:
+        if "weights" in params:
+            raise FlexMergeError("weights given twice: by --weight and by --param weights=...; give one")
+        params["weights"] = task_weights(weight)
+    return {**flags, "models": parse_task_specs(model) if model else None, "params": params,
+            "task_specific": task_specific or None, "allow_mixed_dtypes": mixed}
+
+
+def task_weights(items: list[str]) -> dict[str, float]:
+    """`--weight NAME=W` items as {task name: weight}."""
+    out: dict[str, float] = {}
+    for item in items:
+        name, eq, value = item.partition("=")
+        name = name.strip()
+        try:
+            w = float(value) if eq and name else None
+        except ValueError:
+            w = None
+        if w is None or w != w or abs(w) == float("inf"):
+            raise FlexMergeError(f"--weight {item!r} must be NAME=W with W a finite number, e.g. --weight sst2=0.7")
+        if name in out:
+            raise FlexMergeError(f"--weight sets task {name!r} twice")
+        out[name] = w
+    return out
 
 
 def floats(text: str, what: str) -> list[float]:

@@ -16,7 +16,8 @@ from flexmerge.evaluation import read_text_pairs
 from flexmerge.extras import require_extra
 from flexmerge.flexmodel.write import attach_router
 from flexmerge.runtime import Runtime
-from flexmerge.serve.limits import check_grace, check_limits, check_listen
+from flexmerge.serve.limits import (DEFAULT_MAX_TOKENS, DEFAULT_REQUEST_TIMEOUT_S, allowed_hosts, check_api_key,
+                                    check_connections, check_grace, check_limits, check_listen, check_max_tokens)
 from flexmerge.suites import get_suite
 from flexmerge.suites.serving import suite_artifact, suite_serve_options
 
@@ -41,8 +42,23 @@ def serve(
     max_chars: int = typer.Option(2000, "--max-chars", help="most characters in one input (more: 413)"),
     grace_s: float = typer.Option(10.0, "--grace-s", help="at SIGTERM, seconds to finish queued requests; what "
                                   "cannot start within 80% of it is answered 503"),
+    max_connections: Optional[int] = typer.Option(None, "--max-connections", help="most connections open at once; "
+                                                  "beyond, the oldest whose request has not arrived is closed "
+                                                  "[default: 1000, or what `ulimit -n` leaves room for]"),
+    request_timeout_s: float = typer.Option(DEFAULT_REQUEST_TIMEOUT_S, "--request-timeout-s",
+                                            help="a request (line, headers, body) must arrive within this many "
+                                                 "seconds of its first byte; else 408 and the connection closes"),
+    allowed_host: list[str] = typer.Option([], "--allowed-host", help="a Host header to answer (repeatable): "
+                                           "example.com, *.example.com, or * for any; IP addresses and localhost "
+                                           "always [default: the --host name and this machine's names]"),
+    max_tokens: int = typer.Option(DEFAULT_MAX_TOKENS, "--max-tokens", help="causal LMs: most tokens one request "
+                                   "generates (more: 400)"),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="FLEXMERGE_API_KEY", show_envvar=True,
+                                          help="refuse requests without 'Authorization: Bearer KEY' (401), all "
+                                          "but /health; prefer the environment variable (a flag shows in ps)"),
 ) -> None:
-    """Serve every task of a flex model over HTTP (JSON): /health, /tasks, /v1/tasks/TASK/predict.
+    """Serve every task of a flex model over HTTP (JSON): /health, /tasks, /v1/tasks/TASK/predict,
+    and for causal LMs the OpenAI API (/v1/models, /v1/completions, /v1/chat/completions; model = task).
 
     Concurrent requests, of any tasks, share forward passes. SIGTERM or Ctrl-C stops it gracefully.
     See docs/serving.md.
@@ -63,6 +79,10 @@ def serve(
     # every flag and the port before anything is merged or loaded
     check_limits(max_inputs=max_inputs, max_chars=max_chars, max_batch=max_batch, batch_wait_ms=batch_wait_ms)
     check_grace(grace_s)
+    connections = check_connections(max_connections, request_timeout_s)
+    hosts = allowed_hosts(allowed_host, host)
+    check_max_tokens(max_tokens)
+    check_api_key(api_key)
     check_listen(host, port)
     from flexmerge.serve.server import create_app, run_server  # the serve extra (FastAPI, uvicorn)
 
@@ -75,10 +95,11 @@ def serve(
         runtime = Runtime.load(artifact)
     # one input per task before listening: the models are built now (not in the first request),
     # and an artifact that cannot run fails here, with a message, instead of in every request
-    runtime.predict_mixed([(task, "warm up") for task in runtime.tasks])
+    runtime.warm_up()
     http = create_app(runtime, max_inputs=max_inputs, max_chars=max_chars, max_batch=max_batch,
-                      batch_wait_ms=batch_wait_ms)
-    run_server(http, host=host, port=port, log_level="info", grace_s=grace_s)
+                      batch_wait_ms=batch_wait_ms, allowed_hosts=hosts, max_tokens=max_tokens, api_key=api_key)
+    run_server(http, host=host, port=port, log_level="info", grace_s=grace_s, max_connections=connections,
+               request_timeout_s=request_timeout_s)
 
 
 route_app = typer.Typer(no_args_is_help=True, help="Routed inference (Twin-Merging): inputs of unknown task.")

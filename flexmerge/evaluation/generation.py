@@ -8,10 +8,10 @@ rendered chat as is (the template writes its own special tokens), a completion w
 tokens. Two metrics (`--eval-metric`):
 
 * `exact` (the default): the fraction of prompts whose greedy completion equals the reference
-  after `normalize`. Decoding is batched (left padding, an attention mask; the pad token is the
-  EOS token when the tokenizer has none), stops at the end-of-sequence token(s) of the tokenizer,
-  config and generation config, and runs at most the longest reference completion (in tokens) +
-  GENERATION_MARGIN new tokens.
+  after `normalize`. Decoding is batched (the runtime's generation core,
+  `flexmerge.runtime.generation`: left padding, a KV cache, rows leaving as they end), stops at
+  the end-of-sequence token(s) of the tokenizer, config and generation config, and runs at most
+  the longest reference completion (in tokens) + GENERATION_MARGIN new tokens.
 * `loglik`: exp of the mean log-likelihood of the reference completions' tokens given their
   prompts (teacher forcing; the tokens of all rows pooled; no EOS appended), that is the
   completions' geometric-mean token probability, 1 / perplexity, in (0, 1]. Higher is better,
@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +41,7 @@ from flexmerge.evaluation.hf import (
     require_kind,
     task_side_files,
 )
+from flexmerge.runtime.generation import context_length, encode_prompt, generate_greedy, render_chat, stop_ids
 from flexmerge.runtime.hf_model import build_model, load_config, load_tokenizer
 from flexmerge.taskvec import TaskSet
 
@@ -71,13 +72,17 @@ class Encoded:
 
 @dataclass
 class _Task:
-    """What a call needs for one task: its model (weights loaded per call), tokenizer and batches."""
+    """What a call needs for one task: its model (weights loaded per call), tokenizer, and its rows:
+    right-padded batches (loglik) or the encoded rows and the new-token budget (exact match)."""
 
+    name: str
     model: Any
     tokenizer: Any
-    batches: list[tuple[torch.Tensor, torch.Tensor, list[Any]]]
     stops: tuple[int, ...]
-    generation: Any = None  # transformers.GenerationConfig, for exact match
+    batch_size: int
+    batches: list[tuple[torch.Tensor, torch.Tensor, list[Any]]] = field(default_factory=list)
+    examples: list[Encoded] = field(default_factory=list)
+    new_tokens: int = 0
 
 
 class GenerationEvaluator:
@@ -119,8 +124,6 @@ class GenerationEvaluator:
 
     def _prepare(self, task: str, files: Mapping[str, bytes], path: str | Path, limit: int | None,
                  batch_size: int) -> _Task:
-        import transformers
-
         arch = require_kind(files, task, CAUSAL_LM)
         directory = self._dirs.unpack(task, files)
         hint = f"; {describe(CAUSAL_LM, arch, task)}: its rows are {GENERATION_FORMAT}"
@@ -132,14 +135,12 @@ class GenerationEvaluator:
         stops = stop_ids(directory, tokenizer, model.config)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stops[0] if stops else 0)
         if self.metric == "loglik":
-            return _Task(model, tokenizer, _right_padded(examples, pad, batch_size), stops)
+            return _Task(task, model, tokenizer, stops, batch_size, batches=_right_padded(examples, pad, batch_size))
         if not stops:
             raise ConfigError(f"task {task!r}: exact match stops each completion at the end-of-sequence token, but "
                               "its tokenizer and config name none; use --eval-metric loglik")
         new_tokens = max(len(e.completion) for e in examples) + GENERATION_MARGIN
-        generation = transformers.GenerationConfig(max_new_tokens=new_tokens, do_sample=False, num_beams=1,
-                                                   eos_token_id=list(stops), pad_token_id=pad)
-        return _Task(model, tokenizer, _left_padded(examples, pad, batch_size), stops, generation)
+        return _Task(task, model, tokenizer, stops, batch_size, examples=examples, new_tokens=new_tokens)
 
 
 def encode(tokenizer: Any, row: GenerationRow, path: str | Path, task: str) -> Encoded:
@@ -147,7 +148,7 @@ def encode(tokenizer: Any, row: GenerationRow, path: str | Path, task: str) -> E
     if row.messages is not None:
         prompt = tokenizer(_render_chat(tokenizer, row, path, task), add_special_tokens=False)["input_ids"]
     else:
-        prompt = tokenizer(row.prompt)["input_ids"]
+        prompt = encode_prompt(tokenizer, row.prompt)
     completion = tokenizer(row.completion, add_special_tokens=False)["input_ids"]
     if not prompt or not completion:
         raise ConfigError(f"{path}: row {row.row}: the {'prompt' if not prompt else 'completion'} has no tokens")
@@ -156,58 +157,25 @@ def encode(tokenizer: Any, row: GenerationRow, path: str | Path, task: str) -> E
 
 def _render_chat(tokenizer: Any, row: GenerationRow, path: str | Path, task: str) -> str:
     """The messages before the answer, rendered by the task's chat template, ready for the answer."""
-    import jinja2
-
     if not getattr(tokenizer, "chat_template", None):
         raise ConfigError(f"{path}: row {row.row} is a chat ('messages'), but task {task!r}'s tokenizer has no chat "
                           'template; give {"prompt", "completion"} rows')
     try:
-        return tokenizer.apply_chat_template(list(row.messages or ()), tokenize=False, add_generation_prompt=True)
-    except (jinja2.TemplateError, ValueError, TypeError, KeyError) as e:
-        raise ConfigError(f"{path}: row {row.row}: task {task!r}'s chat template refused the messages ({e})") from None
+        return render_chat(tokenizer, list(row.messages or ()))
+    except ConfigError as e:
+        raise ConfigError(f"{path}: row {row.row}: task {task!r}: {e}") from None
 
 
 def _check_lengths(config: Any, examples: Sequence[Encoded], rows: Sequence[GenerationRow], path: str | Path,
                    task: str) -> None:
     """A prompt and its completion fit the positions the model has (where its config states them)."""
-    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-    if not isinstance(limit, int):
+    limit = context_length(config)
+    if limit is None:
         return
     for e, row in zip(examples, rows):
         if len(e.prompt) + len(e.completion) > limit:
             raise ConfigError(f"{path}: row {row.row}: prompt and completion are {len(e.prompt) + len(e.completion)} "
                               f"tokens, more than task {task!r}'s model takes ({limit})")
-
-
-def stop_ids(directory: Path, tokenizer: Any, config: Any) -> tuple[int, ...]:
-    """The end-of-sequence ids of the tokenizer, the config and the generation config, each once."""
-    import transformers
-
-    found = [tokenizer.eos_token_id, getattr(config, "eos_token_id", None)]
-    if (directory / "generation_config.json").is_file():
-        found.append(transformers.GenerationConfig.from_pretrained(directory).eos_token_id)
-    out: list[int] = []
-    for ids in found:
-        for i in ids if isinstance(ids, (list, tuple)) else [ids]:
-            if isinstance(i, int) and i not in out:
-                out.append(i)
-    return tuple(out)
-
-
-def _left_padded(examples: Sequence[Encoded], pad: int, batch_size: int):
-    """(ids, attention mask, normalized references) batches of prompts, shortest first (less padding)."""
-    ordered = sorted(examples, key=lambda e: len(e.prompt))
-    out = []
-    for start in range(0, len(ordered), batch_size):
-        chunk = ordered[start:start + batch_size]
-        width = max(len(e.prompt) for e in chunk)
-        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for i, e in enumerate(chunk):
-            ids[i, width - len(e.prompt):] = torch.tensor(e.prompt)
-            mask[i, width - len(e.prompt):] = 1
-        out.append((ids, mask, [e.reference for e in chunk]))
-    return out
 
 
 def _right_padded(examples: Sequence[Encoded], pad: int, batch_size: int):
@@ -228,18 +196,17 @@ def _right_padded(examples: Sequence[Encoded], pad: int, batch_size: int):
 
 
 def _exact_match(task: _Task) -> float:
-    correct = total = 0
-    for ids, mask, references in task.batches:
-        out = task.model.generate(input_ids=ids, attention_mask=mask, generation_config=task.generation)
-        for new, reference in zip(out[:, ids.shape[1]:].tolist(), references):
-            text = task.tokenizer.decode(_until_stop(new, task.stops), skip_special_tokens=True)
-            correct += normalize(text) == reference
-            total += 1
-    return correct / total
+    completions = generate_greedy(task.model, task.name, [e.prompt for e in task.examples],
+                                  max_tokens=task.new_tokens, stops=task.stops, max_batch=task.batch_size)
+    correct = 0
+    for new, example in zip(completions, task.examples):
+        text = task.tokenizer.decode(_until_stop(new, task.stops), skip_special_tokens=True)
+        correct += normalize(text) == example.reference
+    return correct / len(task.examples)
 
 
 def _until_stop(ids: list[int], stops: tuple[int, ...]) -> list[int]:
-    """The tokens before the first end-of-sequence token (generate pads finished rows after it)."""
+    """The tokens before the first end-of-sequence token (which ends a completion)."""
     for n, i in enumerate(ids):
         if i in stops:
             return ids[:n]

@@ -50,7 +50,7 @@ def export(flex: FlexModel, task: str, out: str | Path, overwrite: bool = False,
         write_bytes_atomic(out, save(state, metadata=metadata), overwrite=overwrite,
                            replaceable=is_export_file, what="a flexmerge export")
         return out
-    limit = _shard_limit(max_shard_size)
+    limit = shard_limit(max_shard_size)
     files = side_files(flex.hf_files.get(task, {}), out_dtype)
     with atomic_directory(out, overwrite=overwrite, replaceable=is_export_dir, what="a flexmerge export") as tmp:
         write_weights(state, tmp, metadata, limit)
@@ -69,7 +69,8 @@ def _out_dtype(name: str | None) -> torch.dtype | None:
     return OUT_DTYPES[name]
 
 
-def _shard_limit(max_shard_size: int | str | None) -> int:
+def shard_limit(max_shard_size: int | str | None) -> int:
+    """The largest weight file in bytes: `max_shard_size` (an int, or a size such as 5GB), or 5GB."""
     limit = parse_bytes(max_shard_size) if isinstance(max_shard_size, str) else max_shard_size
     if limit is None:
         return parse_bytes(DEFAULT_MAX_SHARD_SIZE)
@@ -133,13 +134,13 @@ def side_files(files: dict[str, bytes], out_dtype: str | None) -> dict[str, byte
     return files
 
 
-def is_export_file(path: Path) -> bool:
-    """A regular safetensors file that a flexmerge export wrote (its metadata says so)."""
+def is_export_file(path: Path, mark: str = EXPORT_MARK) -> bool:
+    """A regular safetensors file that a flexmerge export wrote (its metadata has `mark`)."""
     if not path.is_file() or path.is_symlink():
         return False
     try:
         with safe_open(str(path), framework="pt") as f:
-            return EXPORT_MARK in (f.metadata() or {})
+            return mark in (f.metadata() or {})
     except Exception:  # any unreadable file is simply not an export
         return False
 

@@ -14,7 +14,9 @@ name and manifest entry from here, so the two cannot drift apart. Layout of a di
       frozen.{key}                      parameters identical in all models, stored once
       tasks.{task}.{key}                a task's own parameters (heads, ...), never merged
   router.safetensors     a trained router, when one is attached
-  hf/{task}/...          config/tokenizer files of Hugging Face inputs
+  hf/{task}/...          config/tokenizer files of Hugging Face inputs, each with its size and
+                         sha256 in the manifest's `side_files` (artifacts written before issue 30
+                         lack them: they load, unverified, with a note)
   journal.json           only while a resumable write is under way
 """
 
@@ -140,6 +142,14 @@ class ArtifactHeader:
             job["device"] = self.info["device"]
         blob = json.dumps(job, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def side_file_entry(data: bytes) -> dict[str, Any]:
+    """A side file's manifest entry: its size and sha256, checked at load like a shard's."""
+    return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
 
 def sha256_file(path: Path) -> str:

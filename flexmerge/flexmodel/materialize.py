@@ -13,8 +13,8 @@ from flexmerge.errors import ConfigError
 from flexmerge.executors import get_executor
 from flexmerge.flexmodel.model import BlockStore, FlexModel, StoredGroup, pack_masks
 from flexmerge.io.adapters import AdapterSource
-from flexmerge.io.side_files import own_side_files, pick_side_files, read_hf_side_files
-from flexmerge.io.source import rows_shape
+from flexmerge.io.side_files import own_side_files, pick_side_files, read_hf_side_files, with_options
+from flexmerge.io.source import HF_SIDE_GROUPS, rows_shape
 from flexmerge.methods.base import MergeMethod
 from flexmerge.planning.path import Assignment
 from flexmerge.preprocess import Pipeline, fitted_pipeline
@@ -75,8 +75,9 @@ def materialize_block(
             continue
         if base is None:  # read once per block: every merged group's task vectors subtract it
             base = [tasks.read_base(c).contiguous() for c in chunks]
-        result = method.merge_chunks(_member_deltas(tasks, pipeline, method, list(g), chunks, base, device),
-                                     views).to_host()
+        group = method.for_group(g)
+        result = group.merge_chunks(_member_deltas(tasks, pipeline, group, list(g), chunks, base, device),
+                                    views).to_host()
         pieces = torch.split(result.delta, numels)
         if stored_with_masks(method, len(g)):
             masks = [pack_masks(m) for m in torch.split(result.masks, numels, dim=1)]
@@ -134,7 +135,7 @@ class AllTasksMerge:
 
     @staticmethod
     def applies(method: MergeMethod) -> bool:
-        return (method.elementwise and not method.transforms() and not method.uses_masks
+        return (method.elementwise and not method.pipeline().transforms and not method.uses_masks
                 and not method.uses_residuals and not method.uses_untransformed)
 
     def begin(self, meta, num_tasks: int) -> bool:
@@ -151,9 +152,12 @@ class AllTasksMerge:
         if chunk.key not in self.merged:
             self.merged[chunk.key] = torch.empty(meta.shape, dtype=self.method.storage_dtype(meta.dtype))
         out = self.merged[chunk.key]
-        rows = out if chunk.rows is None else out[chunk.rows[0]:chunk.rows[1]]
-        delta = self.method.merge(deltas.flatten(1)).delta.view(base.shape)
-        rows.copy_(torch.add(delta, base, out=scratch("premerge.sum", base.shape, delta.dtype)))
+        target = out if chunk.rows is None else out[chunk.rows[0]:chunk.rows[1]]
+        rows = deltas.flatten(1)
+        if self.method.needs_base:
+            rows = torch.cat([rows, base.reshape(1, -1)])
+        delta = self.method.for_key(chunk.key).merge(rows).delta.view(base.shape)
+        target.copy_(torch.add(delta, base, out=scratch("premerge.sum", base.shape, delta.dtype)))
 
     def finish(self, tasks: TaskSet) -> dict[str, object]:
         keep = set(tasks.mergeable)
@@ -187,16 +191,19 @@ def _member_deltas(tasks: TaskSet, pipeline: Pipeline, method: MergeMethod, memb
             if method.uses_untransformed:  # the raw task vectors below the transformed ones
                 raw = to_device(tasks.deltas(c, members, base32=base32), device)
                 deltas = torch.cat([deltas, raw.flatten(1)])
+            if method.needs_base:  # θ0 below the task vectors
+                deltas = torch.cat([deltas, to_device(base32, device).reshape(1, -1)])
             yield p, deltas
 
 
 def materialize(
     tasks: TaskSet, partition: Partition, assignment: Assignment, method: MergeMethod,
     info: dict | None = None, executor=None, device=None, pipeline: Pipeline | None = None,
+    tokenizer_source: str | None = None, chat_template: str | None = None,
 ) -> FlexModel:
     """The flex model of one assignment, in memory (`api.merge_to_disk` streams to disk instead),
     merged on `device` (see `materialize_blocks`); `pipeline`: the method's preprocessing, fitted
-    on `tasks` already (else fitted here)."""
+    on `tasks` already (else fitted here); `tokenizer_source`, `chat_template`: see `collect_hf_files`."""
     device = resolve_device(device, executor)
     if pipeline is None:
         pipeline = fitted_pipeline(tasks, method, device)
@@ -211,19 +218,47 @@ def materialize(
         frozen={k: tasks.base.read(k) for k in tasks.frozen}, blocks=blocks, assignment=assignment,
         method=method.describe(),
         size=size,
-        unit_bytes=unit.nbytes, info=dict(info or {}), hf_files=collect_hf_files(tasks),
+        unit_bytes=unit.nbytes, info=dict(info or {}),
+        hf_files=collect_hf_files(tasks, tokenizer_source, chat_template),
         specific={name: tasks.read_specific(t) for t, name in enumerate(tasks.names)},
     )
 
 
-def collect_hf_files(tasks: TaskSet) -> dict[str, dict[str, bytes]]:
+def collect_hf_files(tasks: TaskSet, tokenizer_source: str | None = None,
+                     chat_template: str | None = None) -> dict[str, dict[str, bytes]]:
     """Per task, the Hugging Face side files its export carries: each group (config, generation
     config, tokenizer, chat template) from the task's fine-tune, or from the base when it has none.
     A PEFT adapter's own files are those its adapter directory holds (a config with the task's own
-    labels, a tokenizer with added tokens)."""
+    labels, a tokenizer with added tokens). `tokenizer_source="base"`: every task carries the base's
+    tokenizer and the base's vocab_size (the tasks must be loaded over the base's vocabulary when a
+    fine-tune added tokens); None: the vocabulary the tasks were loaded over (`load_tasks`');
+    `chat_template`: every task carries this chat template."""
+    tokenizer_source = tokenizer_source or tasks.vocabulary
+    if tokenizer_source not in TOKENIZER_SOURCES:
+        raise ConfigError(f"tokenizer_source must be one of {', '.join(TOKENIZER_SOURCES)}, got {tokenizer_source!r}")
+    _check_vocabulary(tasks, tokenizer_source)
     base = read_hf_side_files(tasks.base)
+    if tokenizer_source == "base" and not any(n in base for n in HF_SIDE_GROUPS["tokenizer"]):
+        raise ConfigError(f"tokenizer_source base: the base {tasks.base.path} has no tokenizer files beside it")
     out: dict[str, dict[str, bytes]] = {}
     for name, src in zip(tasks.names, tasks.sources):
         if isinstance(src, AdapterSource) or src.hf_dir is not None or tasks.base.hf_dir is not None:
-            out[name] = pick_side_files(own_side_files(src), base)
+            out[name] = with_options(pick_side_files(own_side_files(src), base), base, tokenizer_source == "base",
+                                     chat_template)
     return out
+
+
+TOKENIZER_SOURCES = ("tasks", "base")
+
+
+def _check_vocabulary(tasks: TaskSet, tokenizer_source: str) -> None:
+    """The tokenizer an export carries must know every row of its embeddings: tasks read over the
+    base's vocabulary carry the base's, and the base's cannot go with rows a fine-tune added."""
+    if tasks.vocabulary == "base" and tokenizer_source != "base":
+        raise ConfigError("the tasks were loaded over the base's vocabulary (their added tokens dropped): their "
+                          "exports carry the base's tokenizer; give tokenizer_source='base'")
+    added = [(name, k) for name, own in tasks.specific.items() for k in own if k in tasks.meta]
+    if tokenizer_source == "base" and added:
+        name, k = added[0]
+        raise ConfigError(f"tokenizer_source base: task {name!r} keeps rows it added to {k!r}, which the base's "
+                          "tokenizer knows nothing of; load the tasks with vocabulary='base' to drop them")

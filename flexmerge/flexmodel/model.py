@@ -130,7 +130,7 @@ class FlexModel:
             g = max(store.groups, key=lambda x: len(x.members))
             return g.tensors[p] if not g.masked else (store.base[p].float() + g.tensors[p].float()).to(g.tensors[p].dtype)
 
-        return self._assemble(read, self.specific.get(self.tasks[0], {}))
+        return self.assemble(read, self.specific.get(self.tasks[0], {}))
 
     def mixture_state_dict(self, weights: torch.Tensor) -> dict[str, torch.Tensor]:
         """Σ_t w_t · (task t's weights) for mixture weights w (M,) summing to 1: at a Twin-Merging
@@ -140,20 +140,22 @@ class FlexModel:
         if len(w) != len(self.tasks) or not bool(torch.isfinite(w).all()) or abs(float(w.sum()) - 1) > 1e-4:
             raise ConfigError(f"mixture weights must be {len(self.tasks)} finite numbers summing to 1, got {w.tolist()}")
 
-        def read(store: BlockStore, p: int) -> torch.Tensor:
-            acc = None
-            for g in store.groups:
-                if not g.masked and g.residuals is None:  # one tensor for every member: weigh it once
-                    term = g.tensors[p].float() * float(w[list(g.members)].sum())
-                else:
-                    term = sum(self._read_part(store, g, t, p, "").float() * float(w[t]) for t in g.members)
-                acc = term if acc is None else acc + term
-            return acc.to(store.groups[0].tensors[p].dtype)
+        return self.assemble(lambda store, p: self.mixed_part(store, p, w), {})
 
-        return self._assemble(read, {})
+    def mixed_part(self, store: BlockStore, p: int, w: torch.Tensor) -> torch.Tensor:
+        """Σ_t w_t · (task t's part `p` of the block stored in `store`), in the storage dtype."""
+        acc = None
+        for g in store.groups:
+            if not g.masked and g.residuals is None:  # one tensor for every member: weigh it once
+                term = g.tensors[p].float() * float(w[list(g.members)].sum())
+            else:
+                term = sum(self._read_part(store, g, t, p, "").float() * float(w[t]) for t in g.members)
+            acc = term if acc is None else acc + term
+        return acc.to(store.groups[0].tensors[p].dtype)
 
-    def _assemble(self, read, specific: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """A full state dict from `read(store, part index)` per block part (row slices concatenated)."""
+    def assemble(self, read, specific: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A full state dict from `read(store, part index)` per block part (row slices concatenated),
+        the frozen keys and `specific` (a task's own parameters) put in."""
         pieces: dict[str, list[tuple[int, torch.Tensor]]] = {}
         for block, store in zip(self.partition.blocks, self.blocks):
             for p, part in enumerate(block.parts):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,13 +19,14 @@ import torch
 from safetensors import safe_open
 
 from flexmerge.blocks import Block, Part, Partition
-from flexmerge.errors import ArtifactError
+from flexmerge.errors import ArtifactError, FlexMergeWarning
 from flexmerge.flexmodel.format import (
     DTYPES,
     FORMAT,
     HF_DIR,
     MANIFEST,
     ROUTER_FILE,
+    SHA256_HEX,
     SHARD_NAME,
     base_tensor,
     frozen_tensor,
@@ -35,6 +37,7 @@ from flexmerge.flexmodel.format import (
     residual_tensor,
     scales_tensor,
     sha256_file,
+    side_file_entry,
     task_tensor,
 )
 from flexmerge.flexmodel.model import BlockStore, FlexModel, StoredGroup
@@ -43,8 +46,12 @@ from flexmerge.paths import UnsafePathError, check_task_name, inside
 from flexmerge.planning.path import Assignment
 from flexmerge.routing import RouterMLP, router_from_tensors
 
-MANIFEST_MAX_BYTES = 256 << 20
+# A real manifest is ~100 kB (a 0.5B model's 290 keys, 8 tasks); parsing 64 MiB of JSON takes ~2 s.
+MANIFEST_MAX_BYTES = 64 << 20
 SIDE_FILE_MAX_BYTES = 64 << 20
+# Far above any merge of fine-tunes (the largest suite has 30), low enough that a manifest's checks,
+# linear in tasks x blocks, take well under a second.
+MAX_TASKS = 10_000
 
 
 def is_artifact(path: Path) -> bool:
@@ -99,6 +106,8 @@ def check_manifest(m: dict[str, Any]) -> str | None:
     """What is structurally wrong with a manifest (None: nothing), so that loading it never fails
     half-way with a raw error, and no name in it can point outside the artifact."""
     def is_list(x, of=object):
+        if of is int:  # the long lists (task indices): `type(v) is int` also excludes bool, faster
+            return isinstance(x, list) and all(type(v) is int for v in x)
         return isinstance(x, list) and all(isinstance(v, of) and not isinstance(v, bool) for v in x)
 
     for name, kind in (("tasks", list), ("method", dict), ("keys", dict), ("frozen", list), ("blocks", list),
@@ -108,13 +117,20 @@ def check_manifest(m: dict[str, Any]) -> str | None:
     for name in ("size", "unit_bytes", "stored_bytes", "frozen_bytes"):
         if not isinstance(m.get(name), (int, float)) or isinstance(m.get(name), bool):
             return f"field {name!r} is missing or not a number"
+        if m[name] < 0 or (m[name] == 0 and name in ("size", "unit_bytes")):
+            return f"field {name!r} is {m[name]!r}; sizes are above 0 (byte counts at least 0)"
+    if not isinstance(m["method"].get("name"), str):
+        return "'method' has no name"
     tasks = m["tasks"]
+    if len(tasks) > MAX_TASKS:
+        return f"'tasks' lists {len(tasks)} tasks; at most {MAX_TASKS}"
     try:
         for t in tasks:
             check_task_name(t)
     except UnsafePathError as e:
         return str(e)
-    if len(set(tasks)) != len(tasks) or not tasks:
+    known = set(tasks)  # membership tests below: a list's would make the checks quadratic
+    if len(known) != len(tasks) or not tasks:
         return "'tasks' is empty or names a task twice"
     for k, v in m["keys"].items():
         if not _valid_meta(v, is_list):
@@ -133,8 +149,11 @@ def check_manifest(m: dict[str, Any]) -> str | None:
         if problem:
             return f"block {b}: {problem}"
     hf = m.get("hf_tasks", [])
-    if not is_list(hf, str) or any(t not in tasks for t in hf):
+    if not is_list(hf, str) or any(t not in known for t in hf):
         return "'hf_tasks' names tasks that are not in 'tasks'"
+    problem = _check_side_file_entries(m.get("side_files"), hf)
+    if problem:
+        return problem
     router = m.get("router")
     if router is not None and not (isinstance(router, dict) and router.get("file") == ROUTER_FILE
                                    and all(isinstance(router.get(k), int) and not isinstance(router.get(k), bool)
@@ -142,7 +161,7 @@ def check_manifest(m: dict[str, Any]) -> str | None:
                                    and router["tasks"] == len(tasks) and isinstance(router.get("sha256"), str)):
         return f"'router' must be {{file: {ROUTER_FILE}, bytes, sha256, features, hidden, tasks = #tasks}}"
     own = m.get("task_specific", {})
-    if not isinstance(own, dict) or any(t not in tasks or not isinstance(keys, dict) for t, keys in own.items()):
+    if not isinstance(own, dict) or any(t not in known or not isinstance(keys, dict) for t, keys in own.items()):
         return "'task_specific' must map tasks of 'tasks' to their own keys"
     for keys in own.values():
         for k, v in keys.items():
@@ -151,6 +170,23 @@ def check_manifest(m: dict[str, Any]) -> str | None:
             shared = m["keys"].get(k)
             if shared is not None and (not v["shape"] or v["shape"][1:] != shared["shape"][1:]):
                 return f"task-specific rows of {k!r} are {v['shape']}, not rows of its shared shape {shared['shape']}"
+    return None
+
+
+def _check_side_file_entries(entries: Any, hf_tasks: list[str]) -> str | None:
+    """`side_files` (when present): for each task of `hf_tasks`, {known side-file name: {bytes, sha256}}."""
+    if entries is None:
+        return None
+    if not isinstance(entries, dict) or sorted(entries) != sorted(hf_tasks):
+        return "'side_files' must map each task of 'hf_tasks' to its files"
+    for task, files in entries.items():
+        if not isinstance(files, dict):
+            return f"'side_files' of task {task!r} must map file names to {{bytes, sha256}}"
+        for name, entry in files.items():
+            if not (name in HF_SIDE_FILES and isinstance(entry, dict) and isinstance(entry.get("bytes"), int)
+                    and not isinstance(entry["bytes"], bool) and 0 <= entry["bytes"] <= SIDE_FILE_MAX_BYTES
+                    and isinstance(entry.get("sha256"), str) and SHA256_HEX.fullmatch(entry["sha256"])):
+                return f"side file {str(name)[:80]!r} of task {task!r} is not a known file with {{bytes, sha256}}"
     return None
 
 
@@ -178,8 +214,7 @@ def _check_block_entry(e: Any, keys: dict[str, Any], everyone: set[int], is_list
         members = [g if name == "groups" else (g.get("members") if isinstance(g, dict) else None) for g in e[name]]
         if not all(is_list(g, int) and g for g in members):
             return f"'{name}' must be lists of task indices"
-        flat = [t for g in members for t in g]
-        if sorted(flat) != sorted(everyone):
+        if sum(map(len, members)) != len(everyone) or set().union(*members) != everyone:
             return f"'{name}' do not assign every task (0..{len(everyone) - 1}) exactly once"
     for s in e["stored"]:
         if not (isinstance(s.get("masked"), bool) and isinstance(s.get("scales"), bool)):
@@ -203,8 +238,9 @@ def load(path: str | Path, verify: bool = True) -> FlexModel:
     directory = Path(path)
     manifest = read_manifest(directory)
     tensors = _read_shards(directory, manifest["shards"], verify)
+    hf_files = _read_all_side_files(directory, manifest, verify)
     try:
-        flex = _assemble(manifest, tensors, directory)
+        flex = _assemble(manifest, tensors, hf_files)
     except KeyError as e:
         raise ArtifactError(f"{directory}: tensor {e} named by the manifest is missing from the shards") from e
     except (ValueError, TypeError, IndexError, RuntimeError) as e:
@@ -233,7 +269,8 @@ def _read_shards(directory: Path, shards: list[dict[str, Any]], verify: bool) ->
     return tensors
 
 
-def _assemble(manifest: dict[str, Any], tensors: dict[str, torch.Tensor], directory: Path) -> FlexModel:
+def _assemble(manifest: dict[str, Any], tensors: dict[str, torch.Tensor],
+              hf_files: dict[str, dict[str, bytes]]) -> FlexModel:
     """The FlexModel a checked manifest describes, from the shards' tensors (KeyError: one is missing)."""
     meta = {k: TensorMeta(tuple(v["shape"]), DTYPES[v["dtype"]]) for k, v in manifest["keys"].items()}
     blocks, stores, groups = [], [], []
@@ -249,7 +286,7 @@ def _assemble(manifest: dict[str, Any], tensors: dict[str, torch.Tensor], direct
         frozen={k: tensors[frozen_tensor(k)] for k in manifest["frozen"]}, blocks=stores,
         assignment=Assignment(tuple(groups)), method=manifest["method"], size=manifest["size"],
         unit_bytes=manifest["unit_bytes"], info=manifest.get("info", {}),
-        hf_files={task: read_side_files(directory, task) for task in manifest.get("hf_tasks", [])},
+        hf_files=hf_files,
         specific={task: {k: _fitting_meta(tensors[task_tensor(task, k)], k, v) for k, v in keys.items()}
                   for task, keys in manifest.get("task_specific", {}).items()},
     )
@@ -303,14 +340,49 @@ def _fitting(t: torch.Tensor, part: Part, meta: dict[str, TensorMeta]) -> torch.
 
 # side files and the router -------------------------------------------------------------------
 
+def _read_all_side_files(directory: Path, manifest: dict[str, Any], verify: bool) -> dict[str, dict[str, bytes]]:
+    """Every task's side files, checked against the manifest's `side_files` (with `verify`, their
+    sha256 too): a config with swapped label names or a tokenizer with swapped ids is refused like a
+    changed shard. An artifact written before side files were hashed loads with a note."""
+    hf_tasks = manifest.get("hf_tasks", [])
+    recorded = manifest.get("side_files")
+    if hf_tasks and recorded is None:
+        warnings.warn(f"{directory}: written before flexmerge hashed config and tokenizer files, so its tasks' "
+                      "side files are not verified; merge again to record their checksums", FlexMergeWarning,
+                      stacklevel=3)
+    hf_root = inside(directory, HF_DIR, "side-file folder")
+    folders = set(os.listdir(hf_root)) if hf_tasks and hf_root.is_dir() else set()  # one listing for all tasks
+    files = {task: read_side_files(directory, task) if task in folders else {} for task in hf_tasks}
+    for task in hf_tasks if recorded is not None else ():
+        _check_side_files(directory / HF_DIR / task, files[task], recorded[task], verify)
+    return files
+
+
+def _check_side_files(folder: Path, files: dict[str, bytes], recorded: dict[str, Any], verify: bool) -> None:
+    """A task's side files against the manifest's entries: the same names, sizes and checksums."""
+    for name in sorted({*files, *recorded}):
+        if name not in recorded:
+            raise ArtifactError(f"{folder / name}: a side file the manifest does not list (added after the "
+                                "artifact was written?)")
+        if name not in files:
+            raise ArtifactError(f"{folder / name}: missing; the manifest lists it")
+        entry = side_file_entry(files[name]) if verify else {"bytes": len(files[name]), "sha256": None}
+        if entry["bytes"] != recorded[name]["bytes"] or (verify and entry["sha256"] != recorded[name]["sha256"]):
+            raise ArtifactError(f"{folder / name}: checksum mismatch: the file was changed after the artifact "
+                                "was written")
+
+
 def read_side_files(directory: Path, task: str) -> dict[str, bytes]:
     """A task's Hugging Face config/tokenizer files: only the known names, only regular files
     inside the artifact (a symlink out of it is refused)."""
     folder = inside(directory, f"{HF_DIR}/{check_task_name(task, 'artifact')}", "side-file folder")
+    if not folder.is_dir():
+        return {}
+    present = set(os.listdir(folder))  # one listing, not a look-up per known name (10^4 tasks: 9 s)
     out = {}
     for name in HF_SIDE_FILES:
         f = folder / name
-        if not os.path.lexists(f):
+        if name not in present:
             continue
         real = inside(directory, f"{HF_DIR}/{task}/{name}", "side file")
         if not real.is_file() or real.stat().st_size > SIDE_FILE_MAX_BYTES:

@@ -41,6 +41,7 @@ from flexmerge.flexmodel.format import (
     scales_tensor,
     sha256_file,
     shard_file_name,
+    side_file_entry,
     side_file_name,
     task_tensor,
 )
@@ -217,6 +218,8 @@ def _manifest(header: ArtifactHeader, frozen: dict[str, torch.Tensor], entries: 
         "blocks": [entries[b] for b in range(len(header.partition))],
         "shards": shards,
         "hf_tasks": sorted(header.hf_files),
+        **({"side_files": {task: {name: side_file_entry(data) for name, data in sorted(files.items())}
+                           for task, files in sorted(header.hf_files.items())}} if header.hf_files else {}),
         "info": header.info,
     }
 

@@ -45,7 +45,10 @@ SUPPORTED = ("LORA", "IA3")
 # adapter-config options that change what the adapter computes and that this reader does not model
 UNSUPPORTED_OPTIONS = ("use_dora", "use_qalora", "use_bdlora", "layer_replication", "target_parameters",
                        "trainable_token_indices", "alora_invocation_tokens", "arrow_config", "megatron_config")
-LORA_SUFFIXES = (".lora_A.weight", ".lora_B.weight", ".lora_B.bias", ".lora_embedding_A", ".lora_embedding_B")
+# peft's names of a module's LoRA tensors (after PREFIX + the module's name)
+LORA_A, LORA_B, LORA_B_BIAS = ".lora_A.weight", ".lora_B.weight", ".lora_B.bias"
+EMBEDDING_A, EMBEDDING_B = ".lora_embedding_A", ".lora_embedding_B"
+LORA_SUFFIXES = (LORA_A, LORA_B, LORA_B_BIAS, EMBEDDING_A, EMBEDDING_B)
 
 
 def is_adapter_dir(path: Path) -> bool:
@@ -180,9 +183,9 @@ class AdapterSource:
         return weight, tuple(self.base.meta(weight).shape)
 
     def _add_lora(self, module: str, parts: dict[str, str]) -> None:
-        embedding = ".lora_embedding_A" in parts or ".lora_embedding_B" in parts
-        a = parts.get(".lora_embedding_A" if embedding else ".lora_A.weight")
-        b = parts.get(".lora_embedding_B" if embedding else ".lora_B.weight")
+        embedding = EMBEDDING_A in parts or EMBEDDING_B in parts
+        a = parts.get(EMBEDDING_A if embedding else LORA_A)
+        b = parts.get(EMBEDDING_B if embedding else LORA_B)
         if a is None or b is None:
             raise CheckpointError(f"{self._weights_path}: module {module!r} has only one of its LoRA factors")
         weight, shape = self._target(module)
@@ -196,7 +199,7 @@ class AdapterSource:
         if b_shape[1] != rank or product != shape:
             raise CheckpointError(f"{self.path}: module {module!r}: LoRA factors {list(b_shape)} @ {list(a_shape)} "
                                   f"do not make the base's {weight} of shape {list(shape)}: is this the adapter's base?")
-        bias = parts.get(".lora_B.bias")
+        bias = parts.get(LORA_B_BIAS)
         if bias is not None and f"{module}.bias" not in self._base_keys:
             raise CheckpointError(f"{self.path}: module {module!r} has a LoRA bias but the base has no "
                                   f"{module}.bias")

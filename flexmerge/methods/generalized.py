@@ -17,16 +17,18 @@ whole (one tensor, or a model flattened), as a definition to check the streamed 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol, get_args
+from typing import Any, ClassVar, Literal, Protocol, get_args
 
 import torch
 from pydantic import Field
 
 from flexmerge.errors import ConfigError
-from flexmerge.methods.kernels import disjoint_mean, disjoint_sum, elect_sign
-from flexmerge.preprocess import DareDrop, TopKTrim, Transform, trim_rank
+from flexmerge.methods.base import GroupResult, MergeMethod, WeightedParams
+from flexmerge.methods.kernels import agrees, disjoint_mean, disjoint_sum, elect_sign
+from flexmerge.preprocess import DareDrop, L1Rescale, MagPrune, OutlierTrim, TopKTrim, Transform, trim_rank
 
 Consensus = Literal["none", "sum", "count"]
+Sparsifier = Literal["none", "outliers", "magprune"]
 Combine = Literal["mean", "sum"]
 TrimRule = Literal["reference", "exact", "floor"]
 TrimScope = Literal["model", "tensor"]
@@ -46,10 +48,18 @@ class GTAConfig:
     consensus: Consensus = "none"
     combine: Combine = "mean"
     lam: float = 1.0
+    # mergekit's other sparsifications, of each tensor at `density` (1 = off): Model Breadcrumbs'
+    # band without the `gamma` outliers, DELLA's MAGPRUNE (`epsilon`, drawn with `seed`); `rescale`:
+    # the survivors of each tensor scaled to its L1 norm (mergekit's `rescale`)
+    sparsifier: Sparsifier = "none"
+    density: float = 1.0
+    gamma: float = 0.0
+    epsilon: float = 0.0
+    rescale: bool = False
 
     def __post_init__(self) -> None:
         for name, kind in (("trim", TrimRule), ("trim_scope", TrimScope), ("consensus", Consensus),
-                           ("combine", Combine)):
+                           ("combine", Combine), ("sparsifier", Sparsifier)):
             if getattr(self, name) not in get_args(kind):
                 raise ConfigError(f"{name} must be one of {', '.join(map(repr, get_args(kind)))}, "
                                   f"got {getattr(self, name)!r}")
@@ -66,11 +76,18 @@ class GTAConfig:
                    consensus="sum", combine=p.combine, lam=lam)
 
     def transforms(self) -> list[Transform]:
-        """The sparsification as global preprocessing, in order: DARE, then the trim. keep=1
-        keeps every entry, so it needs no trimming pass."""
+        """The sparsification as global preprocessing, in order: DARE, the trim, then Breadcrumbs'
+        or DELLA's. keep=1 and density=1 keep every entry (as mergekit's), so need no pass."""
         dare = [DareDrop(self.dare, self.seed)] if self.dare > 0 else []
         trim = [TopKTrim(self.keep, self.trim, self.trim_scope)] if self.keep < 1.0 else []
-        return [*dare, *trim]
+        return [*dare, *trim, *self._sparsification()]
+
+    def _sparsification(self) -> list[Transform]:
+        if self.sparsifier == "none" or self.density >= 1.0:
+            return []
+        step = (OutlierTrim(self.density, self.gamma) if self.sparsifier == "outliers"
+                else MagPrune(self.density, self.epsilon, self.seed))
+        return [L1Rescale(step) if self.rescale else step]
 
 
 class Sparsifying(Protocol):
@@ -129,16 +146,50 @@ def linear_weight(n: int, combine: Combine, lam: float) -> float:
     return lam / n if combine == "mean" else lam
 
 
-def merge(deltas: torch.Tensor, cfg: GTAConfig) -> torch.Tensor:
-    """The (D,) merge of a group's (n, D) sparsified task vectors under `cfg`.
+def linear_weights(weights: torch.Tensor, combine: Combine, lam: float) -> torch.Tensor:
+    """The coefficients of a weighted merge without sign election: λ·w / Σ w ("mean", with
+    `weighted_merge`'s guard on a vanishing Σ w) or λ·w ("sum")."""
+    if combine == "sum":
+        return lam * weights
+    total = float(weights.sum())
+    return lam * weights / (1.0 if abs(total) < 1e-8 else total)
+
+
+def merge(deltas: torch.Tensor, cfg: GTAConfig, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """The (D,) merge of a group's (n, D) sparsified task vectors under `cfg`, with the members'
+    (n,) `weights` when given (`weighted_merge`).
 
     Without a sign election it is w·Σ τ_i (w = `linear_weight`): a sum over the group reads the
     task vectors at memory speed, where the same product as a (1, n) @ (n, D) GEMV ran at half
     of it (MKL, 8 rows of 256K entries). With one, the agreeing members' disjoint mean or sum, ×λ."""
+    if weights is not None:
+        return weighted_merge(deltas, cfg, weights)
     sign = elect(deltas, cfg.consensus)
     if sign is None:
         return _scaled(deltas.sum(0), linear_weight(deltas.shape[0], cfg.combine, cfg.lam))
     return _scaled((disjoint_mean if cfg.combine == "mean" else disjoint_sum)(deltas, sign), cfg.lam)
+
+
+def weighted_merge(deltas: torch.Tensor, cfg: GTAConfig, weights: torch.Tensor) -> torch.Tensor:
+    """mergekit's merge with per-model weights w (`generalized_task_arithmetic.py`, in its order of
+    operations): the signs are elected on the weighted vectors w_i·τ_i, whose (agreeing) sum is
+    divided, for "mean" (mergekit's `normalize`), by Σ w_i over the members that enter each entry
+    (a divisor of 0 is taken as 1; without an election, one below 1e-8), then scaled by λ."""
+    w = weights.to(device=deltas.device, dtype=deltas.dtype).view(-1, *[1] * (deltas.dim() - 1))
+    weighted = deltas * w
+    sign = elect(weighted, cfg.consensus)
+    if sign is None:
+        mixed = weighted.sum(0)
+        divisor = w.sum(0)
+        divisor = torch.where(divisor.abs() < 1e-8, torch.ones_like(divisor), divisor)
+    else:
+        mask = agrees(weighted, sign)
+        mixed = weighted.mul_(mask).sum(0)
+        divisor = (w * mask).sum(0)
+        divisor = torch.where(divisor == 0, torch.ones_like(divisor), divisor)
+    if cfg.combine == "mean":
+        mixed = mixed.div_(divisor)
+    return _scaled(mixed, cfg.lam)
 
 
 def _scaled(merged: torch.Tensor, w: float) -> torch.Tensor:
@@ -170,3 +221,40 @@ def combine_field(note: str = "") -> Any:
     return Field("mean", description=f"{note}'mean': disjoint mean of the entries agreeing with the elected sign "
                  "(TIES; mergekit's normalize: true); 'sum': their sum (mergekit's normalize: false, the default of "
                  "its dare_ties)")
+
+
+class MergekitGTAParams(WeightedParams):
+    """The options of mergekit's generalized task arithmetic as its newer methods take them."""
+
+    density: float = Field(1.0, ge=0.0, le=1.0, description="fraction of each tensor's entries kept (1 = no "
+                           "sparsification, mergekit's default)")
+    lam: float = Field(1.0, description="scaling λ of the merged vector (mergekit's lambda)")
+    normalize: bool = Field(False, description="divide by the weights of the members entering each entry "
+                            "(mergekit's normalize)")
+    rescale: bool = Field(False, description="scale what each tensor keeps back to its L1 norm (mergekit's rescale)")
+
+
+class GTAMethod(MergeMethod):
+    """A method that is one `GTAConfig` (`config`): its sparsification as preprocessing, then the
+    merge of each chunk with the members' weights; linear when it elects no sign."""
+
+    elementwise = True
+    consensus: ClassVar[Consensus] = "none"
+
+    @property
+    def config(self) -> GTAConfig:
+        raise NotImplementedError
+
+    def transforms(self) -> list[Transform]:
+        return self.config.transforms()
+
+    def merge(self, deltas: torch.Tensor) -> GroupResult:
+        return GroupResult(merge(deltas, self.config, self.member_weights(deltas.shape[0], deltas.device)))
+
+    def linear_weights(self, n: int, device: torch.device | None = None) -> torch.Tensor | None:
+        cfg = self.config
+        if cfg.consensus != "none":
+            return None
+        if getattr(self.p, "weights", None) is not None and self._members is not None:
+            return linear_weights(self.member_weights(n, device), cfg.combine, cfg.lam)
+        return torch.full((n,), linear_weight(n, cfg.combine, cfg.lam), dtype=torch.float64, device=device)

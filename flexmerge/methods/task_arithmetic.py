@@ -6,11 +6,11 @@ import torch
 from pydantic import Field
 
 from flexmerge.methods import generalized as gta
-from flexmerge.methods.base import GroupResult, MergeMethod, MethodParams, register
+from flexmerge.methods.base import GroupResult, MergeMethod, WeightedParams, register
 from flexmerge.preprocess import Transform
 
 
-class TaskArithmeticParams(MethodParams):
+class TaskArithmeticParams(WeightedParams):
     lam: float = Field(1.5, description="scaling λ (1.5 with 'mean' is FlexMerge's vision setting)")
     convention: Literal["mean", "sum"] = Field(
         "mean", description="'mean': λ·mean(τ_i), as FlexMerge's code; 'sum': λ·Σ τ_i, as Ilharco et al."
@@ -35,14 +35,17 @@ class TaskArithmetic(MergeMethod):
         return self.config.transforms()
 
     def merge(self, deltas: torch.Tensor) -> GroupResult:
-        """w·Σ τ_i (`generalized.merge`); a task alone keeps its own vector."""
+        """w·Σ τ_i (`generalized.merge`), with the members' weights when given; a task alone
+        keeps its own vector."""
         if deltas.shape[0] == 1:
             return GroupResult(deltas.sum(0))
-        return GroupResult(gta.merge(deltas, self.config))
+        return GroupResult(gta.merge(deltas, self.config, self.member_weights(deltas.shape[0], deltas.device)))
 
     def member_weight(self, n: int) -> float:
-        """Each member's weight in a group of `n` (a task alone keeps its own vector)."""
+        """Each member's weight in an unweighted group of `n` (a task alone keeps its own vector)."""
         return 1.0 if n == 1 else gta.linear_weight(n, self.p.convention, self.p.lam)
 
     def linear_weights(self, n: int, device: torch.device | None = None) -> torch.Tensor:
+        if self.p.weights is not None and self._members is not None and n > 1:
+            return gta.linear_weights(self.member_weights(n, device), self.p.convention, self.p.lam)
         return torch.full((n,), self.member_weight(n), dtype=torch.float64, device=device)

@@ -4,11 +4,11 @@ import torch
 from pydantic import Field
 
 from flexmerge.methods import generalized as gta
-from flexmerge.methods.base import GroupResult, MergeMethod, MethodParams, register
+from flexmerge.methods.base import GroupResult, MergeMethod, WeightedParams, register
 from flexmerge.preprocess import Transform
 
 
-class TiesParams(MethodParams):
+class TiesParams(WeightedParams):
     keep: float = gta.keep_field()
     lam: float = Field(1.0, description="scaling λ of the merged vector")
     trim: gta.TrimRule = gta.trim_field()
@@ -35,4 +35,4 @@ class Ties(MergeMethod):
         return self.config.transforms()
 
     def merge(self, deltas: torch.Tensor) -> GroupResult:
-        return GroupResult(gta.merge(deltas, self.config))
+        return GroupResult(gta.merge(deltas, self.config, self.member_weights(deltas.shape[0], deltas.device)))

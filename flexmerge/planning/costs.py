@@ -28,7 +28,7 @@ from flexmerge.taskvec import TaskSet
 
 NORMS = ("task", "block")
 RawStep = tuple[int, tuple[int, ...], tuple[int, ...], float]
-Weights = Callable[[int], np.ndarray]
+Weights = Callable[[Sequence[int]], np.ndarray]
 
 
 def parameter_quadratics(grams: np.ndarray) -> np.ndarray:
@@ -83,7 +83,7 @@ class QuadraticCost:
         if len(members) == 1:
             return 0.0
         idx = list(members)
-        w = self.weights(len(idx))
+        w = self.weights(idx)
         total = 0.0
         for k, t in enumerate(idx):
             a = w.copy()
@@ -93,9 +93,11 @@ class QuadraticCost:
 
 
 def method_weights(method) -> Weights:
-    """The method's linear weights, or the plain mean for methods that are not linear."""
-    def weights(n: int) -> np.ndarray:
-        w = method.linear_weights(n)
+    """The method's linear weights of a group (its members' task indices), or the plain mean for
+    methods that are not linear."""
+    def weights(members: Sequence[int]) -> np.ndarray:
+        n = len(members)
+        w = method.for_group(members).linear_weights(n)
         return np.full(n, 1.0 / n) if w is None else w.double().numpy()
 
     return weights

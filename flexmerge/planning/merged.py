@@ -75,7 +75,7 @@ class GramMerged(_PairwiseRescorer):
 
     def _weights(self, members: list[int]) -> np.ndarray:
         w = np.zeros(self.num_tasks)
-        w[members] = self.method.linear_weights(len(members)).numpy()
+        w[members] = self.method.for_group(members).linear_weights(len(members)).numpy()
         return w
 
     def score(self, b: int, left: list[int], right: list[int]) -> float:
@@ -87,9 +87,11 @@ class GramMerged(_PairwiseRescorer):
 class VectorMerged(_PairwiseRescorer):
     """Merged-vector similarity of any method, from the block task vectors held in memory."""
 
-    def __init__(self, vectors: list[torch.Tensor], method: MergeMethod, measure: str, parts: list[list[PartView]]):
+    def __init__(self, vectors: list[torch.Tensor], method: MergeMethod, measure: str, parts: list[list[PartView]],
+                 bases: list[torch.Tensor] | None = None):
         _check(measure)
         self.vectors, self.method, self.measure, self.parts = vectors, method, measure, parts
+        self.bases = bases  # per block, θ0 flattened (fp32): for methods that read it (`needs_base`)
         self.num_blocks, self.num_tasks = len(vectors), vectors[0].shape[0]
         self._cache: dict[tuple[int, tuple[int, ...]], torch.Tensor] = {}
 
@@ -97,8 +99,17 @@ class VectorMerged(_PairwiseRescorer):
         key = (b, tuple(members))
         if key not in self._cache:
             d = self.vectors[b][members]
-            self._cache[key] = d[0] if len(members) == 1 else self.method.merge_flat(d, self.parts[b]).delta
+            self._cache[key] = d[0] if len(members) == 1 else self._merge(b, members, d)
         return self._cache[key]
+
+    def _merge(self, b: int, members: list[int], d: torch.Tensor) -> torch.Tensor:
+        """The merged task vector of `members` on block b (a method that reads θ0 gets it last)."""
+        group = self.method.for_group(members)
+        if group.needs_base:
+            if self.bases is None:
+                raise ValueError(f"method {self.method.name!r} reads θ0: give VectorMerged the blocks' bases")
+            d = torch.cat([d, self.bases[b].view(1, -1)])
+        return group.merge_flat(d, self.parts[b]).delta
 
     def score(self, b: int, left: list[int], right: list[int]) -> float:
         a, c = self.merged(b, left), self.merged(b, right)

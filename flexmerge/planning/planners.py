@@ -19,7 +19,7 @@ from flexmerge.planning.greedy import ORDERS, ConstituentLinkage, RawStep, Resco
 from flexmerge.planning.merged import GramMerged, VectorMerged
 from flexmerge.planning.path import Assignment, MergeStep
 from flexmerge.planning.registry import PlanInputs, register_planner
-from flexmerge.similarity import block_deltas, cosine_from_gram
+from flexmerge.similarity import block_base, block_deltas, cosine_from_gram
 from flexmerge.size import SizeModel
 
 
@@ -90,7 +90,9 @@ def _rescorer(inputs: PlanInputs) -> Rescorer:
         return GramMerged(inputs.grams, method, options.measure)
     tasks, partition = inputs.tasks, inputs.partition
     vectors = [block_deltas(tasks, partition, b, inputs.pipeline) for b in range(len(partition))]
-    return VectorMerged(vectors, method, options.measure, [blk.views(tasks.meta) for blk in partition.blocks])
+    bases = [block_base(tasks, partition, b) for b in range(len(partition))] if method.needs_base else None
+    return VectorMerged(vectors, method, options.measure, [blk.views(tasks.meta) for blk in partition.blocks],
+                        bases)
 
 
 def sized_steps(raw: list[RawStep], num_blocks: int, num_tasks: int,

@@ -11,6 +11,10 @@ stored in the artifact (`route`, `predict_routed`; see `flexmerge.routing`).
 Mixed batches: one mixed copy of the model (`flexmerge.runtime.batching`) runs a batch of any
 tasks as one forward pass; a model that cannot be mixed falls back to one forward pass per task.
 
+Causal LMs (`*ForCausalLM`) are text-generation tasks: `generate` and `generator` decode
+sequences of any tasks together, one forward pass per step with a KV cache, on the same mixed
+copy (`flexmerge.runtime.generation`); `predict` refuses them.
+
 External heads: an encoder artifact (a merged `BertModel`, say) whose tasks each have a head of
 their own outside the artifact (`heads=`, e.g. a Linear trained on mean-pooled features) is served
 as text-classification: the encoder runs (one pass for a mixed batch), its last hidden state is
@@ -32,6 +36,18 @@ from flexmerge.errors import ConfigError, FlexMergeError
 from flexmerge.flexmodel import FlexModel, load
 from flexmerge.routing import fit_router, route_weights
 from flexmerge.runtime.batching import BatchRows, mixed_copy
+from flexmerge.runtime.generation import (
+    Generation,
+    Generator,
+    Lane,
+    Sampling,
+    TaskDecoding,
+    context_length,
+    encode_chat,
+    encode_prompt,
+    is_causal_lm,
+    stop_ids,
+)
 from flexmerge.runtime.hf_dir import unpack_hf_files
 from flexmerge.runtime.hf_model import build_model, load_config, load_tokenizer
 from flexmerge.runtime.memory import release_freed_memory
@@ -69,6 +85,9 @@ class Runtime:
         self._max_tokens_of: dict[str, int | None] = {}
         self._dirs: dict[str, Path] = {}
         self._mixed: tuple[torch.nn.Module, BatchRows] | None = None
+        self._mixed_tried = False
+        self._shared_tokenizer: bool | None = None
+        self._decoding: dict[str, TaskDecoding] = {}
         self._shared: torch.nn.Module | None = None  # the router's feature model (shared weights)
         self._info: dict[str, dict[str, Any]] = {}
         self._scratch: tempfile.TemporaryDirectory | None = None
@@ -87,8 +106,8 @@ class Runtime:
         return float(self.flex.size)
 
     def task_info(self, task: str) -> dict[str, Any]:
-        """{"task", "kind": text-classification | feature-extraction, "labels"} from the task's head
-        (text-classification) or else its config."""
+        """{"task", "kind": text-classification | feature-extraction | text-generation, "labels"}
+        from the task's head (text-classification) or else its config (text-generation: a causal LM)."""
         if task not in self._info and task in self.heads:
             labels = self.labels.get(task) or [f"LABEL_{i}" for i in range(self.heads[task].out_features)]
             self._info[task] = {"task": task, "kind": "text-classification", "labels": labels}
@@ -120,11 +139,14 @@ class Runtime:
         when the model allows it (else one pass per task)."""
         if not items:
             return []
-        for task, _ in items:
+        for task in dict.fromkeys(t for t, _ in items):
             self._check(task)
+            if self.task_info(task)["kind"] == "text-generation":
+                raise ConfigError(f"task {task!r} is a causal LM: it generates text (Runtime.generate, or the "
+                                  f"server's POST /v1/completions with model {task!r}), it does not predict labels")
         texts = [x for _, x in items]
         tasks = [t for t, _ in items]
-        mixed = self._mixed_model()
+        mixed = self._mixed_model() if self._one_tokenizer() else None
         if mixed is None:
             return self._per_task(tasks, texts)
         model, rows = mixed
@@ -172,6 +194,74 @@ class Runtime:
             return {"label": info["labels"][best], "score": float(probs[best]),
                     "scores": {label: float(p) for label, p in zip(info["labels"], probs)}}
         return {"embedding": mean_pool(output.last_hidden_state[row], attention_mask[row]).tolist()}
+
+    # text generation (causal LMs) ----------------------------------------------------------------
+
+    @property
+    def generation_tasks(self) -> list[str]:
+        """The tasks that are causal LMs (kind text-generation)."""
+        return [t for t in self.flex.tasks if self.task_info(t)["kind"] == "text-generation"]
+
+    def encode_prompt(self, task: str, text: str) -> list[int]:
+        """A completion prompt as the task's token ids (with the special tokens its tokenizer adds)."""
+        self._check(task)
+        return encode_prompt(self._tokenizer(task), text)
+
+    def encode_chat(self, task: str, messages: Sequence[dict[str, Any]]) -> list[int]:
+        """Chat messages rendered by the task's chat template, as token ids; a task without a
+        template, or messages it refuses, is a ConfigError."""
+        self._check(task)
+        try:
+            return encode_chat(self._tokenizer(task), messages)
+        except ConfigError as e:
+            raise ConfigError(f"task {task!r}: {e}") from None
+
+    def decoding(self, task: str) -> TaskDecoding:
+        """The task's tokenizer, end-of-sequence ids, context length and vocabulary size, read once."""
+        self._check(task)
+        if task not in self._decoding:
+            tokenizer, config = self._tokenizer(task), self._config(task)
+            vocab = getattr(config, "vocab_size", None)
+            self._decoding[task] = TaskDecoding(tokenizer, stop_ids(self._hf_dir(task), tokenizer, config),
+                                                context_length(config), vocab if isinstance(vocab, int) else None)
+        return self._decoding[task]
+
+    def generator(self, *, max_batch: int = 32, join: str = "continuous") -> Generator:
+        """A Generator over every text-generation task: sequences of any tasks decode together on
+        the mixed copy of the model (one pass per step), or per task where it cannot be mixed.
+        `join`: "continuous" (sequences join and leave between steps) or "static"."""
+        tasks = self.generation_tasks
+        if not tasks:
+            raise ConfigError(f"this model has no text-generation task (causal LM); its tasks: {', '.join(self.tasks)}")
+        mixed = self._mixed_model()
+        if mixed is not None:
+            index = {t: i for i, t in enumerate(self.flex.tasks)}
+            lanes = [Lane(mixed[0], {t: index[t] for t in tasks}, mixed[1])]
+        else:
+            lanes = [Lane(self.module(t), {t: 0}) for t in tasks]
+        return Generator(lanes, {t: self.decoding(t) for t in tasks}, max_batch=max_batch, join=join, lock=self._lock)
+
+    def generate(self, prompts: Sequence[tuple[str, str | Sequence[int]]], sampling: Sampling | None = None, *,
+                 max_batch: int = 32) -> list[Generation]:
+        """Completions of (task, prompt) pairs of any tasks, decoded together; a prompt is text or
+        token ids. `sampling`: as for the OpenAI API (default: temperature 1, 16 tokens; pass
+        Sampling(temperature=0) for greedy). Each result has `text`, `tokens`, `finish_reason`."""
+        sampling = sampling or Sampling()
+        generator = self.generator(max_batch=max_batch)
+        runs = [generator.submit(task, self.encode_prompt(task, p) if isinstance(p, str) else list(p), sampling)
+                for task, p in prompts]
+        generator.run()
+        return runs
+
+    def warm_up(self) -> None:
+        """Build every task's model now and run one input through each (a server does this before
+        it listens): text-generation tasks generate two tokens, the others predict."""
+        generating = set(self.generation_tasks)
+        others = [t for t in self.tasks if t not in generating]
+        if others:
+            self.predict_mixed([(t, "warm up") for t in others])
+        if generating:
+            self.generate([(t, "warm up") for t in generating], Sampling(max_tokens=2, temperature=0.0))
 
     # routed inference (inputs of unknown task) ---------------------------------------------------
 
@@ -290,21 +380,28 @@ class Runtime:
 
     def _mixed_model(self) -> tuple[torch.nn.Module, BatchRows] | None:
         """The mixed copy of the model (`mixed_copy`), or None when a mixed batch must run per task
-        (a module that is not row-wise, or tasks whose tokenizers or architectures differ)."""
-        if self._mixed is not None:
-            return self._mixed
-        modules = [self.module(t) for t in self.flex.tasks]
-        if len({_tokenizer_files(self.flex, t) for t in self.flex.tasks}) > 1:
-            return None
-        self._mixed = mixed_copy(modules, lambda: self._hf_model(self.flex.tasks[0]))
-        if self._mixed is not None:
-            release_freed_memory()  # the random weights transformers built before the artifact's replaced them
+        (tasks whose architectures differ, or a module that is not batch-first)."""
+        if not self._mixed_tried:
+            modules = [self.module(t) for t in self.flex.tasks]
+            self._mixed = mixed_copy(modules, lambda: self._hf_model(self.flex.tasks[0]))
+            self._mixed_tried = True
+            if self._mixed is not None:
+                release_freed_memory()  # the random weights transformers built before the artifact's replaced them
         return self._mixed
+
+    def _one_tokenizer(self) -> bool:
+        """Whether all tasks share one tokenizer, so that a batch of texts is tokenized once (text
+        generation tokenizes each prompt with its own task's tokenizer and needs no such thing)."""
+        if self._shared_tokenizer is None:
+            self._shared_tokenizer = len({_tokenizer_files(self.flex, t) for t in self.flex.tasks}) == 1
+        return self._shared_tokenizer
 
 
 def _kind(config) -> str:
     arch = (config.architectures or [""])[0]
-    return "text-classification" if arch.endswith("ForSequenceClassification") else "feature-extraction"
+    if arch.endswith("ForSequenceClassification"):
+        return "text-classification"
+    return "text-generation" if is_causal_lm(config) else "feature-extraction"
 
 
 def _tokenizer_files(flex: FlexModel, task: str) -> tuple:

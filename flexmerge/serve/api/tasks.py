@@ -11,9 +11,10 @@ from typing import Any, Protocol
 
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, StrictStr, field_validator
+from pydantic import Field, StrictStr, field_validator
 
 from flexmerge.errors import FlexMergeError
+from flexmerge.serve.api.body import StrictBody
 from flexmerge.serve.batcher import ShuttingDown, running_batcher
 
 __all__ = ["PredictRequest", "RuntimeLike", "router"]
@@ -32,13 +33,11 @@ class RuntimeLike(Protocol):
     def predict_mixed(self, items: list[tuple[str, str]]) -> list[dict[str, Any]]: ...
 
 
-class PredictRequest(BaseModel):
+class PredictRequest(StrictBody):
     """The body of POST /v1/tasks/{task}/predict. Unknown fields are refused so that a typo
     (`"input"`) is an error and not an empty request."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    inputs: list[StrictStr] = Field(min_length=1, description="texts to run through the task's model")
+    inputs: list[StrictStr] = Field(min_length=1, fail_fast=True, description="texts to run through the task's model")
 
     @field_validator("inputs")
     @classmethod
