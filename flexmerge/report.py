@@ -47,6 +47,17 @@ def area_ranking(result: SweepResult) -> list[tuple[str, float]]:
     return sorted(((c, a) for c, a in result.areas().items() if a is not None), key=lambda x: -x[1])
 
 
+TARGET = 0.95  # the normalized accuracy `size_reaching` reports by default
+
+
+def size_reaching(result: SweepResult, target: float = TARGET) -> dict[str, float | None]:
+    """Per curve, the smallest deployed size among its evaluated points whose mean normalized
+    accuracy is at least `target` (None: no point does): what a user with that accuracy goal
+    must deploy, to the resolution of the sizes swept."""
+    return {curve: min((p["size"] for p in points if p["normalized"] >= target), default=None)
+            for curve, points in result.curves().items()}
+
+
 def write_results(result: SweepResult, out: str | Path) -> dict[str, Path]:
     """results.csv, results.json, ranking.md and the two PNG plots under `out`."""
     out = Path(out)
@@ -87,6 +98,10 @@ def ranking_markdown(result: SweepResult) -> str:
     for size, order in ranking(result):
         lines.append(f"| {size:g}x | " + " > ".join(f"{c} ({v:.3f})" for c, v in order) + " |")
     lines.append(f"| {AREA_LABEL} | " + " > ".join(f"{c} ({v:.3f})" for c, v in area_ranking(result)) + " |")
+    reach = sorted(size_reaching(result).items(), key=lambda x: (x[1] is None, x[1] or 0.0, x[0]))
+    lines += ["", f"## Smallest swept size reaching {TARGET:g} normalized accuracy", "",
+              "| curve | size |", "|---|---|"]
+    lines += [f"| {c} | {'-' if s is None else f'{s:.3f}x'} |" for c, s in reach]
     routed = {c: ps for c, ps in result.curves().items() if "router_accuracy" in ps[0]}
     if routed:
         lines += ["", "## Routed (no task ids): normalized accuracy and router accuracy at each point", "",
