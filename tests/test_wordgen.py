@@ -19,15 +19,7 @@ from flexmerge.evaluation.generation import encode
 from flexmerge.suites import SUITES, get_zoo, run_sweep
 from flexmerge.suites.base import verify_zoo
 from flexmerge.suites.wordgen import Pretraining, WordGenLoraSuite, WordGenSuite, wordnet
-from flexmerge.suites.wordgen_data import (
-    INSTRUCTIONS,
-    TASKS,
-    candidates,
-    instruction_pairs,
-    split_pairs,
-    task_pairs,
-    unambiguous,
-)
+from flexmerge.suites.wordgen_data import TASKS, candidates, split_pairs, task_pairs
 from flexmerge.suites.wordgen_lm import ModelShape, chat_example
 from flexmerge.suites.wordnet import WORDNET_DIR
 
@@ -35,8 +27,7 @@ pytestmark = pytest.mark.skipif(not (WORDNET_DIR / "data.noun").is_file(), reaso
 
 TINY_SHAPE = ModelShape(vocab_size=384, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=96)
-TINY_PRETRAINING = Pretraining(shape=TINY_SHAPE, steps=20, batch_size=16, entries=2000, instruction_steps=10,
-                               instruction_examples=300)
+TINY_PRETRAINING = Pretraining(shape=TINY_SHAPE, steps=20, batch_size=16, entries=2000)
 TASKS_2 = ["pos", "noun_category"]  # a tiny fine-tune learns pos (4 answers) a little
 TINY = {"tasks": TASKS_2, "examples": (200, 20, 40), "steps": 60, "batch_size": 16, "pretraining": TINY_PRETRAINING}
 
@@ -210,17 +201,3 @@ def test_every_task_gives_one_answer_per_prompt_in_seeded_disjoint_splits():
     assert ("Category of the noun: tennis", "act") in candidates(wn, "word_category")
     words = [p.rsplit(" ", 1)[1] for p, _ in candidates(wn, "pos")]
     assert "run" not in words and "quick" not in words  # a noun and a verb (an adjective, ...): no one answer
-
-
-def test_the_instruction_mix_is_balanced_seeded_and_asks_none_of_the_tasks():
-    wn = wordnet()
-    chats = instruction_pairs(wn, 300, seed=1)
-    kinds = Counter(p.split(":", 1)[0] for p, _ in chats)
-    assert kinds == {"Synonym of": 100, "Antonym of": 100, "Word defined as": 100}
-    assert chats == instruction_pairs(wn, 300, seed=1) != instruction_pairs(wn, 300, seed=2)
-    assert ("Antonym of: appearance", "disappearance") in unambiguous(INSTRUCTIONS["antonym"](wn))
-    task_prompts = {p for t in TASKS for p, _ in candidates(wn, t)}
-    task_answers = {a for t in TASKS for _, a in candidates(wn, t)}
-    assert not task_prompts & {p for p, _ in chats}
-    assert all(a == a.strip() and " " not in a for _, a in chats)  # one word, as the tasks' answers mostly are
-    assert len({a for _, a in chats} & task_answers) < 10  # the mix does not teach the tasks' answers

@@ -38,14 +38,7 @@ from flexmerge.io.side_files import pick_side_files, read_side_files_in
 from flexmerge.planning.activations import Calibration
 from flexmerge.runtime.hf_model import build_model, load_config, load_tokenizer
 from flexmerge.suites.base import CALIBRATION_EXAMPLES, SPLITS, Evaluator, Suite, Zoo, check_split
-from flexmerge.suites.wordgen_data import (
-    TASKS,
-    WordNet,
-    dictionary_entry,
-    instruction_pairs,
-    split_pairs,
-    task_pairs,
-)
+from flexmerge.suites.wordgen_data import TASKS, WordNet, dictionary_entry, split_pairs, task_pairs
 from flexmerge.suites.wordgen_lm import (
     ModelShape,
     Schedule,
@@ -89,13 +82,7 @@ class Pretraining:
     """The base model's recipe: its shape, and next-token training on `entries` dictionary
     entries (a seeded draw of WordNet's 117,659 synsets, None: all; packed into rows of `length`
     tokens), on which the tokenizer is trained too. 40,000 entries are 1.4M tokens, more than the
-    400 steps of 32 rows read (0.8M): the draw only saves tokenizing what is never read.
-
-    Then `instruction_steps` minibatches of `batch_size` chats of the instruction mix
-    (`wordgen_data.INSTRUCTIONS`: synonyms, antonyms, the word a definition defines; none of the
-    8 tasks), at `instruction_lr`: the base answers in the chat format, a word then EOS, as the
-    instruct models people fine-tune do. Without it every fine-tune learns the format on its
-    own, and merging their task vectors (each a different route to the same format) loses it."""
+    400 steps of 32 rows read (0.8M): the draw only saves tokenizing what is never read."""
 
     shape: ModelShape = field(default_factory=ModelShape)
     steps: int = 400
@@ -104,9 +91,6 @@ class Pretraining:
     lr: float = 2e-3
     warmup: int = 30
     entries: int | None = 40_000
-    instruction_steps: int = 150
-    instruction_lr: float = 1e-3
-    instruction_examples: int = 6000
     seed: int = 0
 
 
@@ -147,19 +131,12 @@ class WordGenBase(Suite):
         model = new_model(p.shape, tokenizer, p.seed)
         loss = train_lm(model, lambda i: {"input_ids": rows[i], "labels": rows[i]}, len(rows),
                         Schedule(p.steps, p.batch_size, p.lr, p.warmup, weight_decay=0.01), p.seed, "pretraining")
-        t2 = time.perf_counter()
-        chats = [chat_example(tokenizer, q, a) for q, a in instruction_pairs(wordnet(), p.instruction_examples, p.seed)]
-        instruction_loss = train_lm(
-            model, lambda i: padded([chats[j] for j in i], tokenizer.pad_token_id), len(chats),
-            Schedule(p.instruction_steps, p.batch_size, p.instruction_lr, min(20, p.instruction_steps // 10)),
-            p.seed, "instruction tuning") if p.instruction_steps else None
         model.save_pretrained(directory / "base")
         tokenizer.save_pretrained(directory / "base")
         return {"parameters": parameter_count(model), "entries": len(entries), "corpus_tokens": rows.numel(),
                 "pretraining_tokens": p.steps * p.batch_size * p.length, "final_loss": loss,
-                "instruction_chats": len(chats), "instruction_loss": instruction_loss,
-                "tokenizer_seconds": t1 - t0, "pretrain_seconds": t2 - t1,
-                "instruction_seconds": time.perf_counter() - t2, "cpu_seconds": time.process_time() - cpu0}
+                "tokenizer_seconds": t1 - t0, "pretrain_seconds": time.perf_counter() - t1,
+                "cpu_seconds": time.process_time() - cpu0}
 
 
 def relative_change(state: dict[str, torch.Tensor], base: dict[str, torch.Tensor]) -> float:

@@ -149,63 +149,17 @@ TASKS: dict[str, Task] = {
 }
 
 
-def _synonym(wn: WordNet) -> Iterable[Pair]:
-    for s in wn.synsets.values():
-        words = [w for w in s.words if single_word(w)]
-        if len(words) >= 2:
-            yield f"Synonym of: {words[0]}", words[1]
-
-
-def _antonym(wn: WordNet) -> Iterable[Pair]:
-    for s in wn.synsets.values():
-        for p in s.pointers:
-            if p.symbol == "!" and p.source and p.target:
-                word, other = s.words[p.source - 1], wn.synsets[(p.pos, p.offset)].words[p.target - 1]
-                if single_word(word) and single_word(other):
-                    yield f"Antonym of: {word}", other
-
-
-def _defined_word(wn: WordNet) -> Iterable[Pair]:
-    for pos in POS_NAMES:
-        for s in wn.defined(pos):
-            if single_word(s.words[0]):
-                yield f"Word defined as: {s.definition}", s.words[0]
-
-
-INSTRUCTIONS: dict[str, Callable[[WordNet], Iterable[Pair]]] = {
-    "synonym": _synonym, "antonym": _antonym, "defined_word": _defined_word}
-"""The base's instruction mix: chats unlike the 8 tasks (their answers are words, not parts of
-speech, categories, domains or hypernyms), which teach the base the chat format, as an instruct
-model knows it before it is fine-tuned."""
-
-
-def unambiguous(pairs: Iterable[Pair]) -> list[Pair]:
-    """The pairs whose prompt has one answer, in order (a prompt that recurs with another answer is left out)."""
-    answers: dict[str, set[str]] = defaultdict(set)
-    for prompt, answer in pairs:
-        answers[prompt].add(answer)
-    return [(prompt, a.pop()) for prompt, a in answers.items() if len(a) == 1]
-
-
 def candidates(wn: WordNet, task: str) -> list[Pair]:
-    """Every unambiguous (prompt, answer) pair of `task` whose answer is one of its K commonest,
-    in file order, computed once per WordNet."""
+    """Every (prompt, answer) pair of `task` whose answer is one of its K commonest, in file order,
+    computed once per WordNet; a prompt that recurs with another answer is left out."""
     if task not in wn._pools:
-        pairs = unambiguous(TASKS[task].pairs(wn))
+        answers: dict[str, set[str]] = defaultdict(set)
+        for prompt, answer in TASKS[task].pairs(wn):
+            answers[prompt].add(answer)
+        pairs = [(prompt, a.pop()) for prompt, a in answers.items() if len(a) == 1]
         common = {a for a, _ in Counter(a for _, a in pairs).most_common(TASKS[task].answers)}
         wn._pools[task] = [(prompt, a) for prompt, a in pairs if a in common]
     return wn._pools[task]
-
-
-def instruction_pairs(wn: WordNet, total: int, seed: int) -> list[Pair]:
-    """`total` chats of the instruction mix, as many of each kind (a seeded draw, shuffled)."""
-    rng = random.Random(seed)
-    pairs = []
-    for kind in INSTRUCTIONS.values():
-        pool = unambiguous(kind(wn))
-        pairs += rng.sample(pool, min(len(pool), total // len(INSTRUCTIONS)))
-    rng.shuffle(pairs)
-    return pairs
 
 
 def task_pairs(wn: WordNet, task: str, total: int, seed: int) -> list[Pair]:
