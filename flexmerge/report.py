@@ -124,10 +124,12 @@ def plot_curves(result: SweepResult, out: str | Path) -> dict[str, Path]:
     base_mean = sum(result.base.values()) / len(result.base) if result.base else None
     scored = [t for t in result.finetuned if result.finetuned[t]]  # the normalized mean's tasks (`curves`)
     base_norm = sum(result.base[t] / result.finetuned[t] for t in scored) / len(scored) if result.base else None
+    score = result.meta.get("score_name", "accuracy")  # a suite's names; own models: the defaults
+    base_label = result.meta.get("base_name", "base + trained head")
     paths = {}
     for key, ylabel, ft_level, base_level in [
-        ("normalized", "mean normalized accuracy (merged / fine-tuned)", 1.0, base_norm),
-        ("accuracy", "mean accuracy", ft_mean, base_mean),
+        ("normalized", f"mean normalized {score} (merged / fine-tuned)", 1.0, base_norm),
+        ("accuracy", f"mean {score}", ft_mean, base_mean),
     ]:
         fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
         for curve, points in sorted(curves.items()):
@@ -140,11 +142,12 @@ def plot_curves(result: SweepResult, out: str | Path) -> dict[str, Path]:
                             textcoords="offset points", xytext=(3, -8))
         ax.axhline(ft_level, color="black", linestyle="--", linewidth=1, label="fine-tuned (Mx)")
         if base_level is not None:
-            ax.axhline(base_level, color="gray", linestyle=":", linewidth=1, label="base + trained head")
+            ax.axhline(base_level, color="gray", linestyle=":", linewidth=1, label=base_label)
         ax.set_xlabel("deployed size (x one model, exact bytes)")
         ax.set_ylabel(ylabel)
         tasks = len(result.finetuned)
-        ax.set_title(f"accuracy-size trade-off, {tasks} tasks")
+        suite = f"{result.meta['suite']}, " if result.meta.get("suite") else ""
+        ax.set_title(f"accuracy-size trade-off, {suite}{tasks} tasks")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         fig.tight_layout()

@@ -51,7 +51,8 @@ def run_sweep(suite: Suite, out: str | Path, *, methods, sizes, planners=("greed
                    calibration=calibration, **sweep_options)
     result.timings = {"zoo (build or verify)": t1 - t0, **result.timings, "total": time.perf_counter() - t0}
     result.meta.update({"suite": suite.name, "split": split, "zoo": str(zoo.directory), "zoo_build_seconds": zoo.info.get("build_seconds"),
-                        "zoo_finetuned_accuracy": zoo.info.get("finetuned")})
+                        "zoo_finetuned_accuracy": zoo.info.get("finetuned"), "score_name": suite.score_name,
+                        "base_name": suite.base_name})
     if routing is not None:
         result.meta["routed"] = routing.describe()
     return result, write_results(result, out)
