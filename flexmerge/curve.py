@@ -18,7 +18,7 @@ import torch
 from flexmerge._progress import Progress
 from flexmerge.api import discover_blocks
 from flexmerge.device import resolve_device
-from flexmerge.errors import SizeError
+from flexmerge.errors import ConfigError, SizeError
 from flexmerge.flexmodel.materialize import materialize
 from flexmerge.methods.base import MergeMethod, MethodSpec
 from flexmerge.planning import PlanOptions, build_path
@@ -88,15 +88,17 @@ class SweepResult:
     meta: dict[str, Any] = field(default_factory=dict)
 
     def curves(self) -> dict[str, list[dict[str, float]]]:
-        """Per curve, per evaluated size: mean normalized and mean absolute accuracy over tasks."""
+        """Per curve, per evaluated size: mean normalized and mean absolute accuracy over tasks (the
+        normalized mean over the tasks whose fine-tune scores above 0: merged / 0 is no ratio)."""
         out: dict[str, list[dict[str, float]]] = {}
         keys = sorted({(r.curve, r.requested_size) for r in self.records}, key=lambda k: (k[0], k[1]))
         for curve, req in keys:
             rows = [r for r in self.records if r.curve == curve and r.requested_size == req and r.accuracy is not None]
             if not rows:
                 continue
+            ratios = [r.normalized for r in rows if r.normalized is not None]
             point = {"requested_size": req, "size": rows[0].size,
-                     "normalized": sum(r.normalized for r in rows) / len(rows),
+                     "normalized": sum(ratios) / len(ratios),
                      "accuracy": sum(r.accuracy for r in rows) / len(rows)}
             if rows[0].routed:  # mean over tasks, as the accuracies
                 point["router_accuracy"] = sum(r.router_accuracy for r in rows) / len(rows)
@@ -166,6 +168,10 @@ def sweep(
         t0 = time.perf_counter()
         bar.update(0, now="the fine-tuned models")
         finetuned = {t: evaluator(t, tasks.finetuned_state_dict(i)) for i, t in enumerate(tasks.names)}
+        if not any(finetuned.values()):
+            raise ConfigError("every fine-tuned model scores 0 on its own task, so no merge can be normalized by "
+                              f"its fine-tune's score ({', '.join(f'{t} {v:g}' for t, v in finetuned.items())}); "
+                              "check the evaluator and its data")
         bar.update()
         timings["evaluate"] += time.perf_counter() - t0
         partition = discover_blocks(tasks, granularity)

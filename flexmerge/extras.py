@@ -14,7 +14,7 @@ from flexmerge.errors import ConfigError
 # extra -> the top-level modules it installs that flexmerge imports (pyproject.toml's
 # [project.optional-dependencies] must list each of them; a test checks it)
 EXTRAS: dict[str, tuple[str, ...]] = {
-    "suites": ("transformers", "sklearn", "matplotlib"),
+    "suites": ("transformers", "sklearn", "matplotlib", "tokenizers", "peft"),
     "serve": ("fastapi", "uvicorn", "transformers"),
     "ray": ("ray",),
 }

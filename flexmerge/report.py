@@ -47,6 +47,17 @@ def area_ranking(result: SweepResult) -> list[tuple[str, float]]:
     return sorted(((c, a) for c, a in result.areas().items() if a is not None), key=lambda x: -x[1])
 
 
+TARGET = 0.95  # the normalized accuracy `size_reaching` reports by default
+
+
+def size_reaching(result: SweepResult, target: float = TARGET) -> dict[str, float | None]:
+    """Per curve, the smallest deployed size among its evaluated points whose mean normalized
+    accuracy is at least `target` (None: no point does): what a user with that accuracy goal
+    must deploy, to the resolution of the sizes swept."""
+    return {curve: min((p["size"] for p in points if p["normalized"] >= target), default=None)
+            for curve, points in result.curves().items()}
+
+
 def write_results(result: SweepResult, out: str | Path) -> dict[str, Path]:
     """results.csv, results.json, ranking.md and the two PNG plots under `out`."""
     out = Path(out)
@@ -87,6 +98,10 @@ def ranking_markdown(result: SweepResult) -> str:
     for size, order in ranking(result):
         lines.append(f"| {size:g}x | " + " > ".join(f"{c} ({v:.3f})" for c, v in order) + " |")
     lines.append(f"| {AREA_LABEL} | " + " > ".join(f"{c} ({v:.3f})" for c, v in area_ranking(result)) + " |")
+    reach = sorted(size_reaching(result).items(), key=lambda x: (x[1] is None, x[1] or 0.0, x[0]))
+    lines += ["", f"## Smallest swept size reaching {TARGET:g} normalized accuracy", "",
+              "| curve | size |", "|---|---|"]
+    lines += [f"| {c} | {'-' if s is None else f'{s:.3f}x'} |" for c, s in reach]
     routed = {c: ps for c, ps in result.curves().items() if "router_accuracy" in ps[0]}
     if routed:
         lines += ["", "## Routed (no task ids): normalized accuracy and router accuracy at each point", "",
@@ -107,12 +122,14 @@ def plot_curves(result: SweepResult, out: str | Path) -> dict[str, Path]:
     curves, areas = result.curves(), result.areas()
     ft_mean = sum(result.finetuned.values()) / len(result.finetuned)
     base_mean = sum(result.base.values()) / len(result.base) if result.base else None
-    base_norm = (sum(result.base[t] / result.finetuned[t] for t in result.finetuned) / len(result.finetuned)
-                 if result.base else None)
+    scored = [t for t in result.finetuned if result.finetuned[t]]  # the normalized mean's tasks (`curves`)
+    base_norm = sum(result.base[t] / result.finetuned[t] for t in scored) / len(scored) if result.base else None
+    score = result.meta.get("score_name", "accuracy")  # a suite's names; own models: the defaults
+    base_label = result.meta.get("base_name", "base + trained head")
     paths = {}
     for key, ylabel, ft_level, base_level in [
-        ("normalized", "mean normalized accuracy (merged / fine-tuned)", 1.0, base_norm),
-        ("accuracy", "mean accuracy", ft_mean, base_mean),
+        ("normalized", f"mean normalized {score} (merged / fine-tuned)", 1.0, base_norm),
+        ("accuracy", f"mean {score}", ft_mean, base_mean),
     ]:
         fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
         for curve, points in sorted(curves.items()):
@@ -125,11 +142,12 @@ def plot_curves(result: SweepResult, out: str | Path) -> dict[str, Path]:
                             textcoords="offset points", xytext=(3, -8))
         ax.axhline(ft_level, color="black", linestyle="--", linewidth=1, label="fine-tuned (Mx)")
         if base_level is not None:
-            ax.axhline(base_level, color="gray", linestyle=":", linewidth=1, label="base + trained head")
+            ax.axhline(base_level, color="gray", linestyle=":", linewidth=1, label=base_label)
         ax.set_xlabel("deployed size (x one model, exact bytes)")
         ax.set_ylabel(ylabel)
         tasks = len(result.finetuned)
-        ax.set_title(f"accuracy-size trade-off, {tasks} tasks")
+        suite = f"{result.meta['suite']}, " if result.meta.get("suite") else ""
+        ax.set_title(f"accuracy-size trade-off, {suite}{tasks} tasks")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         fig.tight_layout()

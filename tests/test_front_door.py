@@ -165,7 +165,7 @@ def _declared(extra: str) -> str:
 
 # the distribution that brings each module flexmerge imports from an extra
 DISTRIBUTIONS = {"transformers": "transformers", "sklearn": "scikit-learn", "matplotlib": "matplotlib",
-                 "fastapi": "fastapi", "uvicorn": "uvicorn", "ray": "ray"}
+                 "fastapi": "fastapi", "uvicorn": "uvicorn", "ray": "ray", "tokenizers": "tokenizers", "peft": "peft"}
 
 
 @pytest.mark.parametrize("extra", sorted(EXTRAS))

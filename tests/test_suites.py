@@ -43,7 +43,24 @@ def test_digits_sweep_end_to_end_through_the_cli(digits_cache, tmp_path):
     assert all(r["accuracy"] is None and "below the minimum size" in r["note"] for r in emr_1x)
     curves = data["curves"]["task_arithmetic"]
     assert curves[0]["normalized"] < 0.95  # merging 8 tasks into one costs accuracy: a trade-off
-    assert "## Ranking at each size" in (out / "ranking.md").read_text()
+    ranking = (out / "ranking.md").read_text()
+    assert "## Ranking at each size" in ranking
+    for curve, points in curves_of(records).items():  # the smallest swept size at 0.95, from the records
+        reached = [size for size, normalized in points if normalized >= 0.95]
+        assert f"| {curve} | {min(reached):.3f}x |" in ranking if reached else f"| {curve} | - |" in ranking
+
+
+def curves_of(records: list[dict]) -> dict[str, list[tuple[float, float]]]:
+    """Per curve, (deployed size, mean normalized accuracy over tasks) of each evaluated request."""
+    cells: dict[tuple[str, float], list[dict]] = {}
+    for r in records:
+        if r["accuracy"] is not None:
+            cells.setdefault((r["method"] + ("" if r["planner"] == "greedy" else "/" + r["planner"]),
+                              r["requested_size"]), []).append(r)
+    out: dict[str, list[tuple[float, float]]] = {}
+    for (curve, _), rows in cells.items():
+        out.setdefault(curve, []).append((rows[0]["size"], sum(r["normalized"] for r in rows) / len(rows)))
+    return out
 
 
 def test_digits_accuracy_is_on_the_test_split_only(digits_cache):

