@@ -375,6 +375,19 @@ def _compile_patterns(patterns: Sequence[str]) -> list[re.Pattern]:
     return out
 
 
+def _check_patterns_match(patterns: Sequence[re.Pattern], sources: Sequence[CheckpointSource]) -> None:
+    """A task-specific pattern that names no parameter of any checkpoint is a typo, not a choice:
+    refused, so that a merge never silently merges what the user meant to keep per task."""
+    keys = {k for src in sources for k in src.keys()}
+    for p in patterns:
+        if not any(p.fullmatch(k) for k in keys):
+            near = sorted(k for k in keys if p.search(k))[:3]
+            hint = (f"; it occurs inside {', '.join(near)}: write the whole name, e.g. '{re.escape(near[0])}', "
+                    f"or '{p.pattern}.*'") if near else ""
+            raise ConfigError(f"task-specific pattern {p.pattern!r} matches no parameter name (patterns match whole "
+                              f"names){hint}")
+
+
 def _hf_head_keys(src: CheckpointSource, keys: Sequence[str]) -> set[str]:
     """The keys of `src`'s classifier heads, when it is a Hugging Face directory."""
     if src.hf_dir is None:
@@ -437,6 +450,7 @@ def _check_structure(
     tied = _tied_copies([base, *sources])
     base_keys = [k for k in base.keys() if k not in tied]
     base_set = set(base_keys)
+    _check_patterns_match(patterns, [base, *sources])
     own: set[str] = {k for k in base_keys if any(p.fullmatch(k) for p in patterns)}
     own |= set().union(*(_hf_head_keys(src, src.keys()) for src in [base, *sources])) & base_set
     grown: set[str] = set()

@@ -93,6 +93,11 @@ def test_task_specific_pattern_keeps_a_parameter_per_task(zoo, tmp_path):
     r = runner.invoke(app, ["merge", "--base", str(base), *[x for n, p in models.items() for x in ("--model", f"{n}={p}")],
                             "--task-specific", "fin(al", "--size", "2", "--out", str(tmp_path / "o")])
     assert r.exit_code == 2 and "not a valid regular expression" in r.output
+    r = runner.invoke(app, ["merge", "--base", str(base), *[x for n, p in models.items() for x in ("--model", f"{n}={p}")],
+                            "--task-specific", "final_norm", "--size", "2", "--out", str(tmp_path / "o")])
+    assert r.exit_code == 2 and not (tmp_path / "o").exists()
+    assert "'final_norm' matches no parameter name" in r.output  # a name's prefix is not the name
+    assert r"e.g. 'final_norm\.weight', or 'final_norm.*'" in " ".join(r.output.split())
 
 
 def test_max_bytes_takes_the_largest_point_that_fits(zoo, tmp_path):
