@@ -224,3 +224,14 @@ def write_llama_zoo(root: Path, tasks: Sequence[str] = ("copy", "rev", "next"),
         llama_tokenizer(chat=task in chat).save_pretrained(root / task)
         dirs[task] = root / task
     return root / "base", dirs
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module of tiny models decoded token by token: it is the fastest
+    setting there, and far faster than two threads on a shared machine (use it with
+    `pytestmark = pytest.mark.usefixtures("one_thread")`)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -14,6 +14,8 @@ from hypothesis import given, settings, strategies as st
 
 from tests.conftest import llama_tokenizer, write_llama_zoo
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
+
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 from flexmerge.runtime import Runtime  # noqa: E402
@@ -33,15 +35,6 @@ _TOKENIZER = llama_tokenizer()
 PROMPTS = [("copy", "copy a b c ="), ("rev", "rev a b ="), ("next", "next a b c d e f"), ("copy", "copy a"),
            ("rev", "rev g h a b c d e f = . a b"), ("next", "next a"), ("copy", "b"), ("rev", "rev c d e f g h a =")]
 NEW = 10
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matrices, token by token: one thread is fastest, and the machine is shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,8 @@ from flexmerge.errors import ConfigError
 from flexmerge.evaluation import GenerationRow, normalize, read_generation_rows
 from tests.conftest import bert_config, word_tokenizer
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
+
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 runner = CliRunner()
@@ -108,15 +110,6 @@ def _train(base, tok, rows: list[dict], seed: int):
         loss.backward()
         opt.step()
     return model.eval()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matrices: one thread is fastest (token by token above all), and the machine is shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

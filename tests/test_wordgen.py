@@ -23,7 +23,8 @@ from flexmerge.suites.wordgen_data import TASKS, candidates, split_pairs, task_p
 from flexmerge.suites.wordgen_lm import ModelShape, chat_example
 from flexmerge.suites.wordnet import WORDNET_DIR
 
-pytestmark = pytest.mark.skipif(not (WORDNET_DIR / "data.noun").is_file(), reason="WordNet data not installed")
+pytestmark = [pytest.mark.usefixtures("one_thread"),  # tiny models: see conftest.one_thread
+              pytest.mark.skipif(not (WORDNET_DIR / "data.noun").is_file(), reason="WordNet data not installed")]
 
 TINY_SHAPE = ModelShape(vocab_size=384, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=96)
@@ -38,15 +39,6 @@ def tiny_suite() -> WordGenSuite:
 
 def tiny_lora_suite() -> WordGenLoraSuite:
     return WordGenLoraSuite(**TINY, lr=1e-2, rank=4, alpha=8)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: one thread is faster than two, and far faster on a loaded machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
