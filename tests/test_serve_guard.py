@@ -68,11 +68,8 @@ def hardened(artifact, tmp_path_factory):  # noqa: F811
     s = Server(artifact, _free_port(), tmp_path_factory.mktemp("guard-log") / "server.log",
                "--max-inputs", "64", "--max-chars", "2000", "--request-timeout-s", "30",
                "--allowed-host", "api.example.com", "--allowed-host", "*.internal", nofile=NOFILE)
-    try:
-        s.wait_healthy()
+    with s.running():
         yield s
-    finally:
-        s.stop()
 
 
 @pytest.fixture(scope="module")
@@ -80,11 +77,8 @@ def impatient(artifact, tmp_path_factory):  # noqa: F811
     """A server with a 1 s request timeout and the default Host list."""
     s = Server(artifact, _free_port(), tmp_path_factory.mktemp("guard-log") / "server.log",
                "--request-timeout-s", "1")
-    try:
-        s.wait_healthy()
+    with s.running():
         yield s
-    finally:
-        s.stop()
 
 
 # --------------------------------------------------------------------------- connections
@@ -214,8 +208,7 @@ def test_a_newcomer_is_refused_503_when_every_connection_has_a_request_in_the_wo
     pass, fill a cap of 2: a third connection gets a 503 at once, the two their answers."""
     server = Server(artifact, _free_port(), tmp_path / "server.log", "--max-connections", "2",
                     "--batch-wait-ms", "3000", "--max-batch", "64")
-    try:
-        server.wait_healthy()
+    with server.running():
         time.sleep(0.3)  # the health checks' connections are gone
         body = b'{"inputs": ["a film"]}'
         request = (b"POST /v1/tasks/a/predict HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
@@ -232,8 +225,6 @@ def test_a_newcomer_is_refused_503_when_every_connection_has_a_request_in_the_wo
             s.settimeout(10)
             assert s.recv(4096).startswith(b"HTTP/1.1 200 OK")
             s.close()
-    finally:
-        server.stop()
 
 
 # --------------------------------------------------------------------------- bodies

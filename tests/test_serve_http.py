@@ -4,6 +4,7 @@ against `Runtime.predict` in this process, then a graceful SIGTERM shutdown."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import resource
@@ -14,6 +15,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -130,15 +132,21 @@ class Server:
             self.proc.kill()
             self.proc.wait(10)
 
+    @contextlib.contextmanager
+    def running(self) -> Iterator["Server"]:
+        """The server once healthy; killed on the way out, whether it got healthy or not."""
+        try:
+            self.wait_healthy()
+            yield self
+        finally:
+            self.stop()
+
 
 @pytest.fixture(scope="module")
 def server(artifact, tmp_path_factory):
     s = Server(artifact, _free_port(), tmp_path_factory.mktemp("serve-log") / "server.log")
-    try:
-        s.wait_healthy()
+    with s.running():
         yield s
-    finally:
-        s.stop()
 
 
 @pytest.fixture(scope="module")
@@ -227,8 +235,7 @@ def test_work_queued_past_the_grace_period_is_answered_503(artifact, tmp_path):
     gets a JSON 503, never a cancelled request's plain-text 500; the server exits 0."""
     server = Server(artifact, _free_port(), tmp_path / "server.log", "--max-batch", "1", "--max-inputs", "64",
                     "--grace-s", "1")
-    try:
-        server.wait_healthy()
+    with server.running():
         body = {"inputs": [SENTENCES[i % len(SENTENCES)] for i in range(64)]}  # 64 one-input passes a request
         with ThreadPoolExecutor(48) as pool:
             answers = [pool.submit(server.predict, "a", body) for _ in range(48)]
@@ -236,7 +243,5 @@ def test_work_queued_past_the_grace_period_is_answered_503(artifact, tmp_path):
             server.proc.send_signal(signal.SIGTERM)
             statuses = [a.result()[0] for a in answers]
         assert server.proc.wait(15) == 0, server.output()
-    finally:
-        server.stop()
     assert set(statuses) <= {200, 503} and 503 in statuses, statuses
     assert "Traceback" not in server.output(), server.output()

@@ -53,11 +53,8 @@ def llm(tmp_path_factory):
 def server(llm, tmp_path_factory):
     s = Server(llm[0], _free_port(), tmp_path_factory.mktemp("openai-log") / "server.log", "--max-tokens",
                str(MAX_TOKENS), env={"FLEXMERGE_API_KEY": KEY})
-    try:
-        s.wait_healthy()
+    with s.running():
         yield s
-    finally:
-        s.stop()
 
 
 @pytest.fixture(scope="module")
