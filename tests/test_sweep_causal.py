@@ -18,42 +18,18 @@ import flexmerge
 from flexmerge.cli import app
 from flexmerge.errors import ConfigError
 from flexmerge.evaluation import GenerationRow, normalize, read_generation_rows
-from tests.conftest import bert_config, word_tokenizer
+from tests.conftest import bert_config, llama_config, llama_tokenizer, word_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
 
 transformers = pytest.importorskip("transformers")
-tokenizers = pytest.importorskip("tokenizers")
+pytest.importorskip("tokenizers")
 runner = CliRunner()
 
 LETTERS = list("abcdefgh")
-SPECIALS = ["<unk>", "<s>", "</s>"]
-WORDS = [*SPECIALS, "copy", "rev", "next", "=", ".", "system", "user", "assistant", ":", ";", *LETTERS, "i"]
-CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} ; {% endfor %}"
-                 "{% if add_generation_prompt %}assistant :{% endif %}")
 TASKS = ("copy", "rev", "next")
 SEEN, UNSEEN = 14, 6  # the fine-tunes learn the first 14 rows of their file; 6 they never saw
 
-
-def _tokenizer(chat: bool):
-    """A word-level tokenizer that adds a BOS to a prompt, with no pad token (the evaluator pads with EOS)."""
-    from tokenizers import decoders, models, pre_tokenizers, processors
-
-    tok = tokenizers.Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    tok.decoder = decoders.WordPiece()
-    out = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
-                                               unk_token="<unk>")
-    if chat:
-        out.chat_template = CHAT_TEMPLATE
-    return out
-
-
-def _config():
-    return transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                    num_key_value_heads=2, vocab_size=len(WORDS), max_position_embeddings=32,
-                                    bos_token_id=1, eos_token_id=2, initializer_range=0.1)
 
 
 def _rows(task: str) -> list[dict]:
@@ -118,12 +94,12 @@ def causal(tmp_path_factory):
     tokenizer (only `next` has a chat template), and each task's JSONL file."""
     root = tmp_path_factory.mktemp("causal")
     torch.manual_seed(0)
-    base = transformers.LlamaForCausalLM(_config()).eval()
+    base = transformers.LlamaForCausalLM(llama_config(max_position_embeddings=32)).eval()
     base.save_pretrained(root / "base")
-    _tokenizer(chat=False).save_pretrained(root / "base")
+    llama_tokenizer().save_pretrained(root / "base")
     data = {}
     for seed, task in enumerate(TASKS):
-        tok = _tokenizer(chat=task == "next")
+        tok = llama_tokenizer(chat=task == "next")
         rows = _rows(task)
         _train(base, tok, rows[:SEEN], seed).save_pretrained(root / task)
         tok.save_pretrained(root / task)
