@@ -35,7 +35,6 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -44,8 +43,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-MiB = 1 << 20
-HOST = "127.0.0.1"
+from _proc import HOST, MiB, free_ports, vm_status  # a sibling module: the benchmarks run as scripts
 
 
 # --------------------------------------------------------------------------- baseline servers
@@ -112,26 +110,8 @@ def serve_plain(kind: str, port: int, cache_dir: str | None) -> None:
 # --------------------------------------------------------------------------- client side
 
 
-def free_ports(n: int) -> list[int]:
-    """n distinct free ports on 127.0.0.1 (held together while they are picked)."""
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind((HOST, 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
-def rss(pid: int) -> dict[str, int]:
-    """VmRSS and VmHWM (peak) of a process, in bytes."""
-    out = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        key, _, value = line.partition(":")
-        if key in ("VmRSS", "VmHWM"):
-            out[key] = int(value.split()[0]) * 1024
-    return out
 
 
 def post(conn: http.client.HTTPConnection, task: str, text: str) -> float:
@@ -251,7 +231,7 @@ def start(name: str, argv: list[str], warmup, args, log_dir: Path) -> tuple[Serv
         warm = run_stream(port, warmup, args.concurrency, args.timeout)
         if warm["errors"]:
             raise RuntimeError(f"{name}: warm-up failed: {warm['errors'][0]}\n{server.tail()}")
-        memory = rss(server.proc.pid)["VmRSS"]
+        memory = vm_status(server.proc.pid)["VmRSS"]
     except BaseException:
         server.stop()
         raise
@@ -352,7 +332,7 @@ def main() -> None:
                 for key in keys[r % len(keys):] + keys[: r % len(keys)]:
                     parts[key].append(run_stream(servers[key].port, chunk, args.concurrency, args.timeout))
             for key, server in servers.items():
-                after = rss(server.proc.pid)
+                after = vm_status(server.proc.pid)
                 results[key].update(summary(parts[key]), rss_after=after["VmRSS"], peak_rss=after["VmHWM"])
                 r = results[key]
                 print(f"  {r['name']}: {r['rps']:.1f} req/s (rounds: {', '.join(f'{x:.0f}' for x in r['round_rps'])}), "

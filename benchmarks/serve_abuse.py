@@ -34,20 +34,11 @@ import threading
 import time
 from pathlib import Path
 
-HOST = "127.0.0.1"
+from _proc import HOST, free_port, rss_mib  # a sibling module: the benchmarks run as scripts
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
 
 
-def rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def fd_count(pid: int) -> int:

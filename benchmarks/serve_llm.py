@@ -56,7 +56,6 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -66,8 +65,7 @@ from pathlib import Path
 
 import torch
 
-MiB = 1 << 20
-HOST = "127.0.0.1"
+from _proc import HOST, MiB, free_port, rss_mib  # a sibling module: the benchmarks run as scripts
 SHAPE = dict(vocab_size=4096, hidden_size=384, intermediate_size=1024, num_hidden_layers=6, num_attention_heads=6,
              num_key_value_heads=2, max_position_embeddings=128)
 SPECIALS = ["<unk>", "<s>", "</s>", "<pad>"]
@@ -471,17 +469,8 @@ def serve_baseline(kind: str, zoo: Zoo, port: int, max_batch: int, join: str) ->
                log_level="warning")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
 
 
-def rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 class Server:
